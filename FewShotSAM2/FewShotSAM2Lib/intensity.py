@@ -1,0 +1,75 @@
+"""Intensity normalisation: a volume -> float32 in [0, 1] for SAM2 (which expects 8-bit-like images).
+
+CT uses fixed HU windows (comparable across scans, which matters when support and query come from
+different scanners); MR and everything else uses the volume's own 0.5-99.5 percentile range.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .volume import Volume
+
+# name -> (window width, window level) in HU
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "ct-abdomen": (400.0, 40.0),
+    "ct-liver": (150.0, 30.0),
+    "ct-lung": (1500.0, -600.0),
+    "ct-bone": (1800.0, 400.0),
+    "ct-brain": (80.0, 40.0),
+}
+
+PRESETS: dict[str, str] = {
+    **{name: f"CT window W{w:g}/L{lv:g}" for name, (w, lv) in CT_WINDOWS.items()},
+    "percentile": "0.5-99.5 percentile of the volume (MR and other modalities)",
+    "minmax": "minimum-maximum of the volume",
+}
+
+PRESET_NAMES: tuple[str, ...] = ("auto",) + tuple(PRESETS)
+
+PERCENTILES = (0.5, 99.5)
+
+# Percentile estimates on at most this many voxels: exact enough for a window, fast on big volumes.
+_MAX_SAMPLES = 2_000_000
+
+
+def _sample(array: np.ndarray) -> np.ndarray:
+    flat = array.reshape(-1)
+    step = max(1, flat.size // _MAX_SAMPLES)
+    return flat[::step]
+
+
+def choose_preset(volume: Volume) -> str:
+    """Pick a preset from the intensities alone (no metadata needed).
+
+    Rule: CT-like when the 0.5th percentile is below -500 (air around or inside the body, about -1000 HU)
+    and the 99.9th percentile is above 300 (contrast, bone) -> "ct-abdomen"; otherwise "percentile".
+    MR has no large negative values, so it falls to "percentile". A CT cropped to soft tissue only (no air)
+    also gets "percentile", which is still a sensible window for it.
+    """
+    low, high = np.percentile(_sample(volume.array).astype(np.float64), [0.5, 99.9])
+    return "ct-abdomen" if low < -500 and high > 300 else "percentile"
+
+
+def normalize(volume: Volume, preset: str = "auto") -> np.ndarray:
+    """Map intensities to float32 in [0, 1] (same shape as volume.array) with a preset from PRESET_NAMES."""
+    if preset not in PRESET_NAMES:
+        raise InputError(f"unknown intensity preset '{preset}'; valid presets: {', '.join(PRESET_NAMES)}")
+    if preset == "auto":
+        preset = choose_preset(volume)
+    array = volume.array.astype(np.float32, copy=False)
+    if preset in CT_WINDOWS:
+        width, level = CT_WINDOWS[preset]
+        low, high = level - width / 2.0, level + width / 2.0
+    elif preset == "percentile":
+        low, high = (float(v) for v in np.percentile(_sample(array), PERCENTILES))
+        if high <= low:  # mostly constant volume (e.g. a sparse image): fall back to the full range
+            low, high = float(array.min()), float(array.max())
+    else:  # minmax
+        low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros(array.shape, dtype=np.float32)
+    out = (array - np.float32(low)) / np.float32(high - low)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out.astype(np.float32, copy=False)
