@@ -1,0 +1,84 @@
+"""What every backend receives and returns."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Iterator, Optional, Protocol, Sequence
+
+import numpy as np
+
+from ..engine import Memory, Prediction
+
+StageProgress = Callable[[str, int, int], None]
+
+
+class Engine(Protocol):
+    """The part of `SAM2Engine` the backends use (a stand-in predictor implements the same)."""
+
+    batch_size: int
+    encoder_calls: int
+
+    def add_frames(self, frames) -> None: ...
+    def memorize(self, keys: Sequence[Hashable], masks: Sequence[np.ndarray]) -> Memory: ...
+    def predict(self, keys, frame_idx, cond, recent=None, num_frames=None, reverse=False) -> Prediction: ...
+    def predict_batched(self, keys, frame_idx, cond, num_frames=None) -> Prediction: ...
+
+
+@dataclass
+class SupportSlice:
+    """One labeled support slice, already registered with the engine under `key`."""
+
+    key: Hashable
+    mask: np.ndarray  # bool (h, w)
+    support: int  # which support volume
+    slice_index: int  # index in that support's slice stack
+    image: Optional[np.ndarray] = None  # float [0, 1] (h, w); needed by the LPIPS backend
+    array_index: int = -1  # the same slice as an index along the support volume's own array axis
+
+
+@dataclass
+class QueryContext:
+    """The query's slices for one run, shared by every structure."""
+
+    keys: list  # engine frame keys, one per slice of the query's slice stack
+    images: np.ndarray  # float [0, 1] (n, h, w)
+    cache: dict = field(default_factory=dict)  # per-run results reused across structures (LPIPS features)
+
+
+@dataclass
+class StructureResult:
+    masks: np.ndarray  # bool (n_slices, h, w) in the query's slice stack
+    scores: list[tuple[int, float, bool, str, int]] = field(default_factory=list)
+    # (slice index, score, selected, matched support name, matched support slice index)
+    forward_masks: Optional[np.ndarray] = None  # reverse: p_i for every slice
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks; two empty masks agree perfectly."""
+    a = np.asarray(a, bool)
+    b = np.asarray(b, bool)
+    total = a.sum() + b.sum()
+    if total == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(a, b).sum() / total)
+
+
+class StageClock:
+    """Wall time per stage, minus the image encoding done inside it (reported as its own stage)."""
+
+    def __init__(self, engine: Engine, timings: dict[str, float]) -> None:
+        self.engine = engine
+        self.timings = timings
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        enc0 = getattr(self.engine, "encode_seconds", 0.0)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            encoded = getattr(self.engine, "encode_seconds", 0.0) - enc0
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0 - encoded
+            self.timings["encode"] = self.timings.get("encode", 0.0) + encoded

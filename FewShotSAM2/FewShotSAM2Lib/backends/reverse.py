@@ -1,0 +1,166 @@
+"""Reverse propagation (RevSAM2, Bai et al. 2024): trust only query predictions that predict the supports back.
+
+1. Forward: every query slice q_i is predicted with the K supports (image features + true masks) as its
+   conditioning memory -> p_i. The support memories are computed once and shared by the whole batch.
+2. Reverse: (q_i, p_i) becomes the only conditioning memory and predicts each support image -> Y~_ij;
+   pi_i = mean_j Dice(Y~_ij, Y_j). An empty p_i scores 0 and is not propagated back.
+3. Selection: the top-k slices by pi (those with pi >= min_score) become conditional slices.
+4. Query self-propagation: the query volume is segmented by propagating from the conditional slices in both
+   directions; the memory bank keeps every conditional slice for the whole run plus SAM2's FIFO of recent
+   predictions (and, with keep_supports, the supports too).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from ..engine import Memory
+from ..errors import InputError
+from .base import Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
+from .memory_bank import propagate_sequence
+
+
+@dataclass
+class Selection:
+    scores: np.ndarray  # pi per query slice
+    selected: list[int]  # conditional slices, best first
+    fallback: bool  # True when no slice reached min_score and the best one was taken instead
+
+
+def select_conditional(scores: Sequence[float], top_k: int, min_score: float) -> Selection:
+    """Top-k slices by score among those scoring at least `min_score`; never the empty set while some pi > 0.
+
+    Documented fallback: when no slice reaches `min_score`, the single best slice (pi > 0) is used and a
+    warning says so, rather than returning an empty segmentation silently.
+    """
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1, got {top_k}")
+    if not 0.0 <= min_score <= 1.0:
+        raise InputError(f"--min-score must lie in [0, 1] (it is a Dice), got {min_score}")
+    s = np.asarray(scores, dtype=float)
+    order = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > 0]
+    chosen = [i for i in order if s[i] >= min_score][:top_k]
+    if chosen or not order:
+        return Selection(s, chosen, False)
+    return Selection(s, order[:1], True)
+
+
+def _forward(engine: Engine, query_keys, support_memory: Memory, k: int, progress: StageProgress):
+    cond = {j: support_memory.select(j) for j in range(k)}
+    masks: list[np.ndarray] = []
+    memories: list[Memory] = []
+    bs = engine.batch_size
+    for start in range(0, len(query_keys), bs):
+        # supports at frames 0..k-1, the query slice right after them, as in [supports, query]
+        pred = engine.predict(list(query_keys[start : start + bs]), k, cond, num_frames=k + 1)
+        masks += pred.masks
+        memories.append(pred.memory)
+        done = min(start + bs, len(query_keys))
+        progress(f"Forward prediction {done}/{len(query_keys)}", done, len(query_keys))
+    return masks, Memory.cat(memories)
+
+
+def _reverse_scores(
+    engine: Engine, forward_masks, forward_memory: Memory, supports: Sequence[SupportSlice], progress
+) -> np.ndarray:
+    n = len(forward_masks)
+    scores = np.zeros(n)
+    todo = [i for i in range(n) if forward_masks[i].any()]  # empty p_i: pi = 0, no reverse pass
+    bs = engine.batch_size
+    for start in range(0, len(todo), bs):
+        chunk = todo[start : start + bs]
+        cond = {0: forward_memory.select(chunk)}  # one conditioning memory per batch element
+        for s in supports:
+            pred = engine.predict([s.key] * len(chunk), 1, cond, num_frames=2)
+            for i, m in zip(chunk, pred.masks):
+                scores[i] += dice(m, s.mask) / len(supports)
+        done = min(start + bs, len(todo))
+        progress(f"Reverse scoring {done}/{len(todo)}", done, len(todo))
+    return scores
+
+
+def run(
+    engine: Engine,
+    query: QueryContext,
+    supports: Sequence[SupportSlice],
+    options: object,
+    progress: StageProgress,
+    clock: StageClock,
+) -> StructureResult:
+    query_keys = query.keys
+    k = len(supports)
+    n = len(query_keys)
+    top_k = int(getattr(options, "top_k", 5))
+    min_score = float(getattr(options, "min_score", 0.0))
+    keep_supports = bool(getattr(options, "keep_supports", False))
+    select_conditional([], top_k, min_score)  # validate before any work
+
+    with clock.stage("forward"):
+        support_memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
+        forward_masks, forward_memory = _forward(engine, query_keys, support_memory, k, progress)
+    with clock.stage("reverse"):
+        scores = _reverse_scores(engine, forward_masks, forward_memory, supports, progress)
+    selection = select_conditional(scores, top_k, min_score)
+    if not selection.selected:
+        warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=2)
+        empty = np.zeros((n,) + forward_masks[0].shape, bool)
+        return StructureResult(empty, [(i, 0.0, False, "", -1) for i in range(n)], np.stack(forward_masks))
+    if selection.fallback:
+        warnings.warn(
+            f"no query slice reached --min-score {min_score:.2f} (best pi = {scores.max():.3f}); "
+            f"using the best slice {selection.selected[0]} as the only conditional slice",
+            stacklevel=2,
+        )
+
+    with clock.stage("self_propagation"):
+        masks = _self_propagate(engine, query_keys, forward_masks, forward_memory, selection.selected,
+                                support_memory if keep_supports else None, progress)
+    chosen = set(selection.selected)
+    table = [(i, float(scores[i]), i in chosen, "", -1) for i in range(n)]
+    return StructureResult(np.stack(masks), table, np.stack(forward_masks))
+
+
+def _self_propagate(
+    engine: Engine,
+    query_keys: Sequence[Hashable],
+    forward_masks: Sequence[np.ndarray],
+    forward_memory: Memory,
+    conditional: Sequence[int],
+    support_memory: Memory | None,
+    progress: StageProgress,
+) -> list[np.ndarray]:
+    """Query slice i sits at frame i. Forward from the first conditional slice to the end, then backward from it
+    to slice 0, so every other slice is predicted once, with all conditional slices in memory."""
+    n = len(query_keys)
+    cond: dict[int, Memory] = {c: forward_memory.select(c) for c in conditional}
+    if support_memory is not None:
+        # the supports have no place in the query volume: put them just before it on the timeline
+        for j in range(support_memory.batch):
+            cond[-1 - j] = support_memory.select(j)
+    masks: list[np.ndarray | None] = [None] * n
+    for c in conditional:
+        masks[c] = forward_masks[c]  # a conditional slice keeps its trusted prediction
+    first = min(conditional)
+    up = [i for i in range(first, n) if i not in cond]
+    down = [i for i in range(first - 1, -1, -1) if i not in cond]
+    total = len(up) + len(down)
+    recent: dict[int, Memory] = {}
+
+    def report(offset: int):
+        return lambda done, _: progress(f"Propagating slice {offset + done}/{total}", offset + done, total)
+
+    for i, m in zip(up, _run_pass(engine, query_keys, up, cond, n, False, recent, report(0))):
+        masks[i] = m
+    for i, m in zip(down, _run_pass(engine, query_keys, down, cond, n, True, recent, report(len(up)))):
+        masks[i] = m
+    return masks
+
+
+def _run_pass(engine, query_keys, indices, cond, n, reverse, recent, on_slice):
+    if not indices:
+        return []
+    return propagate_sequence(engine, [query_keys[i] for i in indices], indices, cond, n, reverse, recent, on_slice)

@@ -1,0 +1,239 @@
+"""The official SAM2 / SAM2.1 checkpoints: where they come from, where they are cached, how they are loaded.
+
+A checkpoint is only ever loaded with `weights_only=True` into a model built from the matching packaged config,
+with a strict state-dict match, so a wrong or truncated file is refused with a message instead of giving
+silently bad masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FEWSHOTSAM2_CACHE"
+MODELS = ("tiny", "small", "base_plus", "large")
+VERSIONS = ("2", "2.1")
+
+_BASE_URLS = {
+    "2": "https://dl.fbaipublicfiles.com/segment_anything_2/072824",
+    "2.1": "https://dl.fbaipublicfiles.com/segment_anything_2/092824",
+}
+_CONFIG_SUFFIX = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    model: str
+    version: str
+    config: str  # hydra config name inside the sam2 package
+    filename: str
+    url: str
+
+    @property
+    def key(self) -> str:
+        return self.filename[: -len(".pt")]
+
+
+def _registry() -> dict[str, CheckpointInfo]:
+    out = {}
+    for version in VERSIONS:
+        prefix = "sam2" if version == "2" else "sam2.1"
+        for model in MODELS:
+            filename = f"{prefix}_hiera_{model}.pt"
+            info = CheckpointInfo(
+                model=model,
+                version=version,
+                config=f"configs/{prefix}/{prefix}_hiera_{_CONFIG_SUFFIX[model]}.yaml",
+                filename=filename,
+                url=f"{_BASE_URLS[version]}/{filename}",
+            )
+            out[info.key] = info
+    return out
+
+
+CHECKPOINTS: dict[str, CheckpointInfo] = _registry()
+
+_MODEL_ALIASES = {"t": "tiny", "s": "small", "b+": "base_plus", "base+": "base_plus", "baseplus": "base_plus",
+                  "base-plus": "base_plus", "b": "base_plus", "l": "large"}
+
+
+def normalise_model_name(model: str) -> str:
+    name = _MODEL_ALIASES.get(model.lower(), model.lower())
+    if name not in MODELS:
+        raise InputError(f"unknown model '{model}': choose one of {', '.join(MODELS)}")
+    return name
+
+
+def checkpoint_info(model: str, version: str = "2.1") -> CheckpointInfo:
+    version = str(version)
+    if version not in VERSIONS:
+        raise InputError(f"unknown SAM2 version '{version}': choose one of {', '.join(VERSIONS)}")
+    return CHECKPOINTS[checkpoint_key(model, version)]
+
+
+def checkpoint_key(model: str, version: str = "2.1") -> str:
+    prefix = "sam2" if str(version) == "2" else "sam2.1"
+    return f"{prefix}_hiera_{normalise_model_name(model)}"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fewshotsam2" / "checkpoints"
+
+
+def _cache(cache_dir: Optional[str | Path]) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def cached_checkpoint(model: str, version: str = "2.1", cache_dir: Optional[str | Path] = None) -> Optional[Path]:
+    path = _cache(cache_dir) / checkpoint_info(model, version).filename
+    return path if path.is_file() else None
+
+
+def download_checkpoint(
+    model: str,
+    version: str = "2.1",
+    cache_dir: Optional[str | Path] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Path:
+    """Download an official checkpoint into the cache, to a temporary name renamed when complete.
+
+    `progress(done_bytes, total_bytes)` is called while downloading; without it a tqdm bar is shown.
+    """
+    info = checkpoint_info(model, version)
+    folder = _cache(cache_dir)
+    target = folder / info.filename
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    bar = None
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(info.url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            if progress is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"Downloading {info.filename}")
+            done = 0
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                out.write(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+                else:
+                    bar.update(len(chunk))
+        if total and tmp.stat().st_size != total:
+            raise InputError(f"download of {info.url} was incomplete ({tmp.stat().st_size} of {total} bytes)")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(
+            f"cannot download the {info.key} checkpoint ({exc}). Download {info.url} yourself and put it at "
+            f"{target} (or pass --checkpoint PATH, or set {CACHE_ENV} to a folder holding {info.filename})"
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return target
+
+
+def resolve_checkpoint(
+    model: str,
+    version: str = "2.1",
+    checkpoint: Optional[str | Path] = None,
+    cache_dir: Optional[str | Path] = None,
+    download: bool = True,
+) -> Path:
+    """The checkpoint file to load: an explicit path, else the cached official one, else download it."""
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise InputError(f"checkpoint file not found: {path}")
+        return path
+    cached = cached_checkpoint(model, version, cache_dir)
+    if cached is not None:
+        return cached
+    if not download:
+        info = checkpoint_info(model, version)
+        raise InputError(
+            f"the {info.key} checkpoint is not in the cache: download {info.url} and put it at "
+            f"{_cache(cache_dir) / info.filename}, or pass --checkpoint PATH"
+        )
+    return download_checkpoint(model, version, cache_dir)
+
+
+def load_state_dict(model: "object", path: str | Path, key: str) -> None:
+    """Load a checkpoint into `model` strictly; a file that does not match is refused with one clear message."""
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, pickled code refused by weights_only
+        raise InputError(f"cannot read checkpoint {path}: it is not a valid PyTorch weights file ({type(exc).__name__})")
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {path} holds no state dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "state dict mismatch"
+        raise InputError(f"checkpoint {path} does not match the {key} model: {first}") from None
+
+
+def import_checkpoint(
+    path: str | Path, model: str, version: str = "2.1", cache_dir: Optional[str | Path] = None
+) -> Path:
+    """Validate a local checkpoint against the model it claims to be, then copy it into the cache."""
+    from .engine import build_sam2_model
+
+    info = checkpoint_info(model, version)
+    src = Path(path).expanduser()
+    if not src.is_file():
+        raise InputError(f"checkpoint file not found: {src}")
+    net = build_sam2_model(info, image_size=1024, device="cpu")
+    load_state_dict(net, src, info.key)
+    folder = _cache(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=folder)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp_name)
+        os.replace(tmp_name, folder / info.filename)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return folder / info.filename
+
+
+def clear_cache(cache_dir: Optional[str | Path] = None) -> int:
+    """Delete cached checkpoints (and leftover partial downloads); returns how many files were removed."""
+    folder = _cache(cache_dir)
+    removed = 0
+    if folder.is_dir():
+        for f in folder.iterdir():
+            if f.is_file() and (f.suffix == ".pt" or f.name.endswith(".part")):
+                f.unlink()
+                removed += 1
+    return removed
