@@ -19,6 +19,7 @@ from .checkpoints import VERSIONS, normalise_model_name
 from .engine import SAM2Engine
 from .errors import InputError
 from .intensity import PRESET_NAMES, choose_preset, normalize
+from .lpips_distance import body_box
 from .slices import AXES, SlicePlan
 from .support import select_support_slices
 from .volume import Structure, Volume
@@ -163,7 +164,10 @@ def segment(
             warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
                           "cross-modality support is allowed but less reliable", stacklevel=2)
         plan = SlicePlan.for_volume(case.image, options.axis)
-        prepared.append((plan, plan.stack(normalize(case.image, options.preset)), plan.stack(case.labels.array)))
+        image_stack = plan.stack(normalize(case.image, options.preset))
+        # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
+        box = body_box(image_stack, plan.in_plane_spacing) if options.method == "lpips" else None
+        prepared.append((plan, image_stack, plan.stack(case.labels.array), box))
     timings["prepare"] = time.perf_counter() - t0
 
     if engine is None:
@@ -176,7 +180,7 @@ def segment(
     n = len(query_keys)
     with clock.stage("encode"):
         engine.encode(query_keys, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
-    context = QueryContext(keys=query_keys, images=qstack)
+    context = QueryContext(keys=query_keys, images=qstack, spacing=qplan.in_plane_spacing)
     backend = _backend(options.method)
 
     out_stack = np.zeros(qstack.shape, dtype=np.uint16)
@@ -184,7 +188,7 @@ def segment(
     forward_masks: dict[int, np.ndarray] = {}
     for structure in structures:
         support_slices = []
-        for s_idx, (plan, image_stack, label_stack) in enumerate(prepared):
+        for s_idx, (plan, image_stack, label_stack, box) in enumerate(prepared):
             if not (label_stack == structure.value).any():
                 if len(prepared) > 1:
                     continue  # several supports: each only needs the structures it has
@@ -193,7 +197,8 @@ def segment(
                 key = ("support", s_idx, idx)
                 engine.add_frames({key: image_stack[idx]})
                 support_slices.append(SupportSlice(key, label_stack[idx] == structure.value, s_idx, idx,
-                                                   image_stack[idx], plan.slice_index_to_array_index(idx)))
+                                                   image_stack[idx], plan.slice_index_to_array_index(idx),
+                                                   plan.in_plane_spacing, box))
         if not support_slices:
             raise InputError(f"structure {structure.value} ({structure.name}) is absent from every support")
 

@@ -36,6 +36,8 @@ class SupportSlice:
     slice_index: int  # index in that support's slice stack
     image: Optional[np.ndarray] = None  # float [0, 1] (h, w); needed by the LPIPS backend
     array_index: int = -1  # the same slice as an index along the support volume's own array axis
+    spacing: tuple = (1.0, 1.0)  # in-plane (row, column) mm
+    body_box: Optional[tuple] = None  # LPIPS backend: (centre row, centre column, extent mm) of the support's body
 
 
 @dataclass
@@ -44,6 +46,7 @@ class QueryContext:
 
     keys: list  # engine frame keys, one per slice of the query's slice stack
     images: np.ndarray  # float [0, 1] (n, h, w)
+    spacing: tuple = (1.0, 1.0)  # in-plane (row, column) mm
     cache: dict = field(default_factory=dict)  # per-run results reused across structures (LPIPS features)
 
 
