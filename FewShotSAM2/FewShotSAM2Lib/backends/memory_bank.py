@@ -23,11 +23,13 @@ def propagate_sequence(
     reverse: bool = False,
     recent: Optional[dict[int, Memory]] = None,
     on_slice: Optional[Callable[[int, int], None]] = None,
+    on_memory: Optional[Callable[[int, Memory], None]] = None,
 ) -> list[np.ndarray]:
     """Predict `keys` one after another at timeline `positions` (consecutive, in visiting order).
 
     Each prediction attends to every conditioning memory in `cond` and to the FIFO `recent` of the latest
-    predictions, which it then joins. Returns the masks in visiting order.
+    predictions, which it then joins. `on_memory(position, memory)` sees every new memory (a later pass can
+    start from some of them). Returns the masks in visiting order.
     """
     recent = {} if recent is None else recent
     masks = []
@@ -35,6 +37,8 @@ def propagate_sequence(
         pred = engine.predict([key], pos, cond, recent=recent, num_frames=num_frames, reverse=reverse)
         masks.append(pred.masks[0])
         recent[pos] = pred.memory
+        if on_memory is not None:
+            on_memory(pos, pred.memory)
         # bounded FIFO: only frames within reach of the next prediction stay
         for old in [t for t in recent if abs(t - pos) >= FIFO_LENGTH]:
             del recent[old]

@@ -21,7 +21,7 @@ import numpy as np
 from ..engine import Memory
 from ..errors import InputError
 from .base import Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
-from .memory_bank import propagate_sequence
+from .memory_bank import FIFO_LENGTH, propagate_sequence
 
 
 @dataclass
@@ -148,19 +148,25 @@ def _self_propagate(
     up = [i for i in range(first, n) if i not in cond]
     down = [i for i in range(first - 1, -1, -1) if i not in cond]
     total = len(up) + len(down)
-    recent: dict[int, Memory] = {}
+    # As in sam2's two-pass propagation, the backward pass starts with the forward pass's predictions just
+    # above the first conditional slice in its FIFO (whatever the volume's length).
+    near_first: dict[int, Memory] = {}
+
+    def keep_near_first(pos: int, memory: Memory) -> None:
+        if pos - first < FIFO_LENGTH:
+            near_first[pos] = memory
 
     def report(offset: int):
         return lambda done, _: progress(f"Propagating slice {offset + done}/{total}", offset + done, total)
 
-    for i, m in zip(up, _run_pass(engine, query_keys, up, cond, n, False, recent, report(0))):
-        masks[i] = m
-    for i, m in zip(down, _run_pass(engine, query_keys, down, cond, n, True, recent, report(len(up)))):
-        masks[i] = m
+    if up:
+        up_masks = propagate_sequence(engine, [query_keys[i] for i in up], up, cond, n, False, {}, report(0),
+                                      keep_near_first)
+        for i, m in zip(up, up_masks):
+            masks[i] = m
+    if down:
+        down_masks = propagate_sequence(engine, [query_keys[i] for i in down], down, cond, n, True, near_first,
+                                        report(len(up)))
+        for i, m in zip(down, down_masks):
+            masks[i] = m
     return masks
-
-
-def _run_pass(engine, query_keys, indices, cond, n, reverse, recent, on_slice):
-    if not indices:
-        return []
-    return propagate_sequence(engine, [query_keys[i] for i in indices], indices, cond, n, reverse, recent, on_slice)
