@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Sequence
 
@@ -24,16 +25,21 @@ from ..lpips_distance import body_box, resample_to_fov
 from .base import Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
 
 
-def _matcher(engine: Engine, query: QueryContext, options: object):
-    from ..lpips_distance import LPIPSDistance
+# Building LPIPS costs seconds (import, AlexNet construction, weights): keep the last one across runs.
+_MATCHER: dict[tuple, object] = {}
+
+
+def _matcher(engine: Engine, options: object):
+    from ..lpips_distance import LPIPS_WEIGHTS_ENV, LPIPSDistance
 
     net = getattr(options, "lpips_net", "alex")
-    weights = getattr(options, "lpips_weights", None)
+    weights = getattr(options, "lpips_weights", None) or os.environ.get(LPIPS_WEIGHTS_ENV)
     device = str(getattr(engine, "device", "cpu"))  # LPIPS runs where SAM2 runs
-    key = ("lpips", net, weights)
-    if key not in query.cache:
-        query.cache[key] = LPIPSDistance(net=net, backbone_weights=weights, device=device)
-    return query.cache[key]
+    key = (net, weights, device)
+    if key not in _MATCHER:
+        _MATCHER.clear()
+        _MATCHER[key] = LPIPSDistance(net=net, backbone_weights=weights, device=device)
+    return _MATCHER[key]
 
 
 def run(
@@ -48,7 +54,7 @@ def run(
     seed = int(getattr(options, "seed", 0))
 
     with clock.stage("lpips_features"):
-        matcher = _matcher(engine, query, options)
+        matcher = _matcher(engine, options)
         qkey = ("lpips-query-features", getattr(options, "lpips_net", "alex"))
         qbox = query.cache.get("body_box")
         if qbox is None:
