@@ -1,0 +1,228 @@
+"""Static checks of the Slicer module's GUI, which cannot run here (no Slicer application, no Qt):
+the .ui file parses, every widget the Widget code uses exists in it, every SlicerParameterName is a parameter of
+the parameter node and is bound to a widget type the parameterNodeWrapper can connect, and the GUI's choices
+agree with the core's constants."""
+
+import ast
+import re
+import typing
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "FewShotSAM2"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "FewShotSAM2.ui"
+MODULE_FILE = MODULE_DIR / "FewShotSAM2.py"
+
+# Widget classes the parameterNodeWrapper connects, per parameter kind (Slicer
+# Base/Python/slicer/parameterNodeWrapper/guiConnectors.py: the connectors compare type(widget) exactly).
+CONNECTABLE = {
+    "node": {"qMRMLNodeComboBox"},
+    "choice": {"QComboBox", "ctkComboBox"},
+    "int": {"QSpinBox", "QSlider", "QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "qMRMLSliderWidget",
+            "ctkDoubleSlider", "qMRMLSpinBox"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "qMRMLSliderWidget", "ctkDoubleSlider",
+              "qMRMLSpinBox"},
+    "bool": {"QCheckBox", "ctkCheckBox"},
+    "str": {"QLineEdit", "QLabel", "QTextEdit"},
+}
+
+
+@pytest.fixture(scope="module")
+def ui_tree():
+    return ET.parse(UI_FILE)  # raises if the XML is malformed
+
+
+@pytest.fixture(scope="module")
+def ui_widgets(ui_tree):
+    return {w.get("name"): w for w in ui_tree.iter("widget")}
+
+
+@pytest.fixture(scope="module")
+def module():
+    import FewShotSAM2
+
+    return FewShotSAM2
+
+
+def _slicer_parameter_names(ui_widgets):
+    out = {}
+    for name, w in ui_widgets.items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                out[name] = prop.findtext("string")
+    return out
+
+
+def _kind(annotation):
+    base = annotation
+    metadata = ()
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *metadata = typing.get_args(annotation)
+    if any(type(m).__name__ == "Choice" for m in metadata):
+        return "choice"
+    if isinstance(base, type) and base.__name__.startswith("vtkMRML"):
+        return "node"
+    if typing.get_origin(base) is list:
+        return "list"
+    return {int: "int", float: "float", bool: "bool", str: "str"}.get(base, "other")
+
+
+def test_ui_parses_with_unique_widget_names(ui_tree):
+    root = ui_tree.getroot()
+    assert root.tag == "ui"
+    assert root.findtext("class") == "FewShotSAM2"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "FewShotSAM2"
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names"
+
+
+def test_widget_code_uses_only_existing_widgets(ui_widgets):
+    source = MODULE_FILE.read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used, "the Widget uses no ui widget?"
+    missing = sorted(used - set(ui_widgets))
+    assert not missing, f"widgets used by FewShotSAM2Widget but absent from the .ui file: {missing}"
+
+
+def test_widget_code_uses_existing_collapsible_names(ui_widgets):
+    # names given as strings (getattr(self.ui, name))
+    source = MODULE_FILE.read_text()
+    for name in re.findall(r'"(\w+CollapsibleButton)"', source):
+        assert name in ui_widgets, name
+
+
+def test_every_parameter_name_is_a_parameter_of_the_node(module, ui_widgets):
+    hints = typing.get_type_hints(module.FewShotSAM2ParameterNode, include_extras=True)
+    bound = _slicer_parameter_names(ui_widgets)
+    assert bound, "no SlicerParameterName in the .ui file"
+    for widget_name, parameter in bound.items():
+        assert parameter in hints, f"{widget_name}: SlicerParameterName '{parameter}' is not a parameter"
+        kind = _kind(hints[parameter])
+        widget_class = ui_widgets[widget_name].get("class")
+        assert widget_class in CONNECTABLE.get(kind, set()), (
+            f"{widget_name} ({widget_class}) cannot be connected to {parameter} ({kind})"
+        )
+
+
+def test_every_scalar_parameter_has_a_widget(module, ui_widgets):
+    """A saved scene restores the GUI: every parameter except the support lists (rows built in code) is bound."""
+    hints = typing.get_type_hints(module.FewShotSAM2ParameterNode, include_extras=True)
+    bound = set(_slicer_parameter_names(ui_widgets).values())
+    for parameter, annotation in hints.items():
+        if _kind(annotation) == "list":
+            assert parameter in ("supportVolumes", "supportSegmentations", "supportSegmentIds")
+            continue
+        assert parameter in bound, f"parameter {parameter} has no widget in the .ui file"
+
+
+def test_choice_defaults_are_valid(module):
+    hints = typing.get_type_hints(module.FewShotSAM2ParameterNode, include_extras=True)
+    for parameter, annotation in hints.items():
+        if typing.get_origin(annotation) is typing.Annotated:
+            base, *metadata = typing.get_args(annotation)
+            default = getattr(module.FewShotSAM2ParameterNode, parameter)
+            for m in metadata:
+                if type(m).__name__ == "Choice":
+                    assert default in m.choices, parameter
+                if type(m).__name__ == "WithinRange":
+                    assert m.minimum <= default <= m.maximum, parameter
+    assert module.FewShotSAM2ParameterNode.method == "reverse"
+    assert module.FewShotSAM2ParameterNode.modelSize == "tiny"
+
+
+def test_gui_choices_match_the_core(module):
+    from FewShotSAM2Lib import checkpoints, intensity, lpips_distance, pipeline, slices
+
+    assert set(module.METHODS) == set(pipeline.METHODS)
+    assert tuple(module.MODEL_SIZES) == tuple(checkpoints.MODELS)
+    assert set(module.MODEL_VERSIONS) == set(checkpoints.VERSIONS)
+    assert tuple(module.SLICE_AXES) == tuple(slices.AXES)
+    assert tuple(module.INTENSITY_PRESETS) == tuple(intensity.PRESET_NAMES)
+    assert tuple(module.LPIPS_NETS) == tuple(lpips_distance.NETS)
+    defaults = pipeline.SegmentOptions()
+    node = module.FewShotSAM2ParameterNode
+    assert (node.topK, node.minScore, node.augmentations, node.shots) == (
+        defaults.top_k, defaults.min_score, defaults.augmentations, defaults.shots)
+
+
+def test_segment_button_and_progress_exist(ui_widgets):
+    assert ui_widgets["segmentButton"].get("class") == "QPushButton"
+    assert ui_widgets["progressBar"].get("class") == "QProgressBar"
+    adv = ui_widgets["advancedCollapsibleButton"]
+    collapsed = [p for p in adv.findall("property") if p.get("name") == "collapsed"]
+    assert collapsed and collapsed[0].findtext("bool") == "true", "Advanced must start collapsed"
+
+
+def test_mrml_widgets_get_the_scene(ui_tree, ui_widgets):
+    """Each qMRMLNodeComboBox of the .ui receives the scene through the top widget's mrmlSceneChanged signal."""
+    receivers = {c.findtext("receiver") for c in ui_tree.getroot().iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    combos = {n for n, w in ui_widgets.items() if w.get("class") == "qMRMLNodeComboBox"}
+    assert combos <= receivers
+
+
+def test_module_imports_without_qt(module):
+    """slicer-core has no qt/ctk: the module still imports and its Logic is usable."""
+    import sys
+
+    assert "qt" not in sys.modules
+    assert module.SLICER_APPLICATION is False
+    logic = module.FewShotSAM2Logic()
+    assert logic.moduleName == "FewShotSAM2"
+
+
+def test_logic_code_path_has_no_qt():
+    """No `qt.`/`ctk.`/`slicer.app` in the Logic, its helpers and the background runner."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    qt_free = {"FewShotSAM2Logic", "FewShotSAM2BackgroundRun", "FewShotSAM2Run", "FewShotSAM2Support"}
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and (node.name in qt_free or isinstance(node, ast.FunctionDef)):
+            source = ast.get_source_segment(MODULE_FILE.read_text(), node)
+            for forbidden in ("qt.", "ctk.", "slicer.app", "slicer.mrmlScene", "slicer.modules"):
+                assert forbidden not in source, f"{node.name} uses {forbidden}"
+
+
+def test_module_metadata(module):
+    class Parent:
+        pass
+
+    parent = Parent()
+    module.FewShotSAM2(parent)
+    # the stand-in base does not set attributes, so the module's own __init__ must set them all
+    assert parent.title == "FewShotSAM2"
+    assert parent.categories == ["Segmentation"]
+    assert parent.contributors
+    assert "2409.04298" in parent.acknowledgementText and "2503.04826" in parent.acknowledgementText
+    assert "RevSAM2" in parent.acknowledgementText and "Rethinking Few-Shot" in parent.acknowledgementText
+    assert "README" in parent.helpText or "readme" in parent.helpText
+
+
+def test_cmake_lists_register_module_and_test():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
+    assert "slicer_add_python_unittest" in text
+    for line in re.findall(r"^\s+(\S+\.(?:py|png|ui))\s*$", text, flags=re.M):
+        if "*" in line or "CMAKE_" in line:
+            continue
+        path = line.replace("${MODULE_NAME}", "FewShotSAM2")
+        assert (MODULE_DIR / path).is_file(), f"CMakeLists lists a missing file: {path}"
+    # every core module (sub-packages included) is installed with the extension
+    assert "GLOB_RECURSE" in text and "${MODULE_NAME}Lib/*.py" in text and "${MODULE_LIB_SCRIPTS}" in text
+    top = (REPO / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert key in top
+    assert re.search(r'EXTENSION_DEPENDS\s+"?PyTorch', top)
+    assert "add_subdirectory(FewShotSAM2)" in top
+
+
+def test_icons_exist():
+    from PIL import Image
+
+    for path in (MODULE_DIR / "Resources" / "Icons" / "FewShotSAM2.png", REPO / "Resources" / "Icons" / "FewShotSAM2.png"):
+        with Image.open(path) as im:
+            assert im.size == (128, 128)

@@ -1,0 +1,726 @@
+"""The Slicer Logic (FewShotSAM2.py) end to end on real volumes, with slicer-core's MRML (no Slicer application).
+
+SAM2 runs with random weights (untrained=True) at 256 pixels on CPU: masks are meaningless, the plumbing is
+what is tested - MRML <-> core conversions, geometry, names/colours, .seg.nrrd output, cancel and errors.
+Each SAM2 run is done once per module (fixtures) and checked by several tests.
+"""
+
+import os
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+import FewShotSAM2 as module  # noqa: E402
+from FewShotSAM2Lib import pipeline  # noqa: E402
+from FewShotSAM2Lib.errors import Cancelled, InputError  # noqa: E402
+from FewShotSAM2Lib.volume import Structure, Volume, read_volume  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS")
+
+FAST = dict(image_size=256, untrained=True, device="cpu")
+LIVER_COLOR = (0.85, 0.45, 0.35)
+SPLEEN_COLOR = (0.55, 0.2, 0.6)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def new_scene():
+    scene = slicer.vtkMRMLScene()
+    # What the Slicer application does at startup: the Segmentations module logic registers its nodes and the
+    # segmentation converter rules with the scene.
+    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations_logic.SetMRMLScene(scene)
+    scene._fewshot_keepalive = segmentations_logic  # noqa: SLF001  (keep the logic alive with the scene)
+    return scene
+
+
+def load_volume(scene, path, name, labelmap=False):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    if labelmap:
+        storage.SetCenterImage(False)
+    assert storage.ReadData(node), f"cannot read {path}"
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def segmentation_from_labelmap(scene, labelmap_node, wanted, name="labels", reference=None):
+    """A segmentation node with one segment per {label value: (segment name, colour)} of a label map node."""
+    labels = slicer.util.arrayFromVolume(labelmap_node)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(reference or labelmap_node)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    labelmap_node.GetIJKToRASMatrix(ijk_to_ras)
+    ids = {}
+    for value, (segment_name, color) in wanted.items():
+        ids[value] = add_segment_from_mask(seg, labels == value, ijk_to_ras, segment_name, color)
+    return seg, ids
+
+
+def add_segment_from_mask(seg, mask, ijk_to_ras, name, color):
+    nk, nj, ni = mask.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(ni, nj, nk)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)[:] = mask
+    image.SetImageToWorldMatrix(ijk_to_ras)
+    segment_id = seg.GetSegmentation().AddEmptySegment(name.replace(" ", "_"), name, list(color))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, seg, segment_id)
+    return segment_id
+
+
+def ijk_to_ras(node):
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def segment_masks(seg_node, volume_node):
+    """{segment name: boolean [k, j, i] mask on the volume's grid}."""
+    segmentation = seg_node.GetSegmentation()
+    return {
+        segmentation.GetSegment(sid).GetName(): module.FewShotSAM2Logic.segmentMaskOnVolume(seg_node, sid, volume_node)
+        for sid in segmentation.GetSegmentIDs()
+    }
+
+
+def scene_state(scene):
+    """Node IDs with their modification times: equal states = nothing was added, removed or modified."""
+    nodes = {}
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        nodes[node.GetID()] = node.GetMTime()
+    return nodes
+
+
+def core_labels(label_volume: Volume, mapping: dict[int, int]) -> Volume:
+    out = np.zeros(label_volume.array.shape, np.uint16)
+    for source, target in mapping.items():
+        out[label_volume.array == source] = target
+    return label_volume.with_array(out)
+
+
+def assert_output_geometry(output_node, query_node):
+    """The output's binary labelmaps sit on the query's voxel grid (same IJK-to-RAS, same extent)."""
+    segmentation = output_node.GetSegmentation()
+    dims = query_node.GetImageData().GetDimensions()
+    for sid in segmentation.GetSegmentIDs():
+        image = segmentation.GetSegment(sid).GetRepresentation(
+            slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+        )
+        m = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(m)
+        np.testing.assert_allclose([[m.GetElement(r, c) for c in range(4)] for r in range(4)], ijk_to_ras(query_node),
+                                   atol=1e-9)
+        assert image.GetExtent() == (0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def data(shared_dir):
+    return shared_dir / "data"
+
+
+@pytest.fixture(scope="module")
+def ctb_nrrd(data, tmp_path_factory):
+    """ct-b's DICOM series converted to NRRD with SimpleITK (slicer-core's archetype reader gets its slice
+    spacing wrong)."""
+    folder = data / "abdomen-ct" / "ct-b" / "dicom"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    path = tmp_path_factory.mktemp("ctb") / "ct-b.nrrd"
+    sitk.WriteImage(reader.Execute(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ct_run(data, ctb_nrrd):
+    """ct-a (liver 5, spleen 1) -> ct-b with the Logic; the same inputs read from the files by the core."""
+    scene = new_scene()
+    support = load_volume(scene, data / "abdomen-ct" / "ct-a" / "image.nii.gz", "ct-a")
+    support_labels = load_volume(scene, data / "abdomen-ct" / "ct-a" / "labels.nii.gz", "ct-a labels", labelmap=True)
+    seg, ids = segmentation_from_labelmap(
+        scene, support_labels, {5: ("liver", LIVER_COLOR), 1: ("spleen", SPLEEN_COLOR)}, "ct-a segmentation", support
+    )
+    query = load_volume(scene, ctb_nrrd, "ct-b")
+    logic = module.FewShotSAM2Logic()
+    prepared = logic.prepare(query, [(support, seg, [ids[5], ids[1]])], "propagate", **FAST)
+    t0 = time.perf_counter()
+    output = logic.apply(prepared, logic.run(prepared))
+    seconds = time.perf_counter() - t0
+
+    # the core alone, on the same files
+    core_query = read_volume(data / "abdomen-ct" / "ct-b" / "dicom")
+    core_support = read_volume(data / "abdomen-ct" / "ct-a" / "image.nii.gz")
+    core_support_labels = core_labels(read_volume(data / "abdomen-ct" / "ct-a" / "labels.nii.gz"), {5: 1, 1: 2})
+    structures = [Structure(1, "liver", LIVER_COLOR), Structure(2, "spleen", SPLEEN_COLOR)]
+    core = pipeline.segment(
+        core_query,
+        [pipeline.SupportCase(core_support, core_support_labels, "ct-a")],
+        structures,
+        pipeline.SegmentOptions(method="propagate", **FAST),
+    )
+    return dict(scene=scene, logic=logic, prepared=prepared, output=output, query=query, support=support, seg=seg,
+                ids=ids, core=core, core_query=core_query, core_support=core_support,
+                core_support_labels=core_support_labels, seconds=seconds)
+
+
+# ---------------------------------------------------------------------------------------------- ct-a -> ct-b
+
+
+def test_ct_inputs_match_the_core_reading_the_files(ct_run):
+    prepared = ct_run["prepared"]
+    for mine, core in ((prepared.query, ct_run["core_query"]), (prepared.supports[0].image, ct_run["core_support"])):
+        np.testing.assert_array_equal(mine.array, core.array)
+        np.testing.assert_allclose(mine.spacing, core.spacing, rtol=1e-6)
+        np.testing.assert_allclose(mine.origin, core.origin, atol=1e-3)
+        np.testing.assert_allclose(mine.direction, core.direction, atol=1e-6)
+    np.testing.assert_array_equal(prepared.supports[0].labels.array, ct_run["core_support_labels"].array)
+    assert [(s.value, s.name) for s in prepared.structures] == [(1, "liver"), (2, "spleen")]
+
+
+def test_ct_output_equals_the_core_voxel_by_voxel(ct_run):
+    masks = segment_masks(ct_run["output"], ct_run["query"])
+    core = ct_run["core"].labels.array
+    assert set(masks) == {"liver", "spleen"}
+    np.testing.assert_array_equal(masks["liver"], core == 1)
+    np.testing.assert_array_equal(masks["spleen"], core == 2)
+    np.testing.assert_array_equal(ct_run["logic"].lastResult.labels.array, core)
+
+
+def test_ct_output_node_geometry_names_and_colours(ct_run):
+    output, query = ct_run["output"], ct_run["query"]
+    assert output.GetScene() is ct_run["scene"]
+    assert output.GetName() == "ct-b FewShotSAM2"
+    assert_output_geometry(output, query)
+    assert output.GetNodeReference(output.GetReferenceImageGeometryReferenceRole()) is query
+    segmentation = output.GetSegmentation()
+    names = [segmentation.GetSegment(s).GetName() for s in segmentation.GetSegmentIDs()]
+    assert names == ["liver", "spleen"]
+    np.testing.assert_allclose(segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver")).GetColor(), LIVER_COLOR)
+    np.testing.assert_allclose(segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("spleen")).GetColor(), SPLEEN_COLOR)
+    assert output.GetDisplayNode() is not None
+
+
+def test_seg_nrrd_round_trip_with_slicer_and_slicerio(ct_run, tmp_path):
+    import slicerio
+
+    output, query, scene = ct_run["output"], ct_run["query"], ct_run["scene"]
+    path = tmp_path / "result.seg.nrrd"
+    writer = slicer.vtkMRMLSegmentationStorageNode()
+    writer.SetFileName(str(path))
+    assert writer.WriteData(output)
+    expected = segment_masks(output, query)
+
+    # slicer-core's own reader
+    reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(path))
+    assert reader.ReadData(reread)
+    got = segment_masks(reread, query)
+    assert list(got) == list(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+        np.testing.assert_allclose(
+            reread.GetSegmentation().GetSegment(reread.GetSegmentation().GetSegmentIdBySegmentName(name)).GetColor(),
+            LIVER_COLOR if name == "liver" else SPLEEN_COLOR, atol=1e-6)
+    scene.RemoveNode(reread)
+
+    # slicerio (reads the NRRD without Slicer): segment names, colours, geometry and voxels
+    seg = slicerio.read_segmentation(str(path))
+    assert [s["name"] for s in seg["segments"]] == ["liver", "spleen"]
+    np.testing.assert_allclose(seg["segments"][0]["color"], LIVER_COLOR, atol=1e-6)
+    np.testing.assert_allclose(seg["segments"][1]["color"], SPLEEN_COLOR, atol=1e-6)
+    voxels = np.asarray(seg["voxels"])  # [i, j, k]; a 4th axis would mean several layers
+    assert voxels.ndim == 3, "the non-overlapping result should be written as one shared layer"
+    ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
+    query_lps = module.RAS_TO_LPS @ ijk_to_ras(query)
+    np.testing.assert_allclose(ijk_to_lps[:3, :3], query_lps[:3, :3], atol=1e-6)
+    # the file may hold a cropped extent: its first voxel is this voxel of the query grid
+    start = np.linalg.solve(query_lps[:3, :3], ijk_to_lps[:3, 3] - query_lps[:3, 3])
+    np.testing.assert_allclose(start, np.rint(start), atol=1e-6)
+    start = np.rint(start).astype(int)
+    for segment_info in seg["segments"]:
+        name = segment_info["name"]
+        full = np.zeros(expected[name].shape[::-1], dtype=bool)  # [i, j, k]
+        window = tuple(slice(start[a], start[a] + voxels.shape[a]) for a in range(3))
+        full[window] = voxels == segment_info["labelValue"]
+        np.testing.assert_array_equal(full.transpose(2, 1, 0), expected[name])
+
+
+def test_output_written_in_place_replaces_segments(ct_run):
+    """An existing output node keeps its identity; its old segments are replaced by the result's."""
+    scene, logic, query = ct_run["scene"], ct_run["logic"], ct_run["query"]
+    target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "target")
+    target.GetSegmentation().AddEmptySegment("old", "old")
+    prepared = ct_run["prepared"]
+    prepared_in_place = module.FewShotSAM2Run(prepared.query, prepared.supports, prepared.structures, prepared.options,
+                                              query, target, prepared.segmentMetadata)
+    before = scene.GetNumberOfNodes()
+    out = logic.apply(prepared_in_place, logic.lastResult)
+    assert out is target
+    assert [out.GetSegmentation().GetSegment(s).GetName() for s in out.GetSegmentation().GetSegmentIDs()] == ["liver", "spleen"]
+    assert scene.GetNumberOfNodes() == before + 1  # the display node only
+    np.testing.assert_array_equal(segment_masks(out, query)["liver"], ct_run["core"].labels.array == 1)
+    scene.RemoveNode(target)
+
+
+def test_apply_failure_leaves_the_scene_unchanged(ct_run):
+    scene, logic, prepared = ct_run["scene"], ct_run["logic"], ct_run["prepared"]
+    existing = ct_run["output"]
+    before = scene_state(scene)
+    # a result that does not fit the query (a bug in the core, say): refused before the scene is touched
+    wrong = pipeline.SegmentationResult(labels=Volume(np.zeros((1, 2, 3), np.uint8), (1, 1, 1), (0, 0, 0), np.eye(3)),
+                                        structures=prepared.structures)
+    with pytest.raises(RuntimeError):
+        logic.apply(prepared, wrong)
+    in_place = module.FewShotSAM2Run(prepared.query, prepared.supports, prepared.structures, prepared.options,
+                                     ct_run["query"], existing, prepared.segmentMetadata)
+    with pytest.raises(RuntimeError):
+        logic.apply(in_place, wrong)
+    assert scene_state(scene) == before
+
+
+# ---------------------------------------------------------------------------------------------- brain
+
+
+@pytest.fixture(scope="module")
+def brain_run(data):
+    """ibsr-01 (white matter) -> ibsr-03 with the Logic; the core's own reading of the same files.
+
+    The brain volumes are cut into 128 slices of 256x256, so one SAM2 run takes about a minute on 2 CPU cores:
+    instead of a second run, the test checks that the Logic hands the core exactly the inputs the core reads from
+    the files (the core is deterministic, so equal inputs give equal outputs; the ct-a -> ct-b tests do run the
+    core twice) and that the output node holds exactly the core's result.
+    """
+    scene = new_scene()
+    folder = data / "brain-mr"
+    support = load_volume(scene, folder / "ibsr-01" / "image.nii.gz", "ibsr-01")
+    labels = load_volume(scene, folder / "ibsr-01" / "labels.nii.gz", "ibsr-01 labels", labelmap=True)
+    wm_color = (0.9, 0.9, 0.75)
+    seg, ids = segmentation_from_labelmap(scene, labels, {3: ("white matter", wm_color)}, "ibsr-01 segmentation", support)
+    query = load_volume(scene, folder / "ibsr-03" / "image.nii.gz", "ibsr-03")
+    logic = module.FewShotSAM2Logic()
+    prepared = logic.prepare(query, [(support, seg, None)], "propagate", **FAST)
+    output = logic.apply(prepared, logic.run(prepared))
+    core_query = read_volume(folder / "ibsr-03" / "image.nii.gz")
+    core_support = pipeline.SupportCase(read_volume(folder / "ibsr-01" / "image.nii.gz"),
+                                        core_labels(read_volume(folder / "ibsr-01" / "labels.nii.gz"), {3: 1}), "ibsr-01")
+    return dict(scene=scene, logic=logic, prepared=prepared, output=output, query=query,
+                core_query=core_query, core_support=core_support, color=wm_color)
+
+
+def test_brain_inputs_match_the_core_reading_the_files(brain_run):
+    prepared = brain_run["prepared"]
+    core_query, core_support = brain_run["core_query"], brain_run["core_support"]
+    for mine, core in ((prepared.query, core_query), (prepared.supports[0].image, core_support.image)):
+        np.testing.assert_array_equal(mine.array, core.array)
+        assert mine.same_grid(core)
+        np.testing.assert_allclose(mine.direction, core.direction, atol=1e-6)
+    np.testing.assert_array_equal(prepared.supports[0].labels.array, core_support.labels.array)
+    assert [(s.value, s.name) for s in prepared.structures] == [(1, "white matter")]
+
+
+def test_brain_output_node_holds_the_core_result(brain_run):
+    output, query = brain_run["output"], brain_run["query"]
+    assert_output_geometry(output, query)
+    masks = segment_masks(output, query)
+    assert list(masks) == ["white matter"]
+    np.testing.assert_array_equal(masks["white matter"], brain_run["logic"].lastResult.labels.array == 1)
+    segment = output.GetSegmentation().GetNthSegment(0)
+    np.testing.assert_allclose(segment.GetColor(), brain_run["color"])
+
+
+# ---------------------------------------------------------------------------------------------- orientation
+
+
+def permuted_copy(scene, node, name):
+    """The same image stored with permuted and flipped axes: voxel (i, j, k) of the copy is voxel
+    (n_i - 1 - k', ...) of the original, with IJK-to-RAS chosen so that every voxel keeps its physical place."""
+    array = slicer.util.arrayFromVolume(node)  # [k, j, i]
+    # new array axes: [k2, j2, i2] = [j, i (flipped), k (flipped)] of the original
+    new = np.ascontiguousarray(np.flip(np.flip(array.transpose(1, 2, 0), axis=1), axis=2))
+    m = ijk_to_ras(node)
+    nk, nj, ni = array.shape
+    # original index (i, j, k) as a function of the new index (i2, j2, k2): i = ni-1-j2, j = k2, k = nk-1-i2
+    p = np.zeros((4, 4))
+    p[0, 1], p[0, 3] = -1, ni - 1
+    p[1, 2] = 1
+    p[2, 0], p[2, 3] = -1, nk - 1
+    p[3, 3] = 1
+    new_ijk_to_ras = m @ p
+    copy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(copy, new)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, new_ijk_to_ras[r, c])
+    copy.SetIJKToRASMatrix(matrix)
+    return copy, (lambda a: np.flip(np.flip(a, axis=2), axis=1).transpose(2, 0, 1))  # copy array -> original array
+
+
+@pytest.fixture(scope="module")
+def mr_scene(data):
+    """abdomen-mr with 3 labeled liver slices: the query is its own support."""
+    scene = new_scene()
+    folder = data / "abdomen-mr"
+    volume = load_volume(scene, folder / "image.nii.gz", "abdomen-mr")
+    labels = load_volume(scene, folder / "labels.nii.gz", "abdomen-mr labels", labelmap=True)
+    liver = slicer.util.arrayFromVolume(labels) == 5
+    rows = np.nonzero(liver.any(axis=(1, 2)))[0]
+    keep = np.zeros_like(liver)
+    for k in rows[[len(rows) // 4, len(rows) // 2, 3 * len(rows) // 4]]:
+        keep[k] = liver[k]
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "few slices")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    segment_id = add_segment_from_mask(seg, keep, m, "liver", LIVER_COLOR)
+    return dict(scene=scene, volume=volume, seg=seg, segment_id=segment_id, labeled=keep)
+
+
+def test_permuted_flipped_query_gives_the_same_physical_result(mr_scene):
+    scene, volume, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    copy, to_original = permuted_copy(scene, volume, "abdomen-mr permuted")
+    # sanity: the copy holds the same voxels at the same physical places
+    np.testing.assert_array_equal(to_original(slicer.util.arrayFromVolume(copy)), slicer.util.arrayFromVolume(volume))
+    logic = module.FewShotSAM2Logic()
+    plain = logic.segment(volume, [(volume, seg, [sid])], method="propagate", **FAST)
+    plain_mask = segment_masks(plain, volume)["liver"]
+    permuted = logic.segment(copy, [(copy, seg, [sid])], method="propagate", **FAST)
+    assert_output_geometry(permuted, copy)
+    permuted_mask = segment_masks(permuted, copy)["liver"]
+    assert plain_mask.any()
+    np.testing.assert_array_equal(to_original(permuted_mask), plain_mask)
+    # and read on the plain volume's grid through Slicer's resampling
+    np.testing.assert_array_equal(segment_masks(permuted, volume)["liver"], plain_mask)
+
+
+def test_oblique_volume_round_trips_exactly(mr_scene):
+    """An oblique (rotated) grid becomes a core Volume with the same geometry, to rounding."""
+    scene, volume = mr_scene["scene"], mr_scene["volume"]
+    oblique = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    slicer.util.updateVolumeFromArray(oblique, slicer.util.arrayFromVolume(volume))
+    angle = np.deg2rad(20)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = rot @ np.diag([1.5, 2.0, 3.0])
+    m[:3, 3] = [10, -20, 30]
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, m[r, c])
+    oblique.SetIJKToRASMatrix(matrix)
+    vol = module.FewShotSAM2Logic.volumeFromNode(oblique)
+    np.testing.assert_allclose(vol.spacing, (1.5, 2.0, 3.0))
+    np.testing.assert_allclose(module.RAS_TO_LPS @ m, vol.ijk_to_lps(), atol=1e-9)
+    scene.RemoveNode(oblique)
+
+
+def test_sheared_volume_is_refused(mr_scene):
+    scene, volume = mr_scene["scene"], mr_scene["volume"]
+    sheared = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "sheared")
+    slicer.util.updateVolumeFromArray(sheared, slicer.util.arrayFromVolume(volume))
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 1, 0.5)  # the j axis leans on i
+    sheared.SetIJKToRASMatrix(matrix)
+    with pytest.raises(InputError, match="sheared"):
+        module.FewShotSAM2Logic.volumeFromNode(sheared)
+    scene.RemoveNode(sheared)
+
+
+def test_linear_parent_transform_is_applied_and_kept(mr_scene):
+    scene, volume = mr_scene["scene"], mr_scene["volume"]
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(0, 3, 25.0)
+    transform.SetMatrixTransformToParent(m)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    try:
+        vol = module.FewShotSAM2Logic.volumeFromNode(volume)
+        plain = ijk_to_ras(volume)
+        plain[0, 3] += 25.0
+        np.testing.assert_allclose(vol.ijk_to_lps(), module.RAS_TO_LPS @ plain, atol=1e-9)
+    finally:
+        volume.SetAndObserveTransformNodeID(None)
+        scene.RemoveNode(transform)
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+@pytest.fixture(scope="module")
+def reverse_run(mr_scene):
+    logic = module.FewShotSAM2Logic()
+    v, seg, sid = mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    output = logic.segment(v, [(v, seg, [sid])], method="reverse", top_k=2, **FAST)
+    return logic, output
+
+
+def test_reverse_scores_table_and_low_confidence(reverse_run, mr_scene):
+    logic, output = reverse_run
+    result = logic.lastResult
+    assert output.GetAttribute("FewShotSAM2.Method") == "reverse"
+    assert result.scores and all(0.0 <= s.score <= 1.0 for s in result.scores)
+    scene = mr_scene["scene"]
+    table, chart = logic.createConfidenceTable(result, "reverse", scene)
+    assert table.GetNumberOfColumns() == 2 and table.GetColumnName(1) == "liver"
+    assert table.GetNumberOfRows() == len({s.slice_index for s in result.scores})
+    assert chart.GetNumberOfPlotSeriesNodes() == 1
+    nodes = scene.GetNumberOfNodes()
+    again = logic.createConfidenceTable(result, "reverse", scene, tableNode=table, chartNode=chart)
+    assert again == (table, chart) and scene.GetNumberOfNodes() == nodes  # a second run reuses, nothing piles up
+    low = logic.lowConfidenceSlices(result, "reverse")
+    assert all(score < module.LOW_CONFIDENCE_PI for _, _, score in low)
+    assert [score for _, _, score in low] == sorted(score for _, _, score in low)
+    # jumping to a slice centres the slice views on it
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    slice_node.SetLayoutName("Red")
+    index = result.scores[0].slice_index
+    logic.jumpToSlice(mr_scene["volume"], result.slice_axis, index)
+    ras = logic.sliceCenterRAS(mr_scene["volume"], result.slice_axis, index)
+    m = slice_node.GetSliceToRAS()
+    np.testing.assert_allclose([m.GetElement(r, 3) for r in range(3)], ras, atol=1e-6)
+
+
+def test_lpips_run(mr_scene, shared_dir):
+    logic = module.FewShotSAM2Logic()
+    v, seg, sid = mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    output = logic.segment(v, [(v, seg, [sid])], method="lpips", augmentations=1,
+                           lpips_weights=str(shared_dir / "weights" / "lpips" / "alexnet_features.pth"), **FAST)
+    assert_output_geometry(output, v)
+    result = logic.lastResult
+    assert result.scores and all(s.score >= 0 for s in result.scores)
+    np.testing.assert_array_equal(segment_masks(output, v)["liver"], result.labels.array == 1)
+    table, chart = logic.createConfidenceTable(result, "lpips", mr_scene["scene"])
+    assert table is not None and chart is not None
+    low = logic.lowConfidenceSlices(result, "lpips")
+    assert [score for _, _, score in low] == sorted((score for _, _, score in low), reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------- cancel, errors
+
+
+def test_cancel_from_progress_leaves_the_scene_unchanged(mr_scene):
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "existing output")
+    existing.GetSegmentation().AddEmptySegment("keep me", "keep me")
+    logic = module.FewShotSAM2Logic()
+    stages = []
+
+    def cancel_at_once(stage, done, total):
+        stages.append((stage, done, total))
+        raise Cancelled("user")  # at the first report: during the encoding of the first slices
+
+    for output in (None, existing):
+        before = scene_state(scene)
+        stages.clear()
+        with pytest.raises(Cancelled):
+            logic.segment(v, [(v, seg, [sid])], method="propagate", outputSegmentationNode=output,
+                          progressCallback=cancel_at_once, **FAST)
+        assert scene_state(scene) == before
+        assert stages and stages[0][0].startswith("Encoding slice")
+    assert existing.GetSegmentation().GetSegmentIDs() == ("keep me",)
+    scene.RemoveNode(existing)
+
+
+def test_background_run_reports_progress_and_cancels(mr_scene):
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    logic = module.FewShotSAM2Logic()
+    before = scene_state(scene)
+    prepared = logic.prepare(v, [(v, seg, [sid])], "propagate", **FAST)
+    run = logic.startBackgroundRun(prepared)
+    deadline = time.time() + 300
+    while run.progress()[2] == 0 and not run.finished.is_set() and time.time() < deadline:
+        time.sleep(0.05)  # the main thread stays free while the worker runs
+    stage, done, total = run.progress()
+    assert total > 0 and stage.startswith("Encoding slice")
+    run.requestCancel()
+    assert run.wait(300)
+    assert isinstance(run.error, Cancelled) and run.result is None
+    assert scene_state(scene) == before
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no query", "No query volume"),
+        ("no supports", "No support"),
+        ("missing segment", "has no segment with ID"),
+        ("empty segment", "is empty"),
+        ("no segmentation", "no segmentation selected"),
+        ("bad method", "Unknown method"),
+        ("bad option", "Unknown segmentation option"),
+    ],
+)
+def test_bad_inputs_give_a_clear_error_and_change_nothing(mr_scene, case, message):
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    empty_id = seg.GetSegmentation().GetSegmentIdBySegmentName("empty")
+    if not empty_id:
+        empty_id = seg.GetSegmentation().AddEmptySegment("empty", "empty")
+    before = scene_state(scene)
+    args = dict(queryVolumeNode=v, supports=[(v, seg, [sid])], method="propagate")
+    kwargs = dict(FAST)
+    if case == "no query":
+        args["queryVolumeNode"] = None
+    elif case == "no supports":
+        args["supports"] = []
+    elif case == "missing segment":
+        args["supports"] = [(v, seg, ["does-not-exist"])]
+    elif case == "empty segment":
+        args["supports"] = [(v, seg, [sid, empty_id])]
+    elif case == "no segmentation":
+        args["supports"] = [(v, None, None)]
+    elif case == "bad method":
+        args["method"] = "magic"
+    elif case == "bad option":
+        kwargs["not_an_option"] = 1
+    with pytest.raises(InputError, match=message):
+        module.FewShotSAM2Logic().segment(**args, **kwargs)
+    assert scene_state(scene) == before
+
+
+def test_supports_with_shared_segment_names_are_one_structure(mr_scene, data):
+    """Same segment name in two supports = one structure (first support's colour); prepare changes nothing."""
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other support")
+    m = vtk.vtkMatrix4x4()
+    v.GetIJKToRASMatrix(m)
+    labeled = mr_scene["labeled"]
+    other_id = add_segment_from_mask(other, labeled, m, "liver", (0.1, 0.9, 0.1))
+    kidney = np.zeros_like(labeled)
+    kidney[10, 40:50, 40:50] = True
+    kidney_id = add_segment_from_mask(other, kidney, m, "kidney", (0.2, 0.2, 0.9))
+    before = scene_state(scene)
+    prepared = module.FewShotSAM2Logic().prepare(v, [(v, seg, [sid]), (v, other, None)], "propagate", **FAST)
+    assert scene_state(scene) == before
+    assert [(s.value, s.name) for s in prepared.structures] == [(1, "liver"), (2, "kidney")]
+    np.testing.assert_allclose(prepared.structures[0].color, LIVER_COLOR)
+    assert set(np.unique(prepared.supports[1].labels.array)) == {0, 1, 2}
+    # where the two segments overlap the first listed (liver) keeps the voxel, as the core does for its output
+    assert (kidney & labeled).any()
+    np.testing.assert_array_equal(prepared.supports[1].labels.array == 2, kidney & ~labeled)
+    np.testing.assert_array_equal(prepared.supports[1].labels.array == 1, labeled)
+    assert other_id and kidney_id
+    scene.RemoveNode(other)
+
+
+def test_support_forms_accepted_by_the_logic(mr_scene):
+    """(volume, segmentation) = all segments; segment IDs as a list or a comma-separated string."""
+    v, seg, sid = mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    logic = module.FewShotSAM2Logic()
+    by_list = logic.prepare(v, [(v, seg, [sid])], "propagate", **FAST)
+    by_string = logic.prepare(v, [(v, seg, sid)], "propagate", **FAST)
+    by_dataclass = logic.prepare(v, [module.FewShotSAM2Support(v, seg, [sid])], "propagate", **FAST)
+    for prepared in (by_string, by_dataclass):
+        np.testing.assert_array_equal(prepared.supports[0].labels.array, by_list.supports[0].labels.array)
+    np.testing.assert_array_equal(by_list.supports[0].labels.array == 1, mr_scene["labeled"])
+    assert by_list.options.image_size == 256 and by_list.options.untrained
+
+
+def test_module_self_test_body_runs_on_slicer_core(monkeypatch):
+    """Slicer's self-test (FewShotSAM2Test) needs slicer.mrmlScene and slicer.modules; give it a scene and a
+    stand-in for the one slicer.util helper that needs slicer.modules, and run its body."""
+    import unittest
+
+    scene = new_scene()
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+
+    def update_segment(narray, segmentation_node, segment_id, reference_volume_node):
+        m = vtk.vtkMatrix4x4()
+        reference_volume_node.GetIJKToRASMatrix(m)
+        image = slicer.vtkOrientedImageData()
+        nk, nj, ni = narray.shape
+        image.SetDimensions(ni, nj, nk)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)[:] = narray > 0
+        image.SetImageToWorldMatrix(m)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id)
+
+    monkeypatch.setattr(slicer.util, "updateSegmentBinaryLabelmapFromArray", update_segment)
+
+    class Runner(unittest.TestCase):
+        def runTest(self):
+            pass
+
+        def delayDisplay(self, message, *args, **kwargs):
+            self.messages.append(message)
+
+    runner = Runner()
+    runner.messages = []
+    module.FewShotSAM2Test.test_FewShotSAM2_untrained(runner)
+    assert runner.messages[-1] == "Test passed", runner.messages
+
+
+def test_dependencies_are_never_installed_silently(monkeypatch):
+    logic = module.FewShotSAM2Logic()
+    assert logic.missingDependencies("lpips") == []  # this environment has everything
+    assert logic.installDependencies("lpips") is False  # nothing missing: nothing asked, nothing done
+
+    calls = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda args, **kw: calls.append((args, os.environ.get("SAM2_BUILD_CUDA"))),
+                        raising=False)
+    answers = iter([["sam2==1.1.0"], ["sam2==1.1.0"], ["sam2==1.1.0"], []])
+    monkeypatch.setattr(module.FewShotSAM2Logic, "missingDependencies", staticmethod(lambda method="reverse": next(answers)))
+    with pytest.raises(RuntimeError, match="cannot run without"):
+        logic.installDependencies("reverse")  # no confirm callback: refuse
+    asked = []
+    with pytest.raises(RuntimeError, match="cannot run without"):
+        logic.installDependencies("reverse", confirm=lambda message: asked.append(message) or False)
+    assert asked and "sam2==1.1.0" in asked[0] and calls == []
+
+    # agreed: sam2 without build isolation, without deps and without its CUDA extension
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sam2" else real_find_spec(name, *a))
+    monkeypatch.delenv("SAM2_BUILD_CUDA", raising=False)
+    assert logic.installDependencies("reverse", confirm=lambda message: True) is False
+    assert calls == [("--no-build-isolation --no-deps sam2==1.1.0", "0")]
+
+
+def test_single_support_without_list(mr_scene):
+    v, seg, sid = mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    prepared = module.FewShotSAM2Logic().prepare(v, (v, seg, [sid]), "propagate", **FAST)
+    assert len(prepared.supports) == 1
+    np.testing.assert_array_equal(prepared.supports[0].labels.array == 1, mr_scene["labeled"])
+
+
+def test_model_cache_status_import_and_clear(tmp_path, monkeypatch):
+    """The GUI's model box: status line, Import file... (validated by the core), Clear cache."""
+    import torch
+
+    from FewShotSAM2Lib import checkpoints
+    from FewShotSAM2Lib.engine import build_sam2_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(checkpoints.CACHE_ENV, str(cache))
+    logic = module.FewShotSAM2Logic()
+    ready, text = logic.checkpointStatus("tiny", "2.1")
+    assert not ready and "sam2.1_hiera_tiny" in text and "not downloaded" in text
+
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError):
+        logic.importCheckpoint(str(bogus), "tiny", "2.1")
+    assert not logic.checkpointStatus("tiny", "2.1")[0]
+
+    torch.manual_seed(1)
+    weights = tmp_path / "my_tiny.pt"
+    torch.save({"model": build_sam2_model(checkpoints.checkpoint_info("tiny", "2.1")).state_dict()}, weights)
+    path = logic.importCheckpoint(str(weights), "tiny", "2.1")
+    assert path.parent == cache
+    ready, text = logic.checkpointStatus("tiny", "2.1")
+    assert ready and "ready" in text
+    assert logic.clearCheckpointCache() >= 1
+    assert not logic.checkpointStatus("tiny", "2.1")[0]
