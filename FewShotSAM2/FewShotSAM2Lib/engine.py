@@ -52,6 +52,15 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _has_sam2_extension() -> bool:
+    """Whether sam2's compiled CUDA extension (connected components for hole filling) is installed."""
+    try:
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_sam2_model(info: CheckpointInfo, image_size: int = 1024, device: str | torch.device = "cpu") -> torch.nn.Module:
     """SAM2 from the package's own config, with sam2's video post-processing settings, random weights."""
     if image_size % 32 != 0 or image_size < 64:
@@ -187,7 +196,7 @@ class SAM2Engine:
         self._features: dict[FrameKey, list[torch.Tensor]] = {}
         self._pos_enc: Optional[list[torch.Tensor]] = None
         self._feat_sizes: Optional[list[tuple[int, int]]] = None
-        self._warned_fill = False
+        self._cuda_hole_filling = self.device.type == "cuda" and _has_sam2_extension()
 
     # ---------------------------------------------------------------- frames and features
     def reset(self) -> None:
@@ -370,13 +379,11 @@ class SAM2Engine:
         """
         if self.fill_hole_area <= 0:
             return logits
-        try:
+        if self._cuda_hole_filling:
             from sam2.utils.misc import get_connected_components
 
             labels, areas = get_connected_components(logits <= 0)
             return torch.where((labels > 0) & (areas <= self.fill_hole_area), 0.1, logits)
-        except Exception:
-            pass
         from scipy import ndimage
 
         filled = logits.clone()

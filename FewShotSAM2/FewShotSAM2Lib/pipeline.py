@@ -154,17 +154,19 @@ def segment(
 
     # query and supports -> canonical slice stacks in [0, 1]
     qplan = SlicePlan.for_volume(query, options.axis)
-    qstack = qplan.stack(normalize(query, options.preset))
+    # "auto" is resolved once per volume: the choice both normalises it and compares modalities
     query_kind = choose_preset(query)
+    qstack = qplan.stack(normalize(query, query_kind if options.preset == "auto" else options.preset))
     prepared = []
     for s_idx, case in enumerate(supports):
         if not case.labels.same_grid(case.image):
             raise InputError(f"{case.name}: the label map is not on its image's grid (read it with read_labels)")
-        if choose_preset(case.image) != query_kind:
+        support_kind = choose_preset(case.image)
+        if support_kind != query_kind:
             warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
                           "cross-modality support is allowed but less reliable", stacklevel=2)
         plan = SlicePlan.for_volume(case.image, options.axis)
-        image_stack = plan.stack(normalize(case.image, options.preset))
+        image_stack = plan.stack(normalize(case.image, support_kind if options.preset == "auto" else options.preset))
         # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
         box = body_box(image_stack, plan.in_plane_spacing) if options.method == "lpips" else None
         prepared.append((plan, image_stack, plan.stack(case.labels.array), box))

@@ -80,6 +80,14 @@ def plot_dice(summary_rows: Sequence[Mapping[str, object]], path: Path, untraine
     return Path(path)
 
 
+def _structure_xy(points: Sequence[Mapping[str, object]], structure: str, xkey: str, ykey: str):
+    """One structure's points: the rows, their x and y as float arrays, and which are finite in both."""
+    pts = [p for p in points if str(p["structure"]) == structure]
+    xs = np.array([_f(p[xkey]) for p in pts])
+    ys = np.array([_f(p[ykey]) for p in pts])
+    return pts, xs, ys, np.isfinite(xs) & np.isfinite(ys)
+
+
 def plot_pi_vs_dice(points: Sequence[Mapping[str, object]], path: Path, untrained: bool = False) -> Path:
     """RevSAM2 Fig. 4 style: the reverse score π of each query slice against the true Dice of its forward
     prediction p_i. `points`: dicts with structure, score, forward_dice, in_extent (bool-like)."""
@@ -87,11 +95,8 @@ def plot_pi_vs_dice(points: Sequence[Mapping[str, object]], path: Path, untraine
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     structures = list(dict.fromkeys(str(p["structure"]) for p in points))
     for s in structures:
-        pts = [p for p in points if str(p["structure"]) == s]
-        xs = np.array([_f(p["score"]) for p in pts])
-        ys = np.array([_f(p["forward_dice"]) for p in pts])
+        pts, xs, ys, ok = _structure_xy(points, s, "score", "forward_dice")
         inside = np.array([str(p.get("in_extent", "")).lower() in ("1", "true") for p in pts], dtype=bool)
-        ok = np.isfinite(xs) & np.isfinite(ys)
         varied = ok.sum() > 2 and np.std(xs[ok]) > 0 and np.std(ys[ok]) > 0
         r = np.corrcoef(xs[ok], ys[ok])[0, 1] if varied else math.nan
         sc = ax.scatter(xs[ok & inside], ys[ok & inside], s=12, alpha=0.7, label=f"{s} (r = {r:.2f})")
@@ -120,10 +125,7 @@ def plot_lpips_matching(points: Sequence[Mapping[str, object]], path: Path, untr
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     structures = list(dict.fromkeys(str(p["structure"]) for p in points))
     for s in structures:
-        pts = [p for p in points if str(p["structure"]) == s]
-        xs = np.array([_f(p["query_pos_rel"]) for p in pts])
-        ys = np.array([_f(p["support_pos_rel"]) for p in pts])
-        ok = np.isfinite(xs) & np.isfinite(ys)
+        _, xs, ys, ok = _structure_xy(points, s, "query_pos_rel", "support_pos_rel")
         ax.scatter(xs[ok], ys[ok], s=12, alpha=0.7, label=s)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.axvspan(0, 1, color="0.9", zorder=-1)
