@@ -1,8 +1,8 @@
 """FewShotSAM2: segment a structure in a 3D scan from one or a few labeled scans with SAM2, without training.
 
 This file holds the classes 3D Slicer expects of a scripted module (module, parameter node, widget, logic,
-self-test). The computation lives in the Qt-free, Slicer-free core `FewShotSAM2Lib` (see docs/architecture.md);
-the Logic converts MRML nodes to the core's `Volume` and back, and calls `FewShotSAM2Lib.pipeline.segment`.
+self-test). The computation lives in the Qt-free, Slicer-free core `fewshotsam2` (see docs/architecture.md);
+the Logic converts MRML nodes to the core's `Volume` and back, and calls `fewshotsam2.pipeline.segment`.
 
 The Logic needs only MRML and `slicer.util` (no Qt, no `slicer.app`), so it runs in Slicer's Python console and
 in the `slicer-core` Python package alike:
@@ -202,19 +202,19 @@ class FewShotSAM2ParameterNode:
 def _lib():
     """(errors, pipeline, volume) of the core, imported lazily: Slicer must be able to load this module before
     torch and sam2 are installed."""
-    from FewShotSAM2Lib import errors, pipeline, volume
+    from fewshotsam2 import errors, pipeline, volume
 
     return errors, pipeline, volume
 
 
 def _errors():
-    from FewShotSAM2Lib import errors
+    from fewshotsam2 import errors
 
     return errors
 
 
 def _inputError(message):
-    from FewShotSAM2Lib.errors import InputError
+    from fewshotsam2.errors import InputError
 
     return InputError(message)
 
@@ -271,10 +271,10 @@ class FewShotSAM2Support:
 class FewShotSAM2Run:
     """Everything `FewShotSAM2Logic.run` needs, made by `prepare` in the main thread; holds no MRML access."""
 
-    query: Any  # FewShotSAM2Lib.volume.Volume
-    supports: list  # [FewShotSAM2Lib.pipeline.SupportCase]
-    structures: list  # [FewShotSAM2Lib.volume.Structure]
-    options: Any  # FewShotSAM2Lib.pipeline.SegmentOptions
+    query: Any  # fewshotsam2.volume.Volume
+    supports: list  # [fewshotsam2.pipeline.SupportCase]
+    structures: list  # [fewshotsam2.volume.Structure]
+    options: Any  # fewshotsam2.pipeline.SegmentOptions
     # MRML side, used by `apply` only (main thread)
     queryVolumeNode: Any = None
     outputSegmentationNode: Any = None
@@ -309,7 +309,7 @@ class FewShotSAM2BackgroundRun:
         with self._lock:
             self._progress = (stage, int(done), int(total))
         if self._cancel.is_set():
-            from FewShotSAM2Lib.errors import Cancelled
+            from fewshotsam2.errors import Cancelled
 
             raise Cancelled("cancelled by the user")
 
@@ -375,11 +375,11 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             the same structure; the first support that has it gives its name and colour.
         method: "reverse" | "lpips" | "propagate".
         outputSegmentationNode: written in place (its segments replaced); None creates a new node.
-        progressCallback(stage, done, total): raise FewShotSAM2Lib.errors.Cancelled from it to stop.
-        options: fields of FewShotSAM2Lib.pipeline.SegmentOptions (model, version, image_size, device,
+        progressCallback(stage, done, total): raise fewshotsam2.errors.Cancelled from it to stop.
+        options: fields of fewshotsam2.pipeline.SegmentOptions (model, version, image_size, device,
             checkpoint, untrained, cache_dir, axis, preset, shots, top_k, min_score, keep_supports,
             augmentations, lpips_net, lpips_weights, seed, batch_size).
-        The last result (FewShotSAM2Lib.pipeline.SegmentationResult) is kept in `self.lastResult`.
+        The last result (fewshotsam2.pipeline.SegmentationResult) is kept in `self.lastResult`.
         """
         prepared = self.prepare(queryVolumeNode, supports, method, outputSegmentationNode, **options)
         result = self.run(prepared, progressCallback)
@@ -674,7 +674,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         is refused with a message. With no parent transform the node's own spacing/origin/directions are used
         as they are, so the geometry round-trips exactly.
         """
-        from FewShotSAM2Lib import errors, volume
+        from fewshotsam2 import errors, volume
         imageData = volumeNode.GetImageData()
         if imageData is None or min(imageData.GetDimensions()) < 1:
             raise errors.InputError(f"The {what} '{_nodeName(volumeNode)}' has no voxels.")
@@ -863,7 +863,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     @staticmethod
     def checkpointStatus(model="tiny", version="2.1", cache_dir=None):
         """(ready, text): whether the checkpoint is in the core's cache and a line for the GUI."""
-        from FewShotSAM2Lib import checkpoints
+        from fewshotsam2 import checkpoints
 
         path = checkpoints.cached_checkpoint(model, version, cache_dir)
         key = checkpoints.checkpoint_key(model, version)
@@ -873,13 +873,13 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def downloadCheckpoint(model="tiny", version="2.1", cache_dir=None, progress=None):
-        from FewShotSAM2Lib import checkpoints
+        from fewshotsam2 import checkpoints
 
         return checkpoints.download_checkpoint(model, version, cache_dir, progress=progress)
 
     @staticmethod
     def importCheckpoint(path, model="tiny", version="2.1", cache_dir=None):
-        from FewShotSAM2Lib import checkpoints
+        from fewshotsam2 import checkpoints
 
         path = checkpoints.import_checkpoint(path, model, version, cache_dir)
         FewShotSAM2Logic.releaseModel()  # a model built from the previous file must not be reused
@@ -887,7 +887,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def clearCheckpointCache(cache_dir=None):
-        from FewShotSAM2Lib import checkpoints
+        from fewshotsam2 import checkpoints
 
         removed = checkpoints.clear_cache(cache_dir)
         FewShotSAM2Logic.releaseModel()
@@ -1421,7 +1421,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @staticmethod
     def _reportError(exc, context, excInfo=None):
         """One readable message for the user; the traceback goes to the application log."""
-        from FewShotSAM2Lib.errors import InputError
+        from fewshotsam2.errors import InputError
 
         if isinstance(exc, InputError):
             logging.warning(f"FewShotSAM2: {exc}")
@@ -1455,7 +1455,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._onRunFinished(run)
 
     def _onRunFinished(self, run):
-        from FewShotSAM2Lib.errors import Cancelled
+        from fewshotsam2.errors import Cancelled
 
         prepared, self._prepared = self._prepared, None
         try:
@@ -1535,7 +1535,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         progressDialog = slicer.util.createProgressDialog(
             windowTitle="FewShotSAM2", labelText=_("Downloading SAM2 {model}...").format(model=p.modelSize), maximum=100
         )
-        from FewShotSAM2Lib.errors import Cancelled
+        from fewshotsam2.errors import Cancelled
 
         def onProgress(done, total):
             if total > 0:

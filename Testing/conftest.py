@@ -27,7 +27,7 @@ def engine256():
     """
     import warnings
 
-    from FewShotSAM2Lib.engine import SAM2Engine
+    from fewshotsam2.engine import SAM2Engine
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -36,7 +36,7 @@ def engine256():
 
 def crop_slices(volume, k0: int, k1: int):
     """Array slices k0:k1 (the volume's last ITK axis) of a Volume, with its physical geometry kept right."""
-    from FewShotSAM2Lib.volume import Volume
+    from fewshotsam2.volume import Volume
 
     return Volume.from_sitk(volume.to_sitk()[:, :, k0:k1])
 
@@ -44,7 +44,7 @@ def crop_slices(volume, k0: int, k1: int):
 @pytest.fixture(scope="session")
 def ct_a(shared_dir):
     """(image, labels, structures) of abdomen-ct/ct-a."""
-    from FewShotSAM2Lib.volume import read_labels, read_volume
+    from fewshotsam2.volume import read_labels, read_volume
 
     folder = shared_dir / "data" / "abdomen-ct" / "ct-a"
     image = read_volume(folder / "image.nii.gz")
@@ -55,7 +55,7 @@ def ct_a(shared_dir):
 @pytest.fixture(scope="session")
 def abdomen_mr(shared_dir):
     """(image, labels, structures) of abdomen-mr."""
-    from FewShotSAM2Lib.volume import read_labels, read_volume
+    from fewshotsam2.volume import read_labels, read_volume
 
     folder = shared_dir / "data" / "abdomen-mr"
     image = read_volume(folder / "image.nii.gz")

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from FewShotSAM2Lib.backends import memory_bank, propagate, reverse
-from FewShotSAM2Lib.backends.base import QueryContext, StageClock, SupportSlice
-from FewShotSAM2Lib.engine import Memory, Prediction
-from FewShotSAM2Lib.errors import InputError
+from fewshotsam2.backends import memory_bank, propagate, reverse
+from fewshotsam2.backends.base import QueryContext, StageClock, SupportSlice
+from fewshotsam2.engine import Memory, Prediction
+from fewshotsam2.errors import InputError
 
 H = W = 12
 SUPPORT_ID = 1000  # memory identity of support j: SUPPORT_ID + j

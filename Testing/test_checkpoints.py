@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from FewShotSAM2Lib import checkpoints, engine as engine_module
-from FewShotSAM2Lib.checkpoints import (
+from fewshotsam2 import checkpoints, engine as engine_module
+from fewshotsam2.checkpoints import (
     CHECKPOINTS,
     checkpoint_info,
     clear_cache,
@@ -23,8 +23,8 @@ from FewShotSAM2Lib.checkpoints import (
     load_state_dict,
     resolve_checkpoint,
 )
-from FewShotSAM2Lib.engine import SAM2Engine, build_sam2_model
-from FewShotSAM2Lib.errors import InputError
+from fewshotsam2.engine import SAM2Engine, build_sam2_model
+from fewshotsam2.errors import InputError
 
 
 def _model(name: str, seed: int, image_size: int = 64):
@@ -209,8 +209,8 @@ def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine2
         assert torch.equal(loaded.model.state_dict()[name], p), name
 
     image, labels, _ = ct_a
-    from FewShotSAM2Lib.intensity import normalize
-    from FewShotSAM2Lib.slices import SlicePlan
+    from fewshotsam2.intensity import normalize
+    from fewshotsam2.slices import SlicePlan
 
     plan = SlicePlan.for_volume(image)
     images, masks = plan.stack(normalize(image)), plan.stack(labels.array) == 5

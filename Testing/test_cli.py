@@ -18,8 +18,8 @@ import slicerio
 import torch
 
 from conftest import REPO, crop_slices
-from FewShotSAM2Lib import cli, pipeline
-from FewShotSAM2Lib.volume import Structure, read_labels, read_volume, write_labels
+from fewshotsam2 import cli, pipeline
+from fewshotsam2.volume import Structure, read_labels, read_volume, write_labels
 
 MODEL = ["--untrained", "--image-size", "256", "--device", "cpu", "--quiet"]
 
@@ -62,8 +62,8 @@ def inputs(tmp_path_factory, shared_dir):
         sitk.WriteImage(out.to_sitk(), str(d / f"{name}.nrrd"))
         p[name] = str(d / f"{name}.nrrd")
     # a checkpoint of the wrong model: SAM2.1 small with random weights, offered for tiny
-    from FewShotSAM2Lib.checkpoints import checkpoint_info
-    from FewShotSAM2Lib.engine import build_sam2_model
+    from fewshotsam2.checkpoints import checkpoint_info
+    from fewshotsam2.engine import build_sam2_model
 
     torch.save({"model": build_sam2_model(checkpoint_info("small"), 64).state_dict()}, d / "small.pt")
     p["small_ckpt"] = str(d / "small.pt")
@@ -160,7 +160,7 @@ def test_segment_as_a_subprocess_cross_modality(inputs, tmp_path):
     out = tmp_path / "mr.seg.nrrd"
     env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"))
     proc = subprocess.run(
-        [sys.executable, "-m", "FewShotSAM2Lib.cli", "segment", "--query", inputs["query_mr"], "--support",
+        [sys.executable, "-m", "fewshotsam2.cli", "segment", "--query", inputs["query_mr"], "--support",
          inputs["support_image"], inputs["support_labels"], "--labels", "1", "--out", str(out),
          "--method", "propagate", *MODEL],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

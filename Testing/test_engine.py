@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import crop_slices
-from FewShotSAM2Lib.engine import Memory, SAM2Engine
-from FewShotSAM2Lib.intensity import normalize
-from FewShotSAM2Lib.pipeline import SegmentOptions, SupportCase, segment
-from FewShotSAM2Lib.slices import SlicePlan
-from FewShotSAM2Lib.support import select_support_slices
+from fewshotsam2.engine import Memory, SAM2Engine
+from fewshotsam2.intensity import normalize
+from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.slices import SlicePlan
+from fewshotsam2.support import select_support_slices
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_untrained_engines_are_reproducible(engine256, ct_slices):
 
 
 def test_untrained_warns_and_excludes_a_checkpoint(tmp_path):
-    from FewShotSAM2Lib.errors import InputError
+    from fewshotsam2.errors import InputError
 
     with pytest.raises(InputError, match="exclude"):
         SAM2Engine("tiny", image_size=64, device="cpu", untrained=True, checkpoint=str(tmp_path / "x.pt"))

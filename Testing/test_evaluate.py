@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from FewShotSAM2Lib import evaluate as E
-from FewShotSAM2Lib import metrics as M
-from FewShotSAM2Lib import pipeline
-from FewShotSAM2Lib.errors import InputError
-from FewShotSAM2Lib.volume import Structure, Volume
+from fewshotsam2.research import evaluate as E
+from fewshotsam2.research import metrics as M
+from fewshotsam2 import pipeline
+from fewshotsam2.errors import InputError
+from fewshotsam2.volume import Structure, Volume
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -61,7 +61,7 @@ def fake_segment_factory(calls, fail_on_call=None):
             raise KeyboardInterrupt
         if progress:
             progress("fake", 1, 1)
-        from FewShotSAM2Lib.slices import SlicePlan
+        from fewshotsam2.slices import SlicePlan
 
         plan = SlicePlan.for_volume(query, options.axis)
         axis = plan.array_axis
@@ -368,7 +368,7 @@ def test_end_to_end_random_weights(tmp_path, shared_dir):
 
 
 def test_crop_slices_keeps_physical_positions():
-    from FewShotSAM2Lib.bench import crop_slices
+    from fewshotsam2.research.bench import crop_slices
 
     direction = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
     vol = Volume(np.arange(10 * 4 * 5).reshape(10, 4, 5), (0.7, 1.1, 3.0), (5.0, -2.0, 40.0), direction)
@@ -389,7 +389,7 @@ def test_crop_slices_keeps_physical_positions():
 
 
 def bench_args(extra):
-    from FewShotSAM2Lib import bench
+    from fewshotsam2.research import bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -420,7 +420,7 @@ def test_bench_markdown_with_fake_segment(monkeypatch, tmp_path, synthetic_cases
 
 
 def test_bench_matching_mode_calls_run_matching_benchmark(monkeypatch, tmp_path):
-    import FewShotSAM2Lib.bench_lpips as bl
+    import fewshotsam2.research.bench_lpips as bl
 
     seen = {}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from FewShotSAM2Lib.errors import InputError
-from FewShotSAM2Lib.intensity import CT_WINDOWS, PRESET_NAMES, PRESETS, choose_preset, normalize
-from FewShotSAM2Lib.volume import Volume, read_volume
+from fewshotsam2.errors import InputError
+from fewshotsam2.intensity import CT_WINDOWS, PRESET_NAMES, PRESETS, choose_preset, normalize
+from fewshotsam2.volume import Volume, read_volume
 
 CT = ["abdomen-ct/ct-a/image.nii.gz", "abdomen-ct/ct-b/dicom", "spleen-ct/image.nii.gz"]
 MR = ["abdomen-mr/image.nii.gz", "brain-mr/ibsr-01/image.nii.gz", "brain-mr/ibsr-05/image.nii.gz"]

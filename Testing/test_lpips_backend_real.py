@@ -9,10 +9,10 @@ import warnings
 import numpy as np
 import pytest
 
-from FewShotSAM2Lib.augment import augment_support
-from FewShotSAM2Lib.intensity import normalize
-from FewShotSAM2Lib.pipeline import SegmentOptions, SupportCase, segment
-from FewShotSAM2Lib.slices import SlicePlan
+from fewshotsam2.augment import augment_support
+from fewshotsam2.intensity import normalize
+from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.slices import SlicePlan
 
 
 def test_lpips_backend_ct_a_to_abdomen_mr(engine256, ct_a, abdomen_mr, shared_dir):

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from FewShotSAM2Lib.augment import augment_support
-from FewShotSAM2Lib.intensity import normalize
-from FewShotSAM2Lib.lpips_distance import LPIPSDistance, body_box, resample_to_fov
-from FewShotSAM2Lib.slices import SlicePlan
-from FewShotSAM2Lib.volume import read_labels, read_volume
+from fewshotsam2.augment import augment_support
+from fewshotsam2.intensity import normalize
+from fewshotsam2.lpips_distance import LPIPSDistance, body_box, resample_to_fov
+from fewshotsam2.slices import SlicePlan
+from fewshotsam2.volume import read_labels, read_volume
 
 
 def _load(data: Path, image: str, labels: str) -> tuple[np.ndarray, np.ndarray, SlicePlan]:

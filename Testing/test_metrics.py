@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from FewShotSAM2Lib import metrics as M
+from fewshotsam2.research import metrics as M
 
 
 # ------------------------------------------------------------------ independent reference implementations

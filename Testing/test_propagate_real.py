@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from FewShotSAM2Lib.pipeline import SegmentOptions, SupportCase, segment
-from FewShotSAM2Lib.slices import SlicePlan
+from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.slices import SlicePlan
 
 
 def test_propagate_two_structures_ct_to_mr(engine256, ct_a, abdomen_mr):

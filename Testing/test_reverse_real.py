@@ -10,10 +10,10 @@ import warnings
 import numpy as np
 import pytest
 
-from FewShotSAM2Lib.engine import SAM2Engine
-from FewShotSAM2Lib.pipeline import SegmentOptions, SupportCase, segment, write_scores
-from FewShotSAM2Lib.slices import SlicePlan
-from FewShotSAM2Lib.volume import read_labels, read_volume
+from fewshotsam2.engine import SAM2Engine
+from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment, write_scores
+from fewshotsam2.slices import SlicePlan
+from fewshotsam2.volume import read_labels, read_volume
 
 
 def _support_slices(case: SupportCase, values) -> set:

@@ -135,7 +135,7 @@ def test_choice_defaults_are_valid(module):
 
 
 def test_gui_choices_match_the_core(module):
-    from FewShotSAM2Lib import checkpoints, intensity, lpips_distance, pipeline, slices
+    from fewshotsam2 import checkpoints, intensity, lpips_distance, pipeline, slices
 
     assert set(module.METHODS) == set(pipeline.METHODS)
     assert tuple(module.MODEL_SIZES) == tuple(checkpoints.MODELS)

@@ -17,9 +17,9 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 import FewShotSAM2 as module  # noqa: E402
-from FewShotSAM2Lib import pipeline  # noqa: E402
-from FewShotSAM2Lib.errors import Cancelled, InputError  # noqa: E402
-from FewShotSAM2Lib.volume import Structure, Volume, read_volume  # noqa: E402
+from fewshotsam2 import pipeline  # noqa: E402
+from fewshotsam2.errors import Cancelled, InputError  # noqa: E402
+from fewshotsam2.volume import Structure, Volume, read_volume  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS")
 
@@ -701,8 +701,8 @@ def test_model_cache_status_import_and_clear(tmp_path, monkeypatch):
     """The GUI's model box: status line, Import file... (validated by the core), Clear cache."""
     import torch
 
-    from FewShotSAM2Lib import checkpoints
-    from FewShotSAM2Lib.engine import build_sam2_model
+    from fewshotsam2 import checkpoints
+    from fewshotsam2.engine import build_sam2_model
 
     cache = tmp_path / "cache"
     monkeypatch.setenv(checkpoints.CACHE_ENV, str(cache))

@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from FewShotSAM2Lib.errors import InputError
-from FewShotSAM2Lib.slices import AXES, SlicePlan
-from FewShotSAM2Lib.volume import Volume, read_labels, read_volume
+from fewshotsam2.errors import InputError
+from fewshotsam2.slices import AXES, SlicePlan
+from fewshotsam2.volume import Volume, read_labels, read_volume
 
 IMAGES = [
     "abdomen-ct/ct-a/image.nii.gz",

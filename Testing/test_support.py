@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from FewShotSAM2Lib.errors import InputError
-from FewShotSAM2Lib.slices import SlicePlan
-from FewShotSAM2Lib.support import extent_chunks, labeled_slices, select_support_slices
-from FewShotSAM2Lib.volume import read_labels, read_volume
+from fewshotsam2.errors import InputError
+from fewshotsam2.slices import SlicePlan
+from fewshotsam2.support import extent_chunks, labeled_slices, select_support_slices
+from fewshotsam2.volume import read_labels, read_volume
 
 
 def stack_with(slices_with_value, n=20, value=5) -> np.ndarray:

@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from FewShotSAM2Lib import volume as volume_module
-from FewShotSAM2Lib.errors import InputError
-from FewShotSAM2Lib.volume import (
+from fewshotsam2 import volume as volume_module
+from fewshotsam2.errors import InputError
+from fewshotsam2.volume import (
     Structure,
     Volume,
     check_output_path,

@@ -1,3 +1,4 @@
-"""FewShotSAM2 core: few-shot 3D segmentation with SAM2, without Slicer, Qt or VTK."""
+"""Slicer-side helpers of the FewShotSAM2 module: MRML conversion, the segmentation process runner, dependency set-up.
 
-__version__ = "0.1.0"
+The computation itself lives in the core package `fewshotsam2`, which imports no slicer, qt or vtk.
+"""

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("evaluate", "Dice / HD95 tables and plots over labeled cases"),
                             ("bench", "time each stage of each method on one query")):
         try:
-            module = __import__(f"{__package__}.{name}", fromlist=["add_arguments", "run"])
+            module = __import__(f"{__package__}.research.{name}", fromlist=["add_arguments", "run"])
         except ImportError:
             continue
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])

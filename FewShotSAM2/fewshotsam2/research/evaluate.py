@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import metrics as M
-from .errors import Cancelled, InputError
+from ..errors import Cancelled, InputError
 
 PROTOCOLS = ("cross-subject", "within-volume")
 METHOD_NAMES = ("propagate", "reverse", "lpips")  # same as pipeline.METHODS; kept here to import pipeline lazily
@@ -192,9 +192,9 @@ def within_volume_support(image, labels, values: Sequence[int], shots: int, axis
     Slices are chosen in the canonical stack exactly as the core chooses support slices, so the core,
     given this support, selects the same slices again.
     """
-    from .pipeline import SupportCase
-    from .slices import SlicePlan
-    from .support import select_support_slices
+    from ..pipeline import SupportCase
+    from ..slices import SlicePlan
+    from ..support import select_support_slices
 
     plan = SlicePlan.for_volume(labels, axis)
     stack = plan.stack(labels.array)
@@ -213,7 +213,7 @@ def within_volume_support(image, labels, values: Sequence[int], shots: int, axis
 
 def parse_structures(spec: Optional[str], available: Sequence) -> list:
     """`--structures` "1,5" or "spleen=1,liver=5" -> Structures; None = every value of the first case."""
-    from .volume import Structure, default_structure
+    from ..volume import Structure, default_structure
 
     if not spec:
         return list(available)
@@ -526,7 +526,7 @@ def _rel_position(stack_index: int, first: int, last: int) -> float:
 
 
 def _stack_extent(plan, labels_array: np.ndarray, value: int) -> tuple[int, int]:
-    from .support import labeled_slices
+    from ..support import labeled_slices
 
     present = labeled_slices(plan.stack(labels_array), value)
     return (int(present[0]), int(present[-1])) if present.size else (0, -1)
@@ -578,7 +578,7 @@ class _Evaluator:
         self.load = functools.lru_cache(maxsize=3)(self._load)  # query + support (+1) stay in memory
 
     def _load(self, name: str):
-        from .volume import read_labels, read_volume
+        from ..volume import read_labels, read_volume
 
         c = self.by_name[name]
         image = read_volume(c.image)
@@ -586,7 +586,7 @@ class _Evaluator:
         return image, labels, structures
 
     def options(self, method: str):
-        from .pipeline import SegmentOptions
+        from ..pipeline import SegmentOptions
 
         fields = SegmentOptions.__dataclass_fields__
         kw = {k: v for k, v in self.cfg.options.items() if k in fields}
@@ -596,7 +596,7 @@ class _Evaluator:
     def build_engine(self, method: str):
         # built once: every case and method reuses the model (the engine resets its frame cache per run)
         if self.engine is None:
-            from .pipeline import make_engine
+            from ..pipeline import make_engine
 
             self.engine = make_engine(self.options(method))
         return self.engine
@@ -606,8 +606,8 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
     """Run the whole evaluation (see the module docstring); returns where everything was written."""
     from tqdm import tqdm
 
-    from .pipeline import SupportCase, segment
-    from .slices import SlicePlan
+    from ..pipeline import SupportCase, segment
+    from ..slices import SlicePlan
 
     if cfg.protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{cfg.protocol}'; choose {' or '.join(PROTOCOLS)}")
@@ -625,7 +625,7 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
             raise InputError("--support applies to the cross-subject protocol only")
         pairs = [(n, "self") for n in names]
 
-    from .pipeline import validate_options
+    from ..pipeline import validate_options
 
     for m in methods:  # bad options fail here, before anything is written or the model is built
         validate_options(ev.options(m))
@@ -831,7 +831,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the results in the output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from .cli import add_method_arguments, add_model_arguments  # the options `segment` has, same names
+    from ..cli import add_method_arguments, add_model_arguments  # the options `segment` has, same names
 
     add_model_arguments(parser)
     add_method_arguments(parser)

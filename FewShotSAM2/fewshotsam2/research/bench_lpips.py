@@ -1,6 +1,6 @@
 """Benchmark: batched LPIPS matching (features once per image + matmuls) vs one lpips.LPIPS call per pair.
 
-    python -m FewShotSAM2Lib.bench_lpips [--support 50] [--query 100] [--size 224] [--net alex] [--weights PATH]
+    python -m fewshotsam2.research.bench_lpips [--support 50] [--query 100] [--size 224] [--net alex] [--weights PATH]
 
 prints a Markdown table. The naive run calls `lpips.LPIPS(a, b)` (the same module, same weights, same inputs)
 for every (query, support) pair; when that would take longer than `max_naive_seconds`, it times the pairs done
@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .lpips_distance import LPIPSDistance
+from ..lpips_distance import LPIPSDistance
 
 
 def _images(n: int, size: int, seed: int) -> torch.Tensor:

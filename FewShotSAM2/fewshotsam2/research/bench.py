@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 UNTRAINED_BANNER = "UNTRAINED: SAM2 ran with random weights (--untrained); these numbers mean nothing"
 METHOD_NAMES = ("propagate", "reverse", "lpips")
@@ -63,7 +63,7 @@ def _rss_peak_mib() -> float:
 def crop_slices(volume, labels, axis: int, max_slices: int, value: Optional[int] = None):
     """The `max_slices` slices along array `axis` centred on the labeled extent of `value` (or the middle),
     as new Volumes whose origin moves so every kept voxel stays where it was in physical space."""
-    from .volume import Volume
+    from ..volume import Volume
 
     n = volume.array.shape[axis]
     if max_slices <= 0 or max_slices >= n:
@@ -89,7 +89,7 @@ def crop_slices(volume, labels, axis: int, max_slices: int, value: Optional[int]
 def _load_case(path: str, labels_path: Optional[str]):
     """(image, labels or None): a case folder (image.* / dicom/ + labels.*) or an image file (+ labels file)."""
     from .evaluate import find_case
-    from .volume import read_labels, read_volume
+    from ..volume import read_labels, read_volume
 
     p = Path(path)
     if p.is_dir():
@@ -104,9 +104,9 @@ def _load_case(path: str, labels_path: Optional[str]):
 
 def bench_method(method: str, cfg: dict, engine=None) -> dict:
     """Load, segment and write once with `method`; returns stage seconds, encoder calls and memory peaks."""
-    from .pipeline import SupportCase, segment
-    from .slices import SlicePlan
-    from .volume import default_structure, write_labels
+    from ..pipeline import SupportCase, segment
+    from ..slices import SlicePlan
+    from ..volume import default_structure, write_labels
 
     options = cfg["options_factory"](method)
     trace = cfg.get("tracemalloc", True)
@@ -171,7 +171,7 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
 
 def _isolated_job(method: str, cfg: dict, engine_options: dict) -> dict:
     """Child-process entry for --isolate: its own model, so its RSS peak is this method's alone."""
-    from .pipeline import SegmentOptions, make_engine
+    from ..pipeline import SegmentOptions, make_engine
 
     warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
     cfg = dict(cfg, options_factory=lambda m: SegmentOptions(**dict(engine_options, method=m)))
@@ -276,7 +276,7 @@ def run_matching(args: argparse.Namespace) -> int:
     try:
         from .bench_lpips import run_matching_benchmark
     except ImportError as e:
-        raise InputError(f"--matching needs FewShotSAM2Lib.bench_lpips ({e})") from None
+        raise InputError(f"--matching needs fewshotsam2.research.bench_lpips ({e})") from None
     kw = dict(n_support=args.n_support, n_query=args.n_query, size=args.matching_size, net=args.lpips_net,
               weights=args.lpips_weights)
     if "device" in inspect.signature(run_matching_benchmark).parameters and args.device != "auto":
@@ -308,9 +308,9 @@ def run(args: argparse.Namespace) -> int:
         return run_matching(args)
     if not args.query:
         raise InputError("bench needs --query (a case folder or an image file), or --matching")
-    from . import cli
+    from .. import cli
     from .evaluate import parse_methods
-    from .pipeline import SegmentOptions, make_engine, validate_options
+    from ..pipeline import SegmentOptions, make_engine, validate_options
 
     methods = parse_methods(args.methods)
     if args.repeat < 1:
@@ -382,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_method_arguments, add_model_arguments
+    from ..cli import add_method_arguments, add_model_arguments
 
     parser.description = ("Time each stage of each method on one query (and support): wall time, encoder calls, "
                           "peak memory, ratio to propagate. Markdown output. See docs/evaluation.md.")

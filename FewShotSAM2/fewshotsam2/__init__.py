@@ -1,0 +1,54 @@
+"""FewShotSAM2: few-shot 3D medical image segmentation with SAM2 and no training.
+
+The core of the FewShotSAM2 3D Slicer extension; it imports no slicer, qt or vtk. Typical use::
+
+    import fewshotsam2 as fs
+
+    query = fs.read_volume("query.nii.gz")
+    image = fs.read_volume("support.nii.gz")
+    labels, structures = fs.read_labels("support_labels.nii.gz", image)
+    result = fs.segment(query, [fs.SupportCase(image, labels)], structures=[structures[0]],
+                        options=fs.SegmentOptions(method="reverse"))
+    fs.write_labels("out.seg.nrrd", result.labels, result.structures)
+
+Names are imported on first use (PEP 562), so `import fewshotsam2` and the command line's `--help` stay fast: torch
+is imported only when work starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "segment": "pipeline",
+    "SegmentOptions": "pipeline",
+    "SegmentationResult": "pipeline",
+    "SliceScore": "pipeline",
+    "SupportCase": "pipeline",
+    "Volume": "volume",
+    "Structure": "volume",
+    "read_volume": "volume",
+    "read_labels": "volume",
+    "write_labels": "volume",
+    "InputError": "errors",
+    "Cancelled": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fewshotsam2' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
