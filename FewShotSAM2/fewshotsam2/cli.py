@@ -242,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _segment_parser(sub)
+    from . import sample_data
+
+    p = sub.add_parser("sample-data", help=sample_data.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample_data.add_arguments(p)
+    p.set_defaults(func=sample_data.run)
     for name, help_text in (("evaluate", "Dice / HD95 tables and plots over labeled cases"),
                             ("bench", "time each stage of each method on one query")):
         try:
