@@ -139,7 +139,7 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
 
     structures = [default_structure(v) for v in values]
     t1 = time.perf_counter()
-    result = segment(query, [SupportCase(s_image, s_labels, "support")], structures, options, engine=engine)
+    result = segment(query, [SupportCase(s_image, s_labels, "support")], structures, options, progress=None, engine=engine)
     seg_seconds = time.perf_counter() - t1
 
     t2 = time.perf_counter()
