@@ -102,3 +102,18 @@ def test_progress_bar_starts_at_zero_with_honest_rates():
     rates = [float(r) for r in shown if r != "?"]
     assert len(rates) == 2 and max(rates) < 100, text  # 8 slices in >= 0.2 s, 4 in >= 0.2 s: never ~1e6 slice/s
     assert "liver: Forward prediction:   0%" in text  # a new stage's bar also appears at 0 first
+
+
+def test_scores_csv_gets_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    from fewshotsam2.pipeline import write_scores
+
+    old = os.umask(0o022)
+    try:
+        write_scores(str(tmp_path / "scores.csv"), [])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "scores.csv").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "scores.csv").read_text().startswith("structure,")

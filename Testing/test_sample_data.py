@@ -95,7 +95,9 @@ def test_download_verifies_caches_and_reuses(server, tmp_path, monkeypatch):
     lines = []
     assert sd.locate(dest, files=files, report=lines.append) == dest
     assert (dest / "x/a.bin").read_bytes() == a and (dest / "y/z/b.bin").read_bytes() == b
-    assert stat.S_IMODE((dest / "x/a.bin").stat().st_mode) == 0o644
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((dest / "x/a.bin").stat().st_mode) == 0o666 & ~umask  # 0644 with the usual umask
     assert any("downloading 2" in line for line in lines)
     assert not list(dest.rglob("*.part"))
     # cached: with the server's files gone nothing is downloaded again and nothing is reported

@@ -246,6 +246,9 @@ def write_scores(path: str, scores: list[SliceScore]) -> None:
             for s in scores:
                 w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.selected),
                             s.matched_support, s.matched_slice if s.matched_slice >= 0 else ""])
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the mode every other output gets (0644 usually)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -158,7 +158,9 @@ def download_file(item: SampleFile, root: Path, timeout: float = 60) -> Path:
             raise SampleDataUnavailable(
                 f"{item.url} did not give the expected {item.name} file (SHA256 {digest.hexdigest()}, expected "
                 f"{item.sha256}); nothing was kept. If you use a mirror (${URL_ENV}), check it")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are for everyone who can read the folder
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a data file gets the mode of any other new file
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
