@@ -4,23 +4,19 @@ clone without ../shared and with an empty home folder gets that message and skip
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import os
 import shutil
 import socket
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from fewshotsam2 import sample_data as sd
-
-REPO = Path(__file__).resolve().parents[1]
+from fresh_clone import make_fresh_clone, mirror_sample_data, serve_folder
 
 
 @pytest.fixture
@@ -28,20 +24,8 @@ def server(tmp_path):
     """(folder served, base URL): a real HTTP server on 127.0.0.1, stopped after the test."""
     root = tmp_path / "served"
     root.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
+    with serve_folder(root) as url:
+        yield root, url
 
 
 def _closed_port() -> int:
@@ -142,29 +126,11 @@ def test_check_only_never_downloads(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ a fresh clone
 
 
-def _fresh_clone(tmp_path: Path) -> tuple[Path, dict]:
-    """A copy of the code in a folder with no ../shared beside it, and an environment with an empty HOME."""
-    clone = tmp_path / "clone"
-    shutil.copytree(REPO / "FewShotSAM2", clone / "FewShotSAM2",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (clone / "Testing").mkdir(parents=True)
-    shutil.copy(REPO / "Testing" / "conftest.py", clone / "Testing")
-    shutil.copy(REPO / "pyproject.toml", clone)
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", sd.DATA_ENV, sd.URL_ENV, "PYTHONPATH")}
-    env.update(HOME=str(home), PYTHONPATH=str(clone / "FewShotSAM2"), OMP_NUM_THREADS="1")
-    assert not (clone.parent / "shared").exists()
-    return clone, env
-
-
 @pytest.mark.slow
 def test_fresh_clone_fetches_from_a_mirror_and_refuses_a_corrupt_one(server, tmp_path, shared_dir):
-    clone, env = _fresh_clone(tmp_path)
+    clone, env = make_fresh_clone(tmp_path)
     served, url = server
-    for f in sd.DEMO_FILES:  # a mirror of the pinned commit's files, laid out as in the source repository
-        (served / f.filename).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shared_dir / "data" / f.path, served / f.filename)
+    mirror_sample_data(shared_dir / "data", served)  # the pinned commit's files, laid out as in its repository
     cmd = [sys.executable, "-m", "fewshotsam2.cli", "sample-data"]
     cache = Path(env["HOME"]) / ".cache" / "fewshotsam2" / "sample-data"
 
@@ -193,7 +159,7 @@ def test_fresh_clone_fetches_from_a_mirror_and_refuses_a_corrupt_one(server, tmp
 
 @pytest.mark.slow
 def test_fresh_clone_skips_real_data_tests_once_with_the_reason(tmp_path):
-    clone, env = _fresh_clone(tmp_path)
+    clone, env = make_fresh_clone(tmp_path)
     (clone / "Testing" / "test_needs_data.py").write_text(
         "import pytest\n"
         "@pytest.mark.parametrize('i', range(5))\n"

@@ -30,9 +30,11 @@ extra=()
 if [ "$untrained" = 1 ] && [ "$sized" = 0 ]; then
   extra=(--image-size 128 --device cpu)  # random weights: the smallest honest run of the whole chain
 fi
-if [ "$untrained" = 1 ]; then
-  echo "demo: offline form, RANDOM weights at ${extra[1]:-the size you gave}: checks the whole chain in about a" \
-       "minute on a 2-core CPU; the masks mean nothing" >&2
+if [ "$untrained" = 1 ] && [ "$sized" = 0 ]; then
+  echo "demo: offline form, RANDOM weights at 128 px on the CPU: checks the whole chain in about a minute on a" \
+       "2-core CPU (2-3 minutes when the machine is busy); the masks mean nothing" >&2
+elif [ "$untrained" = 1 ]; then
+  echo "demo: offline form, RANDOM weights at the image size / device you gave; the masks mean nothing" >&2
 else
   echo "demo: SAM2.1 tiny checkpoint at 1024 px: under a minute on a GPU, about 5-10 minutes on a 2-core CPU" \
        "(first use downloads ~150 MB; offline: scripts/demo.sh --untrained)" >&2

@@ -52,7 +52,7 @@ else
     *) size="about 1.5-2 GB";;
   esac
   say "building a Python environment in $venv with $("$py" --version 2>&1):"
-  say "  torch 2.14.1 + torchvision 0.29.1${torch_index:+ (from $torch_index)}, sam2 1.1.0 (without its CUDA extension),"
+  say "  torch 2.14.1 + torchvision 0.29.1${torch_index:+ (from $torch_index)}, sam2 1.1.0 (SHA256-pinned, no CUDA extension),"
   say "  lpips 0.1.4, SimpleITK, slicerio, slicer-core, hydra-core, iopath, scipy, matplotlib, pytest, then this checkout"
   say "  disk: $size; time: about 5-10 minutes on a fast connection (mostly the torch download)"
   say "  afterwards, activate it with: source $venv/bin/activate   (fewshotsam2 is not on PATH until then)"
@@ -73,7 +73,11 @@ else
   # torch and torchvision must be a matched pair
   "${pip[@]}" ${torch_index:+--index-url "$torch_index"} torch==2.14.1 torchvision==0.29.1 >&2
   say "3/4 sam2 (its setup would build a CUDA extension against GBs of CUDA packages: skipped, its needs installed here)"
-  SAM2_BUILD_CUDA=0 "${pip[@]}" --no-build-isolation --no-deps sam2==1.1.0 >&2
+  # sam2's setup would build its CUDA extension against GBs of CUDA packages: skip it, install its needs ourselves.
+  # sam2 1.1.0 on PyPI is a third-party upload whose sam2/ is byte-identical to facebookresearch/sam2 at 2b90b9f:
+  # pinned by the sdist's SHA256 (pip refuses any other file)
+  SAM2_BUILD_CUDA=0 "${pip[@]}" --no-build-isolation --no-deps --require-hashes \
+      -r <(echo "sam2==1.1.0 --hash=sha256:7e0ea252d43c10d853e3acfce0b5770ac683c30481bd6de311300e9d44f45b74") >&2
   say "4/4 lpips, SimpleITK, slicer-core and the rest"
   "${pip[@]}" "hydra-core>=1.3.2" "iopath>=0.1.10" pillow tqdm lpips==0.1.4 SimpleITK slicerio \
       "slicer-core==5.13.31053.0" pytest matplotlib scipy >&2
