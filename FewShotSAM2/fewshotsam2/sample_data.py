@@ -196,7 +196,8 @@ def fetch(root: Path, files: Sequence[SampleFile] = DEMO_FILES,
         size = sum(f.size for f in todo) / 1e6
         report(f"downloading {len(todo)} sample file(s), {size:.1f} MB, from {todo[0].url.rsplit('/', 1)[0]} "
                f"into {root}")
-    created = [p for p in {root / Path(f.path).parent for f in todo} for p in (p, *p.parents) if not p.exists()]
+    folders = {root / Path(f.path).parent for f in todo}
+    created = {p for folder in folders for p in (folder, *folder.parents) if not p.exists()}  # removed on failure
     try:
         for i, item in enumerate(todo):
             try:
@@ -209,7 +210,7 @@ def fetch(root: Path, files: Sequence[SampleFile] = DEMO_FILES,
                 report(f"  {i + 1}/{len(todo)} verified")
     except BaseException:
         # leave no empty folders behind: only those this call made, deepest first, and only when still empty
-        for folder in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
+        for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
             try:
                 folder.rmdir()
             except OSError:
