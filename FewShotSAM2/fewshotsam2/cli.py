@@ -161,8 +161,14 @@ def run_segment(args: argparse.Namespace) -> int:
     from .pipeline import SupportCase, segment, validate_options, make_engine, write_scores
     from .volume import check_output_path, read_labels, read_volume, write_labels
 
+    from .paths import refuse_overwriting_inputs
+
     options = options_from_args(args)
     validate_options(options)
+    # both outputs are checked before any work: never replace an input, never fail after the run
+    refuse_overwriting_inputs([("--out", args.out), ("--scores", args.scores)],
+                              [args.query, *(p for pair in args.support for p in pair), args.checkpoint,
+                               args.lpips_weights])
     check_output_path(args.out)
     if args.scores:
         check_output_dir(args.scores, ".csv")

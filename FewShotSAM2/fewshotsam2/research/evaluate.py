@@ -616,6 +616,13 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
     if int(cfg.shots) < 1:
         raise InputError(f"--shots must be >= 1, got {cfg.shots}")
     methods = parse_methods(",".join(cfg.methods))
+    from ..paths import refuse_overwriting_inputs
+
+    out_folder = Path(cfg.output)
+    refuse_overwriting_inputs([(f"-o {out_folder}/{name}", out_folder / name) for name in OUR_FILES],
+                              [*(p for c in cfg.cases for p in (c.image, c.labels, Path(c.labels).parent)),
+                               cfg.options.get("checkpoint"), cfg.options.get("lpips_weights")],
+                              output_folders=[("-o", out_folder)])
     ev = _Evaluator(cfg, engine)
     names = [c.name for c in cfg.cases]
     if cfg.protocol == "cross-subject":
