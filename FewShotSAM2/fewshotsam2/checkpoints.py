@@ -118,8 +118,7 @@ def download_checkpoint(
     target = folder / info.filename
     if target.is_file():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=folder)
+    fd, tmp_name = _cache_temp_file(folder, info.filename)
     tmp = Path(tmp_name)
     bar = None
     try:
@@ -156,6 +155,19 @@ def download_checkpoint(
         if bar is not None:
             bar.close()
     return target
+
+
+def _cache_temp_file(folder: Path, filename: str) -> tuple[int, str]:
+    """A temporary file in the cache folder (created if needed); a folder that cannot be used is one clear error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=folder)
+    except OSError as exc:
+        why = ("is a file, not a folder" if folder.exists() and not folder.is_dir()
+               else "lies under a file" if isinstance(exc, (FileExistsError, NotADirectoryError))
+               else "is not writable" if isinstance(exc, PermissionError) else (exc.strerror or str(exc)))
+        raise InputError(f"checkpoint cache {folder} {why}; choose another folder with --cache-dir or ${CACHE_ENV}, "
+                         "or pass --checkpoint PATH") from None
 
 
 def resolve_checkpoint(
@@ -215,8 +227,7 @@ def import_checkpoint(
     net = build_sam2_model(info, image_size=1024, device="cpu")
     load_state_dict(net, src, info.key)
     folder = _cache(cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=folder)
+    fd, tmp_name = _cache_temp_file(folder, info.filename)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp_name)

@@ -6,14 +6,18 @@ Bad input prints one line on stderr, exits with code 2 and writes nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .checkpoints import CACHE_ENV, MODELS, VERSIONS
 from .errors import Cancelled, InputError
+from .label_selection import SYNTAX_HELP as _LABELS_HELP
+from .label_selection import parse_label_selection, resolve_structures  # noqa: F401  (public: used by others)
 
 EXIT_BAD_INPUT = 2
 
@@ -103,31 +107,6 @@ def options_from_args(args: argparse.Namespace, method: Optional[str] = None):
     )
 
 
-def parse_label_selection(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise InputError("--labels is empty: give label values (e.g. 1,5) or segment names")
-    return items
-
-
-def resolve_structures(wanted: list[str], available: list, support_name: str) -> list:
-    """Pick structures by label value, or by segment name (for .seg.nrrd supports)."""
-    by_value = {s.value: s for s in available}
-    by_name = {s.name.lower(): s for s in available}
-    chosen = []
-    for item in wanted:
-        if item.lstrip("-").isdigit():
-            s = by_value.get(int(item))
-        else:
-            s = by_name.get(item.lower())
-        if s is None:
-            have = ", ".join(f"{s.value} ({s.name})" for s in available) or "none"
-            raise InputError(f"label '{item}' is absent from the support labels {support_name} (present: {have})")
-        if s not in chosen:
-            chosen.append(s)
-    return chosen
-
-
 def _segment_parser(sub) -> None:
     from .pipeline import METHODS
 
@@ -143,7 +122,8 @@ def _segment_parser(sub) -> None:
                    help="a labeled support: image (file or DICOM folder) and its labels (label map or .seg.nrrd, "
                         "aligned to the image by physical geometry); repeat for several supports")
     p.add_argument("--labels", required=True, metavar="L1,L2",
-                   help="structures to segment: label values (1,5) or, for .seg.nrrd, segment names")
+                   help="structures to segment: " + _LABELS_HELP.replace("%", "%%")
+                        + "; a digit-only name that is also another segment's value is refused as ambiguous")
     p.add_argument("--out", required=True, metavar="OUT",
                    help="output label map: .nii.gz, .nii, .nrrd or .seg.nrrd (segment names and colours)")
     p.add_argument("--method", default="reverse", choices=METHODS,
@@ -158,10 +138,9 @@ def _segment_parser(sub) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .pipeline import SupportCase, segment, validate_options, make_engine, write_scores
-    from .volume import check_output_path, read_labels, read_volume, write_labels
-
     from .paths import refuse_overwriting_inputs
+    from .pipeline import SupportCase, check_query, segment, validate_options, make_engine, write_scores
+    from .volume import check_output_path, output_structures, read_labels, read_volume, structure_mask, write_labels
 
     options = options_from_args(args)
     validate_options(options)
@@ -171,8 +150,12 @@ def run_segment(args: argparse.Namespace) -> int:
                                args.lpips_weights])
     check_output_path(args.out)
     if args.scores:
+        if options.method == "propagate":
+            raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
+                             "leave --scores out or choose another method")
         check_output_dir(args.scores, ".csv")
     query = read_volume(args.query)
+    check_query(query)
     supports = []
     structures = None
     wanted = parse_label_selection(args.labels)
@@ -181,15 +164,23 @@ def run_segment(args: argparse.Namespace) -> int:
         labels, available = read_labels(labels_path, image)
         chosen = resolve_structures(wanted, available, labels_path)
         if structures is None:
-            structures = chosen  # the first support names and colours the structures
-        for s in chosen:
-            if not (labels.array == s.value).any():
+            structures = output_structures(chosen, labels_path)  # the first support names and colours them
+        # each support's own segment (its layer and label value) is the mask of the output structure
+        masks = {}
+        for out_structure, s in zip(structures, chosen):
+            masks[out_structure.value] = structure_mask(labels, s)
+            if not masks[out_structure.value].any():
                 raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
-        supports.append(SupportCase(image, labels, name=Path(labels_path).name))
+        supports.append(SupportCase(image, labels, name=Path(labels_path).name, masks=masks))
+    if options.method == "lpips":
+        from .backends.lpips_matching import _matcher
+
+        _matcher(None, options)  # loads (and checks) the LPIPS weights now, not after every slice is encoded
     engine = make_engine(options)  # after the inputs are known good: building SAM2 takes seconds
     bar = None if args.quiet else _ProgressBar()
     try:
-        result = segment(query, supports, structures, options, progress=bar, engine=engine)
+        with out_of_memory_as_input_error(options):
+            result = segment(query, supports, structures, options, progress=bar, engine=engine)
     finally:
         if bar is not None:
             bar.close()
@@ -202,16 +193,39 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def check_output_dir(path: str, suffix: str) -> None:
+    import os
+
+    from .volume import check_name_length
+
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{path}: is a folder; give a {suffix} file name")
     if p.suffix.lower() != suffix:
         raise InputError(f"{path}: expected a {suffix} file name")
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"cannot write {path}: folder {folder} does not exist")
-    import os
-
     if not os.access(folder, os.W_OK):
         raise InputError(f"cannot write {path}: folder {folder} is not writable")
+    check_name_length(p)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_input_error(options) -> Iterator[None]:
+    """Running out of memory (GPU or CPU) ends with one message naming what to change; nothing is written."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) and "CUDA" in str(exc) else "memory"
+        exc = None  # drop the frames holding the big tensors before freeing the cache
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise InputError(
+            f"out of {where} while segmenting (--image-size {options.image_size}, --batch-size {options.batch_size}, "
+            f"--device {options.device}); try a smaller --image-size or --batch-size, a --slice-range of the query, "
+            "or --device cpu; nothing was written") from None
 
 
 class _ProgressBar:
@@ -260,12 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: every temporary file is removed on the way out (see `main`)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     # warnings are for people: one line each, no source lines
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so writers remove their temporary files
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
         return args.func(args)
     except InputError as exc:
@@ -274,9 +298,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Cancelled:
         print("fewshotsam2: cancelled", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fewshotsam2: terminated (SIGTERM); unfinished files were removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("fewshotsam2: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -31,11 +31,22 @@ METHODS = ("propagate", "reverse", "lpips")
 
 @dataclass
 class SupportCase:
-    """One labeled support volume. `labels` is an integer label map on `image`'s grid."""
+    """One labeled support volume. `labels` is an integer label map on `image`'s grid.
+
+    `masks` (optional): output structure value -> bool mask on `image`'s grid, for supports whose segments are not
+    `labels.array == value` (overlapping .seg.nrrd layers, other value numbering than the output's).
+    """
 
     image: Volume
     labels: Volume
     name: str = "support"
+    masks: Optional[dict[int, np.ndarray]] = None
+
+    def mask(self, value: int) -> np.ndarray:
+        """The voxels of output structure `value` in this support."""
+        if self.masks is not None:
+            return self.masks[value] if value in self.masks else np.zeros(self.labels.shape, dtype=bool)
+        return self.labels.array == value
 
 
 @dataclass
@@ -152,7 +163,8 @@ def segment(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    # query and supports -> canonical slice stacks in [0, 1]
+    check_query(query)
+    # query and supports -> canonical slice stacks in [0, 1], all cut in the query's anatomical plane
     qplan = SlicePlan.for_volume(query, options.axis)
     # "auto" is resolved once per volume: the choice both normalises it and compares modalities
     query_kind = choose_preset(query)
@@ -165,11 +177,15 @@ def segment(
         if support_kind != query_kind:
             warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
                           "cross-modality support is allowed but less reliable", stacklevel=2)
-        plan = SlicePlan.for_volume(case.image, options.axis)
+        plan = SlicePlan(case.image, qplan.plane)
+        own_plane = SlicePlan.for_volume(case.image, "auto").plane
+        if options.axis == "auto" and own_plane != qplan.plane:
+            warnings.warn(f"{case.name} was acquired {own_plane}, the query {qplan.plane}: the support is cut in the "
+                          f"query's {qplan.plane} plane too (choose another plane with --axis)", stacklevel=2)
         image_stack = plan.stack(normalize(case.image, support_kind if options.preset == "auto" else options.preset))
         # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
         box = body_box(image_stack, plan.in_plane_spacing) if options.method == "lpips" else None
-        prepared.append((plan, image_stack, plan.stack(case.labels.array), box))
+        prepared.append((plan, image_stack, case, box))
     timings["prepare"] = time.perf_counter() - t0
 
     if engine is None:
@@ -185,16 +201,20 @@ def segment(
     context = QueryContext(keys=query_keys, images=qstack, spacing=qplan.in_plane_spacing)
     backend = _backend(options.method)
 
-    out_stack = np.zeros(qstack.shape, dtype=np.uint16)
+    top = max(s.value for s in structures)
+    out_stack = np.zeros(qstack.shape, dtype=np.uint16 if top < 65536 else np.int32)
     scores: list[SliceScore] = []
     forward_masks: dict[int, np.ndarray] = {}
     for structure in structures:
         support_slices = []
-        for s_idx, (plan, image_stack, label_stack, box) in enumerate(prepared):
-            if not (label_stack == structure.value).any():
+        for s_idx, (plan, image_stack, case, box) in enumerate(prepared):
+            mask_stack = plan.stack(case.mask(structure.value))
+            label_stack = np.where(mask_stack, structure.value, 0)
+            if not mask_stack.any():
                 if len(prepared) > 1:
                     continue  # several supports: each only needs the structures it has
                 raise InputError(f"structure {structure.value} ({structure.name}) is absent from {supports[s_idx].name}")
+            _warn_small_support(mask_stack, structure, case.name, options.shots)
             for idx in select_support_slices(label_stack, structure.value, options.shots):
                 key = ("support", s_idx, idx)
                 engine.add_frames({key: image_stack[idx]})
@@ -222,6 +242,26 @@ def segment(
     timings["total"] = time.perf_counter() - t0
     return SegmentationResult(labels, list(structures), scores, engine.encoder_calls, timings,
                               qplan.array_axis, forward_masks)
+
+
+def check_query(query: Volume) -> None:
+    """Refuse a query there is nothing to segment in: every voxel the same value."""
+    a = query.array
+    if a.size and a.min() == a.max():
+        raise InputError(f"the query is constant (every voxel is {a.flat[0]:g}): there is nothing to segment; "
+                         "check the file")
+
+
+def _warn_small_support(mask_stack: np.ndarray, structure: Structure, support: str, shots: int) -> None:
+    """A support structure this small prompts SAM2 with next to nothing: say so (it still runs)."""
+    voxels = int(mask_stack.sum())
+    n_slices = int(mask_stack.any(axis=(1, 2)).sum())
+    if voxels == 1:
+        warnings.warn(f"support structure '{structure.name}' in {support} is a single voxel: SAM2 gets almost no "
+                      "prompt; the result is unreliable", stacklevel=3)
+    elif n_slices == 1 and shots > 1:
+        warnings.warn(f"support structure '{structure.name}' in {support} is on one slice only: --shots {shots} "
+                      "uses that one slice", stacklevel=3)
 
 
 def write_scores(path: str, scores: list[SliceScore]) -> None:
