@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def run_cli(argv, capsys, monkeypatch) -> tuple[int, str, str]:
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() replaces it; restore after
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        warnings.showwarning = warnings._showwarning_orig
+        # straight to stderr (pytest's own warning recorder would otherwise swallow them)
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
         rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
@@ -72,7 +75,7 @@ def run_cli(argv, capsys, monkeypatch) -> tuple[int, str, str]:
 
 def segment_argv(query, support, labels, out, *extra) -> list[str]:
     return ["segment", "--query", query, "--support", support, labels, "--labels", "5", "--out", out,
-            "--untrained", "--image-size", "64", "--device", "cpu", "--quiet", *extra]
+            "--method", "reverse", "--untrained", "--image-size", "64", "--device", "cpu", "--quiet", *extra]
 
 
 def assert_refused(rc: int, err: str, first_words: str) -> str:
@@ -183,3 +186,253 @@ def test_refuse_overwriting_inputs_api(tmp_path):
         refuse_overwriting_inputs([], [tmp_path], output_folders=[("-o", tmp_path / "results")])
     # a folder that merely contains the inputs is a fine output folder
     refuse_overwriting_inputs([], [a], output_folders=[("-o", tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------- --labels grammar
+
+def _structures(*pairs):
+    from fewshotsam2.volume import Structure
+
+    return [Structure(v, n, (1.0, 0.0, 0.0)) for v, n in pairs]
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("1,5", [("auto", "1", None), ("auto", "5", None)]),
+    (" liver , spleen ", [("auto", "liver", None), ("auto", "spleen", None)]),
+    ("liver=5", [("auto", "5", "liver")]),
+    ("value:5,name:5", [("value", "5", None), ("name", "5", None)]),
+    ('"Tumour, core",x', [("auto", "Tumour, core", None), ("auto", "x", None)]),
+    (r"Tumour\, core", [("auto", "Tumour, core", None)]),
+    ('core="a=b"', [("auto", "a=b", "core")]),
+    ('"name:x"', [("auto", "name:x", None)]),
+    ("name:name:x", [("name", "name:x", None)]),
+    ('"say ""hi"""', [("auto", 'say "hi"', None)]),
+    ("Läsion ü 病变", [("auto", "Läsion ü 病变", None)]),
+])
+def test_labels_grammar_parses(text, expect):
+    from fewshotsam2.label_selection import parse_label_selection
+
+    assert [(c.kind, c.key, c.rename) for c in parse_label_selection(text)] == expect
+
+
+@pytest.mark.parametrize("text,first_words", [
+    (" , ", "--labels is empty"),
+    ('"open', "--labels '\"open' has an unclosed"),
+    ("=5", "--labels item '=5': nothing before"),
+    ("value:liver", "--labels item 'value:liver': value:liver is not"),
+    ("a\\", "--labels 'a\\' ends with a lone backslash"),
+])
+def test_labels_grammar_refuses_malformed_text(text, first_words):
+    from fewshotsam2.errors import InputError
+    from fewshotsam2.label_selection import parse_label_selection
+
+    with pytest.raises(InputError) as exc:
+        parse_label_selection(text)
+    assert str(exc.value).startswith(first_words), str(exc.value)
+
+
+def test_labels_resolution_rules():
+    from fewshotsam2.errors import InputError
+    from fewshotsam2.label_selection import parse_label_selection as parse
+    from fewshotsam2.label_selection import resolve_structures as resolve
+
+    segs = _structures((1, "5"), (5, "liver"), (7, "Lesion"), (8, "lesion"), (9, "Tumour, core"), (10, "Läsion ü 病变"),
+                       (11, "Spleen"))
+    pick = lambda text: [(s.value, s.name) for s in resolve(parse(text), segs, "s.seg.nrrd")]  # noqa: E731
+    assert pick("value:5,name:5") == [(5, "liver"), (1, "5")]
+    assert pick("lesion,Lesion") == [(8, "lesion"), (7, "Lesion")]  # exact case first
+    assert pick("spleen") == [(11, "Spleen")]  # one case-insensitive match is fine
+    assert pick('"Tumour, core",Läsion ü 病变') == [(9, "Tumour, core"), (10, "Läsion ü 病变")]
+    assert pick("core=9,organ=name:liver") == [(9, "core"), (5, "organ")]
+    for text, first_words in [
+        ("5", "--labels '5' is ambiguous in s.seg.nrrd: label value 5 is 'liver' but segment '5' has value 1; "
+              "write value:5 or name:5"),
+        ("LESION", "--labels 'LESION' is ambiguous in s.seg.nrrd: it matches 'Lesion' (value 7), 'lesion' (value 8)"),
+        ("liver,5=value:5", "--labels chooses 'liver' (value 5) twice"),
+        ("11,spleen", "--labels chooses 'Spleen' (value 11) twice"),
+        ("a=liver,a=Lesion", "--labels gives two output segments the name 'a'"),
+        ("value:4", "label value '4' is absent from the support labels s.seg.nrrd"),
+        ("name:kidney", "segment name 'kidney' is absent"),
+    ]:
+        with pytest.raises(InputError) as exc:
+            resolve(parse(text), segs, "s.seg.nrrd")
+        assert str(exc.value).startswith(first_words), str(exc.value)
+    # a label map with many values lists only some of them
+    many = _structures(*[(v, f"Label {v}") for v in range(1, 2001)])
+    with pytest.raises(InputError) as exc:
+        resolve(parse("5000"), many, "x.nii.gz")
+    assert len(str(exc.value)) < 600 and "and 1980 more" in str(exc.value)
+
+
+def test_duplicate_labels_on_the_command_line(data, tmp_path, capsys, monkeypatch, no_engine):
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = segment_argv(data["query"], data["support"], data["labels"], str(out / "o.nii.gz"))
+    argv[argv.index("--labels") + 1] = "1,1"
+    refused(argv, capsys, monkeypatch, "--labels chooses 'Label 1' (value 1) twice", [out, data["dir"]])
+    assert no_engine == [] and list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- bad files, refused fast
+
+def _nifti_with(path: Path, volume, dtype, patch=None, gz=True) -> str:
+    """Write `volume` as NIfTI with ITK, then (optionally) change voxels in the raw bytes: ITK would not write
+    NaN/inf through, and this is how such files arrive from other tools."""
+    import gzip
+
+    raw = path.with_suffix("") if gz else path  # x.nii.gz -> x.nii
+    sitk.WriteImage(volume.with_array(volume.array.astype(dtype)).to_sitk(), str(raw), useCompression=False)
+    data = bytearray(raw.read_bytes())
+    if patch is not None:
+        offset = int(np.frombuffer(bytes(data[108:112]), "<f4")[0])
+        voxels = np.frombuffer(data, dtype=dtype, offset=offset).copy()
+        patch(voxels)
+        data[offset:] = voxels.tobytes()
+    if gz:
+        raw.unlink()
+        path.write_bytes(gzip.compress(bytes(data)))
+    else:
+        path.write_bytes(bytes(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bad(data, tmp_path_factory, shared_dir):
+    """Broken inputs made from the shared data."""
+    d = tmp_path_factory.mktemp("bad_files")
+    query = read_volume(data["query"])
+    support_labels = read_volume(data["labels"])
+    half = lambda src, dst: (d / dst).write_bytes(Path(src).read_bytes()[: Path(src).stat().st_size // 2])  # noqa
+    half(data["query"], "truncated.nii.gz")
+    half(data["labels"], "truncated_labels.nii.gz")
+    # complete gzip stream, short NIfTI payload (a copy cut off before it was compressed)
+    full = _nifti_with(d / "short.nii", query, np.int16, gz=False)
+    Path(full).write_bytes(Path(full).read_bytes()[:-1000])
+    _nifti_with(d / "nan.nii.gz", query, np.float32, patch=lambda v: v.__setitem__(500, np.nan))
+    _nifti_with(d / "inf.nii", query, np.float64, patch=lambda v: v.__setitem__(7, -np.inf), gz=False)
+    sitk.WriteImage(query.with_array(np.zeros_like(query.array)).to_sitk(), str(d / "constant.nii.gz"))
+    sitk.WriteImage(sitk.JoinSeries([query.to_sitk()]), str(d / "one_time_point.nii.gz"))
+    huge = np.where(support_labels.array == 5, 3_000_000_000, 0).astype(np.uint32)
+    sitk.WriteImage(support_labels.with_array(huge).to_sitk(), str(d / "huge_labels.nii.gz"))
+    mr = read_volume(shared_dir / "data" / "abdomen-mr" / "image.nii.gz")
+    sitk.WriteImage(crop_slices(mr, 8, 12).to_sitk(), str(d / "mr.nii.gz"))
+    (d / "not_weights.pth").write_bytes(b"these are not LPIPS weights\n")
+    (d / "cache_file").write_text("a file where the checkpoint cache folder should be\n")
+    return {k: str(d / k) for k in ("truncated.nii.gz", "truncated_labels.nii.gz", "short.nii", "nan.nii.gz",
+                                    "inf.nii", "constant.nii.gz", "one_time_point.nii.gz", "huge_labels.nii.gz",
+                                    "mr.nii.gz", "not_weights.pth", "cache_file")} | {"dir": d}
+
+
+# (case id, argv changes: {option: values}, extra options, first words of the error after "fewshotsam2: error: ")
+REFUSED = [
+    ("truncated-gz-query", {"--query": ["truncated.nii.gz"]}, [], "truncated.nii.gz: truncated or corrupt file"),
+    ("truncated-gz-labels", {"--support": ["SUPPORT", "truncated_labels.nii.gz"]}, [],
+     "truncated_labels.nii.gz: truncated or corrupt file"),
+    ("short-nifti-query", {"--query": ["short.nii"]}, [], "short.nii: truncated file: the header promises"),
+    ("nan-nifti-gz-query", {"--query": ["nan.nii.gz"]}, [], "nan.nii.gz: contains NaN or infinite intensities"),
+    ("inf-nifti-support", {"--support": ["inf.nii", "LABELS"]}, [], "inf.nii: contains NaN or infinite"),
+    ("constant-query", {"--query": ["constant.nii.gz"]}, [], "the query is constant (every voxel is 0)"),
+    ("label-value-3e9", {"--support": ["SUPPORT", "huge_labels.nii.gz"]}, [],
+     "huge_labels.nii.gz: label value 3000000000 is above 2147483647"),
+    ("ct-image-as-labels", {"--support": ["SUPPORT", "SUPPORT"]}, [],
+     "support.nii.gz: looks like an image, not a label map (negative values"),
+    ("mr-image-as-labels", {"--support": ["mr.nii.gz", "mr.nii.gz"]}, [],
+     "mr.nii.gz: looks like an image, not a label map ("),
+    ("scores-is-a-folder", {}, ["--scores", "OUTDIR/folder.csv"], "OUTDIR/folder.csv: is a folder"),
+    ("scores-with-propagate", {"--method": ["propagate"]}, ["--scores", "OUTDIR/s.csv"],
+     "--scores: --method propagate has no per-slice scores"),
+    ("out-name-too-long", {"--out": ["OUTDIR/" + "n" * 300 + ".nii.gz"]}, [], "n" * 40 + "...: file name too long"),
+    ("lpips-weights-wrong", {"--method": ["lpips"]}, ["--lpips-weights", "not_weights.pth"],
+     "cannot read LPIPS backbone weights"),
+]
+
+
+@pytest.mark.parametrize("case,changes,extra,first_words", REFUSED, ids=[c[0] for c in REFUSED])
+def test_bad_file_is_refused_before_sam2_is_built(data, bad, tmp_path, capsys, monkeypatch, no_engine, case, changes,
+                                                   extra, first_words):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "folder.csv").mkdir()
+    subst = lambda a: {"SUPPORT": data["support"], "LABELS": data["labels"]}.get(a) or (  # noqa: E731
+        a.replace("OUTDIR", str(out)) if a.startswith("OUTDIR") else bad.get(a, a))
+    argv = segment_argv(data["query"], data["support"], data["labels"], str(out / "o.nii.gz"), *map(subst, extra))
+    for option, values in changes.items():
+        i = argv.index(option)
+        argv[i + 1: i + 1 + len(values)] = [subst(v) for v in values]
+    first_words = first_words.replace("OUTDIR", str(out))
+    refused(argv, capsys, monkeypatch, first_words, [out, data["dir"], bad["dir"]])
+    assert sorted(p.name for p in out.iterdir()) == ["folder.csv"]  # nothing written, no hidden temporary file
+    assert no_engine == []
+
+
+def test_4d_file_with_one_time_point_is_read_with_a_warning(data, bad, tmp_path, capsys, monkeypatch, no_engine):
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = segment_argv(bad["one_time_point.nii.gz"], data["support"], data["labels"], str(out / "o.nii.gz"))
+    argv[argv.index("--labels") + 1] = "250"  # stop after reading: the query was accepted, with a warning
+    before = digest(bad["dir"])
+    rc, _, err = run_cli(argv, capsys, monkeypatch)
+    assert_refused(rc, err, "label '250' is absent")
+    assert "warning: one_time_point.nii.gz: a 4D file with one time point; read as the 3D volume it holds" in err
+    assert digest(bad["dir"]) == before and list(out.iterdir()) == []
+
+
+def test_checkpoint_cache_that_is_a_file_is_refused(data, bad, tmp_path, capsys, monkeypatch, no_engine):
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a for a in segment_argv(data["query"], data["support"], data["labels"], str(out / "o.nii.gz"))
+            if a != "--untrained"] + ["--cache-dir", bad["cache_file"]]
+    line = refused(argv, capsys, monkeypatch, f"checkpoint cache {bad['cache_file']} is a file, not a folder",
+                   [out, bad["dir"]])
+    assert "--cache-dir" in line and no_engine == []
+    argv[-1] = str(Path(bad["cache_file"]) / "sub")
+    refused(argv, capsys, monkeypatch, f"checkpoint cache {argv[-1]} lies under a file", [out, bad["dir"]])
+
+
+def test_dicom_folder_with_two_series_can_be_chosen(shared_dir, tmp_path, capsys, monkeypatch, no_engine, data):
+    import shutil
+
+    folder = tmp_path / "dicom"
+    shutil.copytree(shared_dir / "data" / "abdomen-ct/ct-b/dicom", folder)
+    uid = "1.2.826.0.1.3680043.2.1125.999.1"
+    small = sitk.Image(32, 32, 3, sitk.sitkInt16) + 5
+    small.SetSpacing((1.0, 1.0, 2.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(3):
+        sl = small[:, :, z]
+        for tag, value in (("0020|000e", uid), ("0020|000d", uid + ".2"), ("0008|0060", "CT"),
+                           ("0020|0032", f"0\\0\\{2.0 * z}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0013", str(z + 1))):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"extra{z}.dcm"))
+        writer.Execute(sl)
+    before = digest(folder)
+    with pytest.warns(UserWarning) as record:
+        assert read_volume(folder).shape == (20, 512, 512)  # the largest, with a warning saying how to choose
+    message = str(record[0].message)
+    # ct-b's files carry an empty SeriesInstanceUID: the listing still names each series so it can be chosen
+    assert f"#2: 3 files, UID {uid}, first file extra0.dcm" in message and "#1: 20 files, UID " in message
+    assert message.endswith(f"using the largest, #1; choose one with {folder}#N or {folder}#SERIES_UID")
+    assert read_volume(f"{folder}#{uid}").shape == (3, 32, 32)
+    assert read_volume(f"{folder}#2").shape == (3, 32, 32)
+    out = tmp_path / "out"
+    out.mkdir()
+    refused(segment_argv(f"{folder}#1.2.3", data["support"], data["labels"], str(out / "o.nii.gz")),
+            capsys, monkeypatch, f"{folder}: no DICOM series 1.2.3 here; series found: ", [out, folder])
+    assert digest(folder) == before and no_engine == []
+
+
+def test_label_values_above_65535_are_kept_exact(data, tmp_path):
+    from fewshotsam2.volume import Structure, write_labels
+
+    labels = read_volume(data["labels"])
+    big = labels.with_array(np.where(labels.array == 5, np.int64(70000), labels.array.astype(np.int64)))
+    sitk.WriteImage(big.to_sitk(), str(tmp_path / "big.nrrd"))
+    read, structures = read_labels(tmp_path / "big.nrrd", labels)
+    assert 70000 in [s.value for s in structures] and read.array.dtype == np.int32
+    assert np.array_equal(read.array, big.array)
+    for name in ("o.nii.gz", "O.NII.GZ", "o.nrrd"):  # an upper-case extension is written too
+        write_labels(tmp_path / name, read, [Structure(70000, "liver", (1.0, 0.0, 0.0))])
+        assert np.array_equal(read_volume(tmp_path / name).array, big.array)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -170,6 +170,13 @@ def _cache_temp_file(folder: Path, filename: str) -> tuple[int, str]:
                          "or pass --checkpoint PATH") from None
 
 
+def check_cache_folder(cache_dir: Optional[str | Path] = None) -> None:
+    """Raise InputError now if a download could not be stored in the cache (not a folder, not writable)."""
+    fd, tmp_name = _cache_temp_file(_cache(cache_dir), "probe")
+    os.close(fd)
+    Path(tmp_name).unlink(missing_ok=True)
+
+
 def resolve_checkpoint(
     model: str,
     version: str = "2.1",

@@ -172,14 +172,19 @@ def run_segment(args: argparse.Namespace) -> int:
             if not masks[out_structure.value].any():
                 raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
         supports.append(SupportCase(image, labels, name=Path(labels_path).name, masks=masks))
+    if not options.untrained and options.checkpoint is None:
+        from .checkpoints import cached_checkpoint, check_cache_folder
+
+        if cached_checkpoint(options.model, options.version, options.cache_dir) is None:
+            check_cache_folder(options.cache_dir)  # the download must have somewhere to go
     if options.method == "lpips":
         from .backends.lpips_matching import _matcher
 
         _matcher(None, options)  # loads (and checks) the LPIPS weights now, not after every slice is encoded
-    engine = make_engine(options)  # after the inputs are known good: building SAM2 takes seconds
     bar = None if args.quiet else _ProgressBar()
     try:
         with out_of_memory_as_input_error(options):
+            engine = make_engine(options)  # after the inputs are known good: building SAM2 takes seconds
             result = segment(query, supports, structures, options, progress=bar, engine=engine)
     finally:
         if bar is not None:
@@ -198,6 +203,7 @@ def check_output_dir(path: str, suffix: str) -> None:
     from .volume import check_name_length
 
     p = Path(path)
+    check_name_length(p)
     if p.is_dir():
         raise InputError(f"{path}: is a folder; give a {suffix} file name")
     if p.suffix.lower() != suffix:
@@ -207,7 +213,6 @@ def check_output_dir(path: str, suffix: str) -> None:
         raise InputError(f"cannot write {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"cannot write {path}: folder {folder} is not writable")
-    check_name_length(p)
 
 
 @contextlib.contextmanager
@@ -217,15 +222,20 @@ def out_of_memory_as_input_error(options) -> Iterator[None]:
 
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) and "CUDA" in str(exc) else "memory"
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        # CUDA raises OutOfMemoryError, numpy MemoryError; torch's CPU allocator and MPS a plain RuntimeError
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and not any(
+                s in str(exc) for s in ("can't allocate memory", "out of memory")):
+            raise
+        where = "GPU memory" if isinstance(exc, torch.OutOfMemoryError) else "memory"
         exc = None  # drop the frames holding the big tensors before freeing the cache
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        cpu = "" if options.device == "cpu" else ", or --device cpu"
         raise InputError(
             f"out of {where} while segmenting (--image-size {options.image_size}, --batch-size {options.batch_size}, "
-            f"--device {options.device}); try a smaller --image-size or --batch-size, a --slice-range of the query, "
-            "or --device cpu; nothing was written") from None
+            f"--device {options.device}); try a smaller --image-size or --batch-size, a --slice-range of the "
+            f"query{cpu}; nothing was written") from None
 
 
 class _ProgressBar:

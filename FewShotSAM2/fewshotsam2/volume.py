@@ -156,20 +156,21 @@ def _check_image(img: sitk.Image, path: PathLike) -> None:
         raise InputError(f"{name}: is a {dim}D image (size {img.GetSize()}); expected a single 3D scan")
 
 
-def _series_uid(files: tuple[str, ...]) -> str:
-    """SeriesInstanceUID (0020|000e) of a series' first file, "" if the tag is missing."""
+def _series_tags(files: tuple[str, ...]) -> dict[str, str]:
+    """SeriesInstanceUID, SeriesNumber and SeriesDescription of a series' first file ("" when missing)."""
     r = sitk.ImageFileReader()
     r.SetFileName(files[0])
+    tags = {"uid": "0020|000e", "number": "0020|0011", "description": "0008|103e"}
     try:
         r.ReadImageInformation()
-        return r.GetMetaData("0020|000e").strip() if r.HasMetaDataKey("0020|000e") else ""
     except RuntimeError:
-        return ""
+        return {k: "" for k in tags}
+    return {k: (r.GetMetaData(t).strip() if r.HasMetaDataKey(t) else "") for k, t in tags.items()}
 
 
-def _read_dicom_folder(folder: Path, series_uid: Optional[str] = None) -> sitk.Image:
-    """The DICOM series in `folder`: the one whose SeriesInstanceUID is `series_uid`, else the largest (with a
-    warning listing every series and how to choose: FOLDER#UID)."""
+def _read_dicom_folder(folder: Path, choice: Optional[str] = None) -> sitk.Image:
+    """One DICOM series of `folder`: `choice` is its SeriesInstanceUID or its number N in the listing (1 = first);
+    without a choice the largest series, with a warning listing them all and how to choose (FOLDER#N)."""
     reader = sitk.ImageSeriesReader()
     try:
         series = reader.GetGDCMSeriesIDs(str(folder))
@@ -178,21 +179,29 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str] = None) -> sitk.I
     if not series:
         raise InputError(f"{folder}: folder contains no DICOM series")
     files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-    # GDCM's series id can be empty or a refined id; the UID in the files is what a user can read and type
-    uid_of = {sid: (_series_uid(files_per_series[sid]) or sid) for sid in series}
-    listing = "; ".join(f"{uid_of[sid] or '(no SeriesInstanceUID)'} ({len(files_per_series[sid])} files)"
-                        for sid in series)
-    if series_uid is not None:
-        matching = [sid for sid in series if series_uid in (uid_of[sid], sid)]
-        if not matching:
-            raise InputError(f"{folder}: no DICOM series {series_uid} here; series found: {listing}")
-        chosen = matching[0]
+    tags = {sid: _series_tags(files_per_series[sid]) for sid in series}
+
+    def describe(n: int, sid: str) -> str:
+        t = tags[sid]
+        uid = t["uid"] or sid or "no SeriesInstanceUID"
+        extra = "".join(f", {k} {t[k]}" for k in ("number", "description") if t[k])
+        return f"#{n}: {len(files_per_series[sid])} files, UID {uid}{extra}, first file {Path(files_per_series[sid][0]).name}"
+
+    listing = "; ".join(describe(n, sid) for n, sid in enumerate(series, 1))
+    if choice is not None:
+        if choice.isdigit() and 1 <= int(choice) <= len(series):
+            chosen = series[int(choice) - 1]
+        else:
+            matching = [sid for sid in series if choice and choice in (tags[sid]["uid"], sid)]
+            if not matching:
+                raise InputError(f"{folder}: no DICOM series {choice} here; series found: {listing}")
+            chosen = matching[0]
     else:
         chosen = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
         if len(series) > 1:
             warnings.warn(
-                f"{folder}: {len(series)} DICOM series found: {listing}; using the largest "
-                f"({uid_of[chosen] or '(no SeriesInstanceUID)'}); choose one with {folder}#SERIES_UID",
+                f"{folder}: {len(series)} DICOM series found ({listing}); using the largest, "
+                f"#{series.index(chosen) + 1}; choose one with {folder}#N or {folder}#SERIES_UID",
                 stacklevel=3,
             )
     reader.SetFileNames(files_per_series[chosen])
@@ -258,7 +267,8 @@ def _check_nifti_raw(p: Path) -> None:
 
 
 def _split_series(path: PathLike) -> tuple[Path, Optional[str]]:
-    """`folder#SeriesInstanceUID` picks one DICOM series of a folder; a path that exists is taken as it is."""
+    """`folder#SeriesInstanceUID` or `folder#N` picks one DICOM series of a folder; a path that exists is taken
+    as it is."""
     text = os.fspath(path)
     if "#" in text and not os.path.exists(text):
         folder, uid = text.split("#", 1)
@@ -271,7 +281,8 @@ def _read_image(path: PathLike) -> sitk.Image:
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if series_uid is not None and not p.is_dir():
-        raise InputError(f"{path}: '#SERIES_UID' chooses a DICOM series, but {p} is not a folder")
+        raise InputError(f"{path}: '#' chooses a DICOM series (FOLDER#N or FOLDER#SERIES_UID), but {p} is not a "
+                         "folder")
     if p.is_dir():
         img = _read_dicom_folder(p, series_uid)
     else:
@@ -499,11 +510,11 @@ def check_output_path(path: PathLike) -> None:
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{p}: output folder {folder} does not exist")
+    check_name_length(p)
     if p.is_dir():
         raise InputError(f"{p}: is a folder; give a file name")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{p}: output folder {folder} is not writable")
-    check_name_length(p)
 
 
 def check_name_length(path: PathLike) -> None:
