@@ -436,3 +436,204 @@ def test_label_values_above_65535_are_kept_exact(data, tmp_path):
         write_labels(tmp_path / name, read, [Structure(70000, "liver", (1.0, 0.0, 0.0))])
         assert np.array_equal(read_volume(tmp_path / name).array, big.array)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------- runs that build SAM2 (random weights, 64 px)
+
+@pytest.fixture(scope="module")
+def engine64():
+    from fewshotsam2.engine import SAM2Engine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return SAM2Engine("tiny", image_size=64, device="cpu", untrained=True)
+
+
+@pytest.fixture
+def real_engine(engine64, monkeypatch):
+    """The command builds its engine with pipeline.make_engine: hand it the module's real one (same settings)."""
+    def make(options):
+        assert (options.model, options.image_size, options.device, options.untrained) == ("tiny", 64, "cpu", True)
+        return engine64
+
+    monkeypatch.setattr(pipeline, "make_engine", make)
+    return engine64
+
+
+@pytest.mark.slow
+def test_nested_seg_nrrd_segments_utf8_and_comma_names_through_the_command(data, tmp_path, capsys, monkeypatch,
+                                                                         real_engine):
+    import slicerio
+
+    from fewshotsam2.volume import structure_mask
+
+    support = read_volume(data["support"])
+    liver = read_volume(data["labels"]).array == 5
+    core = np.zeros_like(liver)
+    k, j, i = np.nonzero(liver)
+    core[k.min():k.max() + 1, int(np.median(j)) - 3:int(np.median(j)) + 3, int(np.median(i)) - 3:int(np.median(i)) + 3] = True
+    core &= liver  # nested: every core voxel is also liver
+    seg = slicerio.create_segmentation(support.shape[::-1], support.ijk_to_lps())
+    slicerio.add_segment(seg, liver.transpose(2, 1, 0), {"id": "a", "name": "outer", "color": [1.0, 0.0, 0.0]})
+    slicerio.add_segment(seg, core.transpose(2, 1, 0), {"id": "b", "name": "inner", "color": [0.0, 1.0, 0.0]})
+    assert seg["voxels"].ndim == 4  # overlapping -> two layers, both with label value 1
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "nested.seg.nrrd"
+    slicerio.write_segmentation(str(path), seg)
+    # give the segments UTF-8 names and a comma the way Slicer writes them: raw UTF-8 in the header
+    raw = path.read_bytes()
+    end = raw.index(b"\n\n")
+    path.write_bytes(raw[:end].replace(b":=outer\n", "{}\n".format(":=Läsion ü 病变").encode())
+                     .replace(b":=inner\n", b":=core, enhancing\n") + raw[end:])
+    labels, structures = read_labels(path, support)
+    assert [(s.name, s.layer, s.value) for s in structures] == [("Läsion ü 病变", 0, 1), ("core, enhancing", 1, 1)]
+    assert np.array_equal(structure_mask(labels, structures[1]), core)  # the nested one is there, not "absent"
+
+    out = tmp_path / "out"
+    out.mkdir()
+    before = digest(folder)
+    argv = segment_argv(data["query"], data["support"], str(path), str(out / "r.seg.nrrd"))
+    argv[argv.index("--labels") + 1] = '"core, enhancing",tumour=Läsion ü 病变'
+    rc, stdout, err = run_cli(argv, capsys, monkeypatch)
+    assert rc == 0, err
+    assert "warning: nested.seg.nrrd: segments 'tumour' and 'core, enhancing' both have label value 1" in err
+    assert digest(folder) == before
+    assert sorted(p.name for p in out.iterdir()) == ["r.seg.nrrd"]
+    written = slicerio.read_segmentation(str(out / "r.seg.nrrd"), skip_voxels=True)
+    from fewshotsam2.volume import _seg_nrrd_names
+
+    assert sorted(_seg_nrrd_names(out / "r.seg.nrrd").values()) == ["core, enhancing", "tumour"]
+    assert sorted(int(s["labelValue"]) for s in written["segments"]) == [1, 2]
+
+
+@pytest.mark.slow
+def test_support_cut_in_the_querys_plane_with_a_warning(data, tmp_path, capsys, monkeypatch, real_engine):
+    # the support's y spacing made the coarsest: on its own it would be cut coronally, the query axially
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for key in ("support", "labels"):
+        img = sitk.ReadImage(data[key])
+        img.SetSpacing((img.GetSpacing()[0], 6.0, img.GetSpacing()[2]))
+        sitk.WriteImage(img, str(folder / Path(data[key]).name))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = segment_argv(data["query"], str(folder / "support.nii.gz"), str(folder / "support_labels.nii.gz"),
+                        str(out / "o.NII.GZ"))
+    before = digest(folder)
+    rc, stdout, err = run_cli(argv, capsys, monkeypatch)
+    assert rc == 0, err
+    assert ("warning: support_labels.nii.gz was acquired coronal, the query axial: the support is cut in the "
+            "query's axial plane too") in err
+    assert digest(folder) == before
+    assert sorted(p.name for p in out.iterdir()) == ["o.NII.GZ"]  # an upper-case extension is written too
+    assert read_volume(out / "o.NII.GZ").shape == read_volume(data["query"]).shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,shots,warning", [
+    ("voxel", 1, "is a single voxel: SAM2 gets almost no prompt"),
+    ("slice", 3, "is on one slice only: --shots 3 uses that one slice"),
+])
+def test_tiny_support_structure_is_warned(data, tmp_path, capsys, monkeypatch, real_engine, shape, shots, warning):
+    labels = read_volume(data["labels"])
+    tiny = np.zeros(labels.shape, np.uint8)
+    k, j, i = (a // 2 for a in labels.shape)
+    if shape == "voxel":
+        tiny[k, j, i] = 5
+    else:
+        tiny[k, j - 5:j + 5, i - 5:i + 5] = 5
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sitk.WriteImage(labels.with_array(tiny).to_sitk(), str(folder / "tiny.nii.gz"))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = segment_argv(data["query"], data["support"], str(folder / "tiny.nii.gz"), str(out / "o.nii.gz"),
+                        "--shots", str(shots))
+    rc, _, err = run_cli(argv, capsys, monkeypatch)
+    assert rc == 0, err
+    assert f"warning: support structure 'Label 5' in tiny.nii.gz {warning}" in err
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_one_message_and_writes_nothing(data, tmp_path):
+    """A real allocation failure: the run is capped (RLIMIT_AS) to 1 GB above what the loaded libraries take,
+    and SAM2 at 1024 px needs more to encode a batch of slices."""
+    import subprocess
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (
+        "import resource, sys\n"
+        "import torch, SimpleITK\n"
+        "from fewshotsam2 import cli, pipeline, engine, volume, label_selection, paths\n"
+        "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 10**9, resource.RLIM_INFINITY))\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    argv = segment_argv(data["query"], data["support"], data["labels"], str(out / "o.nii.gz"), "--scores",
+                        str(out / "s.csv"))
+    argv[argv.index("--image-size") + 1] = "1024"
+    before = digest(data["dir"])
+    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith(ERROR + "out of memory while segmenting (--image-size 1024"), lines
+    assert "--slice-range" in lines[0] and "nothing was written" in lines[0]
+    assert list(out.iterdir()) == [] and digest(data["dir"]) == before
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_run_is_handled_like_ctrl_c(data, tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a for a in segment_argv(data["query"], data["support"], data["labels"], str(out / "o.nii.gz"))
+            if a != "--quiet"]
+    argv[argv.index("--image-size") + 1] = "256"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fewshotsam2.cli", *argv], stderr=subprocess.PIPE, text=True,
+                            env=env)
+    seen = ""
+    while "Encoding" not in seen:  # the progress bar: SAM2 is built and working
+        chunk = proc.stderr.read(1)
+        assert chunk, f"the run ended before it started encoding: {seen}"
+        seen += chunk
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert rest.strip().splitlines()[-1].endswith("fewshotsam2: terminated (SIGTERM); unfinished files were removed")
+    assert "Traceback" not in rest
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_while_writing_leaves_no_temporary_file(data, tmp_path):
+    """SIGTERM arrives while the label map is being compressed: the handler `cli.main` installs raises once the
+    writer returns, and the temporary file is removed."""
+    import signal
+    import threading
+
+    from fewshotsam2.volume import default_structure, write_labels
+
+    image = read_volume(data["query"])
+    big = sitk.GetArrayFromImage(sitk.Expand(image.to_sitk(), (4, 4, 40)))  # 32 M voxels: compressing takes ~1 s
+    labels = read_volume(data["query"])
+    labels = type(labels)((big > 0).astype(np.uint8), labels.spacing, labels.origin, labels.direction)
+    previous = signal.signal(signal.SIGTERM, cli._raise_terminated)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        with pytest.raises(cli.Terminated):
+            write_labels(tmp_path / "o.nii.gz", labels, [default_structure(1)])
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a hidden .tmp- file

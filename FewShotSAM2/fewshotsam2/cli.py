@@ -164,7 +164,7 @@ def run_segment(args: argparse.Namespace) -> int:
         labels, available = read_labels(labels_path, image)
         chosen = resolve_structures(wanted, available, labels_path)
         if structures is None:
-            structures = output_structures(chosen, labels_path)  # the first support names and colours them
+            structures = output_structures(chosen, Path(labels_path).name)  # the first support names and colours them
         # each support's own segment (its layer and label value) is the mask of the output structure
         masks = {}
         for out_structure, s in zip(structures, chosen):
