@@ -214,7 +214,7 @@ def segment(
                 if len(prepared) > 1:
                     continue  # several supports: each only needs the structures it has
                 raise InputError(f"structure {structure.value} ({structure.name}) is absent from {supports[s_idx].name}")
-            _warn_small_support(mask_stack, structure, case.name, options.shots)
+            _warn_small_support(mask_stack, structure, case.name)
             for idx in select_support_slices(label_stack, structure.value, options.shots):
                 key = ("support", s_idx, idx)
                 engine.add_frames({key: image_stack[idx]})
@@ -252,16 +252,12 @@ def check_query(query: Volume) -> None:
                          "check the file")
 
 
-def _warn_small_support(mask_stack: np.ndarray, structure: Structure, support: str, shots: int) -> None:
-    """A support structure this small prompts SAM2 with next to nothing: say so (it still runs)."""
-    voxels = int(mask_stack.sum())
-    n_slices = int(mask_stack.any(axis=(1, 2)).sum())
-    if voxels == 1:
+def _warn_small_support(mask_stack: np.ndarray, structure: Structure, support: str) -> None:
+    """A one-voxel support structure prompts SAM2 with next to nothing: say so (it still runs). Fewer labeled
+    slices than --shots is said by `select_support_slices`."""
+    if int(np.count_nonzero(mask_stack)) == 1:
         warnings.warn(f"support structure '{structure.name}' in {support} is a single voxel: SAM2 gets almost no "
                       "prompt; the result is unreliable", stacklevel=3)
-    elif n_slices == 1 and shots > 1:
-        warnings.warn(f"support structure '{structure.name}' in {support} is on one slice only: --shots {shots} "
-                      "uses that one slice", stacklevel=3)
 
 
 def write_scores(path: str, scores: list[SliceScore]) -> None:
