@@ -186,6 +186,11 @@ def segment(
         # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
         box = body_box(image_stack, plan.in_plane_spacing) if options.method == "lpips" else None
         prepared.append((plan, image_stack, case, box))
+    for structure in structures:  # before any encoder call: a structure no support holds cannot be segmented
+        holders = [case.name for case in supports if case.mask(structure.value).any()]
+        if not holders:
+            where = supports[0].name if len(supports) == 1 else "every support"
+            raise InputError(f"structure {structure.value} ({structure.name}) is absent from {where}")
     timings["prepare"] = time.perf_counter() - t0
 
     if engine is None:
