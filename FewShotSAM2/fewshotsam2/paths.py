@@ -10,7 +10,7 @@ from each other.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Union
 
 from .errors import InputError
 
@@ -80,9 +80,4 @@ def refuse_overwriting_inputs(
         for name_b, b in named[i + 1:]:
             if _same(a, b):
                 raise InputError(f"{name_a} and {name_b} are the same path ({a}); give each output its own name")
-
-
-def check_inputs_not_outputs(inputs: Sequence[Optional[PathLike]], *outputs: tuple[str, Optional[PathLike]]) -> None:
-    """Shorthand: `check_inputs_not_outputs([query, *supports], ("--out", out), ("--scores", scores))`."""
-    refuse_overwriting_inputs(outputs, inputs)
 
