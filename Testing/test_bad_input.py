@@ -303,11 +303,14 @@ def bad(data, tmp_path_factory, shared_dir):
     query = read_volume(data["query"])
     support_labels = read_volume(data["labels"])
     half = lambda src, dst: (d / dst).write_bytes(Path(src).read_bytes()[: Path(src).stat().st_size // 2])  # noqa
+    # (MetaImage prints its complaint on the stderr descriptor and raises with a misleading "Reason")
     half(data["query"], "truncated.nii.gz")
     half(data["labels"], "truncated_labels.nii.gz")
     # complete gzip stream, short NIfTI payload (a copy cut off before it was compressed)
     full = _nifti_with(d / "short.nii", query, np.int16, gz=False)
     Path(full).write_bytes(Path(full).read_bytes()[:-1000])
+    sitk.WriteImage(query.to_sitk(), str(d / "truncated.mha"))
+    half(d / "truncated.mha", "truncated.mha")
     _nifti_with(d / "nan.nii.gz", query, np.float32, patch=lambda v: v.__setitem__(500, np.nan))
     _nifti_with(d / "inf.nii", query, np.float64, patch=lambda v: v.__setitem__(7, -np.inf), gz=False)
     sitk.WriteImage(query.with_array(np.zeros_like(query.array)).to_sitk(), str(d / "constant.nii.gz"))
@@ -318,7 +321,7 @@ def bad(data, tmp_path_factory, shared_dir):
     sitk.WriteImage(crop_slices(mr, 8, 12).to_sitk(), str(d / "mr.nii.gz"))
     (d / "not_weights.pth").write_bytes(b"these are not LPIPS weights\n")
     (d / "cache_file").write_text("a file where the checkpoint cache folder should be\n")
-    return {k: str(d / k) for k in ("truncated.nii.gz", "truncated_labels.nii.gz", "short.nii", "nan.nii.gz",
+    return {k: str(d / k) for k in ("truncated.nii.gz", "truncated.mha", "truncated_labels.nii.gz", "short.nii", "nan.nii.gz",
                                     "inf.nii", "constant.nii.gz", "one_time_point.nii.gz", "huge_labels.nii.gz",
                                     "mr.nii.gz", "not_weights.pth", "cache_file")} | {"dir": d}
 
@@ -328,6 +331,7 @@ REFUSED = [
     ("truncated-gz-query", {"--query": ["truncated.nii.gz"]}, [], "truncated.nii.gz: truncated or corrupt file"),
     ("truncated-gz-labels", {"--support": ["SUPPORT", "truncated_labels.nii.gz"]}, [],
      "truncated_labels.nii.gz: truncated or corrupt file"),
+    ("truncated-mha-query", {"--query": ["truncated.mha"]}, [], "truncated.mha: truncated file (MetaImage"),
     ("short-nifti-query", {"--query": ["short.nii"]}, [], "short.nii: truncated file: the header promises"),
     ("nan-nifti-gz-query", {"--query": ["nan.nii.gz"]}, [], "nan.nii.gz: contains NaN or infinite intensities"),
     ("inf-nifti-support", {"--support": ["inf.nii", "LABELS"]}, [], "inf.nii: contains NaN or infinite"),
@@ -638,3 +642,24 @@ def test_sigterm_while_writing_leaves_no_temporary_file(data, tmp_path):
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
     assert list(tmp_path.iterdir()) == []  # neither the output nor a hidden .tmp- file
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["truncated.mha", "truncated.nii.gz"])
+def test_truncated_file_is_one_line_as_a_process(data, bad, tmp_path, name):
+    """As a process, so what C++ readers print on the stderr descriptor counts too."""
+    import subprocess
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    out.mkdir()
+    before = digest(bad["dir"])
+    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "fewshotsam2.cli",
+                           *segment_argv(bad[name], data["support"], data["labels"], str(out / "o.nii.gz"))],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"{ERROR}{name}: truncated")
+    assert digest(bad["dir"]) == before and list(out.iterdir()) == []

@@ -7,15 +7,17 @@ GetArrayFromImage order); `spacing` and `origin` are in (i, j, k) order, millime
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import secrets
 import struct
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -266,6 +268,26 @@ def _check_nifti_raw(p: Path) -> None:
             raise InputError(f"{p.name}: contains NaN or infinite intensities")
 
 
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], str]]:
+    """Collect what C++ readers print straight to the stderr file descriptor (MetaImage, ITK warnings), so that
+    a bad file gives one line; yields a function returning the text."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        text: list[str] = []
+        try:
+            yield lambda: "".join(text)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        text.append(sink.read(20000).decode("utf-8", errors="replace"))
+
+
 def _split_series(path: PathLike) -> tuple[Path, Optional[str]]:
     """`folder#SeriesInstanceUID` or `folder#N` picks one DICOM series of a folder; a path that exists is taken
     as it is."""
@@ -288,10 +310,18 @@ def _read_image(path: PathLike) -> sitk.Image:
     else:
         if p.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_raw(p)
-        try:
-            img = sitk.ReadImage(str(p))
-        except RuntimeError as e:
-            raise InputError(f"{p.name}: cannot read as an image ({_first_line(e)})") from None
+        with _stderr_captured() as said:
+            try:
+                img = sitk.ReadImage(str(p))
+            except RuntimeError as e:
+                failure = _first_line(e)
+            else:
+                failure = None
+        if failure is not None:
+            if "not read completely" in said():  # MetaImage prints why on stderr; its exception only says "Reason"
+                raise InputError(f"{p.name}: truncated file ({' '.join(said().split())[-120:]}); it is incomplete, "
+                                 "copy it again")
+            raise InputError(f"{p.name}: cannot read as an image ({failure})")
         if img.GetDimension() == 4 and img.GetSize()[3] == 1:
             warnings.warn(f"{p.name}: a 4D image with one time point; read as the 3D volume it holds", stacklevel=3)
             img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
