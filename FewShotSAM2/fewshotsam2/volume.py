@@ -207,10 +207,12 @@ def _read_dicom_folder(folder: Path, choice: Optional[str] = None) -> sitk.Image
                 stacklevel=3,
             )
     reader.SetFileNames(files_per_series[chosen])
-    try:
-        return reader.Execute()
-    except RuntimeError as e:
-        raise InputError(f"{folder}: cannot read the DICOM series: {_first_line(e)}") from None
+    with _stderr_captured():  # GDCM's complaints about odd files would break the one-line error
+        try:
+            return reader.Execute()
+        except RuntimeError as e:
+            failure = _first_line(e)
+    raise InputError(f"{folder}: cannot read the DICOM series: {failure}")
 
 
 def _first_line(e: BaseException) -> str:
