@@ -178,7 +178,9 @@ def segment(
             warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
                           "cross-modality support is allowed but less reliable", stacklevel=2)
         plan = SlicePlan(case.image, qplan.plane)
-        own_plane = SlicePlan.for_volume(case.image, "auto").plane
+        with warnings.catch_warnings():  # the oblique warning, if any, was just given by the plan above
+            warnings.simplefilter("ignore")
+            own_plane = SlicePlan.for_volume(case.image, "auto").plane
         if options.axis == "auto" and own_plane != qplan.plane:
             warnings.warn(f"{case.name} was acquired {own_plane}, the query {qplan.plane}: the support is cut in the "
                           f"query's {qplan.plane} plane too (choose another plane with --axis)", stacklevel=2)
