@@ -31,7 +31,7 @@ def engine256():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return SAM2Engine("tiny", image_size=256, device="cpu", untrained=True)
+        return SAM2Engine.with_random_weights("tiny", image_size=256, device="cpu")
 
 
 def crop_slices(volume, k0: int, k1: int):

@@ -105,7 +105,7 @@ def test_batched_prediction_matches_one_frame_at_a_time(engine256, ct_slices):
 def test_untrained_engines_are_reproducible(engine256, ct_slices):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        other = SAM2Engine("tiny", image_size=256, device="cpu", untrained=True)
+        other = SAM2Engine.with_random_weights("tiny", image_size=256, device="cpu")
     for name, p in engine256.model.state_dict().items():
         assert torch.equal(p, other.model.state_dict()[name]), name
     outputs = []
@@ -118,15 +118,23 @@ def test_untrained_engines_are_reproducible(engine256, ct_slices):
         np.testing.assert_array_equal(a, b)
 
 
-def test_untrained_warns_and_excludes_a_checkpoint(tmp_path):
+def test_engine_construction_steps_and_refusals(tmp_path):
+    from fewshotsam2.checkpoints import checkpoint_info
     from fewshotsam2.errors import InputError
 
-    with pytest.raises(InputError, match="exclude"):
-        SAM2Engine("tiny", image_size=64, device="cpu", untrained=True, checkpoint=str(tmp_path / "x.pt"))
+    with pytest.raises(TypeError, match="from_pretrained"):
+        SAM2Engine("tiny", checkpoint_info("tiny"), 64)  # __init__ wraps a built model: it builds, downloads, loads nothing
     with pytest.raises(InputError, match="device"):
-        SAM2Engine("tiny", image_size=64, device="tpu", untrained=True)
+        SAM2Engine.with_random_weights("tiny", image_size=64, device="tpu")
     with pytest.raises(InputError, match="image size"):
-        SAM2Engine("tiny", image_size=100, device="cpu", untrained=True)
+        SAM2Engine.with_random_weights("tiny", image_size=100, device="cpu")
+    # offline and not cached: one clear error naming the file to fetch, before anything is built
+    with pytest.raises(InputError, match="not in the cache"):
+        SAM2Engine.from_pretrained("tiny", image_size=64, device="cpu", cache_dir=str(tmp_path), download=False)
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+        engine = SAM2Engine.with_random_weights("tiny", image_size=64, device="cpu", batch_size=3)
+    assert engine.untrained and engine.checkpoint_path is None and engine.batch_size == 3
+    assert engine.encoder_calls == 0 and engine.image_size == 64
 
 
 # ------------------------------------------------------------------------------ Memory
@@ -230,7 +238,8 @@ def test_encoder_calls_equal_distinct_slices_through_segment(engine256, ct_a, ab
     if shots == 2:  # a second support volume: its slices are other frames
         supports.append(SupportCase(crop_slices(image, 4, 24), crop_slices(labels, 4, 24), "ct-a part"))
     chosen = [s for s in structures if s.value in (1, 5)]
-    options = SegmentOptions(method=method, image_size=256, device="cpu", untrained=True, shots=shots, top_k=2)
+    options = SegmentOptions.from_flat(method=method, image_size=256, device="cpu", untrained=True, shots=shots,
+                                       top_k=2)
     seen = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -52,7 +52,7 @@ def test_reverse_ct_a_to_ct_b_liver_and_spleen(engine256, ct_a, shared_dir, tmp_
     folder = shared_dir / "data" / "abdomen-ct" / "ct-b"
     query = read_volume(folder / "dicom")
     chosen = [next(s for s in structures if s.value == v) for v in (5, 1)]  # liver first: it wins overlaps
-    options = SegmentOptions(method="reverse", image_size=256, device="cpu", untrained=True, top_k=3)
+    options = SegmentOptions.from_flat(method="reverse", image_size=256, device="cpu", untrained=True, top_k=3)
     support = SupportCase(image, labels, "ct-a")
     stages = []
     result = segment(query, [support], chosen, options, engine=engine256,
@@ -72,12 +72,13 @@ def test_reverse_ct_a_to_ct_b_liver_and_spleen(engine256, ct_a, shared_dir, tmp_
     write_scores(str(path), result.scores)
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["structure", "value", "slice_index", "score", "selected", "matched_support", "matched_slice"]
+    assert rows[0] == ["structure", "value", "slice_index", "score", "higher_is_better", "selected",
+                       "matched_support", "matched_slice"]
     assert len(rows) == 1 + 40
     for row, s in zip(rows[1:], result.scores):
         assert row[0] == s.structure and int(row[1]) == s.value and int(row[2]) == s.slice_index
-        assert abs(float(row[3]) - s.score) < 1e-6 and row[4] == str(int(s.selected))
-        assert row[5] == "" and row[6] == ""
+        assert abs(float(row[3]) - s.score) < 1e-6 and row[4] == "1" and row[5] == str(int(s.selected))
+        assert row[6] == "" and row[7] == ""
     assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"]  # atomic: no temporary file left
 
 
@@ -91,9 +92,9 @@ def test_reverse_brain_ibsr01_to_ibsr03_csf(shared_dir):
     csf = [s for s in structures if s.value == 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = SAM2Engine("tiny", image_size=64, device="cpu", untrained=True, batch_size=16)
-    options = SegmentOptions(method="reverse", image_size=64, device="cpu", untrained=True, top_k=5,
-                             batch_size=16)
+        engine = SAM2Engine.with_random_weights("tiny", image_size=64, device="cpu", batch_size=16)
+    options = SegmentOptions.from_flat(method="reverse", image_size=64, device="cpu", untrained=True, top_k=5,
+                                       batch_size=16)
     support = SupportCase(s_image, s_labels, "ibsr-01")
     result = segment(query, [support], csf, options, engine=engine)
     assert result.slice_axis == 1  # coronal: the array's j axis
