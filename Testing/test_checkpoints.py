@@ -36,7 +36,7 @@ def _model(name: str, seed: int, image_size: int = 64):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny SAM2.1 model with random weights (seed 123, not the engine's seed 0) saved as {"model": sd}."""
-    model = _model("tiny", 123, image_size=256)
+    model = _model("tiny", 123, image_size=64)
     path = tmp_path_factory.mktemp("ckpt") / "tiny_random.pt"
     torch.save({"model": model.state_dict()}, path)
     return path, model
@@ -201,9 +201,9 @@ def test_engine_refuses_a_small_checkpoint_for_tiny(tmp_path):
         SAM2Engine.from_pretrained("tiny", image_size=64, device="cpu", checkpoint=str(path))
 
 
-def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine256, ct_a):
+def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine64, ct_a):
     path, model = tiny_ckpt
-    loaded = SAM2Engine.from_pretrained("tiny", image_size=256, device="cpu", checkpoint=str(path))
+    loaded = SAM2Engine.from_pretrained("tiny", image_size=64, device="cpu", checkpoint=str(path))
     assert loaded.checkpoint_path == path and not loaded.untrained
     for name, p in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], p), name
@@ -223,9 +223,9 @@ def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine2
         engine.reset()
         return pred
 
-    untrained = run(engine256)
+    untrained = run(engine64)
     got = run(loaded)
-    want = run(SAM2Engine(model, engine256.info, 256, "cpu"))  # the very model that was saved, in the same engine
+    want = run(SAM2Engine(model, engine64.info, 64, "cpu"))  # the very model that was saved, in the same engine
     assert torch.equal(got.memory.pred_masks, want.memory.pred_masks)
     for a, b in zip(got.masks, want.masks):
         np.testing.assert_array_equal(a, b)

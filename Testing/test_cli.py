@@ -102,6 +102,7 @@ def shared_engine(engine256):
 
 # ------------------------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow  # a real-data pipeline at 256 px
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
 def test_segment_writes_label_maps(inputs, tmp_path, capsys, monkeypatch, shared_engine, ext):
     out = tmp_path / f"result{ext}"
@@ -119,6 +120,7 @@ def test_segment_writes_label_maps(inputs, tmp_path, capsys, monkeypatch, shared
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
 
 
+@pytest.mark.slow  # a real-data pipeline at 256 px
 def test_segment_writes_seg_nrrd_with_the_supports_names_and_colours(inputs, tmp_path, capsys, monkeypatch,
                                                                     shared_engine):
     out = tmp_path / "result.seg.nrrd"
@@ -137,6 +139,7 @@ def test_segment_writes_seg_nrrd_with_the_supports_names_and_colours(inputs, tmp
     assert {s.name for s in structures} <= {"liver", "spleen"}
 
 
+@pytest.mark.slow  # a real-data pipeline at 256 px
 def test_segment_reverse_writes_scores(inputs, tmp_path, capsys, monkeypatch, shared_engine):
     out, scores = tmp_path / "result.nii.gz", tmp_path / "scores.csv"
     rc, stdout, err = _run(["segment", "--query", inputs["query_ct"], "--support", inputs["support_image"],
@@ -157,6 +160,7 @@ def test_segment_reverse_writes_scores(inputs, tmp_path, capsys, monkeypatch, sh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.nii.gz", "scores.csv"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_segment_as_a_subprocess_cross_modality(inputs, tmp_path):
     out = tmp_path / "mr.seg.nrrd"
     env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"))

@@ -217,6 +217,7 @@ def _expected_support_slices(case: SupportCase, values, shots: int) -> set:
 
 
 @pytest.mark.parametrize("method,shots", [("propagate", 2), ("reverse", 1)])
+@pytest.mark.slow  # real-data pipelines at 256 px (the fast tier's version is test_pipeline.py)
 def test_encoder_calls_equal_distinct_slices_through_segment(engine256, ct_a, abdomen_mr, method, shots):
     image, labels, structures = ct_a
     mr_image, _, _ = abdomen_mr

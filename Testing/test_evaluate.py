@@ -327,6 +327,7 @@ def crop_case(src, dst, k0, k1):
         sitk.WriteImage(img[:, :, k0:k1], str(dst / name))
 
 
+@pytest.mark.slow  # a real-data evaluation at 256 px
 def test_end_to_end_random_weights(tmp_path, shared_dir):
     data = shared_dir / "data"
     crop_case(data / "abdomen-ct" / "ct-a", tmp_path / "ct", 13, 17)

@@ -14,6 +14,8 @@ from fewshotsam2.intensity import normalize
 from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
 from fewshotsam2.slices import SlicePlan
 
+pytestmark = pytest.mark.slow  # a real-data pipeline at 256 px
+
 
 def test_lpips_backend_ct_a_to_abdomen_mr(engine256, ct_a, abdomen_mr, shared_dir):
     weights = shared_dir / "weights" / "lpips" / "alexnet_features.pth"

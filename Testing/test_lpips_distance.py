@@ -82,7 +82,11 @@ def test_alex_at_default_size_224(alex_weights: Path) -> None:
     assert torch.allclose(got.cpu(), expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("net,factory", [("vgg", torchvision.models.vgg16), ("squeeze", torchvision.models.squeezenet1_1)])
+@pytest.mark.parametrize("net,factory", [
+    # VGG16 with its classifier is 138 M parameters: seconds to build and save, so it runs in the slow tier only
+    pytest.param("vgg", torchvision.models.vgg16, marks=pytest.mark.slow),
+    ("squeeze", torchvision.models.squeezenet1_1),
+])
 def test_vgg_and_squeeze_equal_lpips_with_random_backbones(net: str, factory, tmp_path: Path) -> None:
     # their ImageNet weights cannot be downloaded here: random backbone weights, written in torchvision's
     # layout and loaded through the same path as real weights, copied into the reference by hand
