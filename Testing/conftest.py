@@ -10,6 +10,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FewShotSAM2"))
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Say once, at the end (also under -q), why the real-data tests were skipped."""
+    if not (REPO.parent / "shared").is_dir():
+        n = sum("no ../shared folder" in str(r.longrepr) for r in terminalreporter.stats.get("skipped", []))
+        if n:
+            terminalreporter.write_line(f"{n} tests skipped: no ../shared beside the clone (the project's real data "
+                                        "and weights); `fewshotsam2 sample-data` fetches the demo pair")
+
+
 def _missing(reason: str):
     """Skip a test whose data is absent, or fail it under CI (CI=true), where the data is always there."""
     if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):

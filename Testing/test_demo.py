@@ -44,7 +44,9 @@ def test_offline_demo_end_to_end_names_its_segments(new_user):
     assert "demo: done in" in run.stderr
     out = clone / "out"
     seg = slicerio.read_segmentation(str(out / "ct-b_liver_spleen.seg.nrrd"))
-    assert [s["name"] for s in seg["segments"]] == ["liver", "spleen"]
+    names = {s["name"]: s for s in seg["segments"]}
+    assert sorted(names) == ["liver", "spleen"]  # named by --labels liver=5,spleen=1 (stored in value order)
+    assert (names["liver"]["labelValue"], names["spleen"]["labelValue"]) == (5, 1)
     with open(out / "ct-b_scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["structure"] for r in rows} == {"liver", "spleen"} and len(rows) == 2 * 20  # 20 query slices each

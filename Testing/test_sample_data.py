@@ -172,6 +172,7 @@ def test_fresh_clone_skips_real_data_tests_once_with_the_reason(tmp_path):
     assert "6 skipped" in run.stdout and "Error" not in run.stdout
     assert "SKIPPED [5]" in run.stdout and "no ../shared folder beside the clone" in run.stdout
     assert "run `fewshotsam2 sample-data` to fetch it" in run.stdout
+    assert "5 tests skipped: no ../shared beside the clone" in run.stdout  # said once, at the end
     # under CI the same absence is a failure
     run = subprocess.run(cmd, cwd=clone, env=dict(env, CI="true"), capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "6 errors" in run.stdout and "CI=true: the data must be there" in run.stdout
