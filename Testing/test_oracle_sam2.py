@@ -4,7 +4,7 @@ No SAM2 checkpoint exists on the build machines, so the strongest evidence that 
 with identical (random) weights and identical model-input frames, the engine reproduces sam2's video predictor:
 per-frame low-resolution mask logits within 1e-5 and not one differing mask pixel.
 
-One SAM2 tiny (256 px, CPU) per weight seed is both our engine's model and the predictor. The predictor gets the
+One SAM2 tiny (CPU; 256 px with weight seeds 0 and 1, and 64 px in the fast tier) is both our engine's model and the predictor. The predictor gets the
 engine's own model-input tensors of the same preprocessed slices (its JPEG loader is bypassed), support and
 conditional masks through `add_new_mask`, and the same post-processing: hole filling (8 px) with sam2's own
 `fill_holes_in_mask_scores`, whose compiled connected-components kernel is replaced in this test only by the same
@@ -40,10 +40,12 @@ from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
 from fewshotsam2.slices import SlicePlan
 from fewshotsam2.volume import read_volume
 
-pytestmark = pytest.mark.slow  # SAM2 at 256 px (seconds per case)
-
-IMAGE_SIZE = 256
-SEEDS = (0, 1)
+# (image size, weight seed): the issue's 256 px with two seeds (slow tier), and 64 px in the fast tier
+CONFIGS = [
+    pytest.param((64, 0), id="64px-seed0"),
+    pytest.param((256, 0), id="256px-seed0", marks=pytest.mark.slow),
+    pytest.param((256, 1), id="256px-seed1", marks=pytest.mark.slow),
+]
 TOLERANCE = 1e-5  # max |delta logit|
 LIVER = 5
 QUERY_SLICES = (5, 12)  # ct-b array slices with liver
@@ -65,27 +67,29 @@ def _cpu_connected_components(mask: torch.Tensor):
     return torch.from_numpy(labels).to(mask.device), torch.from_numpy(areas).to(mask.device)
 
 
-@pytest.fixture(scope="module")
-def oracle_engine():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return SAM2Engine("tiny", image_size=IMAGE_SIZE, device="cpu", untrained=True)
+_ENGINES: dict[int, SAM2Engine] = {}  # one per image size, for the whole module (building takes seconds)
 
 
-@pytest.fixture(params=SEEDS, ids=lambda s: f"seed{s}")
-def engine(request, oracle_engine, monkeypatch):
-    """The engine with the random weights of one seed; its model doubles as sam2's video predictor."""
+@pytest.fixture(params=CONFIGS)
+def engine(request, monkeypatch):
+    """An engine with the random weights of one seed; its model doubles as sam2's video predictor."""
+    size, seed = request.param
+    if size not in _ENGINES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _ENGINES[size] = SAM2Engine("tiny", image_size=size, device="cpu", untrained=True)
+    engine = _ENGINES[size]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(request.param)
-        weights = build_sam2_model(oracle_engine.info, IMAGE_SIZE, "cpu").state_dict()
-    oracle_engine.model.load_state_dict(weights)
-    oracle_engine.seed = request.param
-    oracle_engine.sam2_features = {}  # the predictor's image features of this seed's weights, by input
+        torch.manual_seed(seed)
+        weights = build_sam2_model(engine.info, size, "cpu").state_dict()
+    engine.model.load_state_dict(weights)
+    engine.seed = f"{seed} ({size} px)"
+    engine.sam2_features = {}  # the predictor's image features under these weights, by input
     # the predictor's post-processing, as build_sam2_video_predictor(apply_postprocessing=True) sets it
-    monkeypatch.setattr(oracle_engine.model, "fill_hole_area", FILL_HOLE_AREA)
+    monkeypatch.setattr(engine.model, "fill_hole_area", FILL_HOLE_AREA)
     monkeypatch.setattr(sam2.utils.misc, "get_connected_components", _cpu_connected_components)
-    oracle_engine.reset()
-    return oracle_engine
+    engine.reset()
+    return engine
 
 
 def sam2_video(engine: SAM2Engine, keys, prompts: dict, start: int | None = None, both_ways: bool = False) -> dict:
@@ -207,7 +211,7 @@ def pair(ct_a, shared_dir):
 def _run(engine, pair, monkeypatch, **options):
     query, support, liver = pair
     recorder = Recorder(engine, monkeypatch)
-    opts = SegmentOptions(image_size=IMAGE_SIZE, device="cpu", untrained=True, **options)
+    opts = SegmentOptions(image_size=engine.image_size, device="cpu", untrained=True, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = segment(query, [support], [liver], opts, engine=engine)
