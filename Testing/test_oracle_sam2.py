@@ -2,13 +2,15 @@
 
 No SAM2 checkpoint exists on the build machines, so the strongest evidence that our results equal SAM2's is that,
 with identical (random) weights and identical model-input frames, the engine reproduces sam2's video predictor:
-per-frame low-resolution mask logits within 1e-5 and not one differing mask pixel.
+per-frame low-resolution mask logits within 1e-5 and not one differing mask pixel (but for float ties, see
+`Comparison`).
 
-One SAM2 tiny (CPU; 256 px with weight seeds 0 and 1, and 64 px in the fast tier) is both our engine's model and the predictor. The predictor gets the
-engine's own model-input tensors of the same preprocessed slices (its JPEG loader is bypassed), support and
-conditional masks through `add_new_mask`, and the same post-processing: hole filling (8 px) with sam2's own
-`fill_holes_in_mask_scores`, whose compiled connected-components kernel is replaced in this test only by the same
-rule on the CPU (the kernel needs sam2's CUDA extension; without it sam2 skips hole filling with a warning).
+One SAM2 tiny on the CPU (256 px with weight seeds 0 and 1; 64 px in the fast tier) is both our engine's model and
+the predictor. The predictor gets the engine's own model-input tensors of the same preprocessed slices (its JPEG
+loader is bypassed), support and conditional masks through `add_new_mask`, and the same post-processing: hole
+filling (8 px) with sam2's own `fill_holes_in_mask_scores`, whose compiled connected-components kernel is replaced
+in this test only by the same rule on the CPU (the kernel needs sam2's CUDA extension; without it sam2 skips hole
+filling with a warning).
 
 Cases (cropped ct-a -> ct-b liver, the real `segment()` on our side):
 - propagate with 1 and 3 support slices: video [supports (mask prompts), query slices];
