@@ -321,3 +321,32 @@ def test_reverse_equals_sam2_video_predictor(engine, pair, monkeypatch):
         np.testing.assert_array_equal(final[c], p_i[c])
         print(f"ORACLE seed={engine.seed} conditional slice {c}: p_c vs the predictor's output for its mask "
               f"prompt: {int((sam[c][1] != p_i[c]).sum())} pixels differ")
+
+
+@pytest.mark.parametrize("engine", [(64, 0)], indirect=True, ids=["64px-seed0"])
+def test_memory_reach_is_derived_from_the_model(engine, pair, shared_dir, monkeypatch):
+    """The FIFO keeps what the model's config lets SAM2 read: with a memory stride of 3, SAM2.1 reads mask memories
+    16 frames back, beyond its 15 object pointers; a fixed reach of 15 then differs from sam2 on a long video."""
+    assert engine.memory_reach == 15  # SAM2.1 tiny: object pointers of 15 earlier frames
+    monkeypatch.setattr(engine.model, "memory_temporal_stride_for_eval", 3)  # the predictor's config too
+    assert engine.memory_reach == (7 - 1) * 3 + 1
+    query = read_volume(shared_dir / "data" / "abdomen-ct" / "ct-b" / "dicom")  # 20 slices
+    long_pair = (query, pair[1], pair[2])
+
+    def compare() -> Comparison:
+        recorder, result, final = _run(engine, long_pair, monkeypatch, method="propagate", shots=1)
+        (support,) = _support_keys(recorder)
+        keys = [p["key"] for p in recorder.predictions]
+        assert len(keys) == 20
+        sam = sam2_video(engine, [support] + keys, {0: recorder.masks_of[support]})
+        cmp = Comparison("propagate 20 slices, memory stride 3", engine.seed)
+        for i, p in enumerate(recorder.predictions):
+            cmp.add(p["logits"], final[i], *sam[1 + i])
+        return cmp
+
+    compare().check()
+    with monkeypatch.context() as m:  # the fixed reach of before: the oracle notices the dropped memories
+        m.setattr(SAM2Engine, "memory_reach", 15)
+        fixed = compare()
+    print(f"ORACLE with a fixed reach of 15: max|dlogit|={fixed.max_dlogit:.3g}")
+    assert fixed.max_dlogit > 100 * TOLERANCE
