@@ -79,7 +79,7 @@ def engine(request, monkeypatch):
     if size not in _ENGINES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _ENGINES[size] = SAM2Engine("tiny", image_size=size, device="cpu", untrained=True)
+            _ENGINES[size] = SAM2Engine.with_random_weights("tiny", image_size=size, device="cpu")
     engine = _ENGINES[size]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -213,7 +213,7 @@ def pair(ct_a, shared_dir):
 def _run(engine, pair, monkeypatch, **options):
     query, support, liver = pair
     recorder = Recorder(engine, monkeypatch)
-    opts = SegmentOptions(image_size=engine.image_size, device="cpu", untrained=True, **options)
+    opts = SegmentOptions.from_flat(image_size=engine.image_size, device="cpu", untrained=True, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = segment(query, [support], [liver], opts, engine=engine)
@@ -299,9 +299,9 @@ def test_reverse_equals_sam2_video_predictor(engine, pair, monkeypatch):
         cmp.add(ours[i]["logits"], ours[i]["mask"], *sam[1])
         pi[i] = dice(sam[1][1], support_mask)
     cmp.check()
-    scores = {s.slice_index: s for s in result.scores}
-    ours_pi = np.array([scores[plan.slice_index_to_array_index(i)].score for i in range(n)])
-    ours_selected = sorted(i for i in range(n) if scores[plan.slice_index_to_array_index(i)].selected)
+    scores = {s.stack_index: s for s in result.scores}
+    ours_pi = np.array([scores[i].score for i in range(n)])
+    ours_selected = sorted(i for i in range(n) if scores[i].selected)
     print(f"ORACLE seed={engine.seed} pi ours={np.round(ours_pi, 4).tolist()} sam2={np.round(pi, 4).tolist()}")
     # a float-tie pixel moves a Dice by at most 2 / |support mask|
     np.testing.assert_allclose(ours_pi, pi, rtol=0, atol=1e-12 + 2 * cmp.ties / support_mask.sum())
