@@ -154,6 +154,9 @@ def _segment_parser(sub) -> None:
     add_method_arguments(p)
     add_model_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress", default="bar", choices=("bar", "json"),
+                   help="bar = a progress bar on stderr (default); json = machine-readable lines on stdout, one "
+                        "JSON object each: progress (stage, done, total), warning (message), done (device, seconds)")
     p.set_defaults(func=run_segment)
 
 
@@ -161,6 +164,9 @@ def run_segment(args: argparse.Namespace) -> int:
     from .pipeline import SupportCase, segment, validate_options, make_engine, write_scores
     from .volume import check_output_path, read_labels, read_volume, write_labels
 
+    json_lines = getattr(args, "progress", "bar") == "json"
+    if json_lines:
+        _emit_warnings_as_json()
     options = options_from_args(args)
     validate_options(options)
     check_output_path(args.out)
@@ -170,29 +176,75 @@ def run_segment(args: argparse.Namespace) -> int:
     supports = []
     structures = None
     wanted = parse_label_selection(args.labels)
+    several = len(args.support) > 1
+    found: set[str] = set()
     for image_path, labels_path in args.support:
         image = read_volume(image_path)
         labels, available = read_labels(labels_path, image)
-        chosen = resolve_structures(wanted, available, labels_path)
+        # several supports: each needs only the structures it has (the pipeline skips it for the others)
+        mine = [w for w in wanted if _resolves(w, available)] if several else wanted
+        found.update(mine)
+        chosen = resolve_structures(mine, available, labels_path)
         if structures is None:
             structures = chosen  # the first support names and colours the structures
+        else:
+            structures += [s for s in chosen if s.value not in {t.value for t in structures}]
         for s in chosen:
             if not (labels.array == s.value).any():
                 raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
         supports.append(SupportCase(image, labels, name=Path(labels_path).name))
+    missing = [w for w in wanted if w not in found]
+    if several and missing:
+        raise InputError(f"label '{missing[0]}' is absent from every support")
+    order = {w: i for i, w in enumerate(wanted)}  # the order of --labels decides who keeps an overlapping voxel
+    structures.sort(key=lambda s: min((order[w] for w in wanted if _resolves(w, [s])), default=len(order)))
     engine = make_engine(options)  # after the inputs are known good: building SAM2 takes seconds
-    bar = None if args.quiet else _ProgressBar()
+    bar = _json_progress if json_lines else None if args.quiet else _ProgressBar()
     try:
         result = segment(query, supports, structures, options, progress=bar, engine=engine)
     finally:
-        if bar is not None:
+        if isinstance(bar, _ProgressBar):
             bar.close()
     write_labels(args.out, result.labels, result.structures)
     if args.scores:
         write_scores(args.scores, result.scores)
-    counts = ", ".join(f"{s.name}: {int((result.labels.array == s.value).sum())} voxels" for s in result.structures)
+    voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
+    if json_lines:
+        _json_line(event="done", out=str(args.out), device=str(engine.device), seconds=result.timings["total"],
+                   slice_axis=int(result.slice_axis), encoder_calls=int(result.encoder_calls), voxels=voxels)
+        return 0
+    counts = ", ".join(f"{name}: {n} voxels" for name, n in voxels.items())
     print(f"wrote {args.out} ({counts}; {result.encoder_calls} slices encoded, {result.timings['total']:.1f} s)")
     return 0
+
+
+def _resolves(item: str, available: list) -> bool:
+    try:
+        resolve_structures([item], available, "")
+    except InputError:
+        return False
+    return True
+
+
+def _json_line(**fields) -> None:
+    """One JSON object per line on stdout, flushed at once: the Slicer module reads these while the run goes on."""
+    import json
+
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def _json_progress(stage: str, done: int, total: int) -> None:
+    _json_line(event="progress", stage=stage, done=int(done), total=int(total))
+
+
+def _emit_warnings_as_json() -> None:
+    """Route the core's warnings (structure not found, modality mismatch, ...) into the JSON stream."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        _json_line(event="warning", message=str(message))
+
+    warnings.showwarning = show
 
 
 def check_output_dir(path: str, suffix: str) -> None:

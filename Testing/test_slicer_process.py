@@ -1,0 +1,100 @@
+"""FewShotSAM2Lib without SAM2: the progress-line protocol, error lines, option flags, the job files, the plot
+clean-up and the sample-data registration table (fast; the real process runs in test_slicer_logic.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from FewShotSAM2Lib import choices, process, review  # noqa: E402
+from fewshotsam2 import cli  # noqa: E402
+from fewshotsam2.volume import Structure, Volume, read_labels, read_volume  # noqa: E402
+
+
+def test_progress_lines_are_parsed_and_other_output_ignored():
+    assert process.parseProgressLine('{"event": "progress", "stage": "Encoding slice 3/20", "done": 3, "total": 20}\n') == {
+        "event": "progress", "stage": "Encoding slice 3/20", "done": 3, "total": 20}
+    assert process.parseProgressLine('{"event": "warning", "message": "w"}')["message"] == "w"
+    for other in ("", "wrote out.nrrd", "{not json", '["a"]', '{"event": "unknown"}', '{"stage": "x"}'):
+        assert process.parseProgressLine(other) is None
+
+
+def test_poll_reads_complete_lines_only(tmp_path):
+    job = process.SegmentationProcess(folder=tmp_path)
+    path = tmp_path / process.PROGRESS_FILE
+    path.write_text('{"event": "progress", "stage": "Encoding slice 1/2", "done": 1, "total": 2}\n{"event": "warn')
+    assert [e["event"] for e in job.poll()] == ["progress"]
+    assert job.progress == ("Encoding slice 1/2", 1, 2)
+    with open(path, "a") as f:  # the rest of the half-written line arrives
+        f.write('ing", "message": "modality mismatch"}\n{"event": "done", "device": "cpu", "seconds": 1.5}\n')
+    assert [e["event"] for e in job.poll()] == ["warning", "done"]
+    assert job.warnings == ["modality mismatch"] and job.done["device"] == "cpu"
+    assert job.poll() == []
+
+
+def test_error_line_from_stderr():
+    assert process.errorFromStderr("warning: x\nfewshotsam2: error: --image-size must be a multiple of 32\n", 2) == (
+        "--image-size must be a multiple of 32")
+    assert process.errorFromStderr("Traceback (most recent call last):\n  File x\nMemoryError: boom\n", 1) == (
+        "the segmentation process stopped with exit code 1: MemoryError: boom")
+    assert "no message" in process.errorFromStderr("", -9)
+
+
+def test_option_flags_match_the_command_line():
+    """Every option the Logic passes is an option of `fewshotsam2 segment`, with the same default."""
+    parser = cli.build_parser()
+    segment = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "segment")[1]
+    flags = {option: action for action in segment._actions for option in action.option_strings}
+    for name, flag in process.OPTION_FLAGS.items():
+        assert flag in flags, flag
+        assert flags[flag].dest == name
+    assert process.optionArguments({"image_size": 64, "untrained": True, "keep_supports": False, "checkpoint": None,
+                                    "min_score": 0.25}) == ["--image-size", "64", "--untrained", "--min-score", "0.25"]
+    assert process.unknownOptions({"image_size": 1, "magic": 2}) == ["magic"]
+    args = parser.parse_args(["segment", "--query", "q", "--support", "i", "l", "--labels", "1", "--out", "o.nrrd",
+                              "--progress", "json"])
+    assert args.progress == "json"
+
+
+def test_job_files_keep_geometry_and_names(tmp_path):
+    direction = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]], float)
+    image = Volume(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), (0.7, 0.9, 2.5), (-10.25, 3.5, 7.125), direction)
+    labels = np.zeros(image.shape, np.uint16)
+    labels[1, 2, 3] = 2
+    structures = [Structure(1, "liver", (1.0, 0.0, 0.0)), Structure(2, "spleen, left", (0.0, 1.0, 0.0))]
+    support = type("Support", (), {"image": image, "labels": image.with_array(labels)})
+    args = process.writeJobInputs(tmp_path, image, [support], structures)
+    assert args[-2:] == ["--labels", "1,2"]
+    query = read_volume(tmp_path / process.QUERY_FILE)
+    assert query.array.dtype == np.int16 and np.array_equal(query.array, image.array)
+    assert query.spacing == image.spacing and query.origin == image.origin
+    assert np.array_equal(query.direction, direction)
+    got, found = read_labels(tmp_path / "support-1-labels.seg.nrrd", query)
+    assert np.array_equal(got.array, labels)
+    assert [(s.value, s.name) for s in found] == [(2, "spleen, left")]  # only what this support has
+
+
+def test_chart_series_are_all_removed_on_rerun():
+    """Re-running on the same chart leaves exactly one series per structure in the scene (the old loop left every
+    other one: removing a series from the scene also drops it from the chart)."""
+    scene = slicer.vtkMRMLScene()
+    structures = [Structure(v, f"s{v}", (0.1 * v, 0.2, 0.3)) for v in (1, 2, 3, 4)]
+    scores = [process.ScoreRow(s.name, s.value, k, 0.1 * k, False) for s in structures for k in range(3)]
+    result = type("Result", (), {"structures": structures, "scores": scores})
+    table, chart = review.createConfidenceTable(result, "reverse", scene)
+    for _ in range(3):
+        assert review.createConfidenceTable(result, "reverse", scene, table, chart) == (table, chart)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 4
+    assert chart.GetNumberOfPlotSeriesNodes() == 4
+
+
+def test_every_choice_has_a_readable_name():
+    for parameter, (widget, values) in choices.COMBO_BOXES.items():
+        assert widget.endswith("ComboBox")
+        for value in values:
+            name = choices.displayName(parameter, value)
+            assert name != str(value) or parameter == "imageSize", (parameter, value)
+    assert choices.displayName("method", "base_plus") == "base_plus"  # unknown value: shown as is
+    assert json.dumps(choices.DISPLAY_NAMES, default=str)
