@@ -547,15 +547,6 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     jumpToSlice = staticmethod(review.jumpToSlice)
     createConfidenceTable = staticmethod(review.createConfidenceTable)
 
-    @staticmethod
-    def emptySegmentNames(segmentationNode, segmentIds, volumeNode) -> list:
-        """Names of the given segments that have no voxel inside the volume (the GUI names them before a run)."""
-        mrml_io.ensureSegmentationConverterRules()
-        segmentation = segmentationNode.GetSegmentation()
-        return [segmentation.GetSegment(sid).GetName() or sid for sid in segmentIds
-                if segmentation.GetSegment(sid) is not None
-                and not mrml_io.segmentMaskOnVolume(segmentationNode, sid, volumeNode).any()]
-
     # ------------------------------------------------------------------------------------------ models
 
     @staticmethod
@@ -634,6 +625,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastQueryVolumeNode = None
         self._tableNode = None
         self._chartNode = None
+        self._shownWarnings = 0
 
     # ------------------------------------------------------------------------------------------ setup
 
