@@ -235,7 +235,7 @@ class FewShotSAM2Run:
     supports: list  # [PreparedSupport]
     structures: list  # [fewshotsam2.volume.Structure]
     method: str
-    options: dict  # the Logic's option keywords (see process.OPTION_FLAGS)
+    options: dict  # validated settings under their flat names (fewshotsam2.options), see process.OPTION_FLAGS
     # MRML side, used by `apply` only (main thread)
     queryVolumeNode: Any = None
     outputSegmentationNode: Any = None
@@ -346,8 +346,15 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             raise _inputError(f"The output segmentation '{nodeName(outputSegmentationNode)}' is not in a scene.")
         if method not in METHODS:
             raise _inputError(f"Unknown method '{method}': choose one of {', '.join(METHODS)}.")
-        unknown = process.unknownOptions(options)
-        if unknown:
+        from fewshotsam2.options import SegmentOptions  # pure Python: validating needs no torch
+
+        try:
+            flat = SegmentOptions.from_flat(method=method, **options).to_flat()  # bad values: one-line OptionError
+        except TypeError as exc:
+            raise _inputError(f"Unknown segmentation option: {exc}") from None
+        flat.pop("method")
+        unknown = process.unknownOptions(flat)
+        if unknown:  # a setting of the core that the process runner cannot pass yet
             raise _inputError(f"Unknown segmentation option: {', '.join(unknown)}.")
         supportList = self._normalizeSupports(supports)
         mrml_io.ensureSegmentationConverterRules()
@@ -406,7 +413,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             supports=cases,
             structures=list(structuresByName.values()),
             method=method,
-            options=dict(options),
+            options=flat,
             queryVolumeNode=queryVolumeNode,
             outputSegmentationNode=outputSegmentationNode,
             segmentMetadata=metadata,

@@ -28,7 +28,8 @@ from fewshotsam2.volume import Structure, Volume, read_volume  # noqa: E402
 
 from FewShotSAM2Lib import dependencies, process, review  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS")
+# slow tier: real-data pipelines and the segmentation process (module fixtures shared by several tests)
+pytestmark = [pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS"), pytest.mark.slow]
 
 FAST = dict(image_size=256, untrained=True, device="cpu")
 LIVER_COLOR = (0.85, 0.45, 0.35)

@@ -1,8 +1,6 @@
 """FewShotSAM2Lib without SAM2: the progress-line protocol, error lines, option flags, the job files, the plot
 clean-up and the sample-data registration table (fast; the real process runs in test_slicer_logic.py)."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -95,6 +93,7 @@ def test_every_choice_has_a_readable_name():
         assert widget.endswith("ComboBox")
         for value in values:
             name = choices.displayName(parameter, value)
-            assert name != str(value) or parameter == "imageSize", (parameter, value)
-    assert choices.displayName("method", "base_plus") == "base_plus"  # unknown value: shown as is
-    assert json.dumps(choices.DISPLAY_NAMES, default=str)
+            assert name != str(value), (parameter, value)
+            assert "_" not in name and not name.startswith("ct-"), name
+    assert choices.displayName("method", "reverse") == "Reverse propagation (RevSAM2)"
+    assert choices.displayName("imageSize", 256) == "256 px"

@@ -1,42 +1,19 @@
-"""The choices the GUI offers and the readable name shown for each, in one place.
+"""The choices the GUI offers and the readable name shown for each.
 
-The values are the core's (the static tests check that they agree with fewshotsam2's constants); they are
-spelled out here so that Slicer can load the module before the core's dependencies (torch, sam2) are installed.
+The values and their readable names are the core's (`fewshotsam2.constants`, pure Python: the module loads before
+torch and sam2 are installed); this file only says which combo box shows which parameter.
 """
 
-METHODS = ("reverse", "lpips", "propagate")
-MODEL_SIZES = ("tiny", "small", "base_plus", "large")
-MODEL_VERSIONS = ("2.1", "2")
-DEVICES = ("auto", "cuda", "cpu")
-SLICE_AXES = ("auto", "axial", "coronal", "sagittal")
-INTENSITY_PRESETS = ("auto", "ct-abdomen", "ct-liver", "ct-lung", "ct-bone", "ct-brain", "percentile", "minmax")
-LPIPS_NETS = ("alex", "vgg", "squeeze")
-IMAGE_SIZES = (1024, 512, 256)
+from fewshotsam2 import constants
 
-# parameter name -> {value: text shown in the combo box}; a value without an entry is shown as it is
-DISPLAY_NAMES = {
-    "method": {
-        "reverse": "Reverse propagation (RevSAM2)",
-        "lpips": "LPIPS matching (Zu et al.)",
-        "propagate": "SAM2 propagation (baseline)",
-    },
-    "modelSize": {"tiny": "Tiny (fastest)", "small": "Small", "base_plus": "Base+", "large": "Large (most accurate)"},
-    "modelVersion": {"2.1": "SAM 2.1", "2": "SAM 2"},
-    "device": {"auto": "Automatic (GPU if available)", "cuda": "GPU (CUDA)", "cpu": "CPU"},
-    "imageSize": {1024: "1024 px (SAM2's own size)", 512: "512 px (faster)", 256: "256 px (fastest, coarse)"},
-    "sliceAxis": {"auto": "Automatic (acquisition plane)", "axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"},
-    "intensityPreset": {
-        "auto": "Automatic (CT window for CT, percentiles otherwise)",
-        "ct-abdomen": "CT abdomen window",
-        "ct-liver": "CT liver window",
-        "ct-lung": "CT lung window",
-        "ct-bone": "CT bone window",
-        "ct-brain": "CT brain window",
-        "percentile": "Percentiles (0.5-99.5 %)",
-        "minmax": "Full range (min-max)",
-    },
-    "lpipsNet": {"alex": "AlexNet (as in the paper)", "vgg": "VGG", "squeeze": "SqueezeNet"},
-}
+METHODS = constants.METHODS
+MODEL_SIZES = constants.MODELS
+MODEL_VERSIONS = constants.VERSIONS
+DEVICES = constants.DEVICES
+SLICE_AXES = constants.AXES
+INTENSITY_PRESETS = constants.PRESETS
+LPIPS_NETS = constants.LPIPS_NETS
+IMAGE_SIZES = constants.IMAGE_SIZES
 
 # parameter name -> (the .ui combo box bound to it, its values in the order the combo box lists them)
 COMBO_BOXES = {
@@ -52,4 +29,7 @@ COMBO_BOXES = {
 
 
 def displayName(parameter: str, value) -> str:
-    return DISPLAY_NAMES.get(parameter, {}).get(value, str(value))
+    """What the combo box of `parameter` shows for `value`."""
+    if parameter == "imageSize":
+        return f"{value} px" + (" (SAM2's own size)" if value == constants.DEFAULT_IMAGE_SIZE else "")
+    return constants.display_name(value)

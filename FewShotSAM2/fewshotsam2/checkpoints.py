@@ -7,23 +7,21 @@ silently bad masks.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import constants
+from .atomic import atomic_path
 from .errors import InputError
 
-log = logging.getLogger(__name__)
-
 CACHE_ENV = "FEWSHOTSAM2_CACHE"
-MODELS = ("tiny", "small", "base_plus", "large")
-VERSIONS = ("2", "2.1")
+MODELS = constants.MODELS
+VERSIONS = constants.VERSIONS
 
 _BASE_URLS = {
     "2": "https://dl.fbaipublicfiles.com/segment_anything_2/072824",
@@ -119,11 +117,10 @@ def download_checkpoint(
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
     bar = None
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(info.url, timeout=60) as response:
+        with atomic_path(target) as tmp, open(tmp, "wb") as out, \
+                urllib.request.urlopen(info.url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0)
             if progress is None:
                 from tqdm import tqdm
@@ -140,18 +137,14 @@ def download_checkpoint(
                     progress(done, total)
                 else:
                     bar.update(len(chunk))
-        if total and tmp.stat().st_size != total:
-            raise InputError(f"download of {info.url} was incomplete ({tmp.stat().st_size} of {total} bytes)")
-        os.replace(tmp, target)
+            out.flush()
+            if total and done != total:
+                raise InputError(f"download of {info.url} was incomplete ({done} of {total} bytes)")
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(
             f"cannot download the {info.key} checkpoint ({exc}). Download {info.url} yourself and put it at "
             f"{target} (or pass --checkpoint PATH, or set {CACHE_ENV} to a folder holding {info.filename})"
         ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         if bar is not None:
             bar.close()
@@ -212,18 +205,13 @@ def import_checkpoint(
     src = Path(path).expanduser()
     if not src.is_file():
         raise InputError(f"checkpoint file not found: {src}")
-    net = build_sam2_model(info, image_size=1024, device="cpu")
+    # the weights do not depend on the input size (position embeddings are interpolated): the smallest model checks them
+    net = build_sam2_model(info, image_size=constants.MIN_IMAGE_SIZE, device="cpu")
     load_state_dict(net, src, info.key)
     folder = _cache(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp_name)
-        os.replace(tmp_name, folder / info.filename)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(folder / info.filename) as tmp:
+        shutil.copyfile(src, tmp)
     return folder / info.filename
 
 
@@ -233,7 +221,7 @@ def clear_cache(cache_dir: Optional[str | Path] = None) -> int:
     removed = 0
     if folder.is_dir():
         for f in folder.iterdir():
-            if f.is_file() and (f.suffix == ".pt" or f.name.endswith(".part")):
+            if f.is_file() and (f.suffix == ".pt" or f.name.endswith(".part") or f.name.startswith(".tmp-")):
                 f.unlink()
                 removed += 1
     return removed

@@ -10,10 +10,12 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from .checkpoints import CACHE_ENV, MODELS, VERSIONS
+from . import constants as C
+from .checkpoints import CACHE_ENV
 from .errors import Cancelled, InputError
+from .options import OptionError, SegmentOptions
 
 EXIT_BAD_INPUT = 2
 
@@ -23,15 +25,23 @@ _MODEL_HELP = (
 )
 
 
+def flag(option: str) -> str:
+    """The command-line flag of an option's flat name (`top_k` -> `--top-k`)."""
+    return "--" + option.replace("_", "-")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every command that runs SAM2 shares."""
+    """Options every command that runs SAM2 shares (defaults: `options.SegmentOptions`)."""
+    d = SegmentOptions.flat_defaults()
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help=_MODEL_HELP)
-    g.add_argument("--version", default="2.1", choices=VERSIONS, help="SAM2 release: 2 or 2.1 (default 2.1)")
-    g.add_argument("--image-size", type=int, default=1024, metavar="N",
-                   help="SAM2 input size in pixels (default 1024, what SAM2 was trained at; smaller is faster "
-                        "and less accurate; a multiple of 32)")
-    g.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+    g.add_argument("--model", default=d["model"], help=_MODEL_HELP)
+    g.add_argument("--version", default=d["version"], choices=C.VERSIONS,
+                   help=f"SAM2 release: {' or '.join(C.VERSIONS)} (default {d['version']})")
+    g.add_argument("--image-size", type=int, default=d["image_size"], metavar="N",
+                   help=f"SAM2 input size in pixels (default {d['image_size']}, what SAM2 was trained at and the "
+                        f"largest allowed; smaller is faster and less accurate; a multiple of {C.IMAGE_SIZE_STEP}, "
+                        f"at least {C.MIN_IMAGE_SIZE})")
+    g.add_argument("--device", default=d["device"], choices=C.DEVICES,
                    help="where SAM2 runs (default auto: cuda, then mps, then cpu)")
     g.add_argument("--checkpoint", metavar="PATH",
                    help="a local SAM2 checkpoint (.pt) matching --model/--version, instead of the cached download")
@@ -40,67 +50,48 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--untrained", action="store_true",
                    help="use RANDOM weights instead of a checkpoint: for testing the plumbing only, "
                         "the masks mean nothing")
-    g.add_argument("--batch-size", type=int, default=8, metavar="B",
-                   help="slices per batch for the image encoder and for predictions that share memory (default 8)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], metavar="B",
+                   help="slices per batch for the image encoder and for predictions that share memory "
+                        f"(default {d['batch_size']}, at least 1)")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """Slicing and backend options (shared by segment and evaluate)."""
-    from .intensity import PRESET_NAMES
-    from .slices import AXES
-
+    """Slicing and backend options (shared by segment and evaluate; defaults: `options`)."""
+    d = SegmentOptions.flat_defaults()
     g = parser.add_argument_group("slices")
-    g.add_argument("--axis", default="auto", choices=AXES,
+    g.add_argument("--axis", default=d["axis"], choices=C.AXES,
                    help="slice direction: auto = the acquisition axis (coarsest spacing), or a named plane")
-    g.add_argument("--preset", default="auto", choices=PRESET_NAMES,
+    g.add_argument("--preset", default=d["preset"], choices=C.PRESETS,
                    help="intensity window: auto = CT abdomen window for CT, 0.5-99.5 percentiles otherwise")
-    g.add_argument("--shots", type=int, default=1, metavar="K",
+    g.add_argument("--shots", type=int, default=d["shots"], metavar="K",
                    help="support slices per support volume and structure: 1 = the middle labeled slice, "
-                        "K = K evenly spaced labeled slices (default 1)")
+                        f"K = K evenly spaced labeled slices (default {d['shots']})")
     r = parser.add_argument_group("reverse propagation (--method reverse)")
-    r.add_argument("--top-k", type=int, default=5, metavar="K",
-                   help="query slices kept as conditional slices, best reverse score first (default 5)")
-    r.add_argument("--min-score", type=float, default=0.0, metavar="PI",
+    r.add_argument("--top-k", type=int, default=d["top_k"], metavar="K",
+                   help=f"query slices kept as conditional slices, best reverse score first (default {d['top_k']})")
+    r.add_argument("--min-score", type=float, default=d["min_score"], metavar="PI",
                    help="only slices whose reverse score (mean Dice on the supports, 0..1) reaches this are "
-                        "kept; if none does, the best slice is used with a warning (default 0)")
+                        f"kept; if none does, the best slice is used with a warning (default {d['min_score']:g})")
     r.add_argument("--keep-supports", action="store_true",
                    help="keep the support slices in SAM2's memory during query self-propagation (default: "
                         "only the conditional query slices, as in the paper)")
     lp = parser.add_argument_group("LPIPS matching (--method lpips)")
-    lp.add_argument("--augmentations", type=int, default=3, metavar="N",
-                    help="augmented copies of each support slice in the matching set (default 3)")
-    lp.add_argument("--lpips-net", default="alex", choices=("alex", "vgg", "squeeze"),
-                    help="LPIPS backbone (default alex)")
+    lp.add_argument("--augmentations", type=int, default=d["augmentations"], metavar="N",
+                    help=f"augmented copies of each support slice in the matching set (default {d['augmentations']})")
+    lp.add_argument("--lpips-net", default=d["lpips_net"], choices=C.LPIPS_NETS,
+                    help=f"LPIPS backbone (default {d['lpips_net']})")
     lp.add_argument("--lpips-weights", metavar="PATH",
                     help="LPIPS backbone weights (torchvision-layout state dict) for offline use; "
                          "also $FEWSHOTSAM2_LPIPS_WEIGHTS")
-    lp.add_argument("--seed", type=int, default=0, help="seed of the augmentations (default 0)")
+    lp.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the augmentations (default {d['seed']})")
 
 
-def options_from_args(args: argparse.Namespace, method: Optional[str] = None):
-    from .pipeline import SegmentOptions
-
-    return SegmentOptions(
-        method=method or args.method,
-        model=args.model,
-        version=args.version,
-        image_size=args.image_size,
-        device=args.device,
-        checkpoint=args.checkpoint,
-        untrained=args.untrained,
-        cache_dir=args.cache_dir,
-        axis=args.axis,
-        preset=args.preset,
-        shots=args.shots,
-        top_k=args.top_k,
-        min_score=args.min_score,
-        keep_supports=args.keep_supports,
-        augmentations=args.augmentations,
-        lpips_net=args.lpips_net,
-        lpips_weights=args.lpips_weights,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+def options_from_args(args: argparse.Namespace, method: Optional[str] = None) -> SegmentOptions:
+    """The SegmentOptions of parsed arguments: each option's flag is its flat name (`--top-k` is `top_k`)."""
+    flat = {name: getattr(args, name) for name in SegmentOptions.flat_names() if hasattr(args, name)}
+    if method is not None:
+        flat["method"] = method
+    return SegmentOptions.from_flat(**flat)
 
 
 def parse_label_selection(text: str) -> list[str]:
@@ -129,8 +120,6 @@ def resolve_structures(wanted: list[str], available: list, support_name: str) ->
 
 
 def _segment_parser(sub) -> None:
-    from .pipeline import METHODS
-
     p = sub.add_parser(
         "segment",
         help="segment structures in a query volume from labeled support volumes",
@@ -146,7 +135,7 @@ def _segment_parser(sub) -> None:
                    help="structures to segment: label values (1,5) or, for .seg.nrrd, segment names")
     p.add_argument("--out", required=True, metavar="OUT",
                    help="output label map: .nii.gz, .nii, .nrrd or .seg.nrrd (segment names and colours)")
-    p.add_argument("--method", default="reverse", choices=METHODS,
+    p.add_argument("--method", default=SegmentOptions.flat_defaults()["method"], choices=C.METHODS,
                    help="reverse = reverse propagation (RevSAM2, default); lpips = LPIPS matching (Zu et al.); "
                         "propagate = plain SAM2 propagation (baseline)")
     p.add_argument("--scores", metavar="FILE.csv",
@@ -161,14 +150,13 @@ def _segment_parser(sub) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .pipeline import SupportCase, segment, validate_options, make_engine, write_scores
+    from .pipeline import SupportCase, make_engine, segment, write_scores
     from .volume import check_output_path, read_labels, read_volume, write_labels
 
     json_lines = getattr(args, "progress", "bar") == "json"
     if json_lines:
         _emit_warnings_as_json()
     options = options_from_args(args)
-    validate_options(options)
     check_output_path(args.out)
     if args.scores:
         check_output_dir(args.scores, ".csv")
@@ -189,16 +177,15 @@ def run_segment(args: argparse.Namespace) -> int:
             structures = chosen  # the first support names and colours the structures
         else:
             structures += [s for s in chosen if s.value not in {t.value for t in structures}]
-        for s in chosen:
-            if not (labels.array == s.value).any():
-                raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
+        # (no emptiness check here: read_labels lists only the structures present in the labels)
         supports.append(SupportCase(image, labels, name=Path(labels_path).name))
     missing = [w for w in wanted if w not in found]
     if several and missing:
         raise InputError(f"label '{missing[0]}' is absent from every support")
     order = {w: i for i, w in enumerate(wanted)}  # the order of --labels decides who keeps an overlapping voxel
     structures.sort(key=lambda s: min((order[w] for w in wanted if _resolves(w, [s])), default=len(order)))
-    engine = make_engine(options)  # after the inputs are known good: building SAM2 takes seconds
+    # after the inputs are known good: building SAM2 takes seconds
+    engine = (getattr(args, "engine_factory", None) or make_engine)(options)
     bar = _json_progress if json_lines else None if args.quiet else _ProgressBar()
     try:
         result = segment(query, supports, structures, options, progress=bar, engine=engine)
@@ -210,7 +197,7 @@ def run_segment(args: argparse.Namespace) -> int:
         write_scores(args.scores, result.scores)
     voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
     if json_lines:
-        _json_line(event="done", out=str(args.out), device=str(engine.device), seconds=result.timings["total"],
+        _json_line(event="done", out=str(args.out), device=str(getattr(engine, "device", "")), seconds=result.timings["total"],
                    slice_axis=int(result.slice_axis), encoder_calls=int(result.encoder_calls), voxels=voxels)
         return 0
     counts = ", ".join(f"{name}: {n} voxels" for name, n in voxels.items())
@@ -306,14 +293,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable] = None) -> int:
+    """Run the command line. `engine_factory(options)` builds the SAM2 engine a command needs (default
+    `pipeline.make_engine`); tests and embedding programs hand in their own, e.g. to reuse a loaded model."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.engine_factory = engine_factory
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     # warnings are for people: one line each, no source lines
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
         return args.func(args)
+    except OptionError as exc:  # the options name no flag; here they are flags
+        print(f"fewshotsam2: error: {flag(exc.option)} {exc.problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except InputError as exc:
         print(f"fewshotsam2: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -8,7 +8,6 @@ GetArrayFromImage order); `spacing` and `origin` are in (i, j, k) order, millime
 from __future__ import annotations
 
 import os
-import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path
 from .errors import InputError
 
 PathLike = Union[str, Path]
@@ -400,15 +400,11 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) ->
         by_value.setdefault(v, default_structure(v))
     all_structures = [by_value[v] for v in sorted(by_value)]
 
-    tmp = p.parent / f".tmp-{secrets.token_hex(4)}-{p.name}"
     try:
-        if ext == ".seg.nrrd":
-            _write_seg_nrrd(str(tmp), out, all_structures, arr)
-        else:
-            sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=(ext != ".nii"))
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:  # same extension: ITK picks the writer by it
+            if ext == ".seg.nrrd":
+                _write_seg_nrrd(str(tmp), out, all_structures, arr)
+            else:
+                sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=(ext != ".nii"))
     except (OSError, RuntimeError, ValueError) as e:
         raise InputError(f"{p}: cannot write ({_first_line(e)})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
