@@ -662,6 +662,48 @@ def test_crashing_process_gives_a_runtime_error_and_changes_nothing(mr_scene, tm
 
 
 @pytest.mark.slow
+def test_run_stops_when_slicer_is_killed(tmp_path):
+    """The segmentation has a process group of its own (for Cancel), so it would outlive a killed Slicer: it
+    checks the pid it was given and stops at its next progress line once that process is gone."""
+    script = tmp_path / "start.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {os.path.dirname(module.__file__)!r})
+import numpy as np, slicer
+import FewShotSAM2 as module
+scene = slicer.vtkMRMLScene()
+keep = slicer.vtkSlicerSegmentationsModuleLogic()
+keep.SetMRMLScene(scene)
+volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v")
+slicer.util.updateVolumeFromArray(volume, np.random.default_rng(0).normal(0, 100, (600, 32, 32)).astype(np.int16))
+from FewShotSAM2Lib import process
+from fewshotsam2.volume import Structure
+query = module.FewShotSAM2Logic.volumeFromNode(volume)
+labels = np.zeros(query.shape, np.uint16)
+labels[300, 10:20, 10:20] = 1
+support = module.PreparedSupport(query, query.with_array(labels))
+run = module.FewShotSAM2Run(query, [support], [Structure(1, "blob", (1, 0, 0))], "propagate",
+                            dict(image_size=64, untrained=True, device="cpu", batch_size=1), volume)
+job = module.FewShotSAM2Logic().start(run)
+while job.progress[2] == 0:
+    job.poll()
+    time.sleep(0.05)
+print(job.process.process.pid, flush=True)
+time.sleep(600)
+""")
+    starter = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)))
+    pid = int(starter.stdout.readline())
+    assert process_group_alive(pid)
+    starter.kill()  # "Slicer" dies without cleaning up
+    starter.wait()
+    killed = time.time()
+    while process_group_alive(pid) and time.time() < killed + 15:  # the whole run takes minutes
+        time.sleep(0.2)
+    assert not process_group_alive(pid)
+
+
+@pytest.mark.slow
 def test_slicer_process_never_imports_torch(tmp_path):
     """A whole Logic run in a fresh interpreter: the segmentation happens, torch and sam2 stay out of it."""
     script = tmp_path / "run.py"

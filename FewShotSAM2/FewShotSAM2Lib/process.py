@@ -235,6 +235,7 @@ class SegmentationProcess:
         # the fewshotsam2 shipped with the module comes first; -m also puts the working folder (core) on sys.path
         env["PYTHONPATH"] = core + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
+        env["FEWSHOTSAM2_PARENT_PID"] = str(os.getpid())  # the run stops if Slicer is killed (fewshotsam2.cli)
         env.pop("PYTHONSTARTUP", None)
         kwargs: dict = {}
         if os.name == "nt":

@@ -221,8 +221,32 @@ def _json_line(**fields) -> None:
     sys.stdout.flush()
 
 
+PARENT_PID_ENV = "FEWSHOTSAM2_PARENT_PID"
+
+
 def _json_progress(stage: str, done: int, total: int) -> None:
     _json_line(event="progress", stage=stage, done=int(done), total=int(total))
+    _stop_if_orphaned()
+
+
+def _stop_if_orphaned() -> None:
+    """Stop when the program that started this run is gone (Slicer killed or crashed): nobody reads the result.
+
+    The Slicer module runs each segmentation in its own process group (so that Cancel can kill it with its
+    children), which also means the run would outlive a killed Slicer; it names its own pid in
+    $FEWSHOTSAM2_PARENT_PID. POSIX only (on Windows os.kill(pid, 0) would send Ctrl-C).
+    """
+    import os
+
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if os.name != "posix" or not parent.isdigit():
+        return
+    try:
+        os.kill(int(parent), 0)
+    except ProcessLookupError:
+        raise Cancelled(f"the program that started this run (pid {parent}) is gone") from None
+    except PermissionError:
+        pass  # exists, owned by someone else
 
 
 def _emit_warnings_as_json() -> None:
