@@ -907,6 +907,7 @@ def test_incompatible_sam2_is_refused_with_a_message(tmp_path, monkeypatch):
     (tmp_path / "sam2").mkdir()
     (tmp_path / "sam2" / "__init__.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sam2", raising=False)  # find_spec would answer from an imported sam2
     problem = dependencies.sam2Problem()
     assert "no configs/sam2.1 folder" in problem and str(tmp_path) in problem
     monkeypatch.undo()
