@@ -464,7 +464,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             arguments = process.writeJobInputs(segmentationProcess.folder, prepared.query, prepared.supports,
                                                prepared.structures)
             arguments += ["--method", prepared.method] + process.optionArguments(prepared.options)
-            segmentationProcess.start(arguments)
+            segmentationProcess.start(arguments, scores=prepared.method != "propagate")
         except BaseException:
             segmentationProcess.cleanup()
             raise

@@ -225,12 +225,17 @@ class SegmentationProcess:
 
     # -------------------------------------------------------------------------- start / stop
 
-    def start(self, arguments: list[str]) -> "SegmentationProcess":
-        """Start the core's `segment` command with `arguments` (inputs, options); output files go in the folder."""
+    def start(self, arguments: list[str], scores: bool = True) -> "SegmentationProcess":
+        """Start the core's `segment` command with `arguments` (inputs, options); output files go in the folder.
+
+        scores: ask for the per-slice scores (reverse and LPIPS matching have them; propagation has none).
+        """
         core = str(coreFolder())
         self.command = [self.python, "-m", "fewshotsam2.cli", "segment", *arguments,
-                        "--out", str(self.folder / RESULT_FILE), "--scores", str(self.folder / SCORES_FILE),
-                        "--progress", "json"]
+                        "--out", str(self.folder / RESULT_FILE)]
+        if scores:
+            self.command += ["--scores", str(self.folder / SCORES_FILE)]
+        self.command += ["--progress", "json"]
         env = dict(os.environ)
         # the fewshotsam2 shipped with the module comes first; -m also puts the working folder (core) on sys.path
         env["PYTHONPATH"] = core + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
