@@ -97,3 +97,52 @@ def test_every_choice_has_a_readable_name():
             assert "_" not in name and not name.startswith("ct-"), name
     assert choices.displayName("method", "reverse") == "Reverse propagation (RevSAM2)"
     assert choices.displayName("imageSize", 256) == "256 px"
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+def _tiny_case(folder, values):
+    """A 6x24x24 volume with a bright square and a label map holding the given values (one small blob each)."""
+    image = Volume(np.full((6, 24, 24), 100, np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    image.array[:, 6:18, 6:18] = 900
+    labels = np.zeros(image.shape, np.uint8)
+    for n, value in enumerate(values):
+        labels[3, 6 + 4 * n : 9 + 4 * n, 6:18] = value
+    from fewshotsam2.volume import write_labels
+
+    process.writeImage(folder / "image.nrrd", image)
+    write_labels(folder / "labels.nrrd", image.with_array(labels), [])
+    return folder / "image.nrrd", folder / "labels.nrrd"
+
+
+@pytest.mark.slow
+def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
+    """`segment --progress json` prints only JSON lines (progress, then done with the device); with several
+    supports a label needs to be in one of them only, and one absent from all is one clear error."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    image_a, labels_a = _tiny_case(tmp_path / "a", [1])
+    image_b, labels_b = _tiny_case(tmp_path / "b", [2])
+    out = tmp_path / "out.nrrd"
+    common = ["segment", "--query", str(image_a), "--support", str(image_a), str(labels_a),
+              "--support", str(image_b), str(labels_b), "--out", str(out), "--method", "propagate",
+              "--untrained", "--image-size", "64", "--device", "cpu", "--progress", "json"]
+    assert cli.main(common + ["--labels", "2,1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    events = [process.parseProgressLine(line) for line in lines]
+    assert None not in events  # nothing but JSON objects on stdout
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[0]["stage"].startswith("Encoding slice") and progress[0]["total"] == 6
+    done = events[-1]
+    assert done["event"] == "done" and done["device"] == "cpu" and done["seconds"] > 0
+    assert list(done["voxels"]) == ["Label 2", "Label 1"]  # the --labels order
+    assert read_volume(out).shape == (6, 24, 24)
+    import warnings
+
+    assert warnings.showwarning is not cli._json_warning  # restored: warnings after the run are not JSON lines
+
+    out.unlink()
+    assert cli.main(common + ["--labels", "1,3"]) == 2
+    assert "label '3' is absent from every support" in capsys.readouterr().err
+    assert not out.exists()

@@ -130,13 +130,21 @@ def _segment_parser(sub) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    json_lines = getattr(args, "progress", "bar") == "json"
+    if json_lines:
+        previous, warnings.showwarning = warnings.showwarning, _json_warning
+        try:
+            return _run_segment(args, json_lines)
+        finally:
+            warnings.showwarning = previous
+    return _run_segment(args, json_lines)
+
+
+def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
     from .paths import refuse_overwriting_inputs
     from .pipeline import SupportCase, check_query, make_engine, segment, write_scores
     from .volume import check_output_path, output_structures, read_labels, read_volume, structure_mask, write_labels
 
-    json_lines = getattr(args, "progress", "bar") == "json"
-    if json_lines:
-        _emit_warnings_as_json()
     options = options_from_args(args)
     # both outputs are checked before any work: never replace an input, never fail after the run
     refuse_overwriting_inputs([("--out", args.out), ("--scores", args.scores)],
@@ -257,13 +265,9 @@ def _stop_if_orphaned() -> None:
         pass  # exists, owned by someone else
 
 
-def _emit_warnings_as_json() -> None:
-    """Route the core's warnings (structure not found, modality mismatch, ...) into the JSON stream."""
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        _json_line(event="warning", message=str(message))
-
-    warnings.showwarning = show
+def _json_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The core's warnings (structure not found, modality mismatch, ...) as lines of the JSON stream."""
+    _json_line(event="warning", message=str(message))
 
 
 def check_output_dir(path: str, suffix: str) -> None:
