@@ -475,11 +475,11 @@ def run(args: argparse.Namespace) -> int:
     if args.retries < 0:
         raise InputError(f"--retries must be 0 or more, got {args.retries}")
     if args.ray:
-        from importlib.util import find_spec
-
-        if find_spec("ray") is None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
             raise InputError("--ray needs Ray, which is not installed: pip install 'fewshotsam2[ray]' "
-                             "(or pip install ray)")
+                             "(or pip install ray)") from None
     cases, out_dir = _cases(args)
     summary_path = str(Path(out_dir) / SUMMARY_NAME)
     if os.path.realpath(summary_path) in {os.path.realpath(c.output) for c in cases}:
