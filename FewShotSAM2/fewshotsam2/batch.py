@@ -373,6 +373,7 @@ def write_summary(path: str, results: list[CaseResult]) -> None:
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".batch-summary-", suffix=".csv", dir=folder)
     try:
         with os.fdopen(fd, "w", newline="") as f:
@@ -485,8 +486,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.realpath(summary_path) in {os.path.realpath(c.output) for c in cases}:
         raise InputError(f"{summary_path}: the summary would overwrite a case's output")
     supports = check_supports(cases)
-    # checked: from here on, work
-    os.makedirs(out_dir, exist_ok=True)
+    # checked: from here on, work (folders are made when the first file goes into them)
     results: dict[int, CaseResult] = {}
     todo = []
     for c in cases:

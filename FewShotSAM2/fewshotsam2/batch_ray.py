@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import ray
 
 from .batch import BatchCase, CaseResult, CaseRunner
+from .errors import InputError
 
 LOCAL_OBJECT_STORE = 256 * 2**20  # cases and results are small; Ray's default takes 30% of the RAM
 CPUS_PER_WORKER = 4  # default slot size on CPU-only clusters: SAM2's encoder scales to a few threads per model
@@ -67,6 +68,8 @@ def plan_workers(workers: Optional[int], device: str) -> tuple[int, dict]:
     resources = ray.cluster_resources()
     gpus = float(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
+    if device == "cuda" and gpus < 1:
+        raise InputError("--device cuda: the Ray cluster has no GPU (use --device cpu or auto)")
     if gpus >= 1 and device in ("auto", "cuda"):
         n = workers or int(gpus)
         return n, {"num_gpus": min(1.0, gpus / n), "num_cpus": max(1, cpus // n)}
@@ -103,7 +106,7 @@ def run_cases(cases: list[BatchCase], options, record: Callable[[CaseResult], No
                 except ray.exceptions.RayError as exc:  # the worker died more often than --retries allows
                     first = " ".join(str(exc).split())[:300]
                     result = CaseResult(case.row, case.name, case.query, case.output, "failed",
-                                        error=f"worker lost after {retries} retries: {type(exc).__name__}: {first}")
+                                        error=f"Ray worker lost or could not start ({type(exc).__name__}): {first}")
                 idle.append(actor)
                 record(result)
                 bar.set_postfix_str(f"{case.name}: {result.status}")
