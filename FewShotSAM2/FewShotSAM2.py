@@ -93,16 +93,13 @@ except ImportError:  # slicer-core (pip): MRML and slicer.util only. The Logic w
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402  (MRML, also in slicer-core)
 
-# Choices offered in the GUI. They mirror the core's constants (the static tests check that they agree);
-# they are spelled out here so the module loads even before the core's dependencies (torch, sam2) are installed.
-METHODS = ("reverse", "lpips", "propagate")
-MODEL_SIZES = ("tiny", "small", "base_plus", "large")
-MODEL_VERSIONS = ("2.1", "2")
-DEVICES = ("auto", "cuda", "cpu")
-SLICE_AXES = ("auto", "axial", "coronal", "sagittal")
-INTENSITY_PRESETS = ("auto", "ct-abdomen", "ct-liver", "ct-lung", "ct-bone", "ct-brain", "percentile", "minmax")
-LPIPS_NETS = ("alex", "vgg", "squeeze")
-IMAGE_SIZES = (1024, 512, 256)
+# Choices offered in the GUI: the core's constants (pure Python, so the module loads even before the core's
+# dependencies, torch and sam2, are installed). constants.display_name gives each choice's readable name.
+from fewshotsam2.constants import AXES as SLICE_AXES  # noqa: E402
+from fewshotsam2.constants import DEVICES, IMAGE_SIZES, LPIPS_NETS, METHODS  # noqa: E402
+from fewshotsam2.constants import MODELS as MODEL_SIZES  # noqa: E402
+from fewshotsam2.constants import PRESETS as INTENSITY_PRESETS  # noqa: E402
+from fewshotsam2.constants import VERSIONS as MODEL_VERSIONS  # noqa: E402
 
 # Below this reverse-propagation score pi (mean Dice on the supports) a slice is listed as low confidence.
 LOW_CONFIDENCE_PI = 0.5
@@ -400,13 +397,12 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             raise errors.InputError(f"The query volume '{_nodeName(queryVolumeNode)}' is not in a scene.")
         if outputSegmentationNode is not None and outputSegmentationNode.GetScene() is None:
             raise errors.InputError(f"The output segmentation '{_nodeName(outputSegmentationNode)}' is not in a scene.")
-        if method not in pipeline.METHODS:
-            raise errors.InputError(f"Unknown method '{method}': choose one of {', '.join(pipeline.METHODS)}.")
+        if method not in METHODS:
+            raise errors.InputError(f"Unknown method '{method}': choose one of {', '.join(METHODS)}.")
         try:
-            segmentOptions = pipeline.SegmentOptions(method=method, **options)
+            segmentOptions = pipeline.SegmentOptions.from_flat(method=method, **options)  # validated here
         except TypeError as exc:
             raise errors.InputError(f"Unknown segmentation option: {exc}") from None
-        pipeline.validate_options(segmentOptions)
         supportList = self._normalizeSupports(supports)
         _ensureSegmentationConverterRules()
 
@@ -506,7 +502,6 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     def run(self, prepared, progressCallback=None):
         """Run the core on the prepared inputs. Touches no MRML node, so it may run in a worker thread."""
         pipeline = _lib()[1]
-        pipeline.validate_options(prepared.options)  # refuse bad settings before building (or reusing) a model
         with FewShotSAM2Logic._engineLock:
             engine = self._engineFor(prepared.options, pipeline)
             return pipeline.segment(
@@ -516,8 +511,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _engineFor(options, pipeline):
         """The SAM2 engine for these options, kept between runs (call with _engineLock held)."""
-        key = (options.model, str(options.version), options.image_size, options.device, options.checkpoint,
-               options.untrained, options.cache_dir, options.batch_size)
+        key = tuple(options.engine_settings().items())
         if FewShotSAM2Logic._engineKey != key:
             FewShotSAM2Logic._engine = None  # free the previous model before building the next
             FewShotSAM2Logic._engineKey = None

@@ -20,6 +20,7 @@ from fewshotsam2.backends import memory_bank, propagate, reverse
 from fewshotsam2.backends.base import QueryContext, StageClock, SupportSlice
 from fewshotsam2.engine import Memory, Prediction
 from fewshotsam2.errors import InputError
+from fewshotsam2.options import PropagateOptions, ReverseOptions
 
 H = W = 12
 SUPPORT_ID = 1000  # memory identity of support j: SUPPORT_ID + j
@@ -38,6 +39,7 @@ def _ids(memory: Memory) -> list[int]:
 
 
 def _dice(a, b) -> float:
+    """Reference Dice, independent of the package's."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     s = int(a.sum()) + int(b.sum())
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
@@ -109,11 +111,6 @@ class StandInEngine:
         return Prediction([m for p in parts for m in p.masks], Memory.cat([p.memory for p in parts]))
 
 
-class Options:
-    def __init__(self, top_k=5, min_score=0.0, keep_supports=False):
-        self.top_k, self.min_score, self.keep_supports = top_k, min_score, keep_supports
-
-
 def _support_mask(j: int) -> np.ndarray:
     m = np.zeros((H, W), bool)
     m[2 + j: 8 + j, 3:9] = True
@@ -156,8 +153,8 @@ def _setup(n=20, k=2, empty=(), seed=0, batch_size=4):
 def _run_reverse(engine, context, supports, **opts):
     timings: dict = {}
     progress_calls = []
-    result = reverse.run(engine, context, supports, Options(**opts), lambda *a: progress_calls.append(a),
-                         StageClock(engine, timings))
+    result = reverse.ReverseBackend().run(engine, context, supports, ReverseOptions(**opts),
+                                          lambda *a: progress_calls.append(a), StageClock(engine, timings))
     return result, progress_calls
 
 
@@ -167,8 +164,9 @@ def test_reverse_scores_are_mean_dice_over_supports_and_empty_forward_scores_zer
     empty = (3, 11, 12)
     engine, context, supports, expected = _setup(n=20, k=3, empty=empty)
     result, _ = _run_reverse(engine, context, supports, top_k=4)
-    pi = np.array([row[1] for row in result.scores])
-    assert [row[0] for row in result.scores] == list(range(20))
+    pi = result.scores
+    assert pi.shape == (20,) and result.higher_is_better
+    assert result.supports == supports
     np.testing.assert_allclose(pi, expected, atol=1e-12)
     for i in empty:
         assert pi[i] == 0.0
@@ -220,21 +218,14 @@ def test_select_conditional_top_k_and_min_score():
 def test_select_conditional_refuses_bad_settings(top_k, min_score):
     with pytest.raises(InputError) as exc:
         reverse.select_conditional([0.5], top_k, min_score)
-    assert ("top-k" in str(exc.value)) if top_k < 1 else ("min-score" in str(exc.value))
-
-
-@pytest.mark.parametrize("top_k,min_score", [(0, 0.0), (2, 1.5)])
-def test_reverse_run_refuses_bad_settings_before_any_prediction(top_k, min_score):
-    engine, context, supports, _ = _setup(n=6, k=1)
-    with pytest.raises(InputError):
-        _run_reverse(engine, context, supports, top_k=top_k, min_score=min_score)
-    assert engine.calls == [] and engine.memorized == []
+    assert exc.value.option == ("top_k" if top_k < 1 else "min_score")
+    assert "--" not in str(exc.value)  # the core names no command-line flag
 
 
 def test_reverse_selects_top_k_by_pi():
     engine, context, supports, expected = _setup(n=20, k=2, empty=(5,))
     result, _ = _run_reverse(engine, context, supports, top_k=4)
-    selected = [row[0] for row in result.scores if row[2]]
+    selected = result.selected
     want = sorted(np.argsort(-expected, kind="stable")[:4].tolist())
     assert sorted(selected) == want
     for i in want:  # a conditional slice keeps its forward prediction
@@ -245,12 +236,12 @@ def test_reverse_min_score_filters_and_falls_back_to_best_slice_with_warning():
     engine, context, supports, expected = _setup(n=20, k=2)
     threshold = float(np.sort(expected)[-3])  # exactly three slices reach it
     result, _ = _run_reverse(engine, context, supports, top_k=10, min_score=threshold)
-    assert sorted(row[0] for row in result.scores if row[2]) == sorted(np.flatnonzero(expected >= threshold))
+    assert sorted(result.selected) == sorted(np.flatnonzero(expected >= threshold))
 
     engine, context, supports, expected = _setup(n=20, k=2)
-    with pytest.warns(UserWarning, match="min-score"):
+    with pytest.warns(UserWarning, match="min_score"):
         result, _ = _run_reverse(engine, context, supports, top_k=5, min_score=float(expected.max()) + 1e-6)
-    assert [row[0] for row in result.scores if row[2]] == [int(np.argmax(expected))]
+    assert result.selected == [int(np.argmax(expected))]
     assert result.masks.shape == (20, H, W)
 
 
@@ -260,7 +251,7 @@ def test_reverse_all_forward_empty_gives_empty_result_with_warning():
         result, _ = _run_reverse(engine, context, supports, top_k=3)
     assert not result.masks.any() and result.masks.shape == (8, H, W)
     assert [c["phase"] for c in engine.calls] == ["forward"] * 2  # no reverse pass, no self-propagation
-    assert all(row[1] == 0.0 and not row[2] for row in result.scores)
+    assert not result.scores.any() and result.selected == []
 
 
 # ------------------------------------------------------------------------------------------- memory bank
@@ -270,7 +261,7 @@ def test_self_propagation_memory_bank_and_order(n, top_k, keep_supports):
     k = 2
     engine, context, supports, expected = _setup(n=n, k=k, seed=n + top_k)
     result, progress_calls = _run_reverse(engine, context, supports, top_k=top_k, keep_supports=keep_supports)
-    conditional = sorted(row[0] for row in result.scores if row[2])
+    conditional = sorted(result.selected)
     assert len(conditional) == top_k
     first = conditional[0]
     self_calls = [c for c in engine.calls if c["phase"] == "self"]
@@ -323,7 +314,8 @@ def test_propagate_backend_memory_bank():
     n, k = 25, 3
     engine, context, supports, _ = _setup(n=n, k=k)
     # the stand-in treats calls whose cond holds only supports and an empty FIFO as "forward"
-    result = propagate.run(engine, context, supports, Options(), lambda *a: None, StageClock(engine, {}))
+    result = propagate.PropagateBackend().run(engine, context, supports, PropagateOptions(), lambda *a: None,
+                                              StageClock(engine, {}))
     assert engine.memorized == [[("support", j) for j in range(k)]]
     assert [c["keys"][0][1] for c in engine.calls] == list(range(n))
     for i, call in enumerate(engine.calls):
@@ -332,7 +324,7 @@ def test_propagate_backend_memory_bank():
         # the FIFO holds the latest predictions SAM2 can still reach (object pointers: 15 frames back)
         assert len(call["recent"]) == min(i, memory_bank.FIFO_LENGTH)
         assert sorted(call["recent"]) == list(range(k + max(0, i - memory_bank.FIFO_LENGTH), k + i))
-    assert result.masks.shape == (n, H, W)
+    assert result.masks.shape == (n, H, W) and result.scores is None and result.supports == supports
     np.testing.assert_array_equal(result.masks[0], engine.forward[0])
 
 

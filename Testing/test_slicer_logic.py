@@ -21,7 +21,8 @@ from fewshotsam2 import pipeline  # noqa: E402
 from fewshotsam2.errors import Cancelled, InputError  # noqa: E402
 from fewshotsam2.volume import Structure, Volume, read_volume  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS")
+# slow tier: most tests here check real-data pipelines at 256 px (module fixtures shared by several tests)
+pytestmark = [pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS"), pytest.mark.slow]
 
 FAST = dict(image_size=256, untrained=True, device="cpu")
 LIVER_COLOR = (0.85, 0.45, 0.35)

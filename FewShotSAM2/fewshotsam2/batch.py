@@ -46,7 +46,7 @@ class BatchCase:
     row: int  # manifest line (the header is line 1), or position in the folder
     query: str
     supports: list[tuple[str, str]]  # (image, labels) pairs
-    labels: list[str]  # the --labels selection, item by item
+    labels: str  # the --labels selection, as written
     output: str
     where: str = ""  # how error messages name the case: "cohort.csv row 3", "--queries DIR: scan.nii.gz"
 
@@ -78,7 +78,7 @@ class CaseResult:
 
 def read_manifest(path: str, out_dir: Optional[str], default_labels: Optional[str]) -> list[BatchCase]:
     """The manifest's cases, paths resolved; InputError naming the row for a bad column, cell or missing file."""
-    from .cli import parse_label_selection
+    from .label_selection import parse_label_selection
 
     manifest = Path(path)
     if not manifest.is_file():
@@ -120,14 +120,14 @@ def read_manifest(path: str, out_dir: Optional[str], default_labels: Optional[st
         if not labels_text:
             raise InputError(f"{where}: the labels cell is empty and no --labels default was given")
         try:
-            labels = parse_label_selection(labels_text)
+            parse_label_selection(labels_text)
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
         cases.append(BatchCase(
             row=line,
             query=str(_resolve(cell["query"], base)),
             supports=[(str(_resolve(i, base)), str(_resolve(lab, base))) for i, lab in zip(images, label_maps)],
-            labels=labels,
+            labels=labels_text,
             output=str(_resolve(cell["output"], out_base)),
             where=where,
         ))
@@ -148,7 +148,7 @@ def _is_query_file(p: Path) -> bool:
 def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str, out_dir: str,
                       out_format: str) -> list[BatchCase]:
     """One case per scan in `folder` (image files and DICOM series sub-folders), all with the same supports."""
-    from .cli import parse_label_selection
+    from .label_selection import parse_label_selection
 
     d = Path(folder)
     if not d.is_dir():
@@ -161,7 +161,7 @@ def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str,
                      and (_is_query_file(p) or (p.is_dir() and not p.name.startswith("."))))
     if not queries:
         raise InputError(f"--queries {folder}: no scans found ({', '.join(QUERY_EXTENSIONS)} files or DICOM folders)")
-    selection = parse_label_selection(labels)
+    parse_label_selection(labels)
     out = Path(out_dir).resolve()
     cases = []
     for i, q in enumerate(queries, start=1):
@@ -172,14 +172,16 @@ def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str,
                 break
         cases.append(BatchCase(i, str(q.absolute()), [(str(Path(a).absolute()), str(Path(b).absolute()))
                                                       for a, b in supports],
-                               selection, str(out / f"{stem}{out_format}"), f"--queries {folder}: {q.name}"))
+                               labels, str(out / f"{stem}{out_format}"), f"--queries {folder}: {q.name}"))
     _check_paths(cases)
     return cases
 
 
 def _check_paths(cases: list[BatchCase]) -> None:
     """Inputs exist; outputs have a known format, a folder that exists or can be made, one case each, and are
-    none of the inputs."""
+    none of the inputs (the row's own, by `paths.refuse_overwriting_inputs`; every row's, by resolved path: one
+    set, so that a thousand-row manifest is not checked pairwise)."""
+    from .paths import refuse_overwriting_inputs
     from .volume import _output_extension
 
     inputs = {}
@@ -195,6 +197,10 @@ def _check_paths(cases: list[BatchCase]) -> None:
                 raise InputError(f"{where}: {what} {p} does not exist")
         if _output_extension(c.output) is None:
             raise InputError(f"{where}: output {c.output}: unknown format; use one of {', '.join(OUTPUT_FORMATS)}")
+        try:
+            refuse_overwriting_inputs([("output", c.output)], [c.query, *(p for pair in c.supports for p in pair)])
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
         real = os.path.realpath(c.output)
         if real in inputs:
             raise InputError(f"{where}: output {c.output} is an input ({inputs[real]}); it would be overwritten")
@@ -215,7 +221,6 @@ SupportData = dict  # (image path, labels path) -> (image Volume, labels Volume,
 
 def check_supports(cases: list[BatchCase]) -> SupportData:
     """Read every distinct support once and check that it has each case's labels (InputError naming the row)."""
-    from .cli import resolve_structures
     from .volume import read_labels, read_volume
 
     data: SupportData = {}
@@ -229,7 +234,7 @@ def check_supports(cases: list[BatchCase]) -> SupportData:
                         images[image_path] = read_volume(image_path)
                     labels, available = read_labels(labels_path, images[image_path])
                     data[key] = (images[image_path], labels, available)
-                resolve_structures(c.labels, data[key][2], labels_path)
+                _structures(c.labels, data[key], labels_path)
             except InputError as e:
                 raise InputError(f"{c.where}: {e}") from None
     return data
@@ -313,6 +318,7 @@ class CaseRunner:
 
         self.options = options
         self.engine = engine if engine is not None else make_engine(options)
+        # the batch's reason to exist: support slices are encoded for the first query only
         self.engine.keep_features(_is_support_frame)
         self.supports: SupportData = dict(supports or {})
 
@@ -328,9 +334,9 @@ class CaseRunner:
 
     def run(self, case: BatchCase, progress: Optional[Callable[[str, int, int], None]] = None) -> CaseResult:
         """Segment one case and write its output atomically; errors become a failed result, never an exception
-        (except cancellation and Ctrl-C)."""
-        from .cli import resolve_structures
-        from .pipeline import SupportCase, segment
+        (except cancellation, Ctrl-C and SIGTERM)."""
+        from .cli import out_of_memory_as_input_error
+        from .pipeline import SupportCase, check_query, segment
         from .volume import read_volume, write_labels
 
         result = CaseResult(case.row, case.name, case.query, case.output, "failed")
@@ -338,14 +344,15 @@ class CaseRunner:
         self.engine.reset()  # segment() resets too; this one makes a case that fails early count 0 encoder calls
         peak = PeakMemory(self.engine.device)
         try:
-            with peak:
+            with peak, out_of_memory_as_input_error(self.options):
                 query = read_volume(case.query)
+                check_query(query)
                 supports, structures = [], None
                 for image_path, labels_path in case.supports:
-                    image, labels, available = self._support(image_path, labels_path)
-                    chosen = resolve_structures(case.labels, available, labels_path)
+                    support = self._support(image_path, labels_path)
+                    chosen, masks = _structures(case.labels, support, labels_path, structures)
                     structures = structures or chosen  # the first support names the structures, as `segment`
-                    supports.append(SupportCase(image, labels, name=Path(labels_path).name))
+                    supports.append(SupportCase(support[0], support[1], name=Path(labels_path).name, masks=masks))
                 seg = segment(query, supports, structures, self.options, progress=progress, engine=self.engine)
                 os.makedirs(Path(case.output).parent, exist_ok=True)
                 write_labels(case.output, seg.labels, seg.structures)
@@ -363,6 +370,23 @@ class CaseRunner:
         result.seconds = time.perf_counter() - t0
         result.peak_memory_mb = peak.mb
         return result
+
+
+def _structures(labels_text: str, support, labels_path: str, named=None):
+    """As `segment` does: the row's structures in this support, the output's structures (`named`, else named
+    after this support), and the support mask of each output structure value."""
+    from .label_selection import parse_label_selection, resolve_structures
+    from .volume import output_structures, structure_mask
+
+    image, labels, available = support
+    chosen = resolve_structures(parse_label_selection(labels_text), available, labels_path)
+    out = named or output_structures(chosen, Path(labels_path).name)
+    masks = {}
+    for o, s in zip(out, chosen):
+        masks[o.value] = structure_mask(labels, s)
+        if not masks[o.value].any():
+            raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
+    return out, masks
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -400,8 +424,9 @@ def read_summary(path: str) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import constants as C
     from .cli import add_method_arguments, add_model_arguments
-    from .pipeline import METHODS
+    from .options import SegmentOptions
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -430,7 +455,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--out-format", default=".nii.gz", choices=OUTPUT_FORMATS[::-1],
                      help="with --queries: output format (default .nii.gz)")
     src.add_argument("--force", action="store_true", help="redo cases whose output already exists")
-    parser.add_argument("--method", default="reverse", choices=METHODS, help="as for segment (default reverse)")
+    method = SegmentOptions.flat_defaults()["method"]
+    parser.add_argument("--method", default=method, choices=C.METHODS, help=f"as for segment (default {method})")
     add_method_arguments(parser)
     add_model_arguments(parser)
     dist = parser.add_argument_group("distribution (optional, needs: pip install 'fewshotsam2[ray]')")
@@ -465,10 +491,8 @@ def _cases(args: argparse.Namespace) -> tuple[list[BatchCase], str]:
 
 def run(args: argparse.Namespace) -> int:
     from .cli import options_from_args
-    from .pipeline import validate_options
 
-    options = options_from_args(args)
-    validate_options(options)
+    options = options_from_args(args)  # checks every option value
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     if args.workers is not None and not args.ray:
@@ -503,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs = dict(address=args.ray, workers=args.workers, retries=args.retries)
         else:
             run_cases = run_cases_locally
-            kwargs = dict(supports=supports)
+            kwargs = dict(supports=supports, engine_factory=getattr(args, "engine_factory", None))
 
         def record(r: CaseResult) -> None:
             results[r.row] = r
@@ -523,14 +547,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_cases_locally(cases: list[BatchCase], options, record: Callable[[CaseResult], None], quiet: bool = False,
-                      supports: Optional[SupportData] = None) -> None:
+                      supports: Optional[SupportData] = None, engine_factory: Optional[Callable] = None) -> None:
     """One model in this process; the supports read during the checks; a tqdm bar over cases with the stage."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(cases), unit="case", desc="batch", file=sys.stderr, disable=quiet, dynamic_ncols=True)
     try:
         bar.set_postfix_str("building the model")
-        runner = CaseRunner(options, supports)
+        runner = CaseRunner(options, supports, engine_factory(options) if engine_factory else None)
+    except BaseException:
+        bar.close()
+        raise
+    try:
         for case in cases:
             def stage(text: str, done: int, total: int, _name=case.name) -> None:
                 bar.set_postfix_str(f"{_name}: {text}", refresh=False)
@@ -542,3 +570,4 @@ def run_cases_locally(cases: list[BatchCase], options, record: Callable[[CaseRes
             bar.update(1)
     finally:
         bar.close()
+        runner.engine.keep_features(None)  # an engine handed in (engine_factory) may serve other work next

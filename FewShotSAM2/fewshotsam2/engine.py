@@ -13,24 +13,27 @@ memories of batch 1 are expanded to the batch.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import constants
 from .checkpoints import CheckpointInfo, checkpoint_info, load_state_dict, resolve_checkpoint
+from .constants import DEFAULT_IMAGE_SIZE
 from .errors import InputError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .options import SegmentOptions
 
 FrameKey = Hashable
-DEVICES = ("auto", "cuda", "mps", "cpu")
+DEVICES = constants.DEVICES
 # ImageNet statistics, as in sam2's own frame loader
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -85,6 +88,13 @@ def build_sam2_model(info: CheckpointInfo, image_size: int = 1024, device: str |
     OmegaConf.resolve(cfg)
     model = instantiate(cfg.model, _recursive_=True)
     return model.to(device).eval()
+
+
+def _build_seeded(info: CheckpointInfo, image_size: int) -> torch.nn.Module:
+    # random weights from a fixed seed, without disturbing the caller's random state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_sam2_model(info, image_size, "cpu")
 
 
 @dataclass
@@ -151,42 +161,41 @@ class Prediction:
 
 
 class SAM2Engine:
-    """SAM2 over in-memory 2D frames, with a per-run image-feature cache and an encoder-call counter."""
+    """SAM2 over in-memory 2D frames, with a per-run image-feature cache and an encoder-call counter.
+
+    Building, downloading and loading are separate steps, and `__init__` does none of them (no network, no file):
+    it wraps a SAM2 model that is already built and loaded. Make one with
+
+    * `SAM2Engine.from_pretrained(model, version, ...)`: an official checkpoint (downloaded into the cache on
+      first use unless `download=False`) or a local `checkpoint` file, loaded strictly;
+    * `SAM2Engine.with_random_weights(model, version, ...)`: random weights from a fixed seed, for tests and
+      benchmarks of the plumbing (the masks mean nothing);
+    * `SAM2Engine.from_options(options)`: either of the above from a `SegmentOptions`.
+    """
 
     def __init__(
         self,
-        model: str = "tiny",
-        version: str = "2.1",
-        image_size: int = 1024,
-        device: str = "auto",
-        checkpoint: Optional[str] = None,
-        untrained: bool = False,
-        cache_dir: Optional[str] = None,
+        sam2_model: torch.nn.Module,
+        info: CheckpointInfo,
+        image_size: int,
+        device: str | torch.device = "cpu",
         batch_size: int = 8,
         fill_hole_area: int = FILL_HOLE_AREA,
+        checkpoint_path: Optional[Path] = None,
     ) -> None:
-        self.info = checkpoint_info(model, version)
-        self.device = pick_device(device)
+        if not isinstance(sam2_model, torch.nn.Module):
+            raise TypeError("SAM2Engine wraps a built SAM2 model: use SAM2Engine.from_pretrained(...) or "
+                            "SAM2Engine.with_random_weights(...)")
+        self.info = info
+        self.device = pick_device(device) if isinstance(device, str) else device
         self.image_size = int(image_size)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.fill_hole_area = fill_hole_area
-        self.untrained = untrained
-        if untrained and checkpoint is not None:
-            raise InputError("--untrained and --checkpoint exclude each other")
-        # random weights are drawn from a fixed seed so that untrained runs (tests, benchmarks) are reproducible
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.model = build_sam2_model(self.info, self.image_size, "cpu")
-        if untrained:
-            warnings.warn(
-                "SAM2 runs with RANDOM WEIGHTS (--untrained): masks are meaningless; use this only to test plumbing",
-                stacklevel=2,
-            )
-            self.checkpoint_path = None
-        else:
-            self.checkpoint_path = resolve_checkpoint(model, version, checkpoint, cache_dir)
-            load_state_dict(self.model, self.checkpoint_path, self.info.key)
-        self.model.to(self.device)
+        self.checkpoint_path = checkpoint_path
+        self.untrained = checkpoint_path is None
+        self.model = sam2_model.to(self.device).eval()
         # bf16 autocast on CUDA where the GPU supports it (as sam2's own examples); float32 elsewhere
         self._autocast = (
             self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -201,6 +210,57 @@ class SAM2Engine:
         # features kept across runs (see keep_features), by pixel content: {digest: features}
         self._keep: Optional[Callable[[FrameKey], bool]] = None
         self._kept: dict[bytes, list[torch.Tensor]] = {}
+
+    @classmethod
+    def with_random_weights(
+        cls,
+        model: str = "tiny",
+        version: str = "2.1",
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        device: str = "auto",
+        batch_size: int = 8,
+        fill_hole_area: int = FILL_HOLE_AREA,
+    ) -> "SAM2Engine":
+        """SAM2 with random weights drawn from a fixed seed, so untrained runs (tests, benchmarks) are
+        reproducible. Warns: the masks are meaningless."""
+        info = checkpoint_info(model, version)
+        torch_device = pick_device(device)
+        warnings.warn(
+            "SAM2 runs with RANDOM WEIGHTS (--untrained): masks are meaningless; use this only to test plumbing",
+            stacklevel=2,
+        )
+        return cls(_build_seeded(info, image_size), info, image_size, torch_device, batch_size, fill_hole_area)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "tiny",
+        version: str = "2.1",
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        device: str = "auto",
+        checkpoint: Optional[str | Path] = None,
+        cache_dir: Optional[str | Path] = None,
+        batch_size: int = 8,
+        download: bool = True,
+        fill_hole_area: int = FILL_HOLE_AREA,
+    ) -> "SAM2Engine":
+        """SAM2 with trained weights: `checkpoint` if given, else the official checkpoint from the cache,
+        downloaded first when missing (unless `download=False`, which raises `InputError` instead)."""
+        info = checkpoint_info(model, version)
+        torch_device = pick_device(device)  # a wrong device fails before a download
+        path = resolve_checkpoint(model, version, checkpoint, cache_dir, download=download)
+        net = build_sam2_model(info, image_size, "cpu")
+        load_state_dict(net, path, info.key)
+        return cls(net, info, image_size, torch_device, batch_size, fill_hole_area, checkpoint_path=path)
+
+    @classmethod
+    def from_options(cls, options: "SegmentOptions") -> "SAM2Engine":
+        """The engine a `SegmentOptions` asks for (random weights when `options.untrained`)."""
+        if options.untrained:
+            return cls.with_random_weights(options.model, options.version, options.image_size, options.device,
+                                           options.batch_size)
+        return cls.from_pretrained(options.model, options.version, options.image_size, options.device,
+                                   options.checkpoint, options.cache_dir, options.batch_size)
 
     # ---------------------------------------------------------------- frames and features
     def reset(self) -> None:
@@ -235,9 +295,6 @@ class SAM2Engine:
             if key in self._frames and key in self._features and not np.array_equal(self._frames[key], image):
                 del self._features[key]  # same key, new pixels: its features are stale
             self._frames[key] = image
-
-    def frame_shape(self, key: FrameKey) -> tuple[int, int]:
-        return self._frames[key].shape
 
     def _autocast_ctx(self):
         if self._autocast:

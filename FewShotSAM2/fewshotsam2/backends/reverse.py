@@ -19,8 +19,8 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from ..engine import Memory
-from ..errors import InputError
-from .base import Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
+from ..options import ReverseOptions
+from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
 from .memory_bank import FIFO_LENGTH, propagate_sequence
 
 
@@ -37,10 +37,7 @@ def select_conditional(scores: Sequence[float], top_k: int, min_score: float) ->
     Documented fallback: when no slice reaches `min_score`, the single best slice (pi > 0) is used and a
     warning says so, rather than returning an empty segmentation silently.
     """
-    if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
-    if not 0.0 <= min_score <= 1.0:
-        raise InputError(f"--min-score must lie in [0, 1] (it is a Dice), got {min_score}")
+    ReverseOptions(top_k, min_score)  # the settings' one validation
     s = np.asarray(scores, dtype=float)
     order = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > 0]
     chosen = [i for i in order if s[i] >= min_score][:top_k]
@@ -87,17 +84,14 @@ def run(
     engine: Engine,
     query: QueryContext,
     supports: Sequence[SupportSlice],
-    options: object,
+    options: ReverseOptions,
     progress: StageProgress,
     clock: StageClock,
 ) -> StructureResult:
     query_keys = query.keys
     k = len(supports)
     n = len(query_keys)
-    top_k = int(getattr(options, "top_k", 5))
-    min_score = float(getattr(options, "min_score", 0.0))
-    keep_supports = bool(getattr(options, "keep_supports", False))
-    select_conditional([], top_k, min_score)  # validate before any work
+    top_k, min_score, keep_supports = options.top_k, options.min_score, options.keep_supports
 
     with clock.stage("forward"):
         support_memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
@@ -108,10 +102,10 @@ def run(
     if not selection.selected:
         warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=2)
         empty = np.zeros((n,) + forward_masks[0].shape, bool)
-        return StructureResult(empty, [(i, 0.0, False, "", -1) for i in range(n)], np.stack(forward_masks))
+        return StructureResult(empty, list(supports), np.zeros(n), forward_masks=np.stack(forward_masks))
     if selection.fallback:
         warnings.warn(
-            f"no query slice reached --min-score {min_score:.2f} (best pi = {scores.max():.3f}); "
+            f"no query slice reached min_score {min_score:.2f} (best pi = {scores.max():.3f}); "
             f"using the best slice {selection.selected[0]} as the only conditional slice",
             stacklevel=2,
         )
@@ -119,9 +113,8 @@ def run(
     with clock.stage("self_propagation"):
         masks = _self_propagate(engine, query_keys, forward_masks, forward_memory, selection.selected,
                                 support_memory if keep_supports else None, progress)
-    chosen = set(selection.selected)
-    table = [(i, float(scores[i]), i in chosen, "", -1) for i in range(n)]
-    return StructureResult(np.stack(masks), table, np.stack(forward_masks))
+    return StructureResult(np.stack(masks), list(supports), np.asarray(scores, float), selected=selection.selected,
+                           forward_masks=np.stack(forward_masks))
 
 
 def _self_propagate(
@@ -170,3 +163,12 @@ def _self_propagate(
         for i, m in zip(down, down_masks):
             masks[i] = m
     return masks
+
+
+class ReverseBackend(Backend):
+    name = "reverse"
+    options_type = ReverseOptions
+
+    def run(self, engine: Engine, query: QueryContext, supports: Sequence[SupportSlice], options: ReverseOptions,
+            progress: StageProgress, clock: StageClock) -> StructureResult:
+        return run(engine, query, supports, options, progress, clock)
