@@ -178,6 +178,7 @@ def test_folder_form_and_a_failing_case(cohort, local_run, tmp_path, capsys, mon
 
 def _bad_manifests(support, folder):
     img, lab = support
+    sp = Path(img).parent.parent.parent / "spleen-ct"  # spleen only
     good = f"queries/mr.nii.gz,{img},{lab},1,out/a.nii.gz"
     return {
         "missing column": ("query,support_image,support_labels,labels\nqueries/mr.nii.gz,a,b,1\n",
@@ -194,6 +195,9 @@ def _bad_manifests(support, folder):
                               "row 2: 2 support images for 1"),
         "unknown label": (HEADER + "\n" + good + "\n" + f"queries/mr.nii.gz,{img},{lab},250,out/b.nii.gz\n",
                           "row 3: label '250' is absent"),
+        "label missing from a second support": (
+            HEADER + "\n" + f'queries/mr.nii.gz,{img};{sp}/image.nii.gz,{lab};{sp}/labels.nii.gz,"1,5",out/a.nii.gz\n',
+            "row 2: label '5' is absent from the support labels"),
         "empty labels": (HEADER + "\n" + f"queries/mr.nii.gz,{img},{lab},,out/a.nii.gz\n", "row 2: the labels cell"),
         "output format": (HEADER + "\n" + f"queries/mr.nii.gz,{img},{lab},1,out/a.png\n", "row 2: output"),
         "output is an input": (HEADER + "\n" + good + "\n" + f"queries/spleen.nii.gz,{img},{lab},1,{folder}/queries/mr.nii.gz\n",

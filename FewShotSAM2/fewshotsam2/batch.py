@@ -87,13 +87,13 @@ def read_manifest(path: str, out_dir: Optional[str], default_labels: Optional[st
     out_base = Path(out_dir).resolve() if out_dir else base
     try:
         with open(manifest, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]  # (file line, cells)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{manifest}: cannot read the manifest ({e})") from None
-    rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         raise InputError(f"{manifest}: the manifest is empty; expected a header with {', '.join(MANIFEST_COLUMNS)}")
-    header = [c.strip().lower() for c in rows[0]]
+    header = [c.strip().lower() for c in rows[0][1]]
     missing = [c for c in MANIFEST_COLUMNS if c not in header]
     unknown = [c for c in header if c not in MANIFEST_COLUMNS]
     if missing or unknown or len(set(header)) != len(header):
@@ -103,7 +103,7 @@ def read_manifest(path: str, out_dir: Optional[str], default_labels: Optional[st
     if len(rows) == 1:
         raise InputError(f"{manifest}: the manifest has a header and no cases")
     cases = []
-    for line, cells in enumerate(rows[1:], start=2):
+    for line, cells in rows[1:]:
         where = f"{manifest.name} row {line}"
         if len(cells) != len(header):
             raise InputError(f"{where}: {len(cells)} cells for {len(header)} columns (quote cells that hold commas)")
@@ -181,19 +181,19 @@ def _check_paths(cases: list[BatchCase]) -> None:
     """Inputs exist; outputs have a known format, a folder that exists or can be made, one case each, and are
     none of the inputs (the row's own, by `paths.refuse_overwriting_inputs`; every row's, by resolved path: one
     set, so that a thousand-row manifest is not checked pairwise)."""
-    from .paths import refuse_overwriting_inputs
+    from .paths import input_path, refuse_overwriting_inputs
     from .volume import _output_extension
 
     inputs = {}
     for c in cases:
         for p in [c.query] + [p for pair in c.supports for p in pair]:
-            inputs.setdefault(os.path.realpath(p), c.where)
+            inputs.setdefault(os.path.realpath(input_path(p)), c.where)
     seen: dict[str, str] = {}
     for c in cases:
         where = c.where
         for what, p in [("query", c.query)] + [(k, p) for pair in c.supports
                                                for k, p in zip(("support image", "support labels"), pair)]:
-            if not os.path.exists(p):
+            if not os.path.exists(input_path(p)):  # input_path: a DICOM "FOLDER#N" names its folder
                 raise InputError(f"{where}: {what} {p} does not exist")
         if _output_extension(c.output) is None:
             raise InputError(f"{where}: output {c.output}: unknown format; use one of {', '.join(OUTPUT_FORMATS)}")
