@@ -28,11 +28,12 @@ HEADER = "query,support_image,support_labels,labels,output"
 OUTPUTS = ("out/mr.nii.gz", "out/ct-b.nrrd", "out/spleen.seg.nrrd")
 
 
-def _run(argv, capsys, monkeypatch):
+def _run(argv, capsys, monkeypatch, engine=None):
+    """cli.main in-process; `engine`: the session's 64 px engine instead of building one (same settings)."""
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() replaces it; restore after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rc = cli.main(argv)
+        rc = cli.main(argv, engine_factory=(lambda options: engine) if engine is not None else None)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -109,17 +110,17 @@ def test_support_slices_are_encoded_once_for_the_cohort(cohort, local_run):
 
 
 @pytest.mark.slow
-def test_batch_output_equals_a_separate_segment_run(cohort, local_run, tmp_path, capsys, monkeypatch):
+def test_batch_output_equals_a_separate_segment_run(cohort, local_run, tmp_path, capsys, monkeypatch, engine64):
     """Reused support features change nothing: the third case alone, by `segment`, gives the same labels."""
     out = tmp_path / "spleen.seg.nrrd"
     rc, _, err = _run(["segment", "--query", str(cohort["queries"][2]), "--support", *cohort["support"],
-                       "--labels", "1,5", "--out", str(out), *MODEL], capsys, monkeypatch)
+                       "--labels", "1,5", "--out", str(out), *MODEL], capsys, monkeypatch, engine64)
     assert rc == 0, err
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), local_run[3][2])
 
 
 @pytest.mark.slow
-def test_killed_batch_resumes_where_it_stopped(cohort, local_run, tmp_path, capsys, monkeypatch):
+def test_killed_batch_resumes_where_it_stopped(cohort, local_run, tmp_path, capsys, monkeypatch, engine64):
     """SIGKILL once the first output exists (the second case, the 20-slice DICOM, is running); the re-run skips
     the first case, does the others, and gives the same outputs as the uninterrupted run."""
     out_dir = tmp_path / "resumed"
@@ -139,7 +140,7 @@ def test_killed_batch_resumes_where_it_stopped(cohort, local_run, tmp_path, caps
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(first))), local_run[3][0])
 
     rc, stdout, err = _run(["batch", "--manifest", str(cohort["manifest"]), "--out-dir", str(out_dir), *MODEL],
-                           capsys, monkeypatch)
+                           capsys, monkeypatch, engine64)
     assert rc == 0, err
     summary = read_summary(str(out_dir / SUMMARY_NAME))
     assert [r["status"] for r in summary] == ["skipped", "ok", "ok"]
@@ -150,7 +151,7 @@ def test_killed_batch_resumes_where_it_stopped(cohort, local_run, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_folder_form_and_a_failing_case(cohort, local_run, tmp_path, capsys, monkeypatch):
+def test_folder_form_and_a_failing_case(cohort, local_run, tmp_path, capsys, monkeypatch, engine64):
     """--queries DIR: one case per scan; an unreadable scan fails alone (exit 1, its error in the summary)."""
     q = tmp_path / "queries"
     q.mkdir()
@@ -160,7 +161,7 @@ def test_folder_form_and_a_failing_case(cohort, local_run, tmp_path, capsys, mon
     (q / "notes.txt").write_text("not a scan, not picked up")
     out_dir = tmp_path / "segs"
     rc, stdout, err = _run(["batch", "--queries", str(q), "--support", *cohort["support"], "--labels", "1",
-                            "--out-dir", str(out_dir), *MODEL], capsys, monkeypatch)
+                            "--out-dir", str(out_dir), *MODEL], capsys, monkeypatch, engine64)
     assert rc == 1, err
     assert "3 cases: 2 ok, 0 skipped, 1 failed" in stdout
     assert "broken" in err and "failed" in err
@@ -172,6 +173,38 @@ def test_folder_form_and_a_failing_case(cohort, local_run, tmp_path, capsys, mon
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out_dir / f"{name}.nii.gz"))),
                                       expected)
     assert not (out_dir / "broken.nii.gz").exists()
+
+
+def test_engine_keeps_chosen_features_across_runs_by_pixel_content(engine64):
+    """keep_features: a kept frame's pixels under any key in a later run are not encoded again; other pixels
+    are; frames not chosen are forgotten by reset(); None forgets everything kept."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    support, other, query = (rng.random((40, 50), dtype=np.float32) for _ in range(3))
+    engine = engine64
+    engine.reset()
+    engine.keep_features(lambda key: key[0] == "support")
+    try:
+        engine.add_frames({("support", 0, 7): support, ("query", 0): query})
+        engine.encode([("support", 0, 7), ("query", 0)])
+        assert engine.encoder_calls == 2
+        first = [f.clone() for f in engine._features[("support", 0, 7)]]
+        engine.reset()
+        engine.add_frames({("support", 1, 3): support, ("support", 0, 7): other, ("query", 0): query})
+        engine.encode([("support", 1, 3)])
+        assert engine.encoder_calls == 0  # same pixels, another key: reused
+        assert all(torch.equal(a, b) for a, b in zip(first, engine._features[("support", 1, 3)]))
+        engine.encode([("support", 0, 7), ("query", 0)])
+        assert engine.encoder_calls == 2  # other pixels under the old key, and the query (not kept), encoded
+        engine.keep_features(None)
+        engine.reset()
+        engine.add_frames({("support", 0, 0): support})
+        engine.encode([("support", 0, 0)])
+        assert engine.encoder_calls == 1
+    finally:
+        engine.keep_features(None)
+        engine.reset()
 
 
 # ------------------------------------------------------------------------------------------- bad manifests
