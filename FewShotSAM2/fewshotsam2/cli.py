@@ -345,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _segment_parser(sub)
+    from . import batch
+
+    p = sub.add_parser("batch", help="segment a cohort (manifest CSV or folder): one model, supports encoded once",
+                       description=batch.__doc__.strip().splitlines()[0])
+    batch.add_arguments(p)
+    p.set_defaults(func=batch.run)
     for name, help_text in (("evaluate", "Dice / HD95 tables and plots over labeled cases"),
                             ("bench", "time each stage of each method on one query")):
         try:

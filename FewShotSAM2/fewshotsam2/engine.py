@@ -12,12 +12,13 @@ memories of batch 1 are expanded to the batch.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Hashable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -205,6 +206,9 @@ class SAM2Engine:
         self._pos_enc: Optional[list[torch.Tensor]] = None
         self._feat_sizes: Optional[list[tuple[int, int]]] = None
         self._cuda_hole_filling = self.device.type == "cuda" and _has_sam2_extension()
+        # features kept across runs (see keep_features), by pixel content: {digest: features}
+        self._keep: Optional[Callable[[FrameKey], bool]] = None
+        self._kept: dict[bytes, list[torch.Tensor]] = {}
 
     @classmethod
     def with_random_weights(
@@ -265,6 +269,22 @@ class SAM2Engine:
         self.encoder_calls = 0
         self.encode_seconds = 0.0
 
+    def keep_features(self, which: Optional[Callable[[FrameKey], bool]]) -> None:
+        """Keep the features of the frames `which(key)` selects across `reset()`, found again by pixel content.
+
+        For cohorts (`fewshotsam2 batch`): the support slices are the same for every query, so they are encoded
+        for the first query only. Content, not key, identifies a kept frame: keys are per-run names (a support's
+        position in the run's list), and a frame with other pixels must not get stale features.
+        `None` stops keeping and forgets what was kept.
+        """
+        self._keep = which
+        if which is None:
+            self._kept.clear()
+
+    def _content_digest(self, key: FrameKey) -> bytes:
+        image = self._frames[key]
+        return hashlib.blake2b(repr(image.shape).encode() + image.tobytes(), digest_size=16).digest()
+
     def add_frames(self, frames: Mapping[FrameKey, np.ndarray]) -> None:
         """Register 2D float images in [0, 1] under keys; nothing is encoded until a frame is used."""
         for key, image in frames.items():
@@ -295,6 +315,12 @@ class SAM2Engine:
     def encode(self, keys: Iterable[FrameKey], progress=None) -> None:
         """Run the image encoder on every key not encoded yet in this run, in batches."""
         todo = [k for k in dict.fromkeys(keys) if k not in self._features]
+        if self._keep is not None:
+            for k in todo:
+                kept = self._kept.get(self._content_digest(k)) if self._keep(k) else None
+                if kept is not None:
+                    self._features[k] = kept
+            todo = [k for k in todo if k not in self._features]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             t0 = time.perf_counter()
@@ -307,6 +333,9 @@ class SAM2Engine:
                 self._feat_sizes = [(p.shape[-2], p.shape[-1]) for p in pos]
             for i, key in enumerate(chunk):
                 self._features[key] = [lvl[i : i + 1].float() for lvl in levels]
+                if self._keep is not None and self._keep(key):
+                    # a copy: the slice of the batch tensor would keep the whole batch alive
+                    self._kept[self._content_digest(key)] = [f.clone() for f in self._features[key]]
             self.encoder_calls += len(chunk)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
