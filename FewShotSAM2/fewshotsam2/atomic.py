@@ -19,11 +19,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path in `path`'s folder; on normal exit it is renamed over `path`, else removed.
 
-    The temporary name ends with the target's own name (so writers that pick a format by extension, such as
-    ITK's, still do) and starts with a dot (hidden; `.tmp-` also marks leftovers of a killed process).
+    The temporary name ends with the target's extension in lower case (so writers that pick a format by
+    extension, such as ITK's, still do, also for `O.NII.GZ`), is short (a name near the file system's limit
+    still fits) and starts with a dot (hidden; `.tmp-` also marks leftovers of a killed process).
     """
     target = Path(path)
-    tmp = target.with_name(f".tmp-{secrets.token_hex(4)}-{target.name}")
+    extension = "".join(target.suffixes[-2:]).lower()  # ".nii.gz", ".seg.nrrd", ".csv"
+    tmp = target.with_name(f".tmp-{secrets.token_hex(4)}{extension[:32]}")
     try:
         yield tmp
         os.replace(tmp, target)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def download_checkpoint(
     target = folder / info.filename
     if target.is_file():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
+    _ensure_cache_folder(folder)
     bar = None
     try:
         with atomic_path(target) as tmp, open(tmp, "wb") as out, \
@@ -149,6 +150,26 @@ def download_checkpoint(
         if bar is not None:
             bar.close()
     return target
+
+
+def _ensure_cache_folder(folder: Path) -> None:
+    """Create the cache folder if needed and make sure a file can be written in it; else one clear error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = ("is a file, not a folder" if folder.exists() and not folder.is_dir()
+               else "lies under a file" if isinstance(exc, (FileExistsError, NotADirectoryError))
+               else "is not writable" if isinstance(exc, PermissionError) else (exc.strerror or str(exc)))
+        raise InputError(f"checkpoint cache {folder} {why}; choose another folder with --cache-dir or ${CACHE_ENV}, "
+                         "or pass --checkpoint PATH") from None
+
+
+def check_cache_folder(cache_dir: Optional[str | Path] = None) -> None:
+    """Raise InputError now if a download could not be stored in the cache (not a folder, not writable)."""
+    _ensure_cache_folder(_cache(cache_dir))
 
 
 def resolve_checkpoint(
@@ -209,7 +230,7 @@ def import_checkpoint(
     net = build_sam2_model(info, image_size=constants.MIN_IMAGE_SIZE, device="cpu")
     load_state_dict(net, src, info.key)
     folder = _cache(cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    _ensure_cache_folder(folder)
     with atomic_path(folder / info.filename) as tmp:
         shutil.copyfile(src, tmp)
     return folder / info.filename

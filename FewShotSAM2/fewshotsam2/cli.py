@@ -6,15 +6,19 @@ Bad input prints one line on stderr, exits with code 2 and writes nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from . import constants as C
 from .checkpoints import CACHE_ENV
 from .errors import Cancelled, InputError
+from .label_selection import SYNTAX_HELP as _LABELS_HELP
+from .label_selection import parse_label_selection, resolve_structures  # noqa: F401  (public: used by others)
 from .options import OptionError, SegmentOptions
 
 EXIT_BAD_INPUT = 2
@@ -94,31 +98,6 @@ def options_from_args(args: argparse.Namespace, method: Optional[str] = None) ->
     return SegmentOptions.from_flat(**flat)
 
 
-def parse_label_selection(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise InputError("--labels is empty: give label values (e.g. 1,5) or segment names")
-    return items
-
-
-def resolve_structures(wanted: list[str], available: list, support_name: str) -> list:
-    """Pick structures by label value, or by segment name (for .seg.nrrd supports)."""
-    by_value = {s.value: s for s in available}
-    by_name = {s.name.lower(): s for s in available}
-    chosen = []
-    for item in wanted:
-        if item.lstrip("-").isdigit():
-            s = by_value.get(int(item))
-        else:
-            s = by_name.get(item.lower())
-        if s is None:
-            have = ", ".join(f"{s.value} ({s.name})" for s in available) or "none"
-            raise InputError(f"label '{item}' is absent from the support labels {support_name} (present: {have})")
-        if s not in chosen:
-            chosen.append(s)
-    return chosen
-
-
 def _segment_parser(sub) -> None:
     p = sub.add_parser(
         "segment",
@@ -132,7 +111,8 @@ def _segment_parser(sub) -> None:
                    help="a labeled support: image (file or DICOM folder) and its labels (label map or .seg.nrrd, "
                         "aligned to the image by physical geometry); repeat for several supports")
     p.add_argument("--labels", required=True, metavar="L1,L2",
-                   help="structures to segment: label values (1,5) or, for .seg.nrrd, segment names")
+                   help="structures to segment: " + _LABELS_HELP.replace("%", "%%")
+                        + "; a digit-only name that is also another segment's value is refused as ambiguous")
     p.add_argument("--out", required=True, metavar="OUT",
                    help="output label map: .nii.gz, .nii, .nrrd or .seg.nrrd (segment names and colours)")
     p.add_argument("--method", default=SegmentOptions.flat_defaults()["method"], choices=C.METHODS,
@@ -147,14 +127,23 @@ def _segment_parser(sub) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .pipeline import SupportCase, make_engine, segment, write_scores
-    from .volume import check_output_path, read_labels, read_volume, write_labels
+    from .paths import refuse_overwriting_inputs
+    from .pipeline import SupportCase, check_query, make_engine, segment, write_scores
+    from .volume import check_output_path, output_structures, read_labels, read_volume, structure_mask, write_labels
 
     options = options_from_args(args)
+    # both outputs are checked before any work: never replace an input, never fail after the run
+    refuse_overwriting_inputs([("--out", args.out), ("--scores", args.scores)],
+                              [args.query, *(p for pair in args.support for p in pair), args.checkpoint,
+                               args.lpips_weights])
     check_output_path(args.out)
     if args.scores:
+        if options.method == "propagate":
+            raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
+                             "leave --scores out or choose another method")
         check_output_dir(args.scores, ".csv")
     query = read_volume(args.query)
+    check_query(query)
     supports = []
     structures = None
     wanted = parse_label_selection(args.labels)
@@ -163,14 +152,30 @@ def run_segment(args: argparse.Namespace) -> int:
         labels, available = read_labels(labels_path, image)
         chosen = resolve_structures(wanted, available, labels_path)
         if structures is None:
-            structures = chosen  # the first support names and colours the structures
-        # (no emptiness check here: read_labels lists only the structures present in the labels)
-        supports.append(SupportCase(image, labels, name=Path(labels_path).name))
-    # after the inputs are known good: building SAM2 takes seconds
-    engine = (getattr(args, "engine_factory", None) or make_engine)(options)
+            structures = output_structures(chosen, Path(labels_path).name)  # the first support names and colours them
+        # each support's own segment (its layer and label value) is the mask of the output structure
+        masks = {}
+        for out_structure, s in zip(structures, chosen):
+            masks[out_structure.value] = structure_mask(labels, s)
+            if not masks[out_structure.value].any():
+                raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
+        supports.append(SupportCase(image, labels, name=Path(labels_path).name, masks=masks))
+    if not options.untrained and options.checkpoint is None:
+        from .checkpoints import cached_checkpoint, check_cache_folder
+
+        if cached_checkpoint(options.model, options.version, options.cache_dir) is None:
+            check_cache_folder(options.cache_dir)  # the download must have somewhere to go
+    if options.method == "lpips":
+        from .backends.lpips_matching import _matcher
+
+        # load (and so check) the LPIPS weights now, not after every slice is encoded
+        _matcher(None, options.method_options)
     bar = None if args.quiet else _ProgressBar()
     try:
-        result = segment(query, supports, structures, options, progress=bar, engine=engine)
+        with out_of_memory_as_input_error(options):
+            # after the inputs are known good: building SAM2 takes seconds
+            engine = (getattr(args, "engine_factory", None) or make_engine)(options)
+            result = segment(query, supports, structures, options, progress=bar, engine=engine)
     finally:
         if bar is not None:
             bar.close()
@@ -183,16 +188,44 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def check_output_dir(path: str, suffix: str) -> None:
+    import os
+
+    from .volume import check_name_length
+
     p = Path(path)
+    check_name_length(p)
+    if p.is_dir():
+        raise InputError(f"{path}: is a folder; give a {suffix} file name")
     if p.suffix.lower() != suffix:
         raise InputError(f"{path}: expected a {suffix} file name")
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"cannot write {path}: folder {folder} does not exist")
-    import os
-
     if not os.access(folder, os.W_OK):
         raise InputError(f"cannot write {path}: folder {folder} is not writable")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_input_error(options) -> Iterator[None]:
+    """Running out of memory (GPU or CPU) ends with one message naming what to change; nothing is written."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        # CUDA raises OutOfMemoryError, numpy MemoryError; torch's CPU allocator and MPS a plain RuntimeError
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and not any(
+                s in str(exc) for s in ("can't allocate memory", "out of memory")):
+            raise
+        where = "GPU memory" if isinstance(exc, torch.OutOfMemoryError) else "memory"
+        exc = None  # drop the frames holding the big tensors before freeing the cache
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        cpu = "" if options.device == "cpu" else ", or --device cpu"
+        raise InputError(
+            f"out of {where} while segmenting (--image-size {options.image_size}, --batch-size {options.batch_size}, "
+            f"--device {options.device}); try a smaller --image-size or --batch-size, a --slice-range of the "
+            f"query{cpu}; nothing was written") from None
 
 
 class _ProgressBar:
@@ -241,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: every temporary file is removed on the way out (see `main`)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable] = None) -> int:
     """Run the command line. `engine_factory(options)` builds the SAM2 engine a command needs (default
     `pipeline.make_engine`); tests and embedding programs hand in their own, e.g. to reuse a loaded model."""
@@ -250,6 +291,8 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     # warnings are for people: one line each, no source lines
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so writers remove their temporary files
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
         return args.func(args)
     except OptionError as exc:  # the options name no flag; here they are flags
@@ -261,9 +304,21 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     except Cancelled:
         print("fewshotsam2: cancelled", file=sys.stderr)
         return 130
+    except Terminated:
+        print("fewshotsam2: terminated (SIGTERM); unfinished files were removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("fewshotsam2: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -33,11 +33,22 @@ METHODS = constants.METHODS
 
 @dataclass
 class SupportCase:
-    """One labeled support volume. `labels` is an integer label map on `image`'s grid."""
+    """One labeled support volume. `labels` is an integer label map on `image`'s grid.
+
+    `masks` (optional): output structure value -> bool mask on `image`'s grid, for supports whose segments are not
+    `labels.array == value` (overlapping .seg.nrrd layers, other value numbering than the output's).
+    """
 
     image: Volume
     labels: Volume
     name: str = "support"
+    masks: Optional[dict[int, np.ndarray]] = None
+
+    def mask(self, value: int) -> np.ndarray:
+        """The voxels of output structure `value` in this support."""
+        if self.masks is not None:
+            return self.masks[value] if value in self.masks else np.zeros(self.labels.shape, dtype=bool)
+        return self.labels.array == value
 
 
 def make_engine(options: SegmentOptions) -> SAM2Engine:
@@ -68,7 +79,8 @@ def segment(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    # query and supports -> canonical slice stacks in [0, 1]
+    check_query(query)
+    # query and supports -> canonical slice stacks in [0, 1], all cut in the query's anatomical plane
     qplan = SlicePlan.for_volume(query, options.axis)
     # "auto" is resolved once per volume: the choice both normalises it and compares modalities
     query_kind = choose_preset(query)
@@ -82,12 +94,23 @@ def segment(
         if support_kind != query_kind:
             warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
                           "cross-modality support is allowed but less reliable", stacklevel=2)
-        plan = SlicePlan.for_volume(case.image, options.axis)
+        plan = SlicePlan(case.image, qplan.plane)
+        with warnings.catch_warnings():  # the oblique warning, if any, was just given by the plan above
+            warnings.simplefilter("ignore")
+            own_plane = SlicePlan.for_volume(case.image, "auto").plane
+        if options.axis == "auto" and own_plane != qplan.plane:
+            warnings.warn(f"{case.name} was acquired {own_plane}, the query {qplan.plane}: the support is cut in the "
+                          f"query's {qplan.plane} plane too (choose another plane with --axis)", stacklevel=2)
         support_plans.append(plan)
         image_stack = plan.stack(normalize(case.image, support_kind if options.preset == "auto" else options.preset))
         # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
         box = body_box(image_stack, plan.in_plane_spacing) if options.method == "lpips" else None
-        prepared.append((plan, image_stack, plan.stack(case.labels.array), box))
+        prepared.append((plan, image_stack, case, box))
+    for structure in structures:  # before any encoder call: a structure no support holds cannot be segmented
+        holders = [case.name for case in supports if case.mask(structure.value).any()]
+        if not holders:
+            where = supports[0].name if len(supports) == 1 else "every support"
+            raise InputError(f"structure {structure.value} ({structure.name}) is absent from {where}")
     timings["prepare"] = time.perf_counter() - t0
 
     if engine is None:
@@ -103,17 +126,21 @@ def segment(
     context = QueryContext(keys=query_keys, images=qstack, spacing=qplan.in_plane_spacing)
     backend = get_backend(options.method)
 
-    out_stack = np.zeros(qstack.shape, dtype=np.uint16)
+    top = max(s.value for s in structures)
+    out_stack = np.zeros(qstack.shape, dtype=np.uint16 if top < 65536 else np.int32)
     scores: list[SliceScore] = []
     used: list[UsedSupportSlice] = []
     forward_masks: dict[int, np.ndarray] = {}
     for structure in structures:
         support_slices = []
-        for s_idx, (plan, image_stack, label_stack, box) in enumerate(prepared):
-            if not (label_stack == structure.value).any():
+        for s_idx, (plan, image_stack, case, box) in enumerate(prepared):
+            mask_stack = plan.stack(case.mask(structure.value))
+            label_stack = np.where(mask_stack, structure.value, 0)
+            if not mask_stack.any():
                 if len(prepared) > 1:
                     continue  # several supports: each only needs the structures it has
                 raise InputError(f"structure {structure.value} ({structure.name}) is absent from {supports[s_idx].name}")
+            _warn_small_support(mask_stack, structure, case.name)
             for idx in select_support_slices(label_stack, structure.value, options.shots):
                 key = ("support", s_idx, idx)
                 engine.add_frames({key: image_stack[idx]})
@@ -149,6 +176,22 @@ def segment(
 
 SCORE_COLUMNS = ("structure", "value", "slice_index", "score", "higher_is_better", "selected", "matched_support",
                  "matched_slice")
+
+
+def check_query(query: Volume) -> None:
+    """Refuse a query there is nothing to segment in: every voxel the same value."""
+    a = query.array
+    if a.size and a.min() == a.max():
+        raise InputError(f"the query is constant (every voxel is {a.flat[0]:g}): there is nothing to segment; "
+                         "check the file")
+
+
+def _warn_small_support(mask_stack: np.ndarray, structure: Structure, support: str) -> None:
+    """A one-voxel support structure prompts SAM2 with next to nothing: say so (it still runs). Fewer labeled
+    slices than --shots is said by `select_support_slices`."""
+    if int(np.count_nonzero(mask_stack)) == 1:
+        warnings.warn(f"support structure '{structure.name}' in {support} is a single voxel: SAM2 gets almost no "
+                      "prompt; the result is unreliable", stacklevel=3)
 
 
 def write_scores(path: str, scores: list[SliceScore]) -> None:

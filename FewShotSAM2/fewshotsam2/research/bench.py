@@ -279,6 +279,9 @@ def _write_or_print(text: str, output: Optional[str]) -> None:
 
 
 def run_matching(args: argparse.Namespace) -> int:
+    from ..paths import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([("-o", args.output)], [args.lpips_weights])
     try:
         from .bench_lpips import run_matching_benchmark
     except ImportError as e:
@@ -322,6 +325,11 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
     from ..pipeline import make_engine
 
     methods = parse_methods(args.methods)
+    from ..paths import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([("-o", args.output)],
+                              [args.query, args.query_labels, args.support, args.support_labels,
+                               args.checkpoint, args.lpips_weights])
     if args.repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {args.repeat}")
     load_before = _load_average()

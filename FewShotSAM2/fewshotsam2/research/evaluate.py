@@ -608,6 +608,13 @@ def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None) -> Evaluati
     if not cfg.cases:
         raise InputError("no cases to evaluate")
     methods = parse_methods(",".join(cfg.methods))
+    from ..paths import refuse_overwriting_inputs
+
+    out_folder = Path(cfg.output)
+    refuse_overwriting_inputs([(f"-o {out_folder}/{name}", out_folder / name) for name in OUR_FILES],
+                              [*(p for c in cfg.cases for p in (c.image, c.labels, Path(c.labels).parent)),
+                               cfg.options.get("checkpoint"), cfg.options.get("lpips_weights")],
+                              output_folders=[("-o", out_folder)])
     ev = _Evaluator(cfg, engine)
     names = [c.name for c in cfg.cases]
     if cfg.protocol == "cross-subject":
