@@ -131,7 +131,6 @@ def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
     target.write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_path(target) as tmp:
-            # hidden, short (long names stay writable) and with the target's extension (writers pick the format by it)
             assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz") and tmp.name.startswith(".")
             tmp.write_text("half")
             raise RuntimeError("writer failed")
