@@ -663,3 +663,13 @@ def test_truncated_file_is_one_line_as_a_process(data, bad, tmp_path, name):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"{ERROR}{name}: truncated")
     assert digest(bad["dir"]) == before and list(out.iterdir()) == []
+
+
+def test_a_long_but_legal_output_name_is_written(data, tmp_path):
+    """The temporary name is short: a name near the file system's limit (255 bytes here) still works."""
+    from fewshotsam2.volume import default_structure, write_labels
+
+    labels = read_volume(data["labels"])
+    name = "n" * (255 - len(".seg.nrrd")) + ".seg.nrrd"
+    write_labels(tmp_path / name, labels, [default_structure(5)])
+    assert [p.name for p in tmp_path.iterdir()] == [name]
