@@ -444,18 +444,9 @@ def test_label_values_above_65535_are_kept_exact(data, tmp_path):
 
 # ------------------------------------------------------------------- runs that build SAM2 (random weights, 64 px)
 
-@pytest.fixture(scope="module")
-def engine64():
-    from fewshotsam2.engine import SAM2Engine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return SAM2Engine("tiny", image_size=64, device="cpu", untrained=True)
-
-
 @pytest.fixture
 def real_engine(engine64, monkeypatch):
-    """The command builds its engine with pipeline.make_engine: hand it the module's real one (same settings)."""
+    """The command builds its engine with pipeline.make_engine: hand it the session's real one (same settings)."""
     def make(options):
         assert (options.model, options.image_size, options.device, options.untrained) == ("tiny", 64, "cpu", True)
         return engine64
