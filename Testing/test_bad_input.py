@@ -577,7 +577,7 @@ def test_out_of_memory_is_one_message_and_writes_nothing(data, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith(ERROR + "out of memory while segmenting (--image-size 1024"), lines
+    assert len(lines) == 1 and lines[0].startswith(ERROR + "out of memory (--image-size 1024"), lines
     assert "--slice-range" in lines[0] and "nothing was written" in lines[0]
     assert list(out.iterdir()) == [] and digest(data["dir"]) == before
 
