@@ -351,7 +351,9 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("case,changes,extra,first_words", REFUSED, ids=[c[0] for c in REFUSED])
+@pytest.mark.parametrize("case,changes,extra,first_words", [
+    pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0].startswith("lpips") else [])  # lpips import: 4 s
+    for c in REFUSED])
 def test_bad_file_is_refused_before_sam2_is_built(data, bad, tmp_path, capsys, monkeypatch, no_engine, case, changes,
                                                    extra, first_words):
     out = tmp_path / "out"
