@@ -666,3 +666,11 @@ def test_a_long_but_legal_output_name_is_written(data, tmp_path):
     name = "n" * (255 - len(".seg.nrrd")) + ".seg.nrrd"
     write_labels(tmp_path / name, labels, [default_structure(5)])
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("structures,first_words", [("liver", "--structures 'liver': give positive label values"),
+                                                    ("5,5", "--structures '5,5': a label value is listed twice")])
+def test_bench_structures_that_are_not_values(data, tmp_path, capsys, monkeypatch, no_engine, structures, first_words):
+    refused(["bench", "--query", data["query"], "--support", data["support"], "--support-labels", data["labels"],
+             "--structures", structures, "--untrained", "--image-size", "64", "--device", "cpu"],
+            capsys, monkeypatch, first_words, [data["dir"]])
