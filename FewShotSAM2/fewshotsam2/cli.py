@@ -288,27 +288,35 @@ def check_output_dir(path: str, suffix: str) -> None:
         raise InputError(f"cannot write {path}: folder {folder} is not writable")
 
 
-@contextlib.contextmanager
-def out_of_memory_as_input_error(options) -> Iterator[None]:
-    """Running out of memory (GPU or CPU) ends with one message naming what to change; nothing is written."""
-    import torch
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError, numpy MemoryError; torch's CPU allocator and MPS a plain RuntimeError."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # nothing ran out of torch memory if torch was never imported
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("can't allocate memory", "out of memory"))
 
+
+@contextlib.contextmanager
+def out_of_memory_as_input_error(settings, written: str = "nothing was written") -> Iterator[None]:
+    """Running out of memory (GPU or CPU) ends with one message naming what to change. `settings`: anything with
+    image_size, batch_size and device (SegmentOptions, parsed arguments); `written`: what the user is left with."""
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        # CUDA raises OutOfMemoryError, numpy MemoryError; torch's CPU allocator and MPS a plain RuntimeError
-        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and not any(
-                s in str(exc) for s in ("can't allocate memory", "out of memory")):
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
             raise
-        where = "GPU memory" if isinstance(exc, torch.OutOfMemoryError) else "memory"
+        torch = sys.modules.get("torch")
+        where = "GPU memory" if torch is not None and isinstance(exc, torch.OutOfMemoryError) else "memory"
         exc = None  # drop the frames holding the big tensors before freeing the cache
-        if torch.cuda.is_available():
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
-        cpu = "" if options.device == "cpu" else ", or --device cpu"
+        cpu = "" if settings.device == "cpu" else ", or --device cpu"
         raise InputError(
-            f"out of {where} while segmenting (--image-size {options.image_size}, --batch-size {options.batch_size}, "
-            f"--device {options.device}); try a smaller --image-size or --batch-size, a --slice-range of the "
-            f"query{cpu}; nothing was written") from None
+            f"out of {where} (--image-size {settings.image_size}, --batch-size {settings.batch_size}, "
+            f"--device {settings.device}); try a smaller --image-size or --batch-size, a --slice-range of the "
+            f"query{cpu}{'; ' + written if written else ''}") from None
 
 
 class _ProgressBar:
@@ -345,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _segment_parser(sub)
+    from . import batch
+
+    p = sub.add_parser("batch", help="segment a cohort (manifest CSV or folder): one model, supports encoded once",
+                       description=batch.__doc__.strip().splitlines()[0])
+    batch.add_arguments(p)
+    p.set_defaults(func=batch.run)
     for name, help_text in (("evaluate", "Dice / HD95 tables and plots over labeled cases"),
                             ("bench", "time each stage of each method on one query")):
         try:
@@ -377,6 +391,10 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so writers remove their temporary files
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
+        if args.command != "segment" and all(hasattr(args, k) for k in ("image_size", "batch_size", "device")):
+            # the other commands that run SAM2 (evaluate, bench, ...) keep what they wrote so far
+            with out_of_memory_as_input_error(args, written=""):
+                return args.func(args)
         return args.func(args)
     except OptionError as exc:  # the options name no flag; here they are flags
         print(f"fewshotsam2: error: {flag(exc.option)} {exc.problem}", file=sys.stderr)
