@@ -31,10 +31,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..constants import METHODS
 from ..errors import InputError
 
 UNTRAINED_BANNER = "UNTRAINED: SAM2 ran with random weights (--untrained); these numbers mean nothing"
-METHOD_NAMES = ("propagate", "reverse", "lpips")
+METHOD_NAMES = ("propagate",) + tuple(m for m in METHODS if m != "propagate")  # the baseline first: ratios are to it
 # (column, timings key or our own stage); the pipeline's keys are the contract's
 STAGES = (
     ("loading", "loading"),
