@@ -237,11 +237,12 @@ def test_labels_resolution_rules():
     from fewshotsam2.label_selection import resolve_structures as resolve
 
     segs = _structures((1, "5"), (5, "liver"), (7, "Lesion"), (8, "lesion"), (9, "Tumour, core"), (10, "Läsion ü 病变"),
-                       (11, "Spleen"))
+                       (11, "Spleen"), (12, "42"))
     pick = lambda text: [(s.value, s.name) for s in resolve(parse(text), segs, "s.seg.nrrd")]  # noqa: E731
     assert pick("value:5,name:5") == [(5, "liver"), (1, "5")]
     assert pick("lesion,Lesion") == [(8, "lesion"), (7, "Lesion")]  # exact case first
     assert pick("spleen") == [(11, "Spleen")]  # one case-insensitive match is fine
+    assert pick("42") == [(12, "42")]  # a digit-only name no value claims is that segment, not "value 42"
     assert pick('"Tumour, core",Läsion ü 病变') == [(9, "Tumour, core"), (10, "Läsion ü 病变")]
     assert pick("core=9,organ=name:liver") == [(9, "core"), (5, "organ")]
     for text, first_words in [
