@@ -225,6 +225,7 @@ def check_supports(cases: list[BatchCase]) -> SupportData:
 
     data: SupportData = {}
     images: dict[str, object] = {}
+    checked: set[tuple[str, str, str]] = set()  # (image, labels, selection): a cohort repeats them
     for c in cases:
         for image_path, labels_path in c.supports:
             key = (image_path, labels_path)
@@ -234,7 +235,9 @@ def check_supports(cases: list[BatchCase]) -> SupportData:
                         images[image_path] = read_volume(image_path)
                     labels, available = read_labels(labels_path, images[image_path])
                     data[key] = (images[image_path], labels, available)
-                _structures(c.labels, data[key], labels_path)
+                if key + (c.labels,) not in checked:
+                    _structures(c.labels, data[key], labels_path)
+                    checked.add(key + (c.labels,))
             except InputError as e:
                 raise InputError(f"{c.where}: {e}") from None
     return data
