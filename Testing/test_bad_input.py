@@ -351,7 +351,9 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("case,changes,extra,first_words", REFUSED, ids=[c[0] for c in REFUSED])
+@pytest.mark.parametrize("case,changes,extra,first_words", [
+    pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0].startswith("lpips") else [])  # lpips import: 4 s
+    for c in REFUSED])
 def test_bad_file_is_refused_before_sam2_is_built(data, bad, tmp_path, capsys, monkeypatch, no_engine, case, changes,
                                                    extra, first_words):
     out = tmp_path / "out"
@@ -444,18 +446,9 @@ def test_label_values_above_65535_are_kept_exact(data, tmp_path):
 
 # ------------------------------------------------------------------- runs that build SAM2 (random weights, 64 px)
 
-@pytest.fixture(scope="module")
-def engine64():
-    from fewshotsam2.engine import SAM2Engine
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return SAM2Engine("tiny", image_size=64, device="cpu", untrained=True)
-
-
 @pytest.fixture
 def real_engine(engine64, monkeypatch):
-    """The command builds its engine with pipeline.make_engine: hand it the module's real one (same settings)."""
+    """The command builds its engine with pipeline.make_engine: hand it the session's real one (same settings)."""
     def make(options):
         assert (options.model, options.image_size, options.device, options.untrained) == ("tiny", 64, "cpu", True)
         return engine64
@@ -586,7 +579,7 @@ def test_out_of_memory_is_one_message_and_writes_nothing(data, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith(ERROR + "out of memory while segmenting (--image-size 1024"), lines
+    assert len(lines) == 1 and lines[0].startswith(ERROR + "out of memory (--image-size 1024"), lines
     assert "--slice-range" in lines[0] and "nothing was written" in lines[0]
     assert list(out.iterdir()) == [] and digest(data["dir"]) == before
 
@@ -663,3 +656,21 @@ def test_truncated_file_is_one_line_as_a_process(data, bad, tmp_path, name):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"{ERROR}{name}: truncated")
     assert digest(bad["dir"]) == before and list(out.iterdir()) == []
+
+
+def test_a_long_but_legal_output_name_is_written(data, tmp_path):
+    """The temporary name is short: a name near the file system's limit (255 bytes here) still works."""
+    from fewshotsam2.volume import default_structure, write_labels
+
+    labels = read_volume(data["labels"])
+    name = "n" * (255 - len(".seg.nrrd")) + ".seg.nrrd"
+    write_labels(tmp_path / name, labels, [default_structure(5)])
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("structures,first_words", [("liver", "--structures 'liver': give positive label values"),
+                                                    ("5,5", "--structures '5,5': a label value is listed twice")])
+def test_bench_structures_that_are_not_values(data, tmp_path, capsys, monkeypatch, no_engine, structures, first_words):
+    refused(["bench", "--query", data["query"], "--support", data["support"], "--support-labels", data["labels"],
+             "--structures", structures, "--untrained", "--image-size", "64", "--device", "cpu"],
+            capsys, monkeypatch, first_words, [data["dir"]])

@@ -123,10 +123,24 @@ def _segment_parser(sub) -> None:
     add_method_arguments(p)
     add_model_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress", default="bar", choices=("bar", "json"),
+                   help="bar = a progress bar on stderr (default); json = machine-readable lines on stdout, one "
+                        "JSON object each: progress (stage, done, total), warning (message), done (device, seconds)")
     p.set_defaults(func=run_segment)
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    json_lines = getattr(args, "progress", "bar") == "json"
+    if json_lines:
+        previous, warnings.showwarning = warnings.showwarning, _json_warning
+        try:
+            return _run_segment(args, json_lines)
+        finally:
+            warnings.showwarning = previous
+    return _run_segment(args, json_lines)
+
+
+def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
     from .paths import refuse_overwriting_inputs
     from .pipeline import SupportCase, check_query, make_engine, segment, write_scores
     from .volume import check_output_path, output_structures, read_labels, read_volume, structure_mask, write_labels
@@ -144,20 +158,31 @@ def run_segment(args: argparse.Namespace) -> int:
         check_output_dir(args.scores, ".csv")
     query = read_volume(args.query)
     check_query(query)
-    supports = []
-    structures = None
     wanted = parse_label_selection(args.labels)
+    several = len(args.support) > 1
+    read = []  # (image, labels, labels_path, [(index into wanted, chosen structure)])
+    first: dict[int, object] = {}  # index into wanted -> the structure of the first support that has it
     for image_path, labels_path in args.support:
         image = read_volume(image_path)
         labels, available = read_labels(labels_path, image)
-        chosen = resolve_structures(wanted, available, labels_path)
-        if structures is None:
-            structures = output_structures(chosen, Path(labels_path).name)  # the first support names and colours them
+        # several supports: each needs only the structures it has (the pipeline skips it for the others)
+        mine = [i for i, w in enumerate(wanted) if _present(w, available, labels_path)] if several else range(len(wanted))
+        chosen = list(zip(mine, resolve_structures([wanted[i] for i in mine], available, labels_path)))
+        for i, s in chosen:
+            first.setdefault(i, s)
+        read.append((image, labels, labels_path, chosen))
+    missing = [wanted[i].text for i in range(len(wanted)) if i not in first]
+    if missing:
+        raise InputError(f"label '{missing[0]}' is absent from every support")
+    # the first support that has a structure names and colours it; the --labels order decides overlaps
+    structures = output_structures([first[i] for i in range(len(wanted))], Path(args.support[0][1]).name)
+    supports = []
+    for image, labels, labels_path, chosen in read:
         # each support's own segment (its layer and label value) is the mask of the output structure
         masks = {}
-        for out_structure, s in zip(structures, chosen):
-            masks[out_structure.value] = structure_mask(labels, s)
-            if not masks[out_structure.value].any():
+        for i, s in chosen:
+            masks[structures[i].value] = structure_mask(labels, s)
+            if not masks[structures[i].value].any():
                 raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
         supports.append(SupportCase(image, labels, name=Path(labels_path).name, masks=masks))
     if not options.untrained and options.checkpoint is None:
@@ -170,21 +195,79 @@ def run_segment(args: argparse.Namespace) -> int:
 
         # load (and so check) the LPIPS weights now, not after every slice is encoded
         _matcher(None, options.method_options)
-    bar = None if args.quiet else _ProgressBar()
+    bar = _json_progress if json_lines else None if args.quiet else _ProgressBar()
     try:
         with out_of_memory_as_input_error(options):
             # after the inputs are known good: building SAM2 takes seconds
             engine = (getattr(args, "engine_factory", None) or make_engine)(options)
             result = segment(query, supports, structures, options, progress=bar, engine=engine)
     finally:
-        if bar is not None:
+        if isinstance(bar, _ProgressBar):
             bar.close()
     write_labels(args.out, result.labels, result.structures)
     if args.scores:
         write_scores(args.scores, result.scores)
-    counts = ", ".join(f"{s.name}: {int((result.labels.array == s.value).sum())} voxels" for s in result.structures)
+    voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
+    if json_lines:
+        _json_line(event="done", out=str(args.out), device=str(getattr(engine, "device", "")),
+                   seconds=result.timings["total"], slice_axis=int(result.slice_axis),
+                   encoder_calls=int(result.encoder_calls), voxels=voxels)
+        return 0
+    counts = ", ".join(f"{name}: {n} voxels" for name, n in voxels.items())
     print(f"wrote {args.out} ({counts}; {result.encoder_calls} slices encoded, {result.timings['total']:.1f} s)")
     return 0
+
+
+def _present(choice, available: list, source: str) -> bool:
+    """Whether a --labels item finds a structure in this support (an ambiguous item is still an error)."""
+    try:
+        resolve_structures([choice], available, source)
+    except InputError as exc:
+        if "is absent from" in str(exc):
+            return False
+        raise
+    return True
+
+
+def _json_line(**fields) -> None:
+    """One JSON object per line on stdout, flushed at once: the Slicer module reads these while the run goes on."""
+    import json
+
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+PARENT_PID_ENV = "FEWSHOTSAM2_PARENT_PID"
+
+
+def _json_progress(stage: str, done: int, total: int) -> None:
+    _json_line(event="progress", stage=stage, done=int(done), total=int(total))
+    _stop_if_orphaned()
+
+
+def _stop_if_orphaned() -> None:
+    """Stop when the program that started this run is gone (Slicer killed or crashed): nobody reads the result.
+
+    The Slicer module runs each segmentation in its own process group (so that Cancel can kill it with its
+    children), which also means the run would outlive a killed Slicer; it names its own pid in
+    $FEWSHOTSAM2_PARENT_PID. POSIX only (on Windows os.kill(pid, 0) would send Ctrl-C).
+    """
+    import os
+
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if os.name != "posix" or not parent.isdigit():
+        return
+    try:
+        os.kill(int(parent), 0)
+    except ProcessLookupError:
+        raise Cancelled(f"the program that started this run (pid {parent}) is gone") from None
+    except PermissionError:
+        pass  # exists, owned by someone else
+
+
+def _json_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The core's warnings (structure not found, modality mismatch, ...) as lines of the JSON stream."""
+    _json_line(event="warning", message=str(message))
 
 
 def check_output_dir(path: str, suffix: str) -> None:
@@ -205,27 +288,35 @@ def check_output_dir(path: str, suffix: str) -> None:
         raise InputError(f"cannot write {path}: folder {folder} is not writable")
 
 
-@contextlib.contextmanager
-def out_of_memory_as_input_error(options) -> Iterator[None]:
-    """Running out of memory (GPU or CPU) ends with one message naming what to change; nothing is written."""
-    import torch
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError, numpy MemoryError; torch's CPU allocator and MPS a plain RuntimeError."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # nothing ran out of torch memory if torch was never imported
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("can't allocate memory", "out of memory"))
 
+
+@contextlib.contextmanager
+def out_of_memory_as_input_error(settings, written: str = "nothing was written") -> Iterator[None]:
+    """Running out of memory (GPU or CPU) ends with one message naming what to change. `settings`: anything with
+    image_size, batch_size and device (SegmentOptions, parsed arguments); `written`: what the user is left with."""
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        # CUDA raises OutOfMemoryError, numpy MemoryError; torch's CPU allocator and MPS a plain RuntimeError
-        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and not any(
-                s in str(exc) for s in ("can't allocate memory", "out of memory")):
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
             raise
-        where = "GPU memory" if isinstance(exc, torch.OutOfMemoryError) else "memory"
+        torch = sys.modules.get("torch")
+        where = "GPU memory" if torch is not None and isinstance(exc, torch.OutOfMemoryError) else "memory"
         exc = None  # drop the frames holding the big tensors before freeing the cache
-        if torch.cuda.is_available():
+        if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
-        cpu = "" if options.device == "cpu" else ", or --device cpu"
+        cpu = "" if settings.device == "cpu" else ", or --device cpu"
         raise InputError(
-            f"out of {where} while segmenting (--image-size {options.image_size}, --batch-size {options.batch_size}, "
-            f"--device {options.device}); try a smaller --image-size or --batch-size, a --slice-range of the "
-            f"query{cpu}; nothing was written") from None
+            f"out of {where} (--image-size {settings.image_size}, --batch-size {settings.batch_size}, "
+            f"--device {settings.device}); try a smaller --image-size or --batch-size, a --slice-range of the "
+            f"query{cpu}{'; ' + written if written else ''}") from None
 
 
 class _ProgressBar:
@@ -300,6 +391,10 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so writers remove their temporary files
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
+        if args.command != "segment" and all(hasattr(args, k) for k in ("image_size", "batch_size", "device")):
+            # the other commands that run SAM2 (evaluate, bench, ...) keep what they wrote so far
+            with out_of_memory_as_input_error(args, written=""):
+                return args.func(args)
         return args.func(args)
     except OptionError as exc:  # the options name no flag; here they are flags
         print(f"fewshotsam2: error: {flag(exc.option)} {exc.problem}", file=sys.stderr)

@@ -196,10 +196,9 @@ class SAM2Engine:
         self.checkpoint_path = checkpoint_path
         self.untrained = checkpoint_path is None
         self.model = sam2_model.to(self.device).eval()
-        # bf16 autocast on CUDA where the GPU supports it (as sam2's own examples); float32 elsewhere
-        self._autocast = (
-            self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
+        # bf16 autocast on CUDA where the GPU computes in bf16 natively (Ampere and later), as sam2's own examples;
+        # float32 elsewhere (emulated bf16 on older GPUs is slower than float32)
+        self._autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         self.encoder_calls = 0
         self.encode_seconds = 0.0
         self._frames: dict[FrameKey, np.ndarray] = {}
@@ -365,7 +364,13 @@ class SAM2Engine:
 
     @torch.inference_mode()
     def memorize(self, keys: Sequence[FrameKey], masks: Sequence[np.ndarray]) -> Memory:
-        """Conditioning memory of frames whose masks are known (support slices with their labels)."""
+        """Conditioning memory of frames whose masks are known, encoded exactly as sam2's `add_new_mask` does.
+
+        sam2 (video predictor: `add_new_mask`, then `propagate_in_video_preflight`): the mask prompt goes through
+        `track_step` without the memory encoder, giving low-resolution mask logits (the mask as +-10, downsampled
+        with anti-aliasing), an object pointer and an object score; the logits are hole-filled, upsampled
+        bilinearly to the model's input size and encoded as a mask from a user prompt (binarised).
+        """
         vision_feats, pos, sizes = self._vision(list(keys))
         with self._autocast_ctx():
             out = self.model.track_step(
@@ -378,8 +383,19 @@ class SAM2Engine:
                 mask_inputs=self._mask_input(masks),
                 output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
                 num_frames=1,
-                run_mem_encoder=True,
+                run_mem_encoder=False,
             )
+            low_res = self._fill_holes(out["pred_masks"])
+            high_res = F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear",
+                                     align_corners=False)
+            out["maskmem_features"], out["maskmem_pos_enc"] = self.model._encode_new_memory(
+                current_vision_feats=vision_feats,
+                feat_sizes=sizes,
+                pred_masks_high_res=high_res,
+                object_score_logits=out["object_score_logits"],
+                is_mask_from_pts=True,
+            )
+        out["pred_masks"] = low_res
         return self._memory(out)
 
     @torch.inference_mode()
@@ -424,8 +440,8 @@ class SAM2Engine:
                 track_in_reverse=reverse,
                 run_mem_encoder=True,
             )
+        out["pred_masks"] = logits = self._fill_holes(out["pred_masks"])  # the logits sam2's predictor keeps
         memory = self._memory(out)
-        logits = self._fill_holes(memory.pred_masks)
         masks = []
         for i, key in enumerate(keys):
             h, w = self._frames[key].shape
@@ -448,15 +464,29 @@ class SAM2Engine:
         return Prediction([m for p in parts for m in p.masks], Memory.cat([p.memory for p in parts]))
 
     def _memory(self, out: dict) -> Memory:
-        # Memories are kept in float32: under autocast the memory encoder returns bf16, and bf16 memories
-        # meeting float32 weights break memory attention on CPU (sam2 itself casts them to bf16 for storage).
+        # What sam2's video predictor stores of a frame: memory features in bf16 (on every device: they are the
+        # bulk of a memory bank; the memory attention reads them promoted to the dtype of the object pointers
+        # they are concatenated with), the rest as the model returned it.
         return Memory(
-            out["maskmem_features"].float(),
-            [p.float() for p in out["maskmem_pos_enc"]],
-            out["obj_ptr"].float(),
-            out["object_score_logits"].float(),
+            out["maskmem_features"].to(torch.bfloat16),
+            list(out["maskmem_pos_enc"]),
+            out["obj_ptr"],
+            out["object_score_logits"],
             out["pred_masks"].float(),
         )
+
+    @property
+    def memory_reach(self) -> int:
+        """How many frames back (in visiting order) SAM2 can still read a non-conditioning memory.
+
+        Mask memories: the last `num_maskmem - 1` frames, taken every `memory_temporal_stride_for_eval`-th frame
+        (an upper bound: `(num_maskmem - 1) * stride + 1`); object pointers: up to `max_obj_ptrs_in_encoder - 1`
+        frames back. Older predictions are never read again and can be dropped.
+        """
+        m = self.model
+        masks = (m.num_maskmem - 1) * m.memory_temporal_stride_for_eval + 1 if m.num_maskmem > 0 else 0
+        pointers = m.max_obj_ptrs_in_encoder - 1 if m.use_obj_ptrs_in_encoder else 0
+        return max(1, masks, pointers)
 
     def _fill_holes(self, logits: torch.Tensor) -> torch.Tensor:
         """Fill background holes up to `fill_hole_area` low-res pixels, as sam2's post-processing does.

@@ -22,6 +22,7 @@ class Engine(Protocol):
 
     batch_size: int
     encoder_calls: int
+    memory_reach: int  # how many frames back SAM2 reads non-conditioning memories (see SAM2Engine.memory_reach)
 
     def add_frames(self, frames) -> None: ...
     def memorize(self, keys: Sequence[Hashable], masks: Sequence[np.ndarray]) -> Memory: ...

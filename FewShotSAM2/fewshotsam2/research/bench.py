@@ -31,10 +31,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..constants import METHODS
 from ..errors import InputError
 
 UNTRAINED_BANNER = "UNTRAINED: SAM2 ran with random weights (--untrained); these numbers mean nothing"
-METHOD_NAMES = ("propagate", "reverse", "lpips")
+METHOD_NAMES = ("propagate",) + tuple(m for m in METHODS if m != "propagate")  # the baseline first: ratios are to it
 # (column, timings key or our own stage); the pipeline's keys are the contract's
 STAGES = (
     ("loading", "loading"),
@@ -311,6 +312,16 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _structure_values(text: Optional[str]) -> list[int]:
+    """`--structures 1,5` -> [1, 5]; anything else is one clear error."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not all(t.isascii() and t.isdigit() and int(t) > 0 for t in items):
+        raise InputError(f"--structures '{text}': give positive label values, e.g. 1,5")
+    if len(set(map(int, items))) != len(items):
+        raise InputError(f"--structures '{text}': a label value is listed twice")
+    return [int(t) for t in items]
+
+
 def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
     """The bench command. `segment` and `engine_factory(options)` default to `pipeline.segment` and
     `pipeline.make_engine` (tests hand in their own; --isolate always uses the defaults)."""
@@ -332,7 +343,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
     if args.repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {args.repeat}")
     load_before = _load_average()
-    values = [int(v) for v in args.structures.split(",")] if args.structures else []
+    values = _structure_values(args.structures)
     engine_options = {f: getattr(args, f) for f in SegmentOptions.flat_names() if hasattr(args, f) and f != "method"}
 
     def options_factory(m: str):
