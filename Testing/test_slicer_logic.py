@@ -223,6 +223,8 @@ def test_ct_progress_lines_from_the_real_process(ct_run):
     """The progress callback saw the process's JSON lines: encoding then per-structure stages, counters that end
     complete; the final line says which device ran and how long it took; the job folder is gone."""
     stages = ct_run["stages"]
+    assert stages[:2] == [("Reading the volumes", 0, 0), ("Loading SAM2 tiny", 0, 0)]  # before the first counter
+    stages = stages[2:]
     assert stages[0][0].startswith("Encoding slice")
     assert all(0 <= done <= total and total > 0 for _, done, total in stages)
     encoding = [done for stage, done, total in stages if stage.startswith("Encoding slice")]
@@ -607,14 +609,16 @@ def test_cancel_from_the_progress_callback(mr_scene, tmp_path, monkeypatch):
     before = scene_state(scene)
     stages = []
 
-    def cancel_at_once(stage, done, total):
+    def cancel_at_encoding(stage, done, total):
         stages.append((stage, done, total))
-        raise Cancelled("user")
+        if total:
+            raise Cancelled("user")
 
     with pytest.raises(Cancelled):
-        module.FewShotSAM2Logic().segment(v, [(v, seg, [sid])], method="propagate", progressCallback=cancel_at_once,
-                                          **FAST)
-    assert len(stages) == 1 and stages[0][0].startswith("Encoding slice")
+        module.FewShotSAM2Logic().segment(v, [(v, seg, [sid])], method="propagate",
+                                          progressCallback=cancel_at_encoding, **FAST)
+    assert [s for s, _, _ in stages[:2]] == ["Reading the volumes", "Loading SAM2 tiny"]
+    assert len(stages) == 3 and stages[2][0].startswith("Encoding slice")
     assert scene_state(scene) == before
     assert list(tmp_path.iterdir()) == []
 

@@ -133,7 +133,8 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
     events = [process.parseProgressLine(line) for line in lines]
     assert None not in events  # nothing but JSON objects on stdout
     progress = [e for e in events if e["event"] == "progress"]
-    assert progress and progress[0]["stage"].startswith("Encoding slice") and progress[0]["total"] == 6
+    assert [(e["stage"], e["total"]) for e in progress[:2]] == [("Reading the volumes", 0), ("Loading SAM2 tiny", 0)]
+    assert progress[2]["stage"].startswith("Encoding slice") and progress[2]["total"] == 6
     done = events[-1]
     assert done["event"] == "done" and done["device"] == "cpu" and done["seconds"] > 0
     assert list(done["voxels"]) == ["Label 2", "Label 1"]  # the --labels order
