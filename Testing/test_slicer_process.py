@@ -147,3 +147,30 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
     assert cli.main(common + ["--labels", "1,3"]) == 2
     assert "label '3' is absent from every support" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- sample data
+
+
+def test_sample_data_sources_match_the_shared_files(shared_dir):
+    """The two SampleData entries (support CT + labels, query DICOM series) point at the core's table, and their
+    SHA256 checksums are those of the copies in ../shared/data (offline)."""
+    from FewShotSAM2Lib import sample_data
+    from fewshotsam2 import sample_data as core_sample_data
+
+    support, query = sample_data.sampleSources()
+    for source in (support, query):
+        lengths = {len(source[key]) for key in ("uris", "fileNames", "nodeNames", "loadFileTypes", "loadFiles", "checksums")}
+        assert len(lengths) == 1  # SampleDataSource refuses lists of different lengths
+        assert all(uri.startswith("https://") for uri in source["uris"])
+        assert len(set(source["fileNames"])) == len(source["fileNames"])  # one cache file each
+        assert all(c.startswith("SHA256:") and len(c) == 7 + 64 for c in source["checksums"])
+    by_url = {f.url: f for f in core_sample_data.DEMO_FILES}
+    files = [by_url[uri] for source in (support, query) for uri in source["uris"]]
+    assert {f.path for f in files} == {f.path for f in core_sample_data.DEMO_FILES if "ct-b/labels" not in f.path}
+    for source in (support, query):
+        for uri, checksum in zip(source["uris"], source["checksums"]):
+            path = shared_dir / "data" / by_url[uri].path
+            assert checksum == "SHA256:" + core_sample_data.sha256_of(path), path
+    assert support["loadFileTypes"] == ["VolumeFile", "SegmentationFile"] and support["loadFiles"] == [True, True]
+    assert query["loadFiles"] == [False] * 19 + [True] and query["nodeNames"][-1] == "ct-b"  # loaded once all are in
