@@ -1014,8 +1014,9 @@ def test_model_cache_status_import_and_clear(tmp_path, monkeypatch):
 
     bogus = tmp_path / "bogus.pt"
     bogus.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError):
+    with pytest.raises(InputError) as error:  # checked in a process of its own: one line back
         logic.importCheckpoint(str(bogus), "tiny", "2.1")
+    assert "bogus.pt" in str(error.value) and "\n" not in str(error.value)
     assert not logic.checkpointStatus("tiny", "2.1")[0]
 
     torch.manual_seed(1)
