@@ -929,69 +929,6 @@ def test_dependencies_are_checked_without_importing_them():
     assert run.stdout.split() == ["False", "False"]
 
 
-def test_incompatible_sam2_is_refused_with_a_message(tmp_path, monkeypatch):
-    # another extension's own copy of sam2, first on sys.path, without the SAM2.1 configs
-    (tmp_path / "sam2").mkdir()
-    (tmp_path / "sam2" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "sam2", raising=False)  # find_spec would answer from an imported sam2
-    problem = dependencies.sam2Problem()
-    assert "no configs/sam2.1 folder" in problem and str(tmp_path) in problem
-    monkeypatch.undo()
-    # an older sam2 release
-    real = dependencies._version
-    monkeypatch.setattr(dependencies, "_version", lambda name: "1.0" if name == "sam2" else real(name))
-    assert "incompatible sam2 is installed (version 1.0" in dependencies.sam2Problem()
-    assert any("incompatible sam2" in p for p in dependencies.missingDependencies("reverse"))
-
-
-def test_torch_version_is_bounded_and_never_replaced(monkeypatch):
-    assert dependencies.versionTuple("2.5.1+cu121") == (2, 5, 1)
-    real = dependencies._version
-    for version, ok in (("2.4.1", False), ("2.5.1", True), ("2.14.1+cpu", True), ("3.0.0", False)):
-        monkeypatch.setattr(dependencies, "_version", lambda name, v=version: v if name == "torch" else real(name))
-        assert (dependencies.torchProblem() is None) is ok, version
-    monkeypatch.setattr(dependencies, "_version", lambda name: "2.4.1" if name == "torch" else real(name))
-    asked = []
-    with pytest.raises(RuntimeError, match="torch 2.4.1 is installed; FewShotSAM2 needs torch >=2.5.1,<3"):
-        dependencies.installDependencies("reverse", confirm=lambda message: asked.append(message) or True)
-    assert asked == []  # refused before asking: an installed torch is not replaced
-
-
-def test_dependencies_are_never_installed_silently(monkeypatch):
-    assert dependencies.installDependencies("lpips") is False  # nothing missing: nothing asked, nothing done
-
-    calls = []
-
-    def pip_install(arguments):
-        requirements = arguments[arguments.index("-r") + 1] if "-r" in arguments else None
-        calls.append((list(arguments), os.environ.get("SAM2_BUILD_CUDA"),
-                      open(requirements).read() if requirements else None))
-
-    monkeypatch.setattr(dependencies, "_pipInstall", pip_install)
-    import importlib.util
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sam2" else real_find_spec(name, *a))
-    with pytest.raises(RuntimeError, match="cannot run without"):
-        dependencies.installDependencies("reverse")  # no confirm callback: refuse
-    asked = []
-    with pytest.raises(RuntimeError, match="cannot run without"):
-        dependencies.installDependencies("reverse", confirm=lambda message: asked.append(message) or False)
-    assert asked and "sam2 is not installed" in asked[0] and "SHA256" in asked[0] and calls == []
-
-    # agreed: the hash-pinned sam2 without build isolation, without deps, without its CUDA extension
-    monkeypatch.setenv("SAM2_BUILD_CUDA", "1")
-    with pytest.raises(RuntimeError, match="still cannot run: sam2 is not installed"):  # find_spec still says no sam2
-        dependencies.installDependencies("reverse", confirm=lambda message: True)
-    (arguments, build_cuda, requirements), = calls
-    assert arguments[:3] == ["--no-build-isolation", "--no-deps", "--require-hashes"]
-    assert build_cuda == "0"
-    assert requirements.strip() == ("sam2==1.1.0 --hash=sha256:"
-                                    "7e0ea252d43c10d853e3acfce0b5770ac683c30481bd6de311300e9d44f45b74")
-    assert os.environ["SAM2_BUILD_CUDA"] == "1"  # restored
-
-
 def test_single_support_without_list(mr_scene):
     v, seg, sid = mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
     prepared = module.FewShotSAM2Logic().prepare(v, (v, seg, [sid]), "propagate", **FAST)
