@@ -1132,8 +1132,10 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputNode.GetDisplayNode().SetVisibility(True)
                 slicer.util.setSliceViewerLayers(background=prepared.queryVolumeNode)
                 self._showResults(prepared, result)
-            status = _("Done in {seconds:.0f} s on {device}: '{name}'.").format(
-                seconds=result.seconds, device=result.device or "?", name=outputNode.GetName())
+            # wall time as the user waited (process start and model loading included), and the segmentation's own
+            status = _("Done in {seconds:.0f} s on {device} (segmentation {run:.0f} s): '{name}'.").format(
+                seconds=time.time() - job.startTime, device=result.device or "?", run=result.seconds,
+                name=outputNode.GetName())
             if result.warnings:
                 status += "\n" + _("Warnings:") + "\n" + "\n".join(f"- {w}" for w in result.warnings)
             self._setStatus(status, warning=bool(result.warnings))
