@@ -186,6 +186,8 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
             raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
                              "leave --scores out or choose another method")
         check_output_dir(args.scores, ".csv")
+    if json_lines:  # the first encoded batch can take a minute at 1024 px on a CPU: say what happens until then
+        _json_progress("Reading the volumes", 0, 0)
     query = read_volume(args.query)
     check_query(query)
     wanted = parse_label_selection(args.labels)
@@ -226,6 +228,8 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
         # load (and so check) the LPIPS weights now, not after every slice is encoded
         _matcher(None, options.method_options)
     bar = _json_progress if json_lines else None if args.quiet else _ProgressBar()
+    if json_lines:
+        _json_progress(f"Loading SAM2 {options.model}", 0, 0)
     try:
         with out_of_memory_as_input_error(options):
             # after the inputs are known good: building SAM2 takes seconds
