@@ -137,7 +137,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Segment the structures chosen with --labels in the query volume, prompting SAM2 with "
                      "labeled slices of the support volume(s). Writes one multi-label map on the query's grid.")
     p.add_argument("--query", required=True, metavar="Q",
-                   help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder")
+                   help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder (FOLDER#N or "
+                        "FOLDER#SERIES_UID picks one series of a folder holding several)")
     p.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a labeled support: image (file or DICOM folder) and its labels (label map or .seg.nrrd, "
                         "aligned to the image by physical geometry); repeat for several supports")
