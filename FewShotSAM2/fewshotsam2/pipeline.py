@@ -61,14 +61,20 @@ def segment(
     supports: list[SupportCase],
     structures: list[Structure],
     options: SegmentOptions,
-    progress: Optional[ProgressCallback] = None,
+    progress: ProgressCallback | bool | None = True,
     engine: Optional[SAM2Engine] = None,
 ) -> SegmentationResult:
     """Segment `structures` (by label value) in `query` from the labeled `supports`.
 
     Every structure is segmented on its own; where two structures claim a voxel, the one listed first keeps it.
-    Raise `errors.Cancelled` from `progress` to stop: nothing is returned and nothing was written.
+    `progress`: True (default) shows a progress bar on stderr; None or False: silent; or a callback
+    `progress(stage, done, total)`. Raise `errors.Cancelled` from it to stop: nothing is returned or written.
     """
+    if progress is True:
+        from .progress import ProgressBar
+
+        with ProgressBar() as bar:
+            return segment(query, supports, structures, options, bar, engine)
     progress = progress or (lambda stage, done, total: None)
     if not isinstance(options, SegmentOptions):
         raise TypeError(f"options must be a SegmentOptions (SegmentOptions.from_flat builds one), got {options!r}")
@@ -121,6 +127,7 @@ def segment(
     clock = StageClock(engine, timings)
     # every query slice is needed by every backend: encode them all up front, with a visible progress
     n = len(query_keys)
+    progress(f"Encoding slice 0/{n}", 0, n)  # bars start at 0 before the first batch, which takes seconds on a CPU
     with clock.stage("encode"):
         engine.encode(query_keys, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
     context = QueryContext(keys=query_keys, images=qstack, spacing=qplan.in_plane_spacing)
