@@ -42,6 +42,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "the masks mean nothing")
     g.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="slices per batch for the image encoder and for predictions that share memory (default 8)")
+    g.add_argument("--feature-storage", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="cached image features: auto (default) = bfloat16 on CUDA, float32 on the CPU unless the "
+                        "cache would pass 1 GiB; bfloat16 halves the memory at a small cost in exactness")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,15 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                    help="slice direction: auto = the acquisition axis (coarsest spacing), or a named plane")
     g.add_argument("--preset", default="auto", choices=PRESET_NAMES,
                    help="intensity window: auto = CT abdomen window for CT, 0.5-99.5 percentiles otherwise")
+    g.add_argument("--slice-range", default="auto", metavar="auto|off|FIRST:LAST",
+                   help="which query slices to segment: auto (default) = per structure, the slices where the "
+                        "supports say it can be (aligned by anatomy, plus --extent-margin); off = every slice: "
+                        "use it for lesions and tumours, which do not sit at the same level in every patient; "
+                        "FIRST:LAST = inclusive indices along the query array's slice axis (see `fewshotsam2 "
+                        "extent`). Outside the range the output is background")
+    g.add_argument("--extent-margin", type=float, default=15.0, metavar="MM",
+                   help="with --slice-range auto: widen each end of the estimated range by this many mm "
+                        "(default 15)")
     g.add_argument("--shots", type=int, default=1, metavar="K",
                    help="support slices per support volume and structure: 1 = the middle labeled slice, "
                         "K = K evenly spaced labeled slices (default 1)")
@@ -100,6 +112,9 @@ def options_from_args(args: argparse.Namespace, method: Optional[str] = None):
         lpips_weights=args.lpips_weights,
         seed=args.seed,
         batch_size=args.batch_size,
+        slice_range=getattr(args, "slice_range", "off"),
+        extent_margin_mm=getattr(args, "extent_margin", 15.0),
+        feature_storage=getattr(args, "feature_storage", "auto"),
     )
 
 
@@ -167,6 +182,7 @@ def run_segment(args: argparse.Namespace) -> int:
     if args.scores:
         check_output_dir(args.scores, ".csv")
     query = read_volume(args.query)
+    check_user_slice_range(args.slice_range, query, options.axis)
     supports = []
     structures = None
     wanted = parse_label_selection(args.labels)
@@ -183,16 +199,32 @@ def run_segment(args: argparse.Namespace) -> int:
     engine = make_engine(options)  # after the inputs are known good: building SAM2 takes seconds
     bar = None if args.quiet else _ProgressBar()
     try:
-        result = segment(query, supports, structures, options, progress=bar, engine=engine)
+        result = segment(query, supports, structures, options, progress=bar, engine=engine,
+                         notify=None if args.quiet else lambda text: print(text, file=sys.stderr))
     finally:
         if bar is not None:
             bar.close()
     write_labels(args.out, result.labels, result.structures)
     if args.scores:
-        write_scores(args.scores, result.scores)
+        write_scores(args.scores, result.scores, result.slice_ranges, result.structures)
+    for s in result.structures:
+        r = result.slice_ranges.get(s.value)
+        print(f"{s.name}: slices {r[0]}-{r[1]} along array axis {result.slice_axis}" if r is not None else
+              f"{s.name}: empty slice range, not segmented")
     counts = ", ".join(f"{s.name}: {int((result.labels.array == s.value).sum())} voxels" for s in result.structures)
     print(f"wrote {args.out} ({counts}; {result.encoder_calls} slices encoded, {result.timings['total']:.1f} s)")
     return 0
+
+
+def check_user_slice_range(text: str, query, axis: str) -> None:
+    """A FIRST:LAST --slice-range must fit the query: checked before anything is built or written."""
+    from .extent import check_slice_range, parse_slice_range
+    from .slices import SlicePlan
+
+    given = parse_slice_range(text)
+    if given is not None and given != (0, -1):
+        plan = SlicePlan.for_volume(query, axis)
+        check_slice_range(given[0], given[1], plan.n_slices, plan.array_axis)
 
 
 def check_output_dir(path: str, suffix: str) -> None:
@@ -242,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _segment_parser(sub)
+    from . import extent_command
+
+    p = sub.add_parser("extent", help="print each structure's slice range in the query, estimated from supports",
+                       description=extent_command.__doc__.strip().splitlines()[0])
+    extent_command.add_arguments(p)
+    p.set_defaults(func=extent_command.run)
     for name, help_text in (("evaluate", "Dice / HD95 tables and plots over labeled cases"),
                             ("bench", "time each stage of each method on one query")):
         try:

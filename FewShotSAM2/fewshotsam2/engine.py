@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FrameKey = Hashable
 DEVICES = ("auto", "cuda", "mps", "cpu")
+FEATURE_STORAGE = ("auto", "float32", "bfloat16")
 # ImageNet statistics, as in sam2's own frame loader
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -163,6 +164,7 @@ class SAM2Engine:
         cache_dir: Optional[str] = None,
         batch_size: int = 8,
         fill_hole_area: int = FILL_HOLE_AREA,
+        feature_storage: str = "auto",
     ) -> None:
         self.info = checkpoint_info(model, version)
         self.device = pick_device(device)
@@ -194,17 +196,74 @@ class SAM2Engine:
         self.encode_seconds = 0.0
         self._frames: dict[FrameKey, np.ndarray] = {}
         self._features: dict[FrameKey, list[torch.Tensor]] = {}
+        # feature cache storage (see set_feature_storage); `pinned` keys survive reset() and release()
+        self.feature_dtype = torch.float32
+        self.feature_device = self.device
+        self.set_feature_storage(feature_storage)
+        self.pinned: set[FrameKey] = set()
+        self._use_once: set[FrameKey] = set()
         self._pos_enc: Optional[list[torch.Tensor]] = None
         self._feat_sizes: Optional[list[tuple[int, int]]] = None
         self._cuda_hole_filling = self.device.type == "cuda" and _has_sam2_extension()
 
     # ---------------------------------------------------------------- frames and features
+    def set_feature_storage(self, storage: str = "auto", device: Optional[str | torch.device] = None) -> None:
+        """How cached image features are stored: "float32", "bfloat16" or "auto"; on `device` (default: SAM2's).
+
+        "auto" stores what the encoder computes: bfloat16 under CUDA autocast (as sam2's own predictor caches
+        them, and no float32 copy), float32 on CPU and MPS, where float32 storage keeps the engine's logits
+        bit-identical to sam2's predictor. bfloat16 halves the cache (features are cast back where used).
+        Features stored before a change keep their old storage.
+        """
+        if storage not in FEATURE_STORAGE:
+            raise InputError(f"unknown feature storage '{storage}': choose one of {', '.join(FEATURE_STORAGE)}")
+        if storage == "auto":
+            self.feature_dtype = torch.bfloat16 if self._autocast else torch.float32
+        else:
+            self.feature_dtype = torch.bfloat16 if storage == "bfloat16" else torch.float32
+        self.feature_device = torch.device(device) if device is not None else self.device
+
+    def feature_bytes_per_frame(self, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes of one frame's cached features (all levels SAM2 reads) in `dtype` (default: the storage)."""
+        s = self.image_size
+        # levels at strides 4, 8, 16: channels after sam2's conv_s0 / conv_s1 (d_model/8, d_model/4) and d_model
+        d = self.model.hidden_dim
+        n = (d // 8) * (s // 4) ** 2 + (d // 4) * (s // 8) ** 2 + d * (s // 16) ** 2
+        if not self.model.use_high_res_features_in_sam:
+            n = d * (s // 16) ** 2
+        return n * torch.empty((), dtype=dtype or self.feature_dtype).element_size()
+
     def reset(self) -> None:
-        """Start a new run: forget frames, features and the encoder count."""
-        self._frames.clear()
-        self._features.clear()
+        """Start a new run: forget frames, features (except pinned ones) and the encoder count."""
+        for key in [k for k in self._frames if k not in self.pinned]:
+            del self._frames[key]
+        for key in [k for k in self._features if k not in self.pinned]:
+            del self._features[key]
+        self._use_once.clear()
         self.encoder_calls = 0
         self.encode_seconds = 0.0
+
+    def pin(self, keys: Iterable[FrameKey]) -> None:
+        """Keep these frames' features across reset() and release() (e.g. support slices reused across queries)."""
+        self.pinned.update(keys)
+
+    def unpin(self, keys: Iterable[FrameKey]) -> None:
+        self.pinned.difference_update(keys)
+
+    def release(self, keys: Iterable[FrameKey]) -> None:
+        """Drop the cached features of frames no longer needed (pinned ones stay); they re-encode if used again."""
+        for key in keys:
+            if key not in self.pinned:
+                self._features.pop(key, None)
+                self._use_once.discard(key)
+
+    def use_once(self, keys: Iterable[FrameKey]) -> None:
+        """These frames will be read once more: drop their features right after that read."""
+        self._use_once.update(k for k in keys if k not in self.pinned)
+
+    @property
+    def cached_feature_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for f in self._features.values() for t in f)
 
     def add_frames(self, frames: Mapping[FrameKey, np.ndarray]) -> None:
         """Register 2D float images in [0, 1] under keys; nothing is encoded until a frame is used."""
@@ -250,7 +309,9 @@ class SAM2Engine:
                 self._pos_enc = [p[:1].float() for p in pos]  # identical for every frame of this size
                 self._feat_sizes = [(p.shape[-2], p.shape[-1]) for p in pos]
             for i, key in enumerate(chunk):
-                self._features[key] = [lvl[i : i + 1].float() for lvl in levels]
+                # clone: a view would keep the whole batch's tensor alive
+                self._features[key] = [lvl[i : i + 1].to(self.feature_device, self.feature_dtype, copy=True)
+                                       for lvl in levels]
             self.encoder_calls += len(chunk)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -261,7 +322,12 @@ class SAM2Engine:
     def _vision(self, keys: Sequence[FrameKey]):
         self.encode(keys)
         b = len(keys)
-        feats = [torch.cat([self._features[k][lvl] for k in keys]) for lvl in range(len(self._pos_enc))]
+        # cast where used: float32 outside autocast (bf16 storage meeting float32 weights fails on CPU); under
+        # autocast the stored dtype is what the encoder produced
+        dtype = self.feature_dtype if self._autocast else torch.float32
+        feats = [torch.cat([self._features[k][lvl] for k in keys]).to(self.device, dtype)
+                 for lvl in range(len(self._pos_enc))]
+        self.release([k for k in keys if k in self._use_once])
         vision_feats = [f.flatten(2).permute(2, 0, 1) for f in feats]
         pos = [p.expand(b, -1, -1, -1).flatten(2).permute(2, 0, 1) for p in self._pos_enc]
         return vision_feats, pos, self._feat_sizes

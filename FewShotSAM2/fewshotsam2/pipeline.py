@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 
 from .backends.base import QueryContext, StageClock, SupportSlice
+from .extent import to_array_range
+from .resources import ResourceEstimate, check_resources, estimate_resources
 from .backends.reverse import select_conditional
 from .checkpoints import VERSIONS, normalise_model_name
 from .engine import SAM2Engine
@@ -61,6 +63,11 @@ class SegmentOptions:
     lpips_weights: Optional[str] = None
     seed: int = 0
     batch_size: int = 8
+    # which query slices are segmented: "auto" (estimated per structure from the supports, see extent.py),
+    # "off" (every slice) or "FIRST:LAST" (inclusive indices along the query array's slice axis)
+    slice_range: str = "auto"
+    extent_margin_mm: float = 15.0
+    feature_storage: str = "auto"  # engine feature cache: auto | float32 | bfloat16
 
 
 @dataclass
@@ -86,6 +93,10 @@ class SegmentationResult:
     slice_axis: int = 0  # the array axis of `labels.array` the slices were taken along
     # reverse: the forward predictions p_i per structure value, bool arrays shaped like labels.array
     forward_masks: dict[int, "np.ndarray"] = field(default_factory=dict)
+    # per structure value: the inclusive range of array indices along `slice_axis` that was segmented
+    # (None: the estimated range was empty, nothing segmented); outside it the labels are background
+    slice_ranges: dict[int, Optional[tuple[int, int]]] = field(default_factory=dict)
+    estimate: Optional["ResourceEstimate"] = None
 
 
 def _backend(method: str):
@@ -115,6 +126,15 @@ def validate_options(options: SegmentOptions) -> None:
         select_conditional([], options.top_k, options.min_score)
     if options.augmentations < 0:
         raise InputError(f"--augmentations must be 0 or more, got {options.augmentations}")
+    from .extent import parse_slice_range
+    from .engine import FEATURE_STORAGE
+
+    parse_slice_range(options.slice_range)
+    if not options.extent_margin_mm >= 0:
+        raise InputError(f"--extent-margin must be 0 mm or more, got {options.extent_margin_mm}")
+    if options.feature_storage not in FEATURE_STORAGE:
+        raise InputError(f"unknown feature storage '{options.feature_storage}': choose one of "
+                         f"{', '.join(FEATURE_STORAGE)}")
 
 
 def make_engine(options: SegmentOptions) -> SAM2Engine:
@@ -127,6 +147,7 @@ def make_engine(options: SegmentOptions) -> SAM2Engine:
         untrained=options.untrained,
         cache_dir=options.cache_dir,
         batch_size=options.batch_size,
+        feature_storage=options.feature_storage,
     )
 
 
@@ -137,11 +158,13 @@ def segment(
     options: SegmentOptions,
     progress: Optional[ProgressCallback] = None,
     engine: Optional[SAM2Engine] = None,
+    notify: Optional[Callable[[str], None]] = None,
 ) -> SegmentationResult:
     """Segment `structures` (by label value) in `query` from the labeled `supports`.
 
     Every structure is segmented on its own; where two structures claim a voxel, the one listed first keeps it.
     Raise `errors.Cancelled` from `progress` to stop: nothing is returned and nothing was written.
+    `notify(text)` receives the slice ranges and the memory/time estimate before the work starts.
     """
     progress = progress or (lambda stage, done, total: None)
     validate_options(options)
@@ -172,23 +195,50 @@ def segment(
         prepared.append((plan, image_stack, plan.stack(case.labels.array), box))
     timings["prepare"] = time.perf_counter() - t0
 
+    with_time = time.perf_counter()
+    ranges = structure_ranges(qplan, qstack, prepared, structures, options)
+    timings["extent"] = time.perf_counter() - with_time
+    n = qstack.shape[0]
+    # how often each query slice is still needed: features are dropped after their last use
+    uses = np.zeros(n, dtype=int)
+    for r in ranges.values():
+        if r is not None:
+            uses[r[0] : r[1] + 1] += 1
+
     if engine is None:
         engine = make_engine(options)
+    estimate = estimate_resources(engine, options.method, int(uses.sum()), int((uses > 0).sum()),
+                                  qstack.shape[1:], len(structures))
+    if notify is not None:
+        for st in structures:
+            r = ranges[st.value]
+            notify(f"{st.name}: slices {'-'.join(map(str, to_array_range(qplan, *r)))} of {n} along array axis "
+                   f"{qplan.array_axis}" if r is not None else f"{st.name}: empty slice range, not segmented")
+        notify(estimate.describe())
+    check_resources(estimate, engine)
     engine.reset()
-    query_keys = [("query", i) for i in range(qstack.shape[0])]
+    if estimate.feature_storage is not None:
+        engine.set_feature_storage(*estimate.feature_storage)
+    query_keys = [("query", i) for i in range(n)]
     engine.add_frames(dict(zip(query_keys, qstack)))
     clock = StageClock(engine, timings)
-    # every query slice is needed by every backend: encode them all up front, with a visible progress
-    n = len(query_keys)
-    with clock.stage("encode"):
-        engine.encode(query_keys, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
-    context = QueryContext(keys=query_keys, images=qstack, spacing=qplan.in_plane_spacing)
     backend = _backend(options.method)
+    body_box_cache: dict = {}
 
     out_stack = np.zeros(qstack.shape, dtype=np.uint16)
     scores: list[SliceScore] = []
     forward_masks: dict[int, np.ndarray] = {}
+    slice_ranges: dict[int, Optional[tuple[int, int]]] = {}
     for structure in structures:
+        r = ranges[structure.value]
+        if r is None:
+            slice_ranges[structure.value] = None
+            continue
+        first, last = r
+        slice_ranges[structure.value] = to_array_range(qplan, first, last)
+        inside = list(range(first, last + 1))
+        uses[first : last + 1] -= 1
+        last_use = [query_keys[i] for i in inside if uses[i] == 0]
         support_slices = []
         for s_idx, (plan, image_stack, label_stack, box) in enumerate(prepared):
             if not (label_stack == structure.value).any():
@@ -207,38 +257,106 @@ def segment(
         def stage_progress(stage: str, done: int, total: int, _name=structure.name) -> None:
             progress(f"{_name}: {stage}", done, total)
 
+        # the backend sees only the slices inside the range; the body box is the whole query's
+        context = QueryContext(keys=[query_keys[i] for i in inside], images=qstack[first : last + 1],
+                               spacing=qplan.in_plane_spacing, cache=body_box_cache)
+        if "body_box" not in body_box_cache and options.method == "lpips":
+            body_box_cache["body_box"] = body_box(qstack, qplan.in_plane_spacing)
+        if options.method in ("propagate", "lpips"):
+            engine.use_once(last_use)  # these read each query slice once: drop its features right after
         result = backend.run(engine, context, support_slices, options, stage_progress, clock)
-        free = out_stack == 0
-        out_stack[result.masks & free] = structure.value
+        engine.release(last_use)  # reverse reads them twice (forward, self-propagation): dropped here
+        free = out_stack[first : last + 1] == 0
+        out_stack[first : last + 1][result.masks & free] = structure.value
         for i, score, selected, matched, matched_slice in result.scores:
-            scores.append(SliceScore(structure.name, structure.value, qplan.slice_index_to_array_index(i),
+            scores.append(SliceScore(structure.name, structure.value, qplan.slice_index_to_array_index(first + i),
                                      score, selected, matched, matched_slice))
         if result.forward_masks is not None:
-            forward_masks[structure.value] = qplan.unstack(result.forward_masks)
+            full = np.zeros(qstack.shape, dtype=bool)
+            full[first : last + 1] = result.forward_masks
+            forward_masks[structure.value] = qplan.unstack(full)
 
     labels = query.with_array(qplan.unstack(out_stack))
     if labels.array.max() < 256:
         labels = labels.with_array(labels.array.astype(np.uint8))
     timings["total"] = time.perf_counter() - t0
     return SegmentationResult(labels, list(structures), scores, engine.encoder_calls, timings,
-                              qplan.array_axis, forward_masks)
+                              qplan.array_axis, forward_masks, slice_ranges, estimate)
 
 
-def write_scores(path: str, scores: list[SliceScore]) -> None:
-    """The per-slice scores as CSV (structure, slice index, score, selected, matched support), atomically."""
+def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
+                     options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
+    """Per structure value, the inclusive range of query stack slices to segment (None: empty estimate)."""
+    from .extent import ExtentEstimator, StackInfo, check_slice_range, parse_slice_range, to_stack_range
+
+    n = qstack.shape[0]
+    given = parse_slice_range(options.slice_range)
+    if given == (0, -1):  # off
+        return {s.value: (0, n - 1) for s in structures}
+    if given is not None:
+        check_slice_range(given[0], given[1], n, qplan.array_axis)
+        r = to_stack_range(qplan, *given)
+        return {s.value: r for s in structures}
+    try:
+        estimator = ExtentEstimator(options.lpips_net, options.lpips_weights, _lpips_device(options),
+                                    margin_mm=options.extent_margin_mm)
+    except InputError as exc:
+        raise InputError(f"{exc} (or use --slice-range off to segment every slice)") from exc
+    query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
+    support_infos = [StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, label_stack)
+                     for plan, image_stack, label_stack, _ in prepared]
+    found = estimator.estimate(query_info, support_infos, [(s.value, s.name) for s in structures])
+    ranges: dict[int, Optional[tuple[int, int]]] = {}
+    for r in found:
+        if r.empty:
+            warnings.warn(f"structure {r.value} ({r.name}): its estimated slice range in the query is empty (the "
+                          "supports place it outside the query); it is left out. Use --slice-range off or "
+                          "FIRST:LAST to segment it anyway", stacklevel=3)
+            ranges[r.value] = None
+        else:
+            ranges[r.value] = (r.first, r.last)
+    return ranges
+
+
+def _lpips_device(options: SegmentOptions) -> str:
+    from .engine import pick_device
+
+    return str(pick_device(options.device))
+
+
+def write_scores(path: str, scores: list[SliceScore],
+                 slice_ranges: Optional[dict[int, Optional[tuple[int, int]]]] = None,
+                 structures: Optional[list[Structure]] = None) -> None:
+    """The per-slice scores as CSV (structure, slice index, score, selected, matched support), atomically.
+
+    With `slice_ranges`, every row also holds its structure's segmented range (range_first, range_last: array
+    indices along the slice axis, empty when the range was empty), and a structure without per-slice scores
+    (plain propagation, an empty range) gets one row with only its range.
+    """
     import csv
     import os
     import tempfile
 
+    ranges = slice_ranges or {}
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".scores-", suffix=".csv", dir=folder)
+
+    def bounds(value: int) -> list:
+        r = ranges.get(value)
+        return ["", ""] if r is None else [r[0], r[1]]
+
     try:
         with os.fdopen(fd, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["structure", "value", "slice_index", "score", "selected", "matched_support", "matched_slice"])
+            w.writerow(["structure", "value", "slice_index", "score", "selected", "matched_support", "matched_slice",
+                        "range_first", "range_last"])
             for s in scores:
                 w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.selected),
-                            s.matched_support, s.matched_slice if s.matched_slice >= 0 else ""])
+                            s.matched_support, s.matched_slice if s.matched_slice >= 0 else ""] + bounds(s.value))
+            scored = {s.value for s in scores}
+            for st in structures or []:
+                if st.value not in scored and st.value in ranges:
+                    w.writerow([st.name, st.value, "", "", "", "", ""] + bounds(st.value))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
