@@ -146,7 +146,7 @@ def test_segment_reverse_writes_scores(inputs, tmp_path, capsys, monkeypatch, sh
     with open(scores, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["structure", "value", "slice_index", "score", "selected", "matched_support",
-                             "matched_slice"]
+                             "matched_slice", "range_first", "range_last"]
     assert len(rows) == 2 * 3
     for v in ("5", "1"):
         mine = [r for r in rows if r["value"] == v]

@@ -65,7 +65,7 @@ class SegmentOptions:
     batch_size: int = 8
     # which query slices are segmented: "auto" (estimated per structure from the supports, see extent.py),
     # "off" (every slice) or "FIRST:LAST" (inclusive indices along the query array's slice axis)
-    slice_range: str = "auto"
+    slice_range: str = "off"  # the command line and the Slicer module default to "auto"
     extent_margin_mm: float = 15.0
     feature_storage: str = "auto"  # engine feature cache: auto | float32 | bfloat16
 
@@ -222,6 +222,11 @@ def segment(
     query_keys = [("query", i) for i in range(n)]
     engine.add_frames(dict(zip(query_keys, qstack)))
     clock = StageClock(engine, timings)
+    if estimate.upfront:
+        # the whole cache fits the budget: encode every slice in range up front, in batches (faster on a GPU)
+        todo = [query_keys[i] for i in range(n) if uses[i] > 0]
+        with clock.stage("encode"):
+            engine.encode(todo, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
     backend = _backend(options.method)
     body_box_cache: dict = {}
 
@@ -301,7 +306,9 @@ def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, struc
         estimator = ExtentEstimator(options.lpips_net, options.lpips_weights, _lpips_device(options),
                                     margin_mm=options.extent_margin_mm)
     except InputError as exc:
-        raise InputError(f"{exc} (or use --slice-range off to segment every slice)") from exc
+        # the range only saves time: without the LPIPS weights, segment every slice rather than nothing
+        warnings.warn(f"slice range estimation is off, every slice is segmented: {exc}", stacklevel=3)
+        return {s.value: (0, n - 1) for s in structures}
     query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
     support_infos = [StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, label_stack)
                      for plan, image_stack, label_stack, _ in prepared]
@@ -342,14 +349,16 @@ def write_scores(path: str, scores: list[SliceScore],
     fd, tmp = tempfile.mkstemp(prefix=".scores-", suffix=".csv", dir=folder)
 
     def bounds(value: int) -> list:
+        if slice_ranges is None:
+            return []
         r = ranges.get(value)
         return ["", ""] if r is None else [r[0], r[1]]
 
     try:
         with os.fdopen(fd, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["structure", "value", "slice_index", "score", "selected", "matched_support", "matched_slice",
-                        "range_first", "range_last"])
+            w.writerow(["structure", "value", "slice_index", "score", "selected", "matched_support", "matched_slice"]
+                       + (["range_first", "range_last"] if slice_ranges is not None else []))
             for s in scores:
                 w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.selected),
                             s.matched_support, s.matched_slice if s.matched_slice >= 0 else ""] + bounds(s.value))

@@ -42,6 +42,9 @@ class ResourceEstimate:
     encoder_calls: int
     cached_feature_bytes: int
     feature_storage: Optional[tuple[str, str]] = None  # (dtype, device) chosen for the engine, None = keep
+    # encode every query slice in range before the backends (batched, with its own progress) rather than on
+    # first use: only when all their features fit FLOAT32_CACHE_LIMIT
+    upfront: bool = True
 
     def describe(self) -> str:
         gb = 2**30
@@ -117,8 +120,16 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
     seconds = feature_uses * per_slice * MODEL_COST.get(getattr(engine.info, "model", "tiny"), 1.0)
     if cuda:
         seconds /= CUDA_SPEEDUP
+    upfront = n_slices * dtype_bytes <= FLOAT32_CACHE_LIMIT
+    if upfront and method != "reverse":  # all of them stay cached until used
+        extra = max(0, n_slices + batch - kept) * dtype_bytes
+        cache += extra
+        if cuda and storage is None:
+            gpu += extra
+        else:
+            ram += extra
     return ResourceEstimate(int(ram), int(gpu), float(seconds), int(feature_uses if method != "reverse"
-                                                                     else n_slices), int(cache), storage)
+                                                                     else n_slices), int(cache), storage, upfront)
 
 
 def check_resources(estimate: ResourceEstimate, engine) -> None:

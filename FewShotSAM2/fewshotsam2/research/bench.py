@@ -39,6 +39,7 @@ METHOD_NAMES = ("propagate", "reverse", "lpips")
 STAGES = (
     ("loading", "loading"),
     ("prepare", "prepare"),
+    ("slice range", "extent"),
     ("image encoding", "encode"),
     ("forward", "forward"),
     ("reverse", "reverse"),

@@ -35,7 +35,8 @@ PAIRS_CTMR = [
 
 
 def load_case(folder: Path, downsample: int = 1, max_side: Optional[int] = None):
-    """(image, labels) of a case folder; optionally in-plane downsampled (every n-th pixel) to keep tests fast."""
+    """(image, labels, plane) of a case folder; optionally in-plane downsampled (every n-th pixel) to keep tests
+    fast. `plane` is the acquisition plane of the original: downsampling can make another axis the coarsest."""
     from .evaluate import find_case
     from ..volume import Volume, read_labels, read_volume
     from ..slices import SlicePlan
@@ -43,8 +44,9 @@ def load_case(folder: Path, downsample: int = 1, max_side: Optional[int] = None)
     case = find_case(Path(folder))
     image = read_volume(case.image)
     labels = read_labels(case.labels, image)[0]
+    plan = SlicePlan.for_volume(image)
     if downsample > 1:
-        axis = SlicePlan.for_volume(image).array_axis
+        axis = plan.array_axis
         sl = [slice(None, None, downsample)] * 3
         sl[axis] = slice(None)
         spacing = list(image.spacing)
@@ -54,7 +56,7 @@ def load_case(folder: Path, downsample: int = 1, max_side: Optional[int] = None)
         image = Volume(np.ascontiguousarray(image.array[tuple(sl)]), tuple(spacing), image.origin, image.direction)
         labels = Volume(np.ascontiguousarray(labels.array[tuple(sl)]), tuple(spacing), labels.origin,
                         labels.direction)
-    return image, labels
+    return image, labels, plan.plane
 
 
 def evaluate_pairs(data: Path, pairs, estimator, downsample: int = 1) -> list[dict]:
@@ -64,8 +66,8 @@ def evaluate_pairs(data: Path, pairs, estimator, downsample: int = 1) -> list[di
 
     def get(path):
         if path not in cache:
-            image, labels = load_case(data / path, downsample)
-            cache[path] = stack_info(image, labels)[0]
+            image, labels, plane = load_case(data / path, downsample)
+            cache[path] = stack_info(image, labels, axis=plane)[0]
         return cache[path]
 
     rows = []
