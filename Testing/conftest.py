@@ -20,6 +20,18 @@ def shared_dir() -> Path:
 # ---------------------------------------------------------------- SAM2 engine and shared volumes (engine/backends tests)
 
 @pytest.fixture(scope="session")
+def engine64():
+    """Random-weight SAM2 tiny at 64 px on the CPU (the fast tier's engine: built in about a second)."""
+    import warnings
+
+    from fewshotsam2.engine import SAM2Engine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return SAM2Engine.with_random_weights("tiny", image_size=64, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def engine256():
     """One random-weight SAM2 tiny at 256 px on the CPU, built once per session (building takes seconds).
 
@@ -31,7 +43,7 @@ def engine256():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return SAM2Engine("tiny", image_size=256, device="cpu", untrained=True)
+        return SAM2Engine.with_random_weights("tiny", image_size=256, device="cpu")
 
 
 def crop_slices(volume, k0: int, k1: int):

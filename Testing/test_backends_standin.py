@@ -20,10 +20,12 @@ from fewshotsam2.backends import memory_bank, propagate, reverse
 from fewshotsam2.backends.base import QueryContext, StageClock, SupportSlice
 from fewshotsam2.engine import Memory, Prediction
 from fewshotsam2.errors import InputError
+from fewshotsam2.options import PropagateOptions, ReverseOptions
 
 H = W = 12
 SUPPORT_ID = 1000  # memory identity of support j: SUPPORT_ID + j
 SELF_ID = 10000  # memory identity of a self-propagation prediction of query slice i: SELF_ID + i
+PROMPT_ID = 100000  # memory identity of query slice i with a mask prompt (its p_i): PROMPT_ID + i
 
 
 def _memory(ids) -> Memory:
@@ -38,6 +40,7 @@ def _ids(memory: Memory) -> list[int]:
 
 
 def _dice(a, b) -> float:
+    """Reference Dice, independent of the package's."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     s = int(a.sum()) + int(b.sum())
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
@@ -45,7 +48,9 @@ def _dice(a, b) -> float:
 
 class StandInEngine:
     """Deterministic `Engine`: forward mask of query slice i = forward[i]; reverse prediction of support j from
-    query slice i's memory = back[(i, j)]; self-propagation of slice i = a full-row stripe i % H."""
+    query slice i's mask-prompt memory = back[(i, j)]; self-propagation of slice i = a full-row stripe i % H."""
+
+    memory_reach = 15  # SAM2.1's: object pointers of 15 earlier frames
 
     def __init__(self, n: int, k: int, forward, back, batch_size: int = 4):
         self.n, self.k = n, k
@@ -56,6 +61,7 @@ class StandInEngine:
         self.encoded: set = set()
         self.calls: list[dict] = []
         self.memorized: list = []
+        self.prompt_masks: list = []  # (key, mask) of every memorize call, in order
 
     # Engine protocol ------------------------------------------------------------------------------
     def add_frames(self, frames) -> None:
@@ -71,7 +77,9 @@ class StandInEngine:
     def memorize(self, keys, masks) -> Memory:
         self.encode(keys)
         self.memorized.append(list(keys))
-        return _memory([SUPPORT_ID + key[1] for key in keys])  # support keys are ("support", j)
+        self.prompt_masks += [(key, np.asarray(mask, bool)) for key, mask in zip(keys, masks)]
+        # support keys are ("support", j), query keys ("query", i)
+        return _memory([(SUPPORT_ID if key[0] == "support" else PROMPT_ID) + key[1] for key in keys])
 
     def predict(self, keys, frame_idx, cond, recent=None, num_frames=None, reverse=False) -> Prediction:
         keys = list(keys)
@@ -85,7 +93,9 @@ class StandInEngine:
                     recent_is_none=recent is None, num_frames=num_frames, reverse=reverse)
         if keys[0][0] == "support":  # reverse scoring: cond is one memory per batch element (query slice ids)
             call["phase"] = "reverse"
-            qids = cond_ids[0] if len(cond_ids[0]) == b else cond_ids[0] * b
+            assert all(v >= PROMPT_ID for v in cond_ids[0]), "reverse scoring conditions on (q_i, p_i) prompts"
+            qids = [v - PROMPT_ID for v in cond_ids[0]]
+            qids = qids if len(qids) == b else qids * b
             masks = [self.back[(q, key[1])] for q, key in zip(qids, keys)]
             ids = [-1] * b
         elif all(v >= SUPPORT_ID and v < SELF_ID for ids in cond_ids.values() for v in ids) and not recent:
@@ -107,11 +117,6 @@ class StandInEngine:
         parts = [self.predict(keys[s:s + self.batch_size], frame_idx, cond, num_frames=num_frames)
                  for s in range(0, len(keys), self.batch_size)]
         return Prediction([m for p in parts for m in p.masks], Memory.cat([p.memory for p in parts]))
-
-
-class Options:
-    def __init__(self, top_k=5, min_score=0.0, keep_supports=False):
-        self.top_k, self.min_score, self.keep_supports = top_k, min_score, keep_supports
 
 
 def _support_mask(j: int) -> np.ndarray:
@@ -156,8 +161,8 @@ def _setup(n=20, k=2, empty=(), seed=0, batch_size=4):
 def _run_reverse(engine, context, supports, **opts):
     timings: dict = {}
     progress_calls = []
-    result = reverse.run(engine, context, supports, Options(**opts), lambda *a: progress_calls.append(a),
-                         StageClock(engine, timings))
+    result = reverse.ReverseBackend().run(engine, context, supports, ReverseOptions(**opts),
+                                          lambda *a: progress_calls.append(a), StageClock(engine, timings))
     return result, progress_calls
 
 
@@ -167,13 +172,14 @@ def test_reverse_scores_are_mean_dice_over_supports_and_empty_forward_scores_zer
     empty = (3, 11, 12)
     engine, context, supports, expected = _setup(n=20, k=3, empty=empty)
     result, _ = _run_reverse(engine, context, supports, top_k=4)
-    pi = np.array([row[1] for row in result.scores])
-    assert [row[0] for row in result.scores] == list(range(20))
+    pi = result.scores
+    assert pi.shape == (20,) and result.higher_is_better
+    assert result.supports == supports
     np.testing.assert_allclose(pi, expected, atol=1e-12)
     for i in empty:
         assert pi[i] == 0.0
     # the reverse pass: each non-empty forward prediction predicts every support exactly once, empty ones never
-    scored = [(q, key[1]) for c in engine.calls if c["phase"] == "reverse"
+    scored = [(q - PROMPT_ID, key[1]) for c in engine.calls if c["phase"] == "reverse"
               for q, key in zip(c["cond"][0], c["keys"])]
     assert sorted(scored) == sorted((i, j) for i in range(20) if i not in empty for j in range(3))
     for c in engine.calls:
@@ -188,6 +194,12 @@ def test_reverse_scores_are_mean_dice_over_supports_and_empty_forward_scores_zer
         assert c["frame_idx"] == 3 and c["num_frames"] == 4
     # the forward masks are reported as p_i
     np.testing.assert_array_equal(result.forward_masks, np.stack([engine.forward[i] for i in range(20)]))
+    # the reverse pass prompts each non-empty q_i with p_i as a mask, as the supports are prompted with theirs
+    scored_slices = [i for i in range(20) if i not in empty]
+    prompted = [(key, mask) for key, mask in engine.prompt_masks if key[0] == "query"][: len(scored_slices)]
+    assert sorted(key[1] for key, _ in prompted) == scored_slices
+    for key, mask in prompted:
+        np.testing.assert_array_equal(mask, engine.forward[key[1]])
 
 
 def test_every_frame_encoded_once_by_the_stand_in_run():
@@ -220,21 +232,14 @@ def test_select_conditional_top_k_and_min_score():
 def test_select_conditional_refuses_bad_settings(top_k, min_score):
     with pytest.raises(InputError) as exc:
         reverse.select_conditional([0.5], top_k, min_score)
-    assert ("top-k" in str(exc.value)) if top_k < 1 else ("min-score" in str(exc.value))
-
-
-@pytest.mark.parametrize("top_k,min_score", [(0, 0.0), (2, 1.5)])
-def test_reverse_run_refuses_bad_settings_before_any_prediction(top_k, min_score):
-    engine, context, supports, _ = _setup(n=6, k=1)
-    with pytest.raises(InputError):
-        _run_reverse(engine, context, supports, top_k=top_k, min_score=min_score)
-    assert engine.calls == [] and engine.memorized == []
+    assert exc.value.option == ("top_k" if top_k < 1 else "min_score")
+    assert "--" not in str(exc.value)  # the core names no command-line flag
 
 
 def test_reverse_selects_top_k_by_pi():
     engine, context, supports, expected = _setup(n=20, k=2, empty=(5,))
     result, _ = _run_reverse(engine, context, supports, top_k=4)
-    selected = [row[0] for row in result.scores if row[2]]
+    selected = result.selected
     want = sorted(np.argsort(-expected, kind="stable")[:4].tolist())
     assert sorted(selected) == want
     for i in want:  # a conditional slice keeps its forward prediction
@@ -245,12 +250,12 @@ def test_reverse_min_score_filters_and_falls_back_to_best_slice_with_warning():
     engine, context, supports, expected = _setup(n=20, k=2)
     threshold = float(np.sort(expected)[-3])  # exactly three slices reach it
     result, _ = _run_reverse(engine, context, supports, top_k=10, min_score=threshold)
-    assert sorted(row[0] for row in result.scores if row[2]) == sorted(np.flatnonzero(expected >= threshold))
+    assert sorted(result.selected) == sorted(np.flatnonzero(expected >= threshold))
 
     engine, context, supports, expected = _setup(n=20, k=2)
-    with pytest.warns(UserWarning, match="min-score"):
+    with pytest.warns(UserWarning, match="min_score"):
         result, _ = _run_reverse(engine, context, supports, top_k=5, min_score=float(expected.max()) + 1e-6)
-    assert [row[0] for row in result.scores if row[2]] == [int(np.argmax(expected))]
+    assert result.selected == [int(np.argmax(expected))]
     assert result.masks.shape == (20, H, W)
 
 
@@ -260,7 +265,7 @@ def test_reverse_all_forward_empty_gives_empty_result_with_warning():
         result, _ = _run_reverse(engine, context, supports, top_k=3)
     assert not result.masks.any() and result.masks.shape == (8, H, W)
     assert [c["phase"] for c in engine.calls] == ["forward"] * 2  # no reverse pass, no self-propagation
-    assert all(row[1] == 0.0 and not row[2] for row in result.scores)
+    assert not result.scores.any() and result.selected == []
 
 
 # ------------------------------------------------------------------------------------------- memory bank
@@ -270,7 +275,7 @@ def test_self_propagation_memory_bank_and_order(n, top_k, keep_supports):
     k = 2
     engine, context, supports, expected = _setup(n=n, k=k, seed=n + top_k)
     result, progress_calls = _run_reverse(engine, context, supports, top_k=top_k, keep_supports=keep_supports)
-    conditional = sorted(row[0] for row in result.scores if row[2])
+    conditional = sorted(result.selected)
     assert len(conditional) == top_k
     first = conditional[0]
     self_calls = [c for c in engine.calls if c["phase"] == "self"]
@@ -284,7 +289,11 @@ def test_self_propagation_memory_bank_and_order(n, top_k, keep_supports):
     assert [c["reverse"] for c in self_calls] == [False] * len(up) + [True] * len(down)
     assert sorted(visited + conditional) == list(range(n))  # every slice exactly once, conditional ones kept
 
-    want_cond = {c: [c] for c in conditional}  # memory of query slice c's forward prediction, at frame c
+    want_cond = {c: [PROMPT_ID + c] for c in conditional}  # query slice c with p_c as a mask prompt, at frame c
+    prompts = [(key, mask) for key, mask in engine.prompt_masks if key[0] == "query"][n:]  # after the reverse pass
+    assert sorted(key[1] for key, _ in prompts) == conditional
+    for key, mask in prompts:
+        np.testing.assert_array_equal(mask, engine.forward[key[1]])
     if keep_supports:
         want_cond.update({-1 - j: [SUPPORT_ID + j] for j in range(k)})
     previous = None
@@ -295,20 +304,20 @@ def test_self_propagation_memory_bank_and_order(n, top_k, keep_supports):
         # every conditional slice (and, with keep_supports, every support) is in cond at every step
         assert call["cond"] == want_cond
         recent = call["recent"]
-        assert len(recent) <= memory_bank.FIFO_LENGTH
+        assert len(recent) <= engine.memory_reach
         for t, ids in recent.items():
             assert ids == [SELF_ID + t]  # only this run's self-propagation predictions, at their own frames
             assert t not in want_cond
-            assert previous is not None and abs(t - pos) <= memory_bank.FIFO_LENGTH  # within reach
+            assert previous is not None and abs(t - pos) <= engine.memory_reach  # within reach
         if previous is not None and abs(pos - previous) == 1:  # inside one pass: what SAM2 reads is there
             step = pos - previous
-            for d in range(1, memory_bank.FIFO_LENGTH):
+            for d in range(1, engine.memory_reach):
                 t = pos - step * d
                 if t in visited[: visited.index(pos)] and (t - first) * step >= 0:
                     assert t in recent, f"slice {t} missing from the FIFO at frame {pos}"
         if down and pos == down[0]:
             # the backward pass starts from the forward pass's predictions just above the first conditional slice
-            assert set(recent) == {t for t in up if 0 < t - first < memory_bank.FIFO_LENGTH}
+            assert set(recent) == {t for t in up if 0 < t - first < engine.memory_reach}
         previous = pos
     # the result: stand-in self masks where predicted, forward masks on conditional slices
     for i in range(n):
@@ -323,16 +332,17 @@ def test_propagate_backend_memory_bank():
     n, k = 25, 3
     engine, context, supports, _ = _setup(n=n, k=k)
     # the stand-in treats calls whose cond holds only supports and an empty FIFO as "forward"
-    result = propagate.run(engine, context, supports, Options(), lambda *a: None, StageClock(engine, {}))
+    result = propagate.PropagateBackend().run(engine, context, supports, PropagateOptions(), lambda *a: None,
+                                              StageClock(engine, {}))
     assert engine.memorized == [[("support", j) for j in range(k)]]
     assert [c["keys"][0][1] for c in engine.calls] == list(range(n))
     for i, call in enumerate(engine.calls):
         assert call["frame_idx"] == k + i and call["num_frames"] == k + n and not call["reverse"]
         assert call["cond"] == {j: [SUPPORT_ID + j] for j in range(k)}
         # the FIFO holds the latest predictions SAM2 can still reach (object pointers: 15 frames back)
-        assert len(call["recent"]) == min(i, memory_bank.FIFO_LENGTH)
-        assert sorted(call["recent"]) == list(range(k + max(0, i - memory_bank.FIFO_LENGTH), k + i))
-    assert result.masks.shape == (n, H, W)
+        assert len(call["recent"]) == min(i, engine.memory_reach)
+        assert sorted(call["recent"]) == list(range(k + max(0, i - engine.memory_reach), k + i))
+    assert result.masks.shape == (n, H, W) and result.scores is None and result.supports == supports
     np.testing.assert_array_equal(result.masks[0], engine.forward[0])
 
 
@@ -344,5 +354,17 @@ def test_propagate_sequence_bounded_fifo_with_stand_in():
     masks = memory_bank.propagate_sequence(engine, context.keys, list(range(1, 31)), cond, 31, recent=recent,
                                            on_slice=lambda d, t: done.append((d, t)))
     assert len(masks) == 30 and done[-1] == (30, 30)
-    assert len(recent) <= memory_bank.FIFO_LENGTH and max(recent) == 30
-    assert all(30 - t < memory_bank.FIFO_LENGTH for t in recent)
+    assert len(recent) <= engine.memory_reach and max(recent) == 30
+    assert all(30 - t < engine.memory_reach for t in recent)
+
+
+@pytest.mark.parametrize("reach", [3, 7])
+def test_propagate_sequence_keeps_what_the_engine_can_reach(reach):
+    # another model config reads memories from another distance: the FIFO follows the engine, not a constant
+    engine, context, supports, _ = _setup(n=20, k=1)
+    engine.memory_reach = reach
+    cond = {0: _memory([SUPPORT_ID + 0])}
+    memory_bank.propagate_sequence(engine, context.keys, list(range(1, 21)), cond, 21)
+    for call in engine.calls:
+        pos = call["frame_idx"]
+        assert sorted(call["recent"]) == list(range(max(1, pos - reach), pos))

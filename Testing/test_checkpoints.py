@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshotsam2 import checkpoints, engine as engine_module
+from fewshotsam2 import checkpoints
 from fewshotsam2.checkpoints import (
     CHECKPOINTS,
     checkpoint_info,
@@ -36,7 +36,7 @@ def _model(name: str, seed: int, image_size: int = 64):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """A tiny SAM2.1 model with random weights (seed 123, not the engine's seed 0) saved as {"model": sd}."""
-    model = _model("tiny", 123, image_size=256)
+    model = _model("tiny", 123, image_size=64)
     path = tmp_path_factory.mktemp("ckpt") / "tiny_random.pt"
     torch.save({"model": model.state_dict()}, path)
     return path, model
@@ -106,7 +106,7 @@ def test_download_failure_is_an_input_error_and_leaves_no_part_file(tmp_path, mo
     with pytest.raises(InputError):
         resolve_checkpoint("tiny", cache_dir=cache)
     with pytest.raises(InputError, match="cannot download"):
-        SAM2Engine("tiny", image_size=64, device="cpu", cache_dir=str(cache))
+        SAM2Engine.from_pretrained("tiny", image_size=64, device="cpu", cache_dir=str(cache))
     assert list(cache.iterdir()) == []
 
 
@@ -198,12 +198,12 @@ def test_engine_refuses_a_small_checkpoint_for_tiny(tmp_path):
     path = tmp_path / "small.pt"
     torch.save({"model": _model("small", 2).state_dict()}, path)
     with pytest.raises(InputError, match="does not match"):
-        SAM2Engine("tiny", image_size=64, device="cpu", checkpoint=str(path))
+        SAM2Engine.from_pretrained("tiny", image_size=64, device="cpu", checkpoint=str(path))
 
 
-def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine256, ct_a, monkeypatch):
+def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine64, ct_a):
     path, model = tiny_ckpt
-    loaded = SAM2Engine("tiny", image_size=256, device="cpu", checkpoint=str(path))
+    loaded = SAM2Engine.from_pretrained("tiny", image_size=64, device="cpu", checkpoint=str(path))
     assert loaded.checkpoint_path == path and not loaded.untrained
     for name, p in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], p), name
@@ -223,13 +223,9 @@ def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine2
         engine.reset()
         return pred
 
-    untrained = run(engine256)
+    untrained = run(engine64)
     got = run(loaded)
-    monkeypatch.setattr(engine256, "model", model)  # the very model that was saved, in the same engine code
-    try:
-        want = run(engine256)
-    finally:
-        engine256.reset()
+    want = run(SAM2Engine(model, engine64.info, 64, "cpu"))  # the very model that was saved, in the same engine
     assert torch.equal(got.memory.pred_masks, want.memory.pred_masks)
     for a, b in zip(got.masks, want.masks):
         np.testing.assert_array_equal(a, b)
@@ -238,16 +234,11 @@ def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine2
 
 # ------------------------------------------------------------------------------------------- cache
 
-def _fast_build(monkeypatch):
-    real = engine_module.build_sam2_model
-    monkeypatch.setattr(engine_module, "build_sam2_model", lambda info, image_size=1024, device="cpu":
-                        real(info, image_size=64, device=device))
-
 
 def test_import_checkpoint_copies_into_the_cache(tiny_ckpt, tmp_path):
     path, _ = tiny_ckpt
     cache = tmp_path / "cache"
-    out = import_checkpoint(path, "tiny", "2.1", cache_dir=cache)  # validated against the real 1024 model
+    out = import_checkpoint(path, "tiny", "2.1", cache_dir=cache)  # validated against a freshly built tiny model
     assert out == cache / "sam2.1_hiera_tiny.pt"
     assert out.read_bytes() == path.read_bytes()
     assert [p.name for p in cache.iterdir()] == ["sam2.1_hiera_tiny.pt"]
@@ -257,7 +248,6 @@ def test_import_checkpoint_copies_into_the_cache(tiny_ckpt, tmp_path):
 
 
 def test_import_checkpoint_refuses_a_wrong_file_and_copies_atomically(tiny_ckpt, tmp_path, monkeypatch):
-    _fast_build(monkeypatch)
     path, _ = tiny_ckpt
     cache = tmp_path / "cache"
     with pytest.raises(InputError, match="does not match"):

@@ -18,7 +18,7 @@ import slicerio
 import torch
 
 from conftest import REPO, crop_slices
-from fewshotsam2 import cli, pipeline
+from fewshotsam2 import cli
 from fewshotsam2.volume import Structure, read_labels, read_volume, write_labels
 
 MODEL = ["--untrained", "--image-size", "256", "--device", "cpu", "--quiet"]
@@ -75,41 +75,42 @@ def _snapshot(folder: Path) -> dict:
     return {str(f.relative_to(folder)): f.stat().st_mtime_ns for f in folder.rglob("*")}
 
 
-def _run(argv, capsys, monkeypatch):
+def _run(argv, capsys, monkeypatch, engine_factory=None):
     """cli.main in-process, with warnings shown on stderr as the real command shows them."""
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() replaces it; restore after
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = warnings._showwarning_orig
-        rc = cli.main(argv)
+        rc = cli.main(argv, engine_factory=engine_factory)
     out, err = capsys.readouterr()
     return rc, out, err
 
 
 @pytest.fixture
-def shared_engine(engine256, monkeypatch):
-    """The command builds its engine with pipeline.make_engine: hand it the session's (same settings)."""
-    built = []
+def shared_engine(engine256):
+    """An engine factory for cli.main handing out the session's engine (same settings); `.built` lists the
+    options it was asked for."""
 
     def make(options):
         assert (options.model, options.image_size, options.device, options.untrained) == ("tiny", 256, "cpu", True)
-        built.append(options)
+        make.built.append(options)
         return engine256
 
-    monkeypatch.setattr(pipeline, "make_engine", make)
-    return built
+    make.built = []
+    return make
 
 
 # ------------------------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow  # a real-data pipeline at 256 px
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
 def test_segment_writes_label_maps(inputs, tmp_path, capsys, monkeypatch, shared_engine, ext):
     out = tmp_path / f"result{ext}"
     rc, stdout, err = _run(["segment", "--query", inputs["query_ct"], "--support", inputs["support_image"],
                             inputs["support_labels"], "--labels", "1,5", "--out", str(out), "--method", "propagate",
-                            *MODEL], capsys, monkeypatch)
+                            *MODEL], capsys, monkeypatch, shared_engine)
     assert rc == 0, err
-    assert len(shared_engine) == 1
+    assert len(shared_engine.built) == 1
     assert "wrote" in stdout and str(out) in stdout
     assert "fewshotsam2: error" not in err and "Traceback" not in err
     query = read_volume(inputs["query_ct"])
@@ -119,12 +120,13 @@ def test_segment_writes_label_maps(inputs, tmp_path, capsys, monkeypatch, shared
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
 
 
+@pytest.mark.slow  # a real-data pipeline at 256 px
 def test_segment_writes_seg_nrrd_with_the_supports_names_and_colours(inputs, tmp_path, capsys, monkeypatch,
                                                                     shared_engine):
     out = tmp_path / "result.seg.nrrd"
     rc, stdout, err = _run(["segment", "--query", inputs["query_ct"], "--support", inputs["support_image"],
                             inputs["support_seg"], "--labels", "liver,Spleen", "--out", str(out),
-                            "--method", "propagate", *MODEL], capsys, monkeypatch)
+                            "--method", "propagate", *MODEL], capsys, monkeypatch, shared_engine)
     assert rc == 0, err
     seg = slicerio.read_segmentation(str(out))
     segments = {s["name"]: s for s in seg["segments"]}
@@ -137,16 +139,18 @@ def test_segment_writes_seg_nrrd_with_the_supports_names_and_colours(inputs, tmp
     assert {s.name for s in structures} <= {"liver", "spleen"}
 
 
+@pytest.mark.slow  # a real-data pipeline at 256 px
 def test_segment_reverse_writes_scores(inputs, tmp_path, capsys, monkeypatch, shared_engine):
     out, scores = tmp_path / "result.nii.gz", tmp_path / "scores.csv"
     rc, stdout, err = _run(["segment", "--query", inputs["query_ct"], "--support", inputs["support_image"],
                             inputs["support_labels"], "--labels", "5,1", "--out", str(out), "--scores", str(scores),
-                            "--method", "reverse", "--top-k", "2", *MODEL], capsys, monkeypatch)
+                            "--method", "reverse", "--top-k", "2", *MODEL], capsys, monkeypatch, shared_engine)
     assert rc == 0, err
     with open(scores, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["structure", "value", "slice_index", "score", "selected", "matched_support",
-                             "matched_slice", "range_first", "range_last"]
+    assert list(rows[0]) == ["structure", "value", "slice_index", "score", "higher_is_better", "selected",
+                             "matched_support", "matched_slice", "range_first", "range_last"]
+    assert {r["higher_is_better"] for r in rows} == {"1"}  # pi is a Dice
     assert len(rows) == 2 * 3
     for v in ("5", "1"):
         mine = [r for r in rows if r["value"] == v]
@@ -156,6 +160,7 @@ def test_segment_reverse_writes_scores(inputs, tmp_path, capsys, monkeypatch, sh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.nii.gz", "scores.csv"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_segment_as_a_subprocess_cross_modality(inputs, tmp_path):
     out = tmp_path / "mr.seg.nrrd"
     env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"))
@@ -234,14 +239,16 @@ BAD = [
     ("label-absent", lambda p, o: ["--labels", "250"], "label '250' is absent"),
     ("all-zero-labels", lambda p, o: ["--support", p["support_image"], p["zeros"]], "(present: none)"),
     ("empty-labels", lambda p, o: ["--labels", " , "], "--labels is empty"),
-    ("unknown-model", lambda p, o: ["--model", "huge"], "unknown model 'huge'"),
+    ("unknown-model", lambda p, o: ["--model", "huge"], "--model must be one of tiny"),
     ("out-folder-missing", lambda p, o: ["--out", str(o / "missing" / "x.nii.gz")], "does not exist"),
     ("out-bad-extension", lambda p, o: ["--out", str(o / "x.png")], "unknown output format"),
     ("scores-bad-extension", lambda p, o: ["--scores", str(o / "s.txt")], ".csv"),
     ("top-k-0", lambda p, o: ["--top-k", "0"], "--top-k"),
     ("min-score-1.5", lambda p, o: ["--min-score", "1.5"], "--min-score"),
     ("shots-0", lambda p, o: ["--shots", "0"], "--shots"),
-    ("image-size", lambda p, o: ["--image-size", "100"], "multiple of 32"),
+    ("image-size", lambda p, o: ["--image-size", "100"], "--image-size must be a multiple of 32"),
+    ("image-size-above-training-size", lambda p, o: ["--image-size", "2048"], "--image-size must be"),
+    ("batch-size-0", lambda p, o: ["--batch-size", "0"], "--batch-size must be at least 1"),
     ("augmentations", lambda p, o: ["--augmentations", "-1"], "--augmentations"),
 ]
 
@@ -280,11 +287,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, tmp_path, ca
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("already here")
     built = []
-    monkeypatch.setattr(pipeline, "make_engine", lambda options: built.append(options) or 1 / 0)
     folders = [out_dir, inputs["dir"]]
     before = [_snapshot(f) for f in folders]
     argv = _argv(inputs, out_dir, build(inputs, out_dir))
-    rc, out, err = _run(argv, capsys, monkeypatch)
+    rc, out, err = _run(argv, capsys, monkeypatch, engine_factory=lambda options: built.append(options) or 1 / 0)
     _check_refused(rc, out, err, expect, before, folders)
     assert built == []  # refused before SAM2 was even built
 

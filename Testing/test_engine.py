@@ -35,8 +35,8 @@ def _frames(engine, ct_slices, idx):
 
 # ------------------------------------------------------------------------------ feature cache and counter
 
-def test_each_frame_is_encoded_once_per_run_and_reset_clears(engine256, ct_slices):
-    engine = engine256
+def test_each_frame_is_encoded_once_per_run_and_reset_clears(engine64, ct_slices):
+    engine = engine64
     keys, masks = _frames(engine, ct_slices, [14, 15, 16, 17])
     assert engine.encoder_calls == 0  # registering frames encodes nothing
     memory = engine.memorize(keys[:1], masks[:1])
@@ -63,8 +63,8 @@ def test_each_frame_is_encoded_once_per_run_and_reset_clears(engine256, ct_slice
         engine.encode(keys[:1])
 
 
-def test_cpu_prediction_masks_have_each_frames_own_size(engine256, ct_slices):
-    engine = engine256
+def test_cpu_prediction_masks_have_each_frames_own_size(engine64, ct_slices):
+    engine = engine64
     assert engine.device.type == "cpu"
     engine.reset()
     images, masks = ct_slices
@@ -74,12 +74,12 @@ def test_cpu_prediction_masks_have_each_frames_own_size(engine256, ct_slices):
     pred = engine.predict(["q"], 1, {0: memory})
     assert pred.masks[0].shape == (40, 56) and pred.masks[0].dtype == bool
     assert pred.memory.batch == 1
-    assert pred.memory.pred_masks.shape == (1, 1, 64, 64)  # low-res logits at image_size / 4
+    assert pred.memory.pred_masks.shape == (1, 1, 16, 16)  # low-res logits at image_size / 4
     assert all(torch.isfinite(t).all() for t in (pred.memory.maskmem_features, pred.memory.obj_ptr))
 
 
-def test_batched_prediction_matches_one_frame_at_a_time(engine256, ct_slices):
-    engine = engine256
+def test_batched_prediction_matches_one_frame_at_a_time(engine64, ct_slices):
+    engine = engine64
     keys, masks = _frames(engine, ct_slices, [12, 13, 14, 15, 16])
     memory = engine.memorize(keys[:2], masks[:2])
     assert memory.batch == 2
@@ -102,14 +102,14 @@ def test_batched_prediction_matches_one_frame_at_a_time(engine256, ct_slices):
         engine.predict(keys[2:], 2, {})  # no conditioning memory
 
 
-def test_untrained_engines_are_reproducible(engine256, ct_slices):
+def test_untrained_engines_are_reproducible(engine64, ct_slices):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        other = SAM2Engine("tiny", image_size=256, device="cpu", untrained=True)
-    for name, p in engine256.model.state_dict().items():
+        other = SAM2Engine.with_random_weights("tiny", image_size=64, device="cpu")
+    for name, p in engine64.model.state_dict().items():
         assert torch.equal(p, other.model.state_dict()[name]), name
     outputs = []
-    for engine in (engine256, other):
+    for engine in (engine64, other):
         keys, masks = _frames(engine, ct_slices, [15, 16, 17])
         memory = engine.memorize(keys[:1], masks[:1])
         outputs.append(engine.predict(keys[1:], 1, {0: memory}))
@@ -118,15 +118,23 @@ def test_untrained_engines_are_reproducible(engine256, ct_slices):
         np.testing.assert_array_equal(a, b)
 
 
-def test_untrained_warns_and_excludes_a_checkpoint(tmp_path):
+def test_engine_construction_steps_and_refusals(tmp_path):
+    from fewshotsam2.checkpoints import checkpoint_info
     from fewshotsam2.errors import InputError
 
-    with pytest.raises(InputError, match="exclude"):
-        SAM2Engine("tiny", image_size=64, device="cpu", untrained=True, checkpoint=str(tmp_path / "x.pt"))
+    with pytest.raises(TypeError, match="from_pretrained"):
+        SAM2Engine("tiny", checkpoint_info("tiny"), 64)  # __init__ wraps a built model: it builds, downloads, loads nothing
     with pytest.raises(InputError, match="device"):
-        SAM2Engine("tiny", image_size=64, device="tpu", untrained=True)
+        SAM2Engine.with_random_weights("tiny", image_size=64, device="tpu")
     with pytest.raises(InputError, match="image size"):
-        SAM2Engine("tiny", image_size=100, device="cpu", untrained=True)
+        SAM2Engine.with_random_weights("tiny", image_size=100, device="cpu")
+    # offline and not cached: one clear error naming the file to fetch, before anything is built
+    with pytest.raises(InputError, match="not in the cache"):
+        SAM2Engine.from_pretrained("tiny", image_size=64, device="cpu", cache_dir=str(tmp_path), download=False)
+    with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
+        engine = SAM2Engine.with_random_weights("tiny", image_size=64, device="cpu", batch_size=3)
+    assert engine.untrained and engine.checkpoint_path is None and engine.batch_size == 3
+    assert engine.encoder_calls == 0 and engine.image_size == 64
 
 
 # ------------------------------------------------------------------------------ Memory
@@ -187,30 +195,17 @@ def _check_filled(out: torch.Tensor, x: torch.Tensor) -> None:
     assert torch.equal(x, _holes_logits())  # the input is not modified
 
 
-def test_fill_holes_without_the_cuda_extension(engine256, monkeypatch):
-    import sam2.utils.misc
-
-    def no_extension(mask):
-        raise ImportError("cannot import name '_C' from 'sam2'")
-
-    monkeypatch.setattr(sam2.utils.misc, "get_connected_components", no_extension)
+def test_fill_holes_on_the_cpu(engine64):
+    """Without sam2's compiled extension (never on the CPU) holes are filled with scipy: same rule as sam2's."""
+    engine = engine64
+    assert not engine._cuda_hole_filling  # the path under test is the one that runs here
     x = _holes_logits()
-    _check_filled(engine256._fill_holes(x), x)
-    monkeypatch.setattr(engine256, "fill_hole_area", 0)
-    assert torch.equal(engine256._fill_holes(x), x)
-    monkeypatch.setattr(engine256, "fill_hole_area", 30)
-    out = engine256._fill_holes(x)
+    _check_filled(engine._fill_holes(x), x)
+    off = SAM2Engine(engine.model, engine.info, 64, "cpu", fill_hole_area=0)
+    assert torch.equal(off._fill_holes(x), x)
+    wide = SAM2Engine(engine.model, engine.info, 64, "cpu", fill_hole_area=30)
+    out = wide._fill_holes(x)
     assert torch.all(out[0, 0, 8:13, 8:13] == 0.1) and torch.all(out[1, 0, 3, 3] == 0.1)
-
-
-def test_fill_holes_as_installed_and_in_predict(engine256, ct_slices):
-    # whatever this sam2 install offers (no compiled _C here), the rule is the same
-    x = _holes_logits()
-    _check_filled(engine256._fill_holes(x), x)
-    keys, masks = _frames(engine256, ct_slices, [15, 16])
-    memory = engine256.memorize(keys[:1], masks[:1])
-    pred = engine256.predict(keys[1:], 1, {0: memory})
-    assert pred.masks[0].shape == masks[0].shape
 
 
 # ------------------------------------------------------------------------------ encoder calls through segment()
@@ -222,6 +217,7 @@ def _expected_support_slices(case: SupportCase, values, shots: int) -> set:
 
 
 @pytest.mark.parametrize("method,shots", [("propagate", 2), ("reverse", 1)])
+@pytest.mark.slow  # real-data pipelines at 256 px (the fast tier's version is test_pipeline.py)
 def test_encoder_calls_equal_distinct_slices_through_segment(engine256, ct_a, abdomen_mr, method, shots):
     image, labels, structures = ct_a
     mr_image, _, _ = abdomen_mr
@@ -230,7 +226,8 @@ def test_encoder_calls_equal_distinct_slices_through_segment(engine256, ct_a, ab
     if shots == 2:  # a second support volume: its slices are other frames
         supports.append(SupportCase(crop_slices(image, 4, 24), crop_slices(labels, 4, 24), "ct-a part"))
     chosen = [s for s in structures if s.value in (1, 5)]
-    options = SegmentOptions(method=method, image_size=256, device="cpu", untrained=True, shots=shots, top_k=2)
+    options = SegmentOptions.from_flat(method=method, image_size=256, device="cpu", untrained=True, shots=shots,
+                                       top_k=2)
     seen = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -14,6 +14,8 @@ from fewshotsam2.intensity import normalize
 from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
 from fewshotsam2.slices import SlicePlan
 
+pytestmark = pytest.mark.slow  # a real-data pipeline at 256 px
+
 
 def test_lpips_backend_ct_a_to_abdomen_mr(engine256, ct_a, abdomen_mr, shared_dir):
     weights = shared_dir / "weights" / "lpips" / "alexnet_features.pth"
@@ -21,8 +23,8 @@ def test_lpips_backend_ct_a_to_abdomen_mr(engine256, ct_a, abdomen_mr, shared_di
     image, labels, structures = ct_a
     query, _, _ = abdomen_mr
     chosen = [s for s in structures if s.value in (1, 5)]
-    options = SegmentOptions(method="lpips", image_size=256, device="cpu", untrained=True, augmentations=3,
-                             lpips_weights=str(weights), seed=0)
+    options = SegmentOptions.from_flat(method="lpips", image_size=256, device="cpu", untrained=True, augmentations=3,
+                                       lpips_weights=str(weights), seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = segment(query, [SupportCase(image, labels, "ct-a")], chosen, options, engine=engine256)
@@ -45,15 +47,17 @@ def test_lpips_backend_ct_a_to_abdomen_mr(engine256, ct_a, abdomen_mr, shared_di
         present = np.flatnonzero((support_stack == v).any(axis=(1, 2)))
         mid = int(present[len(present) // 2])  # the 1-shot support slice
         for s in rows:
-            m = re.fullmatch(r"support0:slice(\d+):(original|aug[123])", s.matched_support)
-            assert m and int(m.group(1)) == mid, s.matched_support
-            assert s.matched_slice == plan.slice_index_to_array_index(mid)
-            assert s.score >= 0.0 and not s.selected
+            assert (s.match.support, s.match.stack_index) == (0, mid) and 0 <= s.match.augmentation <= 3, s.match
+            assert s.match.array_index == plan.slice_index_to_array_index(mid)
+            assert re.fullmatch(r"support0:slice(\d+):(original|aug[123])", str(s.match))
+            assert s.score >= 0.0 and not s.selected and not s.higher_is_better
         # the matched images: the augmented set is seeded, so it can be rebuilt here to tell images apart
         pairs = augment_support(support_images[mid], support_stack[mid] == v, 3, seed=0 + mid)
-        names = [f"support0:slice{mid}:" + ("original" if a == 0 else f"aug{a}") for a in range(4)]
         for s in rows:
-            matched.add((s.matched_support, pairs[names.index(s.matched_support)][0].tobytes()))
+            matched.add((s.match, pairs[s.match.augmentation][0].tobytes()))
+    assert [(u.value, u.support, u.stack_index) for u in result.support_slices] == [
+        (v, 0, int(np.flatnonzero((support_stack == v).any(axis=(1, 2)))[len(np.flatnonzero(
+            (support_stack == v).any(axis=(1, 2)))) // 2])) for v in (1, 5)]
     # each support image is encoded at most once (spleen and liver share the support slice, so mostly the same
     # augmented images), and only if some query slice matched it
     assert result.encoder_calls == 20 + len(matched)

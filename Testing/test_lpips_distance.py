@@ -82,7 +82,11 @@ def test_alex_at_default_size_224(alex_weights: Path) -> None:
     assert torch.allclose(got.cpu(), expected, atol=1e-5, rtol=0), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("net,factory", [("vgg", torchvision.models.vgg16), ("squeeze", torchvision.models.squeezenet1_1)])
+@pytest.mark.parametrize("net,factory", [
+    # VGG16 with its classifier is 138 M parameters: seconds to build and save, so it runs in the slow tier only
+    pytest.param("vgg", torchvision.models.vgg16, marks=pytest.mark.slow),
+    ("squeeze", torchvision.models.squeezenet1_1),
+])
 def test_vgg_and_squeeze_equal_lpips_with_random_backbones(net: str, factory, tmp_path: Path) -> None:
     # their ImageNet weights cannot be downloaded here: random backbone weights, written in torchvision's
     # layout and loaded through the same path as real weights, copied into the reference by hand
@@ -132,8 +136,6 @@ def test_match_picks_the_argmin(alex_weights: Path) -> None:
     assert idx.dtype == np.int64 and idx.tolist() == order.tolist()
     full = dist.distance_matrix(q_feats, s_feats).cpu().numpy()
     assert np.allclose(d, full.min(axis=1)) and np.array_equal(idx, full.argmin(axis=1))
-    idx2, d2 = dist.match_images(query, s_feats)  # streamed query features give the same answer
-    assert np.array_equal(idx2, idx) and np.allclose(d2, d, atol=1e-7)
 
 
 def test_weights_from_environment_variable(alex_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,12 +26,16 @@ from fewshotsam2.lpips_distance import LPIPSDistance, body_box, resample_to_fov
 from fewshotsam2.slices import SlicePlan
 from fewshotsam2.volume import read_labels, read_volume
 
+pytestmark = pytest.mark.slow  # LPIPS over real volumes
 
-def _load(data: Path, image: str, labels: str) -> tuple[np.ndarray, np.ndarray, SlicePlan]:
+
+def _load(data: Path, image: str, labels: str, step: int = 1) -> tuple[np.ndarray, np.ndarray, SlicePlan]:
+    """Canonical slices and labels; every `step`-th slice only (the relative positions the tests compare keep
+    their meaning on a thinned stack)."""
     vol = read_volume(data / image)
     lab, _ = read_labels(data / labels, vol)
     plan = SlicePlan.for_volume(vol, axis="auto")
-    return plan.stack(normalize(vol)), plan.stack(lab.array), plan
+    return plan.stack(normalize(vol))[::step], plan.stack(lab.array)[::step], plan
 
 
 def _relative(indices: np.ndarray, extent: np.ndarray) -> np.ndarray:
@@ -51,8 +55,9 @@ def matcher(shared_dir: Path) -> LPIPSDistance:
 @pytest.fixture(scope="module")
 def brain(shared_dir: Path, matcher: LPIPSDistance) -> dict:
     data = shared_dir / "data/brain-mr"
-    sx, sl, splan = _load(data, "ibsr-01/image.nii.gz", "ibsr-01/labels.nii.gz")
-    qx, ql, qplan = _load(data, "ibsr-03/image.nii.gz", "ibsr-03/labels.nii.gz")
+    # 128 coronal slices each: every 4th is enough to tell levels apart, and 4 times faster
+    sx, sl, splan = _load(data, "ibsr-01/image.nii.gz", "ibsr-01/labels.nii.gz", step=4)
+    qx, ql, qplan = _load(data, "ibsr-03/image.nii.gz", "ibsr-03/labels.nii.gz", step=4)
     # features of every slice once; each structure picks its labeled slices from them
     return dict(sx=sx, sl=sl, splan=splan, qx=qx, ql=ql, qplan=qplan,
                 sf=matcher.features(sx), qf=matcher.features(qx))
@@ -69,7 +74,7 @@ def test_brain_matches_the_same_level(brain: dict, matcher: LPIPSDistance, value
     assert brain["splan"].slice_spacing == pytest.approx(1.5) and brain["qplan"].slice_spacing == pytest.approx(1.5)
     s_idx = np.nonzero((brain["sl"] == value).any(axis=(1, 2)))[0]
     q_idx = np.nonzero((brain["ql"] == value).any(axis=(1, 2)))[0]
-    assert len(s_idx) > 40 and len(q_idx) > 40
+    assert len(s_idx) > 10 and len(q_idx) > 10
     best, dist = matcher.match(_take(brain["qf"], q_idx), _take(brain["sf"], s_idx))
     q_rel = _relative(q_idx, q_idx)
 

@@ -9,6 +9,8 @@ import pytest
 from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
 from fewshotsam2.slices import SlicePlan
 
+pytestmark = pytest.mark.slow  # real-data pipelines at 256 px
+
 
 def test_propagate_two_structures_ct_to_mr(engine256, ct_a, abdomen_mr):
     image, labels, structures = ct_a

@@ -1,11 +1,16 @@
 """The Slicer Logic (FewShotSAM2.py) end to end on real volumes, with slicer-core's MRML (no Slicer application).
 
-SAM2 runs with random weights (untrained=True) at 256 pixels on CPU: masks are meaningless, the plumbing is
-what is tested - MRML <-> core conversions, geometry, names/colours, .seg.nrrd output, cancel and errors.
-Each SAM2 run is done once per module (fixtures) and checked by several tests.
+The Logic runs each segmentation in its own process (the core's command line, `--progress json`), as it does in
+Slicer. SAM2 runs with random weights (untrained=True) at small sizes on CPU: masks are meaningless, the plumbing
+is what is tested - MRML <-> files, geometry, names/colours, progress lines, cancel, errors. Each SAM2 run is done
+once per module (fixtures) and checked by several tests; every test that starts a process is marked slow.
 """
 
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -21,7 +26,10 @@ from fewshotsam2 import pipeline  # noqa: E402
 from fewshotsam2.errors import Cancelled, InputError  # noqa: E402
 from fewshotsam2.volume import Structure, Volume, read_volume  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS")
+from FewShotSAM2Lib import dependencies, process, review  # noqa: E402
+
+# slow tier: real-data pipelines and the segmentation process (module fixtures shared by several tests)
+pytestmark = [pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS"), pytest.mark.slow]
 
 FAST = dict(image_size=256, untrained=True, device="cpu")
 LIVER_COLOR = (0.85, 0.45, 0.35)
@@ -144,8 +152,9 @@ def ctb_nrrd(data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ct_run(data, ctb_nrrd):
-    """ct-a (liver 5, spleen 1) -> ct-b with the Logic; the same inputs read from the files by the core."""
+def ct_run(data, ctb_nrrd, tmp_path_factory):
+    """ct-a (liver 5, spleen 1) -> ct-b with the Logic (its own process); the same inputs read from the files by
+    the core, in this process."""
     scene = new_scene()
     support = load_volume(scene, data / "abdomen-ct" / "ct-a" / "image.nii.gz", "ct-a")
     support_labels = load_volume(scene, data / "abdomen-ct" / "ct-a" / "labels.nii.gz", "ct-a labels", labelmap=True)
@@ -155,9 +164,16 @@ def ct_run(data, ctb_nrrd):
     query = load_volume(scene, ctb_nrrd, "ct-b")
     logic = module.FewShotSAM2Logic()
     prepared = logic.prepare(query, [(support, seg, [ids[5], ids[1]])], "propagate", **FAST)
-    t0 = time.perf_counter()
-    output = logic.apply(prepared, logic.run(prepared))
-    seconds = time.perf_counter() - t0
+    stages = []
+    jobs_folder = tmp_path_factory.mktemp("jobs")
+    tempdir, tempfile.tempdir = tempfile.tempdir, str(jobs_folder)  # the job folder goes where the test can see it
+    try:
+        t0 = time.perf_counter()
+        output = logic.segment(query, [(support, seg, [ids[5], ids[1]])], "propagate",
+                               progressCallback=lambda *report: stages.append(report), **FAST)
+        seconds = time.perf_counter() - t0
+    finally:
+        tempfile.tempdir = tempdir
 
     # the core alone, on the same files
     core_query = read_volume(data / "abdomen-ct" / "ct-b" / "dicom")
@@ -171,13 +187,14 @@ def ct_run(data, ctb_nrrd):
         pipeline.SegmentOptions(method="propagate", **FAST),
     )
     return dict(scene=scene, logic=logic, prepared=prepared, output=output, query=query, support=support, seg=seg,
-                ids=ids, core=core, core_query=core_query, core_support=core_support,
-                core_support_labels=core_support_labels, seconds=seconds)
+                ids=ids, core=core, core_query=core_query, core_support=core_support, stages=stages,
+                core_support_labels=core_support_labels, seconds=seconds, jobs_folder=jobs_folder)
 
 
 # ---------------------------------------------------------------------------------------------- ct-a -> ct-b
 
 
+@pytest.mark.slow
 def test_ct_inputs_match_the_core_reading_the_files(ct_run):
     prepared = ct_run["prepared"]
     for mine, core in ((prepared.query, ct_run["core_query"]), (prepared.supports[0].image, ct_run["core_support"])):
@@ -189,15 +206,38 @@ def test_ct_inputs_match_the_core_reading_the_files(ct_run):
     assert [(s.value, s.name) for s in prepared.structures] == [(1, "liver"), (2, "spleen")]
 
 
+@pytest.mark.slow
 def test_ct_output_equals_the_core_voxel_by_voxel(ct_run):
     masks = segment_masks(ct_run["output"], ct_run["query"])
     core = ct_run["core"].labels.array
     assert set(masks) == {"liver", "spleen"}
+    assert (core == 1).any() and (core == 2).any()
     np.testing.assert_array_equal(masks["liver"], core == 1)
     np.testing.assert_array_equal(masks["spleen"], core == 2)
     np.testing.assert_array_equal(ct_run["logic"].lastResult.labels.array, core)
 
 
+@pytest.mark.slow
+def test_ct_progress_lines_from_the_real_process(ct_run):
+    """The progress callback saw the process's JSON lines: encoding then per-structure stages, counters that end
+    complete; the final line says which device ran and how long it took; the job folder is gone."""
+    stages = ct_run["stages"]
+    assert stages[0][0].startswith("Encoding slice")
+    assert all(0 <= done <= total and total > 0 for _, done, total in stages)
+    encoding = [done for stage, done, total in stages if stage.startswith("Encoding slice")]
+    assert encoding == sorted(encoding) and encoding[-1] == 20  # ct-b has 20 slices
+    assert any(stage.startswith("liver: ") for stage, _, _ in stages)
+    assert any(stage.startswith("spleen: ") for stage, _, _ in stages)
+    last = stages[-1]
+    assert last[0].startswith("spleen: ") and last[1] == last[2]
+    result = ct_run["logic"].lastResult
+    assert result.device == "cpu" and 0 < result.seconds < ct_run["seconds"]
+    assert result.encoder_calls == ct_run["core"].encoder_calls
+    assert [(s.structure, s.slice_index) for s in result.scores] == [(s.structure, s.slice_index) for s in ct_run["core"].scores]
+    assert list(ct_run["jobs_folder"].iterdir()) == []  # the temporary job folder was removed
+
+
+@pytest.mark.slow
 def test_ct_output_node_geometry_names_and_colours(ct_run):
     output, query = ct_run["output"], ct_run["query"]
     assert output.GetScene() is ct_run["scene"]
@@ -212,6 +252,7 @@ def test_ct_output_node_geometry_names_and_colours(ct_run):
     assert output.GetDisplayNode() is not None
 
 
+@pytest.mark.slow
 def test_seg_nrrd_round_trip_with_slicer_and_slicerio(ct_run, tmp_path):
     import slicerio
 
@@ -258,14 +299,15 @@ def test_seg_nrrd_round_trip_with_slicer_and_slicerio(ct_run, tmp_path):
         np.testing.assert_array_equal(full.transpose(2, 1, 0), expected[name])
 
 
+@pytest.mark.slow
 def test_output_written_in_place_replaces_segments(ct_run):
     """An existing output node keeps its identity; its old segments are replaced by the result's."""
     scene, logic, query = ct_run["scene"], ct_run["logic"], ct_run["query"]
     target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "target")
     target.GetSegmentation().AddEmptySegment("old", "old")
     prepared = ct_run["prepared"]
-    prepared_in_place = module.FewShotSAM2Run(prepared.query, prepared.supports, prepared.structures, prepared.options,
-                                              query, target, prepared.segmentMetadata)
+    prepared_in_place = module.FewShotSAM2Run(prepared.query, prepared.supports, prepared.structures, prepared.method,
+                                              prepared.options, query, target, prepared.segmentMetadata)
     before = scene.GetNumberOfNodes()
     out = logic.apply(prepared_in_place, logic.lastResult)
     assert out is target
@@ -275,6 +317,7 @@ def test_output_written_in_place_replaces_segments(ct_run):
     scene.RemoveNode(target)
 
 
+@pytest.mark.slow
 def test_apply_failure_leaves_the_scene_unchanged(ct_run):
     scene, logic, prepared = ct_run["scene"], ct_run["logic"], ct_run["prepared"]
     existing = ct_run["output"]
@@ -284,8 +327,8 @@ def test_apply_failure_leaves_the_scene_unchanged(ct_run):
                                         structures=prepared.structures)
     with pytest.raises(RuntimeError):
         logic.apply(prepared, wrong)
-    in_place = module.FewShotSAM2Run(prepared.query, prepared.supports, prepared.structures, prepared.options,
-                                     ct_run["query"], existing, prepared.segmentMetadata)
+    in_place = module.FewShotSAM2Run(prepared.query, prepared.supports, prepared.structures, prepared.method,
+                                     prepared.options, ct_run["query"], existing, prepared.segmentMetadata)
     with pytest.raises(RuntimeError):
         logic.apply(in_place, wrong)
     assert scene_state(scene) == before
@@ -313,7 +356,7 @@ def brain_run(data):
     logic = module.FewShotSAM2Logic()
     # 128 coronal slices: a small SAM2 input keeps this geometry test fast (the size changes no geometry)
     prepared = logic.prepare(query, [(support, seg, None)], "propagate", **dict(FAST, image_size=64))
-    output = logic.apply(prepared, logic.run(prepared))
+    output = logic.segment(query, [(support, seg, None)], "propagate", **dict(FAST, image_size=64))
     core_query = read_volume(folder / "ibsr-03" / "image.nii.gz")
     core_support = pipeline.SupportCase(read_volume(folder / "ibsr-01" / "image.nii.gz"),
                                         core_labels(read_volume(folder / "ibsr-01" / "labels.nii.gz"), {3: 1}), "ibsr-01")
@@ -321,6 +364,7 @@ def brain_run(data):
                 core_query=core_query, core_support=core_support, color=wm_color)
 
 
+@pytest.mark.slow
 def test_brain_inputs_match_the_core_reading_the_files(brain_run):
     prepared = brain_run["prepared"]
     core_query, core_support = brain_run["core_query"], brain_run["core_support"]
@@ -332,6 +376,7 @@ def test_brain_inputs_match_the_core_reading_the_files(brain_run):
     assert [(s.value, s.name) for s in prepared.structures] == [(1, "white matter")]
 
 
+@pytest.mark.slow
 def test_brain_output_node_holds_the_core_result(brain_run):
     output, query = brain_run["output"], brain_run["query"]
     assert_output_geometry(output, query)
@@ -390,6 +435,7 @@ def mr_scene(data):
     return dict(scene=scene, volume=volume, seg=seg, segment_id=segment_id, labeled=keep)
 
 
+@pytest.mark.slow
 def test_permuted_flipped_query_gives_the_same_physical_result(mr_scene):
     scene, volume, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
     copy, to_original = permuted_copy(scene, volume, "abdomen-mr permuted")
@@ -468,6 +514,7 @@ def reverse_run(mr_scene):
     return logic, output
 
 
+@pytest.mark.slow
 def test_reverse_scores_table_and_low_confidence(reverse_run, mr_scene):
     logic, output = reverse_run
     result = logic.lastResult
@@ -482,7 +529,7 @@ def test_reverse_scores_table_and_low_confidence(reverse_run, mr_scene):
     again = logic.createConfidenceTable(result, "reverse", scene, tableNode=table, chartNode=chart)
     assert again == (table, chart) and scene.GetNumberOfNodes() == nodes  # a second run reuses, nothing piles up
     low = logic.lowConfidenceSlices(result, "reverse")
-    assert all(score < module.LOW_CONFIDENCE_PI for _, _, score in low)
+    assert all(score < review.LOW_CONFIDENCE_PI for _, _, score in low)
     assert [score for _, _, score in low] == sorted(score for _, _, score in low)
     # jumping to a slice centres the slice views on it
     slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
@@ -494,6 +541,7 @@ def test_reverse_scores_table_and_low_confidence(reverse_run, mr_scene):
     np.testing.assert_allclose([m.GetElement(r, 3) for r in range(3)], ras, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lpips_run(mr_scene, shared_dir):
     logic = module.FewShotSAM2Logic()
     v, seg, sid = mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
@@ -512,44 +560,190 @@ def test_lpips_run(mr_scene, shared_dir):
 # ---------------------------------------------------------------------------------------------- cancel, errors
 
 
-def test_cancel_from_progress_leaves_the_scene_unchanged(mr_scene):
+def process_group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_cancel_mid_run_kills_the_process_and_leaves_nothing(mr_scene, tmp_path, monkeypatch):
+    """Cancel while the process encodes: it and its process group are gone at once, its job folder too, and the
+    scene is as it was (no new node, the picked output untouched)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
     existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "existing output")
     existing.GetSegmentation().AddEmptySegment("keep me", "keep me")
     logic = module.FewShotSAM2Logic()
-    stages = []
-
-    def cancel_at_once(stage, done, total):
-        stages.append((stage, done, total))
-        raise Cancelled("user")  # at the first report: during the encoding of the first slices
-
-    for output in (None, existing):
-        before = scene_state(scene)
-        stages.clear()
-        with pytest.raises(Cancelled):
-            logic.segment(v, [(v, seg, [sid])], method="propagate", outputSegmentationNode=output,
-                          progressCallback=cancel_at_once, **FAST)
-        assert scene_state(scene) == before
-        assert stages and stages[0][0].startswith("Encoding slice")
+    before = scene_state(scene)
+    job = logic.start(logic.prepare(v, [(v, seg, [sid])], "propagate", existing, **FAST))
+    assert job.process.folder.parent == tmp_path and job.process.folder.is_dir()
+    deadline = time.time() + 120
+    while job.progress[2] == 0 and not job.finished and time.time() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    stage, done, total = job.progress
+    assert stage.startswith("Encoding slice") and total == 20 and not job.finished  # mid-run
+    pid = job.process.process.pid
+    t0 = time.perf_counter()
+    logic.cancel(job)
+    assert time.perf_counter() - t0 < 5
+    assert job.process.returncode == -signal.SIGKILL
+    assert not process_group_alive(pid)  # the process group (pgid = pid) has no member left
+    assert list(tmp_path.iterdir()) == []
+    assert scene_state(scene) == before
     assert existing.GetSegmentation().GetSegmentIDs() == ("keep me",)
     scene.RemoveNode(existing)
 
 
-def test_background_run_reports_progress_and_cancels(mr_scene):
+@pytest.mark.slow
+def test_cancel_from_the_progress_callback(mr_scene, tmp_path, monkeypatch):
+    """Scripting: raising Cancelled from the progress callback stops the blocking segment() the same way."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    before = scene_state(scene)
+    stages = []
+
+    def cancel_at_once(stage, done, total):
+        stages.append((stage, done, total))
+        raise Cancelled("user")
+
+    with pytest.raises(Cancelled):
+        module.FewShotSAM2Logic().segment(v, [(v, seg, [sid])], method="propagate", progressCallback=cancel_at_once,
+                                          **FAST)
+    assert len(stages) == 1 and stages[0][0].startswith("Encoding slice")
+    assert scene_state(scene) == before
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, message", [
+    ("unreadable checkpoint", "not a valid PyTorch weights file"),
+    ("bad image size", "multiple of 32"),
+])
+def test_failing_process_gives_one_readable_error_and_changes_nothing(mr_scene, tmp_path, monkeypatch, case, message):
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(jobs))
+    options = dict(FAST)
+    if case == "unreadable checkpoint":
+        bad = tmp_path / "sam2.1_hiera_tiny.pt"
+        bad.write_bytes(b"this is not a checkpoint")
+        options.update(untrained=False, checkpoint=str(bad))
+    else:
+        options.update(image_size=100)
+    before = scene_state(scene)
+    with pytest.raises(InputError) as error:
+        module.FewShotSAM2Logic().segment(v, [(v, seg, [sid])], method="propagate", **options)
+    text = str(error.value)
+    assert message in text and "\n" not in text and "Traceback" not in text
+    assert scene_state(scene) == before
+    assert list(jobs.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_crashing_process_gives_a_runtime_error_and_changes_nothing(mr_scene, tmp_path, monkeypatch):
+    """A process that dies without the core's error line (here: an interpreter that cannot import the core)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
     logic = module.FewShotSAM2Logic()
+    fake = tmp_path.parent / "python-that-crashes"
+    fake.write_text("#!/bin/sh\necho 'Traceback (most recent call last):' >&2\necho 'ImportError: no torch here' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    logic.python = str(fake)
     before = scene_state(scene)
-    prepared = logic.prepare(v, [(v, seg, [sid])], "propagate", **FAST)
-    run = logic.startBackgroundRun(prepared)
-    deadline = time.time() + 300
-    while run.progress()[2] == 0 and not run.finished.is_set() and time.time() < deadline:
-        time.sleep(0.05)  # the main thread stays free while the worker runs
-    stage, done, total = run.progress()
-    assert total > 0 and stage.startswith("Encoding slice")
-    run.requestCancel()
-    assert run.wait(300)
-    assert isinstance(run.error, Cancelled) and run.result is None
+    with pytest.raises(RuntimeError, match="exit code 1: ImportError: no torch here"):
+        logic.segment(v, [(v, seg, [sid])], method="propagate", **FAST)
     assert scene_state(scene) == before
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_run_stops_when_slicer_is_killed(tmp_path):
+    """The segmentation has a process group of its own (for Cancel), so it would outlive a killed Slicer: it
+    checks the pid it was given and stops at its next progress line once that process is gone."""
+    script = tmp_path / "start.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {os.path.dirname(module.__file__)!r})
+import numpy as np, slicer
+import FewShotSAM2 as module
+scene = slicer.vtkMRMLScene()
+keep = slicer.vtkSlicerSegmentationsModuleLogic()
+keep.SetMRMLScene(scene)
+volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v")
+slicer.util.updateVolumeFromArray(volume, np.random.default_rng(0).normal(0, 100, (600, 32, 32)).astype(np.int16))
+from FewShotSAM2Lib import process
+from fewshotsam2.volume import Structure
+query = module.FewShotSAM2Logic.volumeFromNode(volume)
+labels = np.zeros(query.shape, np.uint16)
+labels[300, 10:20, 10:20] = 1
+support = module.PreparedSupport(query, query.with_array(labels))
+run = module.FewShotSAM2Run(query, [support], [Structure(1, "blob", (1, 0, 0))], "propagate",
+                            dict(image_size=64, untrained=True, device="cpu", batch_size=1), volume)
+job = module.FewShotSAM2Logic().start(run)
+while job.progress[2] == 0:
+    job.poll()
+    time.sleep(0.05)
+print(job.process.process.pid, flush=True)
+time.sleep(600)
+""")
+    starter = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)))
+    pid = int(starter.stdout.readline())
+    assert process_group_alive(pid)
+    starter.kill()  # "Slicer" dies without cleaning up
+    starter.wait()
+    killed = time.time()
+    while process_group_alive(pid) and time.time() < killed + 15:  # the whole run takes minutes
+        time.sleep(0.2)
+    assert not process_group_alive(pid)
+
+
+@pytest.mark.slow
+def test_slicer_process_never_imports_torch(tmp_path):
+    """A whole Logic run in a fresh interpreter: the segmentation happens, torch and sam2 stay out of it."""
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(module.__file__.rsplit('/', 1)[0])!r})
+import numpy as np, slicer
+import FewShotSAM2 as module
+scene = slicer.vtkMRMLScene()
+logic_keepalive = slicer.vtkSlicerSegmentationsModuleLogic()
+logic_keepalive.SetMRMLScene(scene)
+k, j, i = np.mgrid[0:8, 0:32, 0:32]
+inside = ((i - 16) / 8.0) ** 2 + ((j - 16) / 6.0) ** 2 <= 1.0
+volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v")
+slicer.util.updateVolumeFromArray(volume, (100 + 800 * inside).astype(np.int16))
+seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s")
+seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+sid = seg.GetSegmentation().AddEmptySegment("blob", "blob")
+labels = np.zeros(inside.shape, np.uint8)
+labels[4] = inside[4]
+from FewShotSAM2Lib import mrml_io
+import vtk
+from vtk.util import numpy_support
+image = slicer.vtkOrientedImageData()
+image.SetDimensions(32, 32, 8)
+image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(8, 32, 32)[:] = labels
+m = vtk.vtkMatrix4x4()
+volume.GetIJKToRASMatrix(m)
+image.SetImageToWorldMatrix(m)
+assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, seg, sid)
+out = module.FewShotSAM2Logic().segment(volume, [(volume, seg, [sid])], "propagate", image_size=64, untrained=True,
+                                        device="cpu")
+assert out.GetSegmentation().GetNumberOfSegments() == 1
+print("torch" in sys.modules, "sam2" in sys.modules)
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "False"]
 
 
 @pytest.mark.parametrize(
@@ -558,7 +752,9 @@ def test_background_run_reports_progress_and_cancels(mr_scene):
         ("no query", "No query volume"),
         ("no supports", "No support"),
         ("missing segment", "has no segment with ID"),
-        ("empty segment", "is empty"),
+        ("empty segment", "segment 'empty' of 'few slices' is empty inside volume 'abdomen-mr'"),
+        ("no segment checked", "no segment selected"),
+        ("label map as query", "is a label map volume"),
         ("no segmentation", "no segmentation selected"),
         ("bad method", "Unknown method"),
         ("bad option", "Unknown segmentation option"),
@@ -580,6 +776,12 @@ def test_bad_inputs_give_a_clear_error_and_change_nothing(mr_scene, case, messag
         args["supports"] = [(v, seg, ["does-not-exist"])]
     elif case == "empty segment":
         args["supports"] = [(v, seg, [sid, empty_id])]
+    elif case == "no segment checked":
+        args["supports"] = [(v, seg, [])]
+    elif case == "label map as query":
+        labelmap = scene.GetFirstNodeByClass("vtkMRMLLabelMapVolumeNode")
+        assert labelmap is not None
+        args["queryVolumeNode"] = labelmap
     elif case == "no segmentation":
         args["supports"] = [(v, None, None)]
     elif case == "bad method":
@@ -626,9 +828,35 @@ def test_support_forms_accepted_by_the_logic(mr_scene):
     for prepared in (by_string, by_dataclass):
         np.testing.assert_array_equal(prepared.supports[0].labels.array, by_list.supports[0].labels.array)
     np.testing.assert_array_equal(by_list.supports[0].labels.array == 1, mr_scene["labeled"])
-    assert by_list.options.image_size == 256 and by_list.options.untrained
+    assert by_list.options["image_size"] == 256 and by_list.options["untrained"]
 
 
+@pytest.mark.slow
+def test_supports_with_different_structures_run_through_the_process(mr_scene):
+    """Support 1 labels the liver, support 2 only a kidney: the process gets both and segments each structure
+    from the supports that have it (the command line accepts a label missing from some of several supports)."""
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "kidney only")
+    m = vtk.vtkMatrix4x4()
+    v.GetIJKToRASMatrix(m)
+    kidney = np.zeros_like(mr_scene["labeled"])
+    kidney[10, 40:50, 40:50] = True
+    kidney_id = add_segment_from_mask(other, kidney, m, "kidney", (0.2, 0.2, 0.9))
+    logic = module.FewShotSAM2Logic()
+    output = logic.segment(v, [(v, seg, [sid]), (v, other, [kidney_id])], "propagate", **dict(FAST, image_size=64))
+    names = [output.GetSegmentation().GetSegment(i).GetName() for i in output.GetSegmentation().GetSegmentIDs()]
+    assert names == ["liver", "kidney"]
+    # the core's warnings reach the Logic (and the GUI): here only the random-weights one, no empty segment
+    assert [w for w in logic.lastResult.warnings if "RANDOM WEIGHTS" not in w] == []
+    assert any("RANDOM WEIGHTS" in w for w in logic.lastResult.warnings)
+    masks = segment_masks(output, v)
+    np.testing.assert_array_equal(masks["liver"], logic.lastResult.labels.array == 1)
+    np.testing.assert_array_equal(masks["kidney"], logic.lastResult.labels.array == 2)
+    scene.RemoveNode(output)
+    scene.RemoveNode(other)
+
+
+@pytest.mark.slow
 def test_module_self_test_body_runs_on_slicer_core(monkeypatch):
     """Slicer's self-test (FewShotSAM2Test) needs slicer.mrmlScene and slicer.modules; give it a scene and a
     stand-in for the one slicer.util helper that needs slicer.modules, and run its body."""
@@ -663,31 +891,78 @@ def test_module_self_test_body_runs_on_slicer_core(monkeypatch):
     assert runner.messages[-1] == "Test passed", runner.messages
 
 
+def test_dependencies_are_checked_without_importing_them():
+    assert dependencies.missingDependencies("lpips") == []  # this environment has everything
+    assert dependencies.sam2Problem() is None and dependencies.torchProblem() is None
+    code = ("import sys; sys.path.insert(0, %r); from FewShotSAM2Lib import dependencies as d; "
+            "assert d.missingDependencies('lpips') == []; print('torch' in sys.modules, 'sam2' in sys.modules)"
+            % str(os.path.dirname(module.__file__)))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False"]
+
+
+def test_incompatible_sam2_is_refused_with_a_message(tmp_path, monkeypatch):
+    # another extension's own copy of sam2, first on sys.path, without the SAM2.1 configs
+    (tmp_path / "sam2").mkdir()
+    (tmp_path / "sam2" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sam2", raising=False)  # find_spec would answer from an imported sam2
+    problem = dependencies.sam2Problem()
+    assert "no configs/sam2.1 folder" in problem and str(tmp_path) in problem
+    monkeypatch.undo()
+    # an older sam2 release
+    real = dependencies._version
+    monkeypatch.setattr(dependencies, "_version", lambda name: "1.0" if name == "sam2" else real(name))
+    assert "incompatible sam2 is installed (version 1.0" in dependencies.sam2Problem()
+    assert any("incompatible sam2" in p for p in dependencies.missingDependencies("reverse"))
+
+
+def test_torch_version_is_bounded_and_never_replaced(monkeypatch):
+    assert dependencies.versionTuple("2.5.1+cu121") == (2, 5, 1)
+    real = dependencies._version
+    for version, ok in (("2.4.1", False), ("2.5.1", True), ("2.14.1+cpu", True), ("3.0.0", False)):
+        monkeypatch.setattr(dependencies, "_version", lambda name, v=version: v if name == "torch" else real(name))
+        assert (dependencies.torchProblem() is None) is ok, version
+    monkeypatch.setattr(dependencies, "_version", lambda name: "2.4.1" if name == "torch" else real(name))
+    asked = []
+    with pytest.raises(RuntimeError, match="torch 2.4.1 is installed; FewShotSAM2 needs torch >=2.5.1,<3"):
+        dependencies.installDependencies("reverse", confirm=lambda message: asked.append(message) or True)
+    assert asked == []  # refused before asking: an installed torch is not replaced
+
+
 def test_dependencies_are_never_installed_silently(monkeypatch):
-    logic = module.FewShotSAM2Logic()
-    assert logic.missingDependencies("lpips") == []  # this environment has everything
-    assert logic.installDependencies("lpips") is False  # nothing missing: nothing asked, nothing done
+    assert dependencies.installDependencies("lpips") is False  # nothing missing: nothing asked, nothing done
 
     calls = []
-    monkeypatch.setattr(slicer.util, "pip_install", lambda args, **kw: calls.append((args, os.environ.get("SAM2_BUILD_CUDA"))),
-                        raising=False)
-    answers = iter([["sam2==1.1.0"], ["sam2==1.1.0"], ["sam2==1.1.0"], []])
-    monkeypatch.setattr(module.FewShotSAM2Logic, "missingDependencies", staticmethod(lambda method="reverse": next(answers)))
-    with pytest.raises(RuntimeError, match="cannot run without"):
-        logic.installDependencies("reverse")  # no confirm callback: refuse
-    asked = []
-    with pytest.raises(RuntimeError, match="cannot run without"):
-        logic.installDependencies("reverse", confirm=lambda message: asked.append(message) or False)
-    assert asked and "sam2==1.1.0" in asked[0] and calls == []
 
-    # agreed: sam2 without build isolation, without deps and without its CUDA extension
+    def pip_install(arguments):
+        requirements = arguments[arguments.index("-r") + 1] if "-r" in arguments else None
+        calls.append((list(arguments), os.environ.get("SAM2_BUILD_CUDA"),
+                      open(requirements).read() if requirements else None))
+
+    monkeypatch.setattr(dependencies, "_pipInstall", pip_install)
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sam2" else real_find_spec(name, *a))
-    monkeypatch.delenv("SAM2_BUILD_CUDA", raising=False)
-    assert logic.installDependencies("reverse", confirm=lambda message: True) is False
-    assert calls == [("--no-build-isolation --no-deps sam2==1.1.0", "0")]
+    with pytest.raises(RuntimeError, match="cannot run without"):
+        dependencies.installDependencies("reverse")  # no confirm callback: refuse
+    asked = []
+    with pytest.raises(RuntimeError, match="cannot run without"):
+        dependencies.installDependencies("reverse", confirm=lambda message: asked.append(message) or False)
+    assert asked and "sam2 is not installed" in asked[0] and "SHA256" in asked[0] and calls == []
+
+    # agreed: the hash-pinned sam2 without build isolation, without deps, without its CUDA extension
+    monkeypatch.setenv("SAM2_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="still cannot run: sam2 is not installed"):  # find_spec still says no sam2
+        dependencies.installDependencies("reverse", confirm=lambda message: True)
+    (arguments, build_cuda, requirements), = calls
+    assert arguments[:3] == ["--no-build-isolation", "--no-deps", "--require-hashes"]
+    assert build_cuda == "0"
+    assert requirements.strip() == ("sam2==1.1.0 --hash=sha256:"
+                                    "7e0ea252d43c10d853e3acfce0b5770ac683c30481bd6de311300e9d44f45b74")
+    assert os.environ["SAM2_BUILD_CUDA"] == "1"  # restored
 
 
 def test_single_support_without_list(mr_scene):

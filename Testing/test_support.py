@@ -7,7 +7,7 @@ import pytest
 
 from fewshotsam2.errors import InputError
 from fewshotsam2.slices import SlicePlan
-from fewshotsam2.support import extent_chunks, labeled_slices, select_support_slices
+from fewshotsam2.support import labeled_slices, select_support_slices
 from fewshotsam2.volume import read_labels, read_volume
 
 
@@ -53,16 +53,6 @@ def test_bad_requests():
     for shots in (0, -1, 1.5):
         with pytest.raises(InputError, match="shots"):
             select_support_slices(stack, 5, shots)
-
-
-def test_extent_chunks():
-    chunks = extent_chunks(np.arange(10, 40), 3)
-    assert [c.tolist() for c in chunks] == [list(range(10, 20)), list(range(20, 30)), list(range(30, 40))]
-    chunks = extent_chunks([7, 3, 5, 4, 6, 8, 9], 3)  # unsorted in, sorted consecutive chunks out
-    assert [c.tolist() for c in chunks] == [[3, 4, 5], [6, 7], [8, 9]]
-    assert sum(len(c) for c in extent_chunks(range(5), 8)) == 5
-    with pytest.raises(InputError):
-        extent_chunks([1, 2], 0)
 
 
 def test_real_spleen_support_slices(shared_dir):

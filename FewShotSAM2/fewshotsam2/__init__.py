@@ -8,7 +8,7 @@ The core of the FewShotSAM2 3D Slicer extension; it imports no slicer, qt or vtk
     image = fs.read_volume("support.nii.gz")
     labels, structures = fs.read_labels("support_labels.nii.gz", image)
     result = fs.segment(query, [fs.SupportCase(image, labels)], structures=[structures[0]],
-                        options=fs.SegmentOptions(method="reverse"))
+                        options=fs.SegmentOptions(method="reverse", method_options=fs.ReverseOptions(top_k=5)))
     fs.write_labels("out.seg.nrrd", result.labels, result.structures)
 
 Names are imported on first use (PEP 562), so `import fewshotsam2` and the command line's `--help` stay fast: torch
@@ -25,10 +25,17 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "segment": "pipeline",
-    "SegmentOptions": "pipeline",
-    "SegmentationResult": "pipeline",
-    "SliceScore": "pipeline",
     "SupportCase": "pipeline",
+    "SegmentOptions": "options",
+    "ReverseOptions": "options",
+    "LpipsOptions": "options",
+    "PropagateOptions": "options",
+    "OptionError": "options",
+    "SegmentationResult": "results",
+    "SliceScore": "results",
+    "LpipsMatch": "results",
+    "UsedSupportSlice": "results",
+    "SAM2Engine": "engine",
     "Volume": "volume",
     "Structure": "volume",
     "read_volume": "volume",

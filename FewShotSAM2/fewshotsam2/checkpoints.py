@@ -7,7 +7,6 @@ silently bad masks.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -17,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import constants
+from .atomic import atomic_path
 from .errors import InputError
 
-log = logging.getLogger(__name__)
-
 CACHE_ENV = "FEWSHOTSAM2_CACHE"
-MODELS = ("tiny", "small", "base_plus", "large")
-VERSIONS = ("2", "2.1")
+MODELS = constants.MODELS
+VERSIONS = constants.VERSIONS
 
 _BASE_URLS = {
     "2": "https://dl.fbaipublicfiles.com/segment_anything_2/072824",
@@ -118,12 +117,11 @@ def download_checkpoint(
     target = folder / info.filename
     if target.is_file():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
+    _ensure_cache_folder(folder)
     bar = None
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(info.url, timeout=60) as response:
+        with atomic_path(target) as tmp, open(tmp, "wb") as out, \
+                urllib.request.urlopen(info.url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0)
             if progress is None:
                 from tqdm import tqdm
@@ -140,22 +138,38 @@ def download_checkpoint(
                     progress(done, total)
                 else:
                     bar.update(len(chunk))
-        if total and tmp.stat().st_size != total:
-            raise InputError(f"download of {info.url} was incomplete ({tmp.stat().st_size} of {total} bytes)")
-        os.replace(tmp, target)
+            out.flush()
+            if total and done != total:
+                raise InputError(f"download of {info.url} was incomplete ({done} of {total} bytes)")
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(
             f"cannot download the {info.key} checkpoint ({exc}). Download {info.url} yourself and put it at "
             f"{target} (or pass --checkpoint PATH, or set {CACHE_ENV} to a folder holding {info.filename})"
         ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         if bar is not None:
             bar.close()
     return target
+
+
+def _ensure_cache_folder(folder: Path) -> None:
+    """Create the cache folder if needed and make sure a file can be written in it; else one clear error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = ("is a file, not a folder" if folder.exists() and not folder.is_dir()
+               else "lies under a file" if isinstance(exc, (FileExistsError, NotADirectoryError))
+               else "is not writable" if isinstance(exc, PermissionError) else (exc.strerror or str(exc)))
+        raise InputError(f"checkpoint cache {folder} {why}; choose another folder with --cache-dir or ${CACHE_ENV}, "
+                         "or pass --checkpoint PATH") from None
+
+
+def check_cache_folder(cache_dir: Optional[str | Path] = None) -> None:
+    """Raise InputError now if a download could not be stored in the cache (not a folder, not writable)."""
+    _ensure_cache_folder(_cache(cache_dir))
 
 
 def resolve_checkpoint(
@@ -212,18 +226,13 @@ def import_checkpoint(
     src = Path(path).expanduser()
     if not src.is_file():
         raise InputError(f"checkpoint file not found: {src}")
-    net = build_sam2_model(info, image_size=1024, device="cpu")
+    # the weights do not depend on the input size (position embeddings are interpolated): the smallest model checks them
+    net = build_sam2_model(info, image_size=constants.MIN_IMAGE_SIZE, device="cpu")
     load_state_dict(net, src, info.key)
     folder = _cache(cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{info.filename}.", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp_name)
-        os.replace(tmp_name, folder / info.filename)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    _ensure_cache_folder(folder)
+    with atomic_path(folder / info.filename) as tmp:
+        shutil.copyfile(src, tmp)
     return folder / info.filename
 
 
@@ -233,7 +242,7 @@ def clear_cache(cache_dir: Optional[str | Path] = None) -> int:
     removed = 0
     if folder.is_dir():
         for f in folder.iterdir():
-            if f.is_file() and (f.suffix == ".pt" or f.name.endswith(".part")):
+            if f.is_file() and (f.suffix == ".pt" or f.name.endswith(".part") or f.name.startswith(".tmp-")):
                 f.unlink()
                 removed += 1
     return removed

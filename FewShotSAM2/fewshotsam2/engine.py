@@ -12,24 +12,28 @@ memories of batch 1 are expanded to the batch.
 
 from __future__ import annotations
 
-import logging
+import hashlib
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import constants
 from .checkpoints import CheckpointInfo, checkpoint_info, load_state_dict, resolve_checkpoint
+from .constants import DEFAULT_IMAGE_SIZE
 from .errors import InputError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .options import SegmentOptions
 
 FrameKey = Hashable
-DEVICES = ("auto", "cuda", "mps", "cpu")
+DEVICES = constants.DEVICES
 FEATURE_STORAGE = ("auto", "float32", "bfloat16")
 # ImageNet statistics, as in sam2's own frame loader
 _MEAN = (0.485, 0.456, 0.406)
@@ -85,6 +89,13 @@ def build_sam2_model(info: CheckpointInfo, image_size: int = 1024, device: str |
     OmegaConf.resolve(cfg)
     model = instantiate(cfg.model, _recursive_=True)
     return model.to(device).eval()
+
+
+def _build_seeded(info: CheckpointInfo, image_size: int) -> torch.nn.Module:
+    # random weights from a fixed seed, without disturbing the caller's random state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_sam2_model(info, image_size, "cpu")
 
 
 @dataclass
@@ -151,69 +162,127 @@ class Prediction:
 
 
 class SAM2Engine:
-    """SAM2 over in-memory 2D frames, with a per-run image-feature cache and an encoder-call counter."""
+    """SAM2 over in-memory 2D frames, with a per-run image-feature cache and an encoder-call counter.
+
+    Building, downloading and loading are separate steps, and `__init__` does none of them (no network, no file):
+    it wraps a SAM2 model that is already built and loaded. Make one with
+
+    * `SAM2Engine.from_pretrained(model, version, ...)`: an official checkpoint (downloaded into the cache on
+      first use unless `download=False`) or a local `checkpoint` file, loaded strictly;
+    * `SAM2Engine.with_random_weights(model, version, ...)`: random weights from a fixed seed, for tests and
+      benchmarks of the plumbing (the masks mean nothing);
+    * `SAM2Engine.from_options(options)`: either of the above from a `SegmentOptions`.
+    """
 
     def __init__(
         self,
-        model: str = "tiny",
-        version: str = "2.1",
-        image_size: int = 1024,
-        device: str = "auto",
-        checkpoint: Optional[str] = None,
-        untrained: bool = False,
-        cache_dir: Optional[str] = None,
+        sam2_model: torch.nn.Module,
+        info: CheckpointInfo,
+        image_size: int,
+        device: str | torch.device = "cpu",
         batch_size: int = 8,
         fill_hole_area: int = FILL_HOLE_AREA,
-        feature_storage: str = "auto",
+        checkpoint_path: Optional[Path] = None,
     ) -> None:
-        self.info = checkpoint_info(model, version)
-        self.device = pick_device(device)
+        if not isinstance(sam2_model, torch.nn.Module):
+            raise TypeError("SAM2Engine wraps a built SAM2 model: use SAM2Engine.from_pretrained(...) or "
+                            "SAM2Engine.with_random_weights(...)")
+        self.info = info
+        self.device = pick_device(device) if isinstance(device, str) else device
         self.image_size = int(image_size)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.fill_hole_area = fill_hole_area
-        self.untrained = untrained
-        if untrained and checkpoint is not None:
-            raise InputError("--untrained and --checkpoint exclude each other")
-        # random weights are drawn from a fixed seed so that untrained runs (tests, benchmarks) are reproducible
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.model = build_sam2_model(self.info, self.image_size, "cpu")
-        if untrained:
-            warnings.warn(
-                "SAM2 runs with RANDOM WEIGHTS (--untrained): masks are meaningless; use this only to test plumbing",
-                stacklevel=2,
-            )
-            self.checkpoint_path = None
-        else:
-            self.checkpoint_path = resolve_checkpoint(model, version, checkpoint, cache_dir)
-            load_state_dict(self.model, self.checkpoint_path, self.info.key)
-        self.model.to(self.device)
-        # bf16 autocast on CUDA where the GPU supports it (as sam2's own examples); float32 elsewhere
-        self._autocast = (
-            self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
+        self.checkpoint_path = checkpoint_path
+        self.untrained = checkpoint_path is None
+        self.model = sam2_model.to(self.device).eval()
+        # bf16 autocast on CUDA where the GPU computes in bf16 natively (Ampere and later), as sam2's own examples;
+        # float32 elsewhere (emulated bf16 on older GPUs is slower than float32)
+        self._autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         self.encoder_calls = 0
         self.encode_seconds = 0.0
         self._frames: dict[FrameKey, np.ndarray] = {}
         self._features: dict[FrameKey, list[torch.Tensor]] = {}
-        # feature cache storage (see set_feature_storage); `pinned` keys survive reset() and release()
-        self.feature_dtype = torch.float32
-        self.feature_device = self.device
-        self.set_feature_storage(feature_storage)
-        self.pinned: set[FrameKey] = set()
-        self._use_once: set[FrameKey] = set()
         self._pos_enc: Optional[list[torch.Tensor]] = None
         self._feat_sizes: Optional[list[tuple[int, int]]] = None
         self._cuda_hole_filling = self.device.type == "cuda" and _has_sam2_extension()
+        # features kept across runs (see keep_features), by pixel content: {digest: features}
+        self._keep: Optional[Callable[[FrameKey], bool]] = None
+        self._kept: dict[bytes, list[torch.Tensor]] = {}
+        # feature cache storage (set_feature_storage) and frames whose features go after their next read
+        self.feature_dtype = torch.float32
+        self.feature_device = self.device
+        self.set_feature_storage("auto")
+        self._use_once: set[FrameKey] = set()
+
+    @classmethod
+    def with_random_weights(
+        cls,
+        model: str = "tiny",
+        version: str = "2.1",
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        device: str = "auto",
+        batch_size: int = 8,
+        fill_hole_area: int = FILL_HOLE_AREA,
+    ) -> "SAM2Engine":
+        """SAM2 with random weights drawn from a fixed seed, so untrained runs (tests, benchmarks) are
+        reproducible. Warns: the masks are meaningless."""
+        info = checkpoint_info(model, version)
+        torch_device = pick_device(device)
+        warnings.warn(
+            "SAM2 runs with RANDOM WEIGHTS (--untrained): masks are meaningless; use this only to test plumbing",
+            stacklevel=2,
+        )
+        return cls(_build_seeded(info, image_size), info, image_size, torch_device, batch_size, fill_hole_area)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = "tiny",
+        version: str = "2.1",
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        device: str = "auto",
+        checkpoint: Optional[str | Path] = None,
+        cache_dir: Optional[str | Path] = None,
+        batch_size: int = 8,
+        download: bool = True,
+        fill_hole_area: int = FILL_HOLE_AREA,
+    ) -> "SAM2Engine":
+        """SAM2 with trained weights: `checkpoint` if given, else the official checkpoint from the cache,
+        downloaded first when missing (unless `download=False`, which raises `InputError` instead)."""
+        info = checkpoint_info(model, version)
+        torch_device = pick_device(device)  # a wrong device fails before a download
+        path = resolve_checkpoint(model, version, checkpoint, cache_dir, download=download)
+        net = build_sam2_model(info, image_size, "cpu")
+        load_state_dict(net, path, info.key)
+        return cls(net, info, image_size, torch_device, batch_size, fill_hole_area, checkpoint_path=path)
+
+    @classmethod
+    def from_options(cls, options: "SegmentOptions") -> "SAM2Engine":
+        """The engine a `SegmentOptions` asks for (random weights when `options.untrained`)."""
+        if options.untrained:
+            return cls.with_random_weights(options.model, options.version, options.image_size, options.device,
+                                           options.batch_size)
+        return cls.from_pretrained(options.model, options.version, options.image_size, options.device,
+                                   options.checkpoint, options.cache_dir, options.batch_size)
 
     # ---------------------------------------------------------------- frames and features
+    def reset(self) -> None:
+        """Start a new run: forget frames, features and the encoder count."""
+        self._frames.clear()
+        self._features.clear()
+        self._use_once.clear()
+        self.encoder_calls = 0
+        self.encode_seconds = 0.0
+
     def set_feature_storage(self, storage: str = "auto", device: Optional[str | torch.device] = None) -> None:
         """How cached image features are stored: "float32", "bfloat16" or "auto"; on `device` (default: SAM2's).
 
         "auto" stores what the encoder computes: bfloat16 under CUDA autocast (as sam2's own predictor caches
-        them, and no float32 copy), float32 on CPU and MPS, where float32 storage keeps the engine's logits
-        bit-identical to sam2's predictor. bfloat16 halves the cache (features are cast back where used).
-        Features stored before a change keep their old storage.
+        them; no float32 copy), float32 on CPU and MPS, where float32 storage keeps the logits identical to sam2's
+        predictor. bfloat16 halves the cache; features are cast back where they are used. Features stored before
+        a change keep their old storage.
         """
         if storage not in FEATURE_STORAGE:
             raise InputError(f"unknown feature storage '{storage}': choose one of {', '.join(FEATURE_STORAGE)}")
@@ -224,46 +293,45 @@ class SAM2Engine:
         self.feature_device = torch.device(device) if device is not None else self.device
 
     def feature_bytes_per_frame(self, dtype: Optional[torch.dtype] = None) -> int:
-        """Bytes of one frame's cached features (all levels SAM2 reads) in `dtype` (default: the storage)."""
-        s = self.image_size
-        # levels at strides 4, 8, 16: channels after sam2's conv_s0 / conv_s1 (d_model/8, d_model/4) and d_model
-        d = self.model.hidden_dim
-        n = (d // 8) * (s // 4) ** 2 + (d // 4) * (s // 8) ** 2 + d * (s // 16) ** 2
-        if not self.model.use_high_res_features_in_sam:
+        """Bytes of one frame's cached features (every level SAM2 reads) in `dtype` (default: the storage)."""
+        s, d = self.image_size, self.model.hidden_dim
+        if self.model.use_high_res_features_in_sam:
+            # strides 4, 8, 16: channels after sam2's conv_s0 / conv_s1 (d/8, d/4), then d
+            n = (d // 8) * (s // 4) ** 2 + (d // 4) * (s // 8) ** 2 + d * (s // 16) ** 2
+        else:
             n = d * (s // 16) ** 2
         return n * torch.empty((), dtype=dtype or self.feature_dtype).element_size()
 
-    def reset(self) -> None:
-        """Start a new run: forget frames, features (except pinned ones) and the encoder count."""
-        for key in [k for k in self._frames if k not in self.pinned]:
-            del self._frames[key]
-        for key in [k for k in self._features if k not in self.pinned]:
-            del self._features[key]
-        self._use_once.clear()
-        self.encoder_calls = 0
-        self.encode_seconds = 0.0
-
-    def pin(self, keys: Iterable[FrameKey]) -> None:
-        """Keep these frames' features across reset() and release() (e.g. support slices reused across queries)."""
-        self.pinned.update(keys)
-
-    def unpin(self, keys: Iterable[FrameKey]) -> None:
-        self.pinned.difference_update(keys)
-
     def release(self, keys: Iterable[FrameKey]) -> None:
-        """Drop the cached features of frames no longer needed (pinned ones stay); they re-encode if used again."""
+        """Drop the cached features of frames no longer needed (they are encoded again if used again)."""
         for key in keys:
-            if key not in self.pinned:
-                self._features.pop(key, None)
-                self._use_once.discard(key)
+            self._features.pop(key, None)
+            self._use_once.discard(key)
 
     def use_once(self, keys: Iterable[FrameKey]) -> None:
         """These frames will be read once more: drop their features right after that read."""
-        self._use_once.update(k for k in keys if k not in self.pinned)
+        self._use_once.update(keys)
 
     @property
     def cached_feature_bytes(self) -> int:
+        """Bytes of the features cached for this run (kept-across-runs copies not counted)."""
         return sum(t.numel() * t.element_size() for f in self._features.values() for t in f)
+
+    def keep_features(self, which: Optional[Callable[[FrameKey], bool]]) -> None:
+        """Keep the features of the frames `which(key)` selects across `reset()`, found again by pixel content.
+
+        For cohorts (`fewshotsam2 batch`): the support slices are the same for every query, so they are encoded
+        for the first query only. Content, not key, identifies a kept frame: keys are per-run names (a support's
+        position in the run's list), and a frame with other pixels must not get stale features.
+        `None` stops keeping and forgets what was kept.
+        """
+        self._keep = which
+        if which is None:
+            self._kept.clear()
+
+    def _content_digest(self, key: FrameKey) -> bytes:
+        image = self._frames[key]
+        return hashlib.blake2b(repr(image.shape).encode() + image.tobytes(), digest_size=16).digest()
 
     def add_frames(self, frames: Mapping[FrameKey, np.ndarray]) -> None:
         """Register 2D float images in [0, 1] under keys; nothing is encoded until a frame is used."""
@@ -274,9 +342,6 @@ class SAM2Engine:
             if key in self._frames and key in self._features and not np.array_equal(self._frames[key], image):
                 del self._features[key]  # same key, new pixels: its features are stale
             self._frames[key] = image
-
-    def frame_shape(self, key: FrameKey) -> tuple[int, int]:
-        return self._frames[key].shape
 
     def _autocast_ctx(self):
         if self._autocast:
@@ -298,6 +363,12 @@ class SAM2Engine:
     def encode(self, keys: Iterable[FrameKey], progress=None) -> None:
         """Run the image encoder on every key not encoded yet in this run, in batches."""
         todo = [k for k in dict.fromkeys(keys) if k not in self._features]
+        if self._keep is not None:
+            for k in todo:
+                kept = self._kept.get(self._content_digest(k)) if self._keep(k) else None
+                if kept is not None:
+                    self._features[k] = kept
+            todo = [k for k in todo if k not in self._features]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             t0 = time.perf_counter()
@@ -309,9 +380,12 @@ class SAM2Engine:
                 self._pos_enc = [p[:1].float() for p in pos]  # identical for every frame of this size
                 self._feat_sizes = [(p.shape[-2], p.shape[-1]) for p in pos]
             for i, key in enumerate(chunk):
-                # clone: a view would keep the whole batch's tensor alive
+                # a copy in the storage dtype: a view of the batch tensor would keep the whole batch alive
                 self._features[key] = [lvl[i : i + 1].to(self.feature_device, self.feature_dtype, copy=True)
                                        for lvl in levels]
+                if self._keep is not None and self._keep(key):
+                    # a copy: the slice of the batch tensor would keep the whole batch alive
+                    self._kept[self._content_digest(key)] = [f.clone() for f in self._features[key]]
             self.encoder_calls += len(chunk)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -322,12 +396,13 @@ class SAM2Engine:
     def _vision(self, keys: Sequence[FrameKey]):
         self.encode(keys)
         b = len(keys)
-        # cast where used: float32 outside autocast (bf16 storage meeting float32 weights fails on CPU); under
+        # cast where used: float32 outside autocast (bf16 features meeting float32 weights fail on the CPU); under
         # autocast the stored dtype is what the encoder produced
         dtype = self.feature_dtype if self._autocast else torch.float32
         feats = [torch.cat([self._features[k][lvl] for k in keys]).to(self.device, dtype)
                  for lvl in range(len(self._pos_enc))]
-        self.release([k for k in keys if k in self._use_once])
+        if self._use_once:
+            self.release([k for k in keys if k in self._use_once])
         vision_feats = [f.flatten(2).permute(2, 0, 1) for f in feats]
         pos = [p.expand(b, -1, -1, -1).flatten(2).permute(2, 0, 1) for p in self._pos_enc]
         return vision_feats, pos, self._feat_sizes
@@ -345,7 +420,13 @@ class SAM2Engine:
 
     @torch.inference_mode()
     def memorize(self, keys: Sequence[FrameKey], masks: Sequence[np.ndarray]) -> Memory:
-        """Conditioning memory of frames whose masks are known (support slices with their labels)."""
+        """Conditioning memory of frames whose masks are known, encoded exactly as sam2's `add_new_mask` does.
+
+        sam2 (video predictor: `add_new_mask`, then `propagate_in_video_preflight`): the mask prompt goes through
+        `track_step` without the memory encoder, giving low-resolution mask logits (the mask as +-10, downsampled
+        with anti-aliasing), an object pointer and an object score; the logits are hole-filled, upsampled
+        bilinearly to the model's input size and encoded as a mask from a user prompt (binarised).
+        """
         vision_feats, pos, sizes = self._vision(list(keys))
         with self._autocast_ctx():
             out = self.model.track_step(
@@ -358,8 +439,19 @@ class SAM2Engine:
                 mask_inputs=self._mask_input(masks),
                 output_dict={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
                 num_frames=1,
-                run_mem_encoder=True,
+                run_mem_encoder=False,
             )
+            low_res = self._fill_holes(out["pred_masks"])
+            high_res = F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear",
+                                     align_corners=False)
+            out["maskmem_features"], out["maskmem_pos_enc"] = self.model._encode_new_memory(
+                current_vision_feats=vision_feats,
+                feat_sizes=sizes,
+                pred_masks_high_res=high_res,
+                object_score_logits=out["object_score_logits"],
+                is_mask_from_pts=True,
+            )
+        out["pred_masks"] = low_res
         return self._memory(out)
 
     @torch.inference_mode()
@@ -404,8 +496,8 @@ class SAM2Engine:
                 track_in_reverse=reverse,
                 run_mem_encoder=True,
             )
+        out["pred_masks"] = logits = self._fill_holes(out["pred_masks"])  # the logits sam2's predictor keeps
         memory = self._memory(out)
-        logits = self._fill_holes(memory.pred_masks)
         masks = []
         for i, key in enumerate(keys):
             h, w = self._frames[key].shape
@@ -428,15 +520,29 @@ class SAM2Engine:
         return Prediction([m for p in parts for m in p.masks], Memory.cat([p.memory for p in parts]))
 
     def _memory(self, out: dict) -> Memory:
-        # Memories are kept in float32: under autocast the memory encoder returns bf16, and bf16 memories
-        # meeting float32 weights break memory attention on CPU (sam2 itself casts them to bf16 for storage).
+        # What sam2's video predictor stores of a frame: memory features in bf16 (on every device: they are the
+        # bulk of a memory bank; the memory attention reads them promoted to the dtype of the object pointers
+        # they are concatenated with), the rest as the model returned it.
         return Memory(
-            out["maskmem_features"].float(),
-            [p.float() for p in out["maskmem_pos_enc"]],
-            out["obj_ptr"].float(),
-            out["object_score_logits"].float(),
+            out["maskmem_features"].to(torch.bfloat16),
+            list(out["maskmem_pos_enc"]),
+            out["obj_ptr"],
+            out["object_score_logits"],
             out["pred_masks"].float(),
         )
+
+    @property
+    def memory_reach(self) -> int:
+        """How many frames back (in visiting order) SAM2 can still read a non-conditioning memory.
+
+        Mask memories: the last `num_maskmem - 1` frames, taken every `memory_temporal_stride_for_eval`-th frame
+        (an upper bound: `(num_maskmem - 1) * stride + 1`); object pointers: up to `max_obj_ptrs_in_encoder - 1`
+        frames back. Older predictions are never read again and can be dropped.
+        """
+        m = self.model
+        masks = (m.num_maskmem - 1) * m.memory_temporal_stride_for_eval + 1 if m.num_maskmem > 0 else 0
+        pointers = m.max_obj_ptrs_in_encoder - 1 if m.use_obj_ptrs_in_encoder else 0
+        return max(1, masks, pointers)
 
     def _fill_holes(self, logits: torch.Tensor) -> torch.Tensor:
         """Fill background holes up to `fill_hole_area` low-res pixels, as sam2's post-processing does.

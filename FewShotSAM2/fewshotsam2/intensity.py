@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import constants
 from .errors import InputError
 from .volume import Volume
 
-# name -> (window width, window level) in HU
-CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "ct-abdomen": (400.0, 40.0),
-    "ct-liver": (150.0, 30.0),
-    "ct-lung": (1500.0, -600.0),
-    "ct-bone": (1800.0, 400.0),
-    "ct-brain": (80.0, 40.0),
-}
+CT_WINDOWS = constants.CT_WINDOWS  # name -> (window width, window level) in HU
 
 PRESETS: dict[str, str] = {
     **{name: f"CT window W{w:g}/L{lv:g}" for name, (w, lv) in CT_WINDOWS.items()},
@@ -26,7 +20,7 @@ PRESETS: dict[str, str] = {
     "minmax": "minimum-maximum of the volume",
 }
 
-PRESET_NAMES: tuple[str, ...] = ("auto",) + tuple(PRESETS)
+PRESET_NAMES: tuple[str, ...] = constants.PRESETS
 
 PERCENTILES = (0.5, 99.5)
 

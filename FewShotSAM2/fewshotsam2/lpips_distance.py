@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import constants
 from .errors import InputError
 
 LPIPS_WEIGHTS_ENV = "FEWSHOTSAM2_LPIPS_WEIGHTS"
-NETS = ("alex", "vgg", "squeeze")
+NETS = constants.LPIPS_NETS
 
 # torchvision weight enums lpips' backbones come from (lpips calls tv.alexnet / vgg16 / squeezenet1_1)
 _TORCHVISION_WEIGHTS = {
@@ -230,7 +231,7 @@ class LPIPSDistance:
         Returns, per layer l, a float32 tensor (n, D_l) on `device`: the activation unit-normalised over
         channels, restricted to channels with a positive lin weight, multiplied by sqrt(w_c / (H_l W_l)) and
         flattened, so that LPIPS(a, b) = sum_l |a_l - b_l|^2 exactly (see `distance_matrix`).
-        Size per image for alex at 224: 328,882 floats (1.3 MB); `match_images` avoids holding all queries.
+        Size per image for alex at 224: 328,882 floats (1.3 MB).
         """
         x = self._as_tensor(images)
         chunks: list[list[torch.Tensor]] = []
@@ -279,23 +280,6 @@ class LPIPSDistance:
         d = self.distance_matrix(query_feats, support_feats)
         dist, idx = d.min(dim=1)
         return idx.cpu().numpy().astype(np.int64), dist.cpu().numpy()
-
-    def match_images(
-        self, query_images: ImageBatch, support_feats: Sequence[torch.Tensor]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """`match` for query images given as pixels, computing their features one batch at a time.
-
-        Memory stays at the support features plus one batch, however many query slices there are.
-        """
-        x = self._as_tensor(query_images)
-        idx, dist = [], []
-        for start in range(0, x.shape[0], self.batch_size):
-            i, d = self.match(self.features(x[start : start + self.batch_size]), support_feats)
-            idx.append(i)
-            dist.append(d)
-        if not idx:
-            return np.zeros(0, np.int64), np.zeros(0, np.float64)
-        return np.concatenate(idx), np.concatenate(dist)
 
 
 # --- physical field of view -------------------------------------------------------------------------------

@@ -5,150 +5,57 @@ The command line, the Slicer Logic, `evaluate` and `bench` all call `segment`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Optional
-
 import time
 import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
+from . import constants
+from .atomic import atomic_path
+from .backends import get_backend
 from .backends.base import QueryContext, StageClock, SupportSlice
-from .extent import to_array_range
-from .resources import ResourceEstimate, check_resources, estimate_resources
-from .backends.reverse import select_conditional
-from .checkpoints import VERSIONS, normalise_model_name
-from .engine import SAM2Engine
+from .engine import SAM2Engine, pick_device
 from .errors import InputError
-from .intensity import PRESET_NAMES, choose_preset, normalize
+from .extent import to_array_range
+from .resources import check_resources, estimate_resources
+from .intensity import choose_preset, normalize
 from .lpips_distance import body_box
-from .slices import AXES, SlicePlan
+from .options import LpipsOptions, PropagateOptions, ReverseOptions, SegmentOptions  # noqa: F401  (re-exported)
+from .results import LpipsMatch, SegmentationResult, SliceScore, UsedSupportSlice  # noqa: F401  (re-exported)
+from .slices import SlicePlan
 from .support import select_support_slices
 from .volume import Structure, Volume
 
 ProgressCallback = Callable[[str, int, int], None]
 
-METHODS = ("propagate", "reverse", "lpips")
+METHODS = constants.METHODS
 
 
 @dataclass
 class SupportCase:
-    """One labeled support volume. `labels` is an integer label map on `image`'s grid."""
+    """One labeled support volume. `labels` is an integer label map on `image`'s grid.
+
+    `masks` (optional): output structure value -> bool mask on `image`'s grid, for supports whose segments are not
+    `labels.array == value` (overlapping .seg.nrrd layers, other value numbering than the output's).
+    """
 
     image: Volume
     labels: Volume
     name: str = "support"
+    masks: Optional[dict[int, np.ndarray]] = None
 
-
-@dataclass
-class SegmentOptions:
-    method: str = "reverse"
-    model: str = "tiny"
-    version: str = "2.1"
-    image_size: int = 1024
-    device: str = "auto"
-    checkpoint: Optional[str] = None
-    untrained: bool = False
-    cache_dir: Optional[str] = None
-    axis: str = "auto"
-    preset: str = "auto"
-    shots: int = 1
-    # reverse propagation
-    top_k: int = 5
-    min_score: float = 0.0
-    keep_supports: bool = False
-    # LPIPS matching
-    augmentations: int = 3
-    lpips_net: str = "alex"
-    lpips_weights: Optional[str] = None
-    seed: int = 0
-    batch_size: int = 8
-    # which query slices are segmented: "auto" (estimated per structure from the supports, see extent.py),
-    # "off" (every slice) or "FIRST:LAST" (inclusive indices along the query array's slice axis)
-    slice_range: str = "off"  # the command line and the Slicer module default to "auto"
-    extent_margin_mm: float = 15.0
-    feature_storage: str = "auto"  # engine feature cache: auto | float32 | bfloat16
-
-
-@dataclass
-class SliceScore:
-    """Per query slice and structure: the backend's confidence and what it decided."""
-
-    structure: str
-    value: int
-    slice_index: int
-    score: float  # reverse: pi (mean Dice on the supports); lpips: LPIPS distance (lower = closer)
-    selected: bool  # reverse: conditional slice; lpips: always False
-    matched_support: str = ""  # lpips: which augmented support image matched, e.g. "support0:slice41:aug2"
-    matched_slice: int = -1  # lpips: slice index (in the support's slice stack) of the matched support image
-
-
-@dataclass
-class SegmentationResult:
-    labels: Volume  # multi-label map on the query's grid; voxel values = Structure.value
-    structures: list[Structure]
-    scores: list[SliceScore] = field(default_factory=list)
-    encoder_calls: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    slice_axis: int = 0  # the array axis of `labels.array` the slices were taken along
-    # reverse: the forward predictions p_i per structure value, bool arrays shaped like labels.array
-    forward_masks: dict[int, "np.ndarray"] = field(default_factory=dict)
-    # per structure value: the inclusive range of array indices along `slice_axis` that was segmented
-    # (None: the estimated range was empty, nothing segmented); outside it the labels are background
-    slice_ranges: dict[int, Optional[tuple[int, int]]] = field(default_factory=dict)
-    estimate: Optional["ResourceEstimate"] = None
-
-
-def _backend(method: str):
-    from .backends import lpips_matching, propagate, reverse
-
-    backends = {"propagate": propagate, "reverse": reverse, "lpips": lpips_matching}
-    if method not in backends:
-        raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    return backends[method]
-
-
-def validate_options(options: SegmentOptions) -> None:
-    """Refuse bad settings before any work (and before the model is built)."""
-    _backend(options.method)
-    normalise_model_name(options.model)
-    if str(options.version) not in VERSIONS:
-        raise InputError(f"unknown SAM2 version '{options.version}': choose one of {', '.join(VERSIONS)}")
-    if options.axis not in AXES:
-        raise InputError(f"unknown slice axis '{options.axis}': choose one of {', '.join(AXES)}")
-    if options.preset not in PRESET_NAMES:
-        raise InputError(f"unknown intensity preset '{options.preset}': choose one of {', '.join(PRESET_NAMES)}")
-    if options.shots < 1:
-        raise InputError(f"--shots must be at least 1, got {options.shots}")
-    if options.image_size % 32 or options.image_size < 64:
-        raise InputError(f"--image-size must be a multiple of 32 and at least 64, got {options.image_size}")
-    if options.method == "reverse":
-        select_conditional([], options.top_k, options.min_score)
-    if options.augmentations < 0:
-        raise InputError(f"--augmentations must be 0 or more, got {options.augmentations}")
-    from .extent import parse_slice_range
-    from .engine import FEATURE_STORAGE
-
-    parse_slice_range(options.slice_range)
-    if not options.extent_margin_mm >= 0:
-        raise InputError(f"--extent-margin must be 0 mm or more, got {options.extent_margin_mm}")
-    if options.feature_storage not in FEATURE_STORAGE:
-        raise InputError(f"unknown feature storage '{options.feature_storage}': choose one of "
-                         f"{', '.join(FEATURE_STORAGE)}")
+    def mask(self, value: int) -> np.ndarray:
+        """The voxels of output structure `value` in this support."""
+        if self.masks is not None:
+            return self.masks[value] if value in self.masks else np.zeros(self.labels.shape, dtype=bool)
+        return self.labels.array == value
 
 
 def make_engine(options: SegmentOptions) -> SAM2Engine:
-    return SAM2Engine(
-        model=options.model,
-        version=options.version,
-        image_size=options.image_size,
-        device=options.device,
-        checkpoint=options.checkpoint,
-        untrained=options.untrained,
-        cache_dir=options.cache_dir,
-        batch_size=options.batch_size,
-        feature_storage=options.feature_storage,
-    )
+    """The SAM2 engine `options` asks for (builds the model; downloads the checkpoint on first use)."""
+    return SAM2Engine.from_options(options)
 
 
 def segment(
@@ -162,12 +69,14 @@ def segment(
 ) -> SegmentationResult:
     """Segment `structures` (by label value) in `query` from the labeled `supports`.
 
-    Every structure is segmented on its own; where two structures claim a voxel, the one listed first keeps it.
+    Every structure is segmented on its own, on the query slices of its range (`options.slice_range`; outside
+    it the output is background); where two structures claim a voxel, the one listed first keeps it.
     Raise `errors.Cancelled` from `progress` to stop: nothing is returned and nothing was written.
     `notify(text)` receives the slice ranges and the memory/time estimate before the work starts.
     """
     progress = progress or (lambda stage, done, total: None)
-    validate_options(options)
+    if not isinstance(options, SegmentOptions):
+        raise TypeError(f"options must be a SegmentOptions (SegmentOptions.from_flat builds one), got {options!r}")
     if not supports:
         raise InputError("at least one support (image + labels) is needed")
     if not structures:
@@ -175,12 +84,14 @@ def segment(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    # query and supports -> canonical slice stacks in [0, 1]
+    check_query(query)
+    # query and supports -> canonical slice stacks in [0, 1], all cut in the query's anatomical plane
     qplan = SlicePlan.for_volume(query, options.axis)
     # "auto" is resolved once per volume: the choice both normalises it and compares modalities
     query_kind = choose_preset(query)
     qstack = qplan.stack(normalize(query, query_kind if options.preset == "auto" else options.preset))
     prepared = []
+    support_plans = []
     for s_idx, case in enumerate(supports):
         if not case.labels.same_grid(case.image):
             raise InputError(f"{case.name}: the label map is not on its image's grid (read it with read_labels)")
@@ -188,18 +99,30 @@ def segment(
         if support_kind != query_kind:
             warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
                           "cross-modality support is allowed but less reliable", stacklevel=2)
-        plan = SlicePlan.for_volume(case.image, options.axis)
+        plan = SlicePlan(case.image, qplan.plane)
+        with warnings.catch_warnings():  # the oblique warning, if any, was just given by the plan above
+            warnings.simplefilter("ignore")
+            own_plane = SlicePlan.for_volume(case.image, "auto").plane
+        if options.axis == "auto" and own_plane != qplan.plane:
+            warnings.warn(f"{case.name} was acquired {own_plane}, the query {qplan.plane}: the support is cut in the "
+                          f"query's {qplan.plane} plane too (choose another plane with --axis)", stacklevel=2)
+        support_plans.append(plan)
         image_stack = plan.stack(normalize(case.image, support_kind if options.preset == "auto" else options.preset))
         # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
         box = body_box(image_stack, plan.in_plane_spacing) if options.method == "lpips" else None
-        prepared.append((plan, image_stack, plan.stack(case.labels.array), box))
+        prepared.append((plan, image_stack, case, box))
+    for structure in structures:  # before any encoder call: a structure no support holds cannot be segmented
+        holders = [case.name for case in supports if case.mask(structure.value).any()]
+        if not holders:
+            where = supports[0].name if len(supports) == 1 else "every support"
+            raise InputError(f"structure {structure.value} ({structure.name}) is absent from {where}")
     timings["prepare"] = time.perf_counter() - t0
 
-    with_time = time.perf_counter()
+    t_range = time.perf_counter()
     ranges = structure_ranges(qplan, qstack, prepared, structures, options)
-    timings["extent"] = time.perf_counter() - with_time
+    timings["extent"] = time.perf_counter() - t_range
     n = qstack.shape[0]
-    # how often each query slice is still needed: features are dropped after their last use
+    # how many structures still need each query slice: its features are dropped after the last one
     uses = np.zeros(n, dtype=int)
     for r in ranges.values():
         if r is not None:
@@ -207,6 +130,8 @@ def segment(
 
     if engine is None:
         engine = make_engine(options)
+    engine.reset()
+    engine.set_feature_storage(options.feature_storage)
     estimate = estimate_resources(engine, options.method, int(uses.sum()), int((uses > 0).sum()),
                                   qstack.shape[1:], len(structures))
     if notify is not None:
@@ -216,40 +141,44 @@ def segment(
                    f"{qplan.array_axis}" if r is not None else f"{st.name}: empty slice range, not segmented")
         notify(estimate.describe())
     check_resources(estimate, engine)
-    engine.reset()
     if estimate.feature_storage is not None:
         engine.set_feature_storage(*estimate.feature_storage)
     query_keys = [("query", i) for i in range(n)]
     engine.add_frames(dict(zip(query_keys, qstack)))
     clock = StageClock(engine, timings)
     if estimate.upfront:
-        # the whole cache fits the budget: encode every slice in range up front, in batches (faster on a GPU)
+        # the whole cache fits its budget: encode every slice in range up front, in batches (faster on a GPU)
         todo = [query_keys[i] for i in range(n) if uses[i] > 0]
         with clock.stage("encode"):
             engine.encode(todo, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
-    backend = _backend(options.method)
-    body_box_cache: dict = {}
+    backend = get_backend(options.method)
+    shared_cache: dict = {}  # per-run results the backends reuse across structures (LPIPS features)
+    if options.method == "lpips":
+        shared_cache["body_box"] = body_box(qstack, qplan.in_plane_spacing)  # of the whole query, not the range
 
-    out_stack = np.zeros(qstack.shape, dtype=np.uint16)
+    top = max(s.value for s in structures)
+    out_stack = np.zeros(qstack.shape, dtype=np.uint16 if top < 65536 else np.int32)
     scores: list[SliceScore] = []
+    used: list[UsedSupportSlice] = []
     forward_masks: dict[int, np.ndarray] = {}
     slice_ranges: dict[int, Optional[tuple[int, int]]] = {}
     for structure in structures:
         r = ranges[structure.value]
+        slice_ranges[structure.value] = None if r is None else to_array_range(qplan, *r)
         if r is None:
-            slice_ranges[structure.value] = None
             continue
         first, last = r
-        slice_ranges[structure.value] = to_array_range(qplan, first, last)
-        inside = list(range(first, last + 1))
         uses[first : last + 1] -= 1
-        last_use = [query_keys[i] for i in inside if uses[i] == 0]
+        last_use = [query_keys[i] for i in range(first, last + 1) if uses[i] == 0]
         support_slices = []
-        for s_idx, (plan, image_stack, label_stack, box) in enumerate(prepared):
-            if not (label_stack == structure.value).any():
+        for s_idx, (plan, image_stack, case, box) in enumerate(prepared):
+            mask_stack = plan.stack(case.mask(structure.value))
+            label_stack = np.where(mask_stack, structure.value, 0)
+            if not mask_stack.any():
                 if len(prepared) > 1:
                     continue  # several supports: each only needs the structures it has
                 raise InputError(f"structure {structure.value} ({structure.name}) is absent from {supports[s_idx].name}")
+            _warn_small_support(mask_stack, structure, case.name)
             for idx in select_support_slices(label_stack, structure.value, options.shots):
                 key = ("support", s_idx, idx)
                 engine.add_frames({key: image_stack[idx]})
@@ -262,20 +191,22 @@ def segment(
         def stage_progress(stage: str, done: int, total: int, _name=structure.name) -> None:
             progress(f"{_name}: {stage}", done, total)
 
-        # the backend sees only the slices inside the range; the body box is the whole query's
-        context = QueryContext(keys=[query_keys[i] for i in inside], images=qstack[first : last + 1],
-                               spacing=qplan.in_plane_spacing, cache=body_box_cache)
-        if "body_box" not in body_box_cache and options.method == "lpips":
-            body_box_cache["body_box"] = body_box(qstack, qplan.in_plane_spacing)
+        # the backend sees only the slices of the range
+        context = QueryContext(keys=query_keys[first : last + 1], images=qstack[first : last + 1],
+                               spacing=qplan.in_plane_spacing, cache=shared_cache)
         if options.method in ("propagate", "lpips"):
             engine.use_once(last_use)  # these read each query slice once: drop its features right after
-        result = backend.run(engine, context, support_slices, options, stage_progress, clock)
-        engine.release(last_use)  # reverse reads them twice (forward, self-propagation): dropped here
-        free = out_stack[first : last + 1] == 0
-        out_stack[first : last + 1][result.masks & free] = structure.value
-        for i, score, selected, matched, matched_slice in result.scores:
-            scores.append(SliceScore(structure.name, structure.value, qplan.slice_index_to_array_index(first + i),
-                                     score, selected, matched, matched_slice))
+        result = backend.run(engine, context, support_slices, options.method_options, stage_progress, clock)
+        engine.release(last_use)  # reverse reads them twice (forward, self-propagation): dropped now
+        part = out_stack[first : last + 1]
+        part[result.masks & (part == 0)] = structure.value
+        used += [UsedSupportSlice(structure.value, s.support, s.slice_index, s.array_index) for s in result.supports]
+        if result.scores is not None:
+            selected = set(result.selected)
+            for i, score in enumerate(result.scores):
+                scores.append(SliceScore(structure.name, structure.value, qplan.slice_index_to_array_index(first + i),
+                                         first + i, float(score), result.higher_is_better, i in selected,
+                                         None if result.matches is None else result.matches[i]))
         if result.forward_masks is not None:
             full = np.zeros(qstack.shape, dtype=bool)
             full[first : last + 1] = result.forward_masks
@@ -286,13 +217,16 @@ def segment(
         labels = labels.with_array(labels.array.astype(np.uint8))
     timings["total"] = time.perf_counter() - t0
     return SegmentationResult(labels, list(structures), scores, engine.encoder_calls, timings,
-                              qplan.array_axis, forward_masks, slice_ranges, estimate)
+                              qplan.array_axis, forward_masks, used, qplan, support_plans, slice_ranges, estimate)
 
 
 def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
                      options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
-    """Per structure value, the inclusive range of query stack slices to segment (None: empty estimate)."""
+    """Per structure value, the inclusive range of query stack slices to segment (None: an empty estimate)."""
+    import os
+
     from .extent import ExtentEstimator, StackInfo, check_slice_range, parse_slice_range, to_stack_range
+    from .lpips_distance import LPIPS_WEIGHTS_ENV
 
     n = qstack.shape[0]
     given = parse_slice_range(options.slice_range)
@@ -302,16 +236,21 @@ def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, struc
         check_slice_range(given[0], given[1], n, qplan.array_axis)
         r = to_stack_range(qplan, *given)
         return {s.value: r for s in structures}
+    weights = (options.extent_weights or getattr(options.method_options, "weights", None)
+               or os.environ.get(LPIPS_WEIGHTS_ENV))
     try:
-        estimator = ExtentEstimator(options.lpips_net, options.lpips_weights, _lpips_device(options),
-                                    margin_mm=options.extent_margin_mm)
+        estimator = ExtentEstimator("alex", weights, str(pick_device(options.device)), margin_mm=options.extent_margin)
     except InputError as exc:
-        # the range only saves time: without the LPIPS weights, segment every slice rather than nothing
+        # the range only saves time: without the AlexNet weights, segment every slice rather than nothing
         warnings.warn(f"slice range estimation is off, every slice is segmented: {exc}", stacklevel=3)
         return {s.value: (0, n - 1) for s in structures}
     query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
-    support_infos = [StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, label_stack)
-                     for plan, image_stack, label_stack, _ in prepared]
+    support_infos = []
+    for plan, image_stack, case, _ in prepared:
+        labels = np.zeros(image_stack.shape, dtype=np.int64)
+        for st in structures:  # the output's values, whatever the support's own numbering
+            labels[plan.stack(case.mask(st.value))] = st.value
+        support_infos.append(StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, labels))
     found = estimator.estimate(query_info, support_infos, [(s.value, s.name) for s in structures])
     ranges: dict[int, Optional[tuple[int, int]]] = {}
     for r in found:
@@ -325,49 +264,53 @@ def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, struc
     return ranges
 
 
-def _lpips_device(options: SegmentOptions) -> str:
-    from .engine import pick_device
+SCORE_COLUMNS = ("structure", "value", "slice_index", "score", "higher_is_better", "selected", "matched_support",
+                 "matched_slice")
+RANGE_COLUMNS = ("range_first", "range_last")
 
-    return str(pick_device(options.device))
+
+def check_query(query: Volume) -> None:
+    """Refuse a query there is nothing to segment in: every voxel the same value."""
+    a = query.array
+    if a.size and a.min() == a.max():
+        raise InputError(f"the query is constant (every voxel is {a.flat[0]:g}): there is nothing to segment; "
+                         "check the file")
+
+
+def _warn_small_support(mask_stack: np.ndarray, structure: Structure, support: str) -> None:
+    """A one-voxel support structure prompts SAM2 with next to nothing: say so (it still runs). Fewer labeled
+    slices than --shots is said by `select_support_slices`."""
+    if int(np.count_nonzero(mask_stack)) == 1:
+        warnings.warn(f"support structure '{structure.name}' in {support} is a single voxel: SAM2 gets almost no "
+                      "prompt; the result is unreliable", stacklevel=3)
 
 
 def write_scores(path: str, scores: list[SliceScore],
                  slice_ranges: Optional[dict[int, Optional[tuple[int, int]]]] = None,
                  structures: Optional[list[Structure]] = None) -> None:
-    """The per-slice scores as CSV (structure, slice index, score, selected, matched support), atomically.
+    """The per-slice scores as CSV, atomically. `matched_support` names the matched support image
+    (support<n>:slice<stack index>:original|aug<n>); `matched_slice` is its array index in that support.
 
-    With `slice_ranges`, every row also holds its structure's segmented range (range_first, range_last: array
-    indices along the slice axis, empty when the range was empty), and a structure without per-slice scores
-    (plain propagation, an empty range) gets one row with only its range.
-    """
+    With `slice_ranges` every row also holds its structure's segmented range (`range_first`, `range_last`: array
+    indices along the slice axis; empty when the estimated range was empty), and a structure without scored
+    slices (an empty range) gets one row with its name and the empty range."""
     import csv
-    import os
-    import tempfile
-
-    ranges = slice_ranges or {}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".scores-", suffix=".csv", dir=folder)
 
     def bounds(value: int) -> list:
         if slice_ranges is None:
             return []
-        r = ranges.get(value)
+        r = slice_ranges.get(value)
         return ["", ""] if r is None else [r[0], r[1]]
 
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["structure", "value", "slice_index", "score", "selected", "matched_support", "matched_slice"]
-                       + (["range_first", "range_last"] if slice_ranges is not None else []))
+            w.writerow(SCORE_COLUMNS + (RANGE_COLUMNS if slice_ranges is not None else ()))
             for s in scores:
-                w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.selected),
-                            s.matched_support, s.matched_slice if s.matched_slice >= 0 else ""] + bounds(s.value))
+                w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.higher_is_better),
+                            int(s.selected), "" if s.match is None else str(s.match),
+                            "" if s.match is None else s.match.array_index] + bounds(s.value))
             scored = {s.value for s in scores}
             for st in structures or []:
-                if st.value not in scored and st.value in ranges:
-                    w.writerow([st.name, st.value, "", "", "", "", ""] + bounds(st.value))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+                if slice_ranges is not None and st.value not in scored:
+                    w.writerow([st.name, st.value] + [""] * (len(SCORE_COLUMNS) - 2) + bounds(st.value))

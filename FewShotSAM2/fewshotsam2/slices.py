@@ -22,10 +22,11 @@ import warnings
 
 import numpy as np
 
+from . import constants
 from .errors import InputError
 from .volume import Volume
 
-AXES = ("auto", "axial", "coronal", "sagittal")
+AXES = constants.AXES
 
 # LPS component of each plane's normal: x = L, y = P, z = S.
 _PLANE_NORMAL = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -84,7 +85,6 @@ class SlicePlan:
         self.array_axis: int = perm[0]
         self.n_slices: int = int(self.shape[self.array_axis])
         self._spacing_by_array_axis = tuple(volume.spacing[::-1])  # spacing is (i, j, k)
-        self.oblique_degrees = angle
 
     @classmethod
     def for_volume(cls, volume: Volume, axis: str = "auto") -> "SlicePlan":

@@ -7,7 +7,6 @@ are the canonical slice stacks of `slices.SlicePlan`, so "middle" and "evenly sp
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
 
 import numpy as np
 
@@ -46,15 +45,3 @@ def select_support_slices(label_stack: np.ndarray, value: int, shots: int) -> li
     positions = np.unique(np.round(np.linspace(0, len(present) - 1, int(shots))).astype(int))
     return sorted(int(present[p]) for p in positions)
 
-
-def extent_chunks(indices: Sequence[int] | np.ndarray, n_chunks: int = 3) -> list[np.ndarray]:
-    """Split labeled slice indices into `n_chunks` consecutive chunks of (nearly) equal size.
-
-    The papers' protocol (SSL-ALPNet `n_sup_part = 3`): the organ's labeled extent in support and query is
-    split into equal chunks, and support chunk c prompts query chunk c. Chunk sizes differ by at most one
-    (np.array_split); with fewer indices than chunks the last chunks are empty.
-    """
-    if n_chunks < 1:
-        raise InputError(f"n_chunks must be >= 1, got {n_chunks}")
-    ordered = np.sort(np.asarray(indices, dtype=int).reshape(-1))
-    return [np.asarray(c, dtype=int) for c in np.array_split(ordered, n_chunks)]

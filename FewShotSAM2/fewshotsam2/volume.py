@@ -7,16 +7,21 @@ GetArrayFromImage order); `spacing` and `origin` are in (i, j, k) order, millime
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import os
-import secrets
+import struct
+import sys
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path
 from .errors import InputError
 
 PathLike = Union[str, Path]
@@ -49,6 +54,7 @@ class Structure:
     value: int
     name: str
     color: tuple[float, float, float]
+    layer: int = 0  # the .seg.nrrd layer holding the segment (overlapping segments live in separate layers)
 
 
 def default_structure(value: int) -> Structure:
@@ -68,6 +74,9 @@ class Volume:
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     direction: np.ndarray
+    # label maps read from a .seg.nrrd with several layers: (layers, k, j, i), each segment in its own layer
+    # with its own label value (see `structure_mask`); `array` then holds them flattened, later layers on top
+    layers: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
@@ -125,7 +134,7 @@ class Volume:
         return bool(np.max(np.linalg.norm(a - b, axis=1)) <= tol * max(1.0, diagonal))
 
     def with_array(self, array: np.ndarray) -> "Volume":
-        """A volume on the same grid holding another array (same shape required)."""
+        """A volume on the same grid holding another array (same shape required; no label layers)."""
         if tuple(array.shape) != self.shape:
             raise ValueError(f"array shape {array.shape} does not match the volume shape {self.shape}")
         return Volume(array, self.spacing, self.origin, self.direction.copy())
@@ -149,7 +158,21 @@ def _check_image(img: sitk.Image, path: PathLike) -> None:
         raise InputError(f"{name}: is a {dim}D image (size {img.GetSize()}); expected a single 3D scan")
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
+def _series_tags(files: tuple[str, ...]) -> dict[str, str]:
+    """SeriesInstanceUID, SeriesNumber and SeriesDescription of a series' first file ("" when missing)."""
+    r = sitk.ImageFileReader()
+    r.SetFileName(files[0])
+    tags = {"uid": "0020|000e", "number": "0020|0011", "description": "0008|103e"}
+    try:
+        r.ReadImageInformation()
+    except RuntimeError:
+        return {k: "" for k in tags}
+    return {k: (r.GetMetaData(t).strip() if r.HasMetaDataKey(t) else "") for k, t in tags.items()}
+
+
+def _read_dicom_folder(folder: Path, choice: Optional[str] = None) -> sitk.Image:
+    """One DICOM series of `folder`: `choice` is its SeriesInstanceUID or its number N in the listing (1 = first);
+    without a choice the largest series, with a warning listing them all and how to choose (FOLDER#N)."""
     reader = sitk.ImageSeriesReader()
     try:
         series = reader.GetGDCMSeriesIDs(str(folder))
@@ -158,18 +181,38 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     if not series:
         raise InputError(f"{folder}: folder contains no DICOM series")
     files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-    chosen = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
-    if len(series) > 1:
-        warnings.warn(
-            f"{folder}: {len(series)} DICOM series found; using the largest ({len(files_per_series[chosen])} files, "
-            f"series {chosen})",
-            stacklevel=3,
-        )
+    tags = {sid: _series_tags(files_per_series[sid]) for sid in series}
+
+    def describe(n: int, sid: str) -> str:
+        t = tags[sid]
+        uid = t["uid"] or sid or "no SeriesInstanceUID"
+        extra = "".join(f", {k} {t[k]}" for k in ("number", "description") if t[k])
+        return f"#{n}: {len(files_per_series[sid])} files, UID {uid}{extra}, first file {Path(files_per_series[sid][0]).name}"
+
+    listing = "; ".join(describe(n, sid) for n, sid in enumerate(series, 1))
+    if choice is not None:
+        if choice.isdigit() and 1 <= int(choice) <= len(series):
+            chosen = series[int(choice) - 1]
+        else:
+            matching = [sid for sid in series if choice and choice in (tags[sid]["uid"], sid)]
+            if not matching:
+                raise InputError(f"{folder}: no DICOM series {choice} here; series found: {listing}")
+            chosen = matching[0]
+    else:
+        chosen = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
+        if len(series) > 1:
+            warnings.warn(
+                f"{folder}: {len(series)} DICOM series found ({listing}); using the largest, "
+                f"#{series.index(chosen) + 1}; choose one with {folder}#N or {folder}#SERIES_UID",
+                stacklevel=3,
+            )
     reader.SetFileNames(files_per_series[chosen])
-    try:
-        return reader.Execute()
-    except RuntimeError as e:
-        raise InputError(f"{folder}: cannot read the DICOM series: {_first_line(e)}") from None
+    with _stderr_captured():  # GDCM's complaints about odd files would break the one-line error
+        try:
+            return reader.Execute()
+        except RuntimeError as e:
+            failure = _first_line(e)
+    raise InputError(f"{folder}: cannot read the DICOM series: {failure}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -178,17 +221,112 @@ def _first_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+# NIfTI datatype code -> numpy dtype of the floating-point types (the ones that can hold NaN/inf)
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _check_nifti_raw(p: Path) -> None:
+    """What ITK's NIfTI reader does not say: a truncated file (it decodes what is there and pads), NaN/inf voxels
+    (it turns them into 0), and a 4D file with one time point (it drops the 4th axis). Reads the raw bytes."""
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    try:
+        with opener(p, "rb") as f:
+            data = f.read()
+    except gzip.BadGzipFile:
+        return  # not gzip at all: ITK says it cannot read it
+    except (EOFError, zlib.error) as e:
+        raise InputError(f"{p.name}: truncated or corrupt file ({e}); the file is incomplete, copy it again") from None
+    except OSError as e:
+        raise InputError(f"{p.name}: cannot read ({e.strerror or e})") from None
+    if len(data) < 348:
+        return  # ITK refuses it with its own message
+    for endian in "<>":
+        size = struct.unpack(endian + "i", data[:4])[0]
+        if size in (348, 540):
+            break
+    else:
+        return
+    if size == 348:  # NIfTI-1
+        dim = struct.unpack(endian + "8h", data[40:56])
+        datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
+        offset = int(struct.unpack(endian + "f", data[108:112])[0])
+    else:  # NIfTI-2
+        datatype, bitpix = struct.unpack(endian + "2h", data[12:16])
+        dim = struct.unpack(endian + "8q", data[16:80])
+        offset = int(struct.unpack(endian + "q", data[168:176])[0])
+    ndim = int(dim[0])
+    if not 1 <= ndim <= 7 or offset < size:
+        return  # an odd header (or a .hdr/.img pair): ITK's own checks apply
+    n = int(np.prod([max(int(d), 1) for d in dim[1:ndim + 1]], dtype=np.int64))
+    expected = offset + n * (int(bitpix) // 8)
+    if len(data) < expected:
+        raise InputError(f"{p.name}: truncated file: the header promises {n} voxels ({expected} bytes), the file has "
+                         f"{len(data)} bytes; it is incomplete, copy it again")
+    if ndim >= 4 and all(int(d) <= 1 for d in dim[4:ndim + 1]):
+        warnings.warn(f"{p.name}: a {ndim}D file with one time point; read as the 3D volume it holds", stacklevel=4)
+    if datatype in _NIFTI_FLOATS:
+        values = np.frombuffer(data, dtype=endian + _NIFTI_FLOATS[datatype], count=n, offset=offset)
+        if not np.all(np.isfinite(values)):
+            raise InputError(f"{p.name}: contains NaN or infinite intensities")
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], str]]:
+    """Collect what C++ readers print straight to the stderr file descriptor (MetaImage, ITK warnings), so that
+    a bad file gives one line; yields a function returning the text."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        text: list[str] = []
+        try:
+            yield lambda: "".join(text)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        text.append(sink.read(20000).decode("utf-8", errors="replace"))
+
+
+def _split_series(path: PathLike) -> tuple[Path, Optional[str]]:
+    """`folder#SeriesInstanceUID` or `folder#N` picks one DICOM series of a folder; a path that exists is taken
+    as it is."""
+    text = os.fspath(path)
+    if "#" in text and not os.path.exists(text):
+        folder, uid = text.split("#", 1)
+        return Path(folder), uid.strip()
+    return Path(text), None
+
+
 def _read_image(path: PathLike) -> sitk.Image:
-    p = Path(path)
+    p, series_uid = _split_series(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
+    if series_uid is not None and not p.is_dir():
+        raise InputError(f"{path}: '#' chooses a DICOM series (FOLDER#N or FOLDER#SERIES_UID), but {p} is not a "
+                         "folder")
     if p.is_dir():
-        img = _read_dicom_folder(p)
+        img = _read_dicom_folder(p, series_uid)
     else:
-        try:
-            img = sitk.ReadImage(str(p))
-        except RuntimeError as e:
-            raise InputError(f"{p.name}: cannot read as an image ({_first_line(e)})") from None
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_raw(p)
+        with _stderr_captured() as said:
+            try:
+                img = sitk.ReadImage(str(p))
+            except RuntimeError as e:
+                failure = _first_line(e)
+            else:
+                failure = None
+        if failure is not None:
+            if "not read completely" in said():  # MetaImage prints why on stderr; its exception only says "Reason"
+                raise InputError(f"{p.name}: truncated file ({' '.join(said().split())[-120:]}); it is incomplete, "
+                                 "copy it again")
+            raise InputError(f"{p.name}: cannot read as an image ({failure})")
+        if img.GetDimension() == 4 and img.GetSize()[3] == 1:
+            warnings.warn(f"{p.name}: a 4D image with one time point; read as the 3D volume it holds", stacklevel=3)
+            img = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
     _check_image(img, p)
     return img
 
@@ -200,39 +338,69 @@ def read_volume(path: PathLike) -> Volume:
     a 2D image (including a single-slice 3D image), 4D or vector images, and NaN/inf intensities.
     """
     img = _read_image(path)
+    name = _split_series(path)[0].name
     if img.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
-        raise InputError(f"{Path(path).name}: complex-valued image; expected a scalar 3D scan")
+        raise InputError(f"{name}: complex-valued image; expected a scalar 3D scan")
     vol = Volume.from_sitk(img)
     if np.issubdtype(vol.array.dtype, np.floating) and not np.all(np.isfinite(vol.array)):
-        raise InputError(f"{Path(path).name}: contains NaN or infinite intensities")
+        raise InputError(f"{name}: contains NaN or infinite intensities")
     return vol
 
 
+# Label values are kept exact up to this (int32); larger ones are refused rather than wrapped.
+MAX_LABEL_VALUE = 2**31 - 1
+# More distinct values than this is an intensity image given as a label map, not a label map.
+MAX_DISTINCT_LABELS = 1000
+
+
 def _as_label_array(array: np.ndarray, name: str) -> np.ndarray:
-    """Integer-valued, non-negative labels as uint8/uint16/int32 (smallest that fits)."""
+    """Integer-valued, non-negative labels as uint8/uint16/int32 (smallest that fits), values kept exact."""
+    not_labels = f"{name}: looks like an image, not a label map"
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise InputError(f"{name}: label values are not integers; expected a label map (0 = background)")
+            raise InputError(f"{not_labels} (values are not integers); give the label map (0 = background)")
     elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
         raise InputError(f"{name}: unsupported label pixel type {array.dtype}")
     if array.size and array.min() < 0:
-        raise InputError(f"{name}: negative label values; expected a label map (0 = background)")
+        raise InputError(f"{not_labels} (negative values, min {array.min():g}); give the label map (0 = background)")
     top = int(array.max()) if array.size else 0
+    if top > MAX_LABEL_VALUE:
+        raise InputError(f"{name}: label value {top} is above {MAX_LABEL_VALUE} (2^31 - 1), the largest label value "
+                         "kept exactly; renumber the labels")
     dtype = np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32
-    return array.astype(dtype, copy=False)
+    out = array.astype(dtype, copy=False)
+    distinct = (np.count_nonzero(np.bincount(out.ravel())) if top < 65536 else np.unique(out).size) if out.size else 0
+    if distinct > MAX_DISTINCT_LABELS:
+        raise InputError(f"{not_labels} ({distinct} distinct values); give the label map (0 = background)")
+    return out
+
+
+def _seg_nrrd_names(path: Path) -> dict[int, str]:
+    """Segment names as UTF-8 from the raw header (pynrrd decodes headers as ASCII and drops other characters;
+    Slicer writes the names as UTF-8 bytes)."""
+    names = {}
+    with open(path, "rb") as f:
+        for raw in f:
+            line = raw.rstrip(b"\r\n")
+            if not line:
+                break  # end of the header
+            key, sep, value = line.partition(b":=")
+            if sep and key.startswith(b"Segment") and key.endswith(b"_Name") and key[7:-5].isdigit():
+                names[int(key[7:-5])] = value.decode("utf-8", errors="replace")
+    return names
 
 
 def _read_seg_nrrd(path: Path) -> tuple[Volume, list[Structure]]:
-    """A Slicer .seg.nrrd: every segment becomes its own label value.
+    """A Slicer .seg.nrrd: every segment keeps its own layer and label value, and its name (UTF-8).
 
-    Segments in several layers (overlapping segments) may share label values; then values are renumbered
-    1..N in segment order. A voxel can hold one value only, so where segments overlap the later segment
-    wins (documented choice: the pipeline segments one value per voxel).
+    One layer: the label map as stored. Several layers (overlapping segments): `Volume.layers` holds them all,
+    so nested segments survive (see `structure_mask`); `array` holds them flattened, later layers on top.
     """
     import slicerio  # imported here: only .seg.nrrd needs it
 
     try:
         seg = slicerio.read_segmentation(str(path))
+        utf8_names = _seg_nrrd_names(path)
     except Exception as e:  # slicerio raises IOError, nrrd errors, KeyError on odd headers
         raise InputError(f"{path.name}: cannot read the segmentation ({_first_line(e)})") from None
     voxels = np.asarray(seg["voxels"])
@@ -240,38 +408,61 @@ def _read_seg_nrrd(path: Path) -> tuple[Volume, list[Structure]]:
         voxels = voxels[np.newaxis]
     if voxels.ndim != 4:
         raise InputError(f"{path.name}: segmentation has {voxels.ndim} dimensions; expected 3D")
-    segments = list(seg.get("segments", []))
-    keys = [(int(s.get("layer", 0)), int(s.get("labelValue", 1))) for s in segments]
-    values = [lv for _, lv in keys]
-    renumber = len(set(values)) != len(values) or any(v < 1 for v in values)
-    out_values = list(range(1, len(segments) + 1)) if renumber else values
-    shape_ijk = voxels.shape[1:]
-    labels_ijk = np.zeros(shape_ijk, dtype=np.uint8 if max(out_values, default=0) < 256 else np.uint16)
+    voxels = _as_label_array(voxels, path.name)
+    layers = np.ascontiguousarray(voxels.transpose(0, 3, 2, 1))  # slicerio gives (layer, i, j, k); we store (k, j, i)
     structures: list[Structure] = []
-    for s, (layer, lv), out in zip(segments, keys, out_values):
-        mask = voxels[layer] == lv
-        if not mask.any():
-            warnings.warn(f"{path.name}: segment '{s.get('name', s.get('id'))}' is empty; ignored", stacklevel=3)
+    for index, s in enumerate(seg.get("segments", [])):
+        layer, value = int(s.get("layer", 0)), int(s.get("labelValue", 1))
+        name = utf8_names.get(index, str(s.get("name", s.get("id", f"Label {value}"))))
+        if not 0 <= layer < layers.shape[0] or value < 1 or not (layers[layer] == value).any():
+            warnings.warn(f"{path.name}: segment '{name}' is empty; ignored", stacklevel=3)
             continue
-        labels_ijk[mask] = out
-        color = tuple(float(c) for c in s.get("color", PALETTE[(out - 1) % len(PALETTE)]))[:3]
-        structures.append(Structure(int(out), str(s.get("name", s.get("id", f"Label {out}"))), color))  # type: ignore[arg-type]
+        color = tuple(float(c) for c in s.get("color", PALETTE[(value - 1) % len(PALETTE)]))[:3]
+        structures.append(Structure(value, name, color, layer))  # type: ignore[arg-type]
+    flat = layers[0].copy()
+    for layer in layers[1:]:
+        flat[layer > 0] = layer[layer > 0]
     m = np.asarray(seg["ijkToLPS"], dtype=float)
     spacing = np.linalg.norm(m[:3, :3], axis=0)
-    vol = Volume(
-        array=np.ascontiguousarray(labels_ijk.transpose(2, 1, 0)),  # slicerio gives (i, j, k); we store (k, j, i)
-        spacing=tuple(spacing),
-        origin=tuple(m[:3, 3]),
-        direction=m[:3, :3] / spacing,
-    )
-    # Overlaps were flattened: a later segment may have erased an earlier one entirely.
-    present = set(label_values(vol))
-    structures = [st for st in structures if st.value in present]
+    vol = Volume(flat, tuple(spacing), tuple(m[:3, 3]), m[:3, :3] / spacing,
+                 layers=layers if layers.shape[0] > 1 else None)
     return vol, structures
 
 
+def structure_mask(labels: Volume, structure: Structure) -> np.ndarray:
+    """The voxels of `structure` in `labels` (bool, shaped like `labels.array`): from its own layer when the
+    label map has several (an overlapping .seg.nrrd), else where the label value is the structure's."""
+    if labels.layers is not None:
+        return labels.layers[structure.layer] == structure.value
+    return labels.array == structure.value
+
+
+def output_structures(chosen: list[Structure], source: str = "the support labels") -> list[Structure]:
+    """The chosen support structures as the output's structures: one layer, one distinct value each.
+
+    Segments of different layers may share a label value (Slicer gives each layer's first segment value 1);
+    the output holds one value per structure, so a repeated value moves to the next free one, with a warning.
+    """
+    taken = {s.value for s in chosen}
+    out, used = [], set()
+    for s in chosen:
+        value = s.value
+        if value in used:
+            value = max(taken | used) + 1
+            warnings.warn(f"{source}: segments '{s.name}' and '{next(o.name for o in out if o.value == s.value)}' "
+                          f"both have label value {s.value} (in different layers); in the output '{s.name}' is "
+                          f"value {value}", stacklevel=2)
+        used.add(value)
+        out.append(Structure(value, s.name, s.color))
+    return out
+
+
 def _resample_to(labels: Volume, reference: Volume) -> Volume:
-    """Nearest-neighbour resampling of `labels` onto `reference`'s grid by physical position."""
+    """Nearest-neighbour resampling of `labels` (and of each of its layers) onto `reference`'s grid."""
+    if labels.layers is not None:
+        out = _resample_to(labels.with_array(labels.array), reference)
+        out.layers = np.stack([_resample_to(labels.with_array(layer), reference).array for layer in labels.layers])
+        return out
     img = labels.to_sitk()
     out = sitk.Resample(
         img,
@@ -310,15 +501,19 @@ def read_labels(
         structures = [Structure(s.value, names.get(s.value, s.name), s.color) for s in structures]
 
     if not labels.same_grid(reference):
-        before = label_values(labels)
         labels = _resample_to(labels, reference)
-        after = label_values(labels)
-        if before and not after:
+        if labels.layers is None:
+            present = set(label_values(labels))
+            kept = [s for s in structures if s.value in present]
+        else:
+            kept = [s for s in structures if structure_mask(labels, s).any()]
+        if structures and not kept:
             raise InputError(f"{p.name}: the labels do not overlap the image in physical space (check the files)")
-        lost = sorted(set(before) - set(after))
+        lost = [s.name if labels.layers is not None else s.value for s in structures if s not in kept]
         if lost:
-            warnings.warn(f"{p.name}: label values {lost} lie outside the image and were dropped", stacklevel=2)
-        structures = [s for s in structures if s.value in after]
+            what = "segments" if labels.layers is not None else "label values"
+            warnings.warn(f"{p.name}: {what} {lost} lie outside the image and were dropped", stacklevel=2)
+        structures = kept
     return labels, structures
 
 
@@ -347,24 +542,44 @@ def check_output_path(path: PathLike) -> None:
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{p}: output folder {folder} does not exist")
+    check_name_length(p)
     if p.is_dir():
         raise InputError(f"{p}: is a folder; give a file name")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{p}: output folder {folder} is not writable")
 
 
+def check_name_length(path: PathLike) -> None:
+    """Refuse a file name longer than the folder's file system allows (the write would fail after the work)."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    size = len(os.fsencode(p.name))
+    if size > name_max:
+        raise InputError(f"{p.name[:40]}...: file name too long for the file system ({size} bytes, at most "
+                         f"{name_max}); choose a shorter name")
+
+
 def _write_seg_nrrd(path: str, labels: Volume, structures: list[Structure], array: np.ndarray) -> None:
     import slicerio
+
+    # pynrrd writes ASCII headers only: names go in as placeholders, then the header gets the UTF-8 names
+    # (what Slicer writes and reads back)
+    def placeholder(i: int) -> str:
+        return f"fewshotsam2-name-{i}"
 
     segments = [
         {
             "id": f"Segment_{s.value}",
-            "name": s.name,
+            "name": placeholder(i),
             "color": [float(c) for c in s.color],
             "labelValue": int(s.value),
             "layer": 0,
         }
-        for s in structures
+        for i, s in enumerate(structures)
     ]
     segmentation = {
         "voxels": np.asarray(array).transpose(2, 1, 0),  # slicerio writes (i, j, k) in Fortran order
@@ -374,13 +589,24 @@ def _write_seg_nrrd(path: str, labels: Volume, structures: list[Structure], arra
         "masterRepresentation": "Binary labelmap",
     }
     slicerio.write_segmentation(path, segmentation)
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.index(b"\n\n") + 1
+    header = data[:end]
+    for i, s in enumerate(structures):
+        name = " ".join(s.name.splitlines())  # a header line cannot hold a line break
+        header = header.replace(f":={placeholder(i)}\n".encode(), f":={name}\n".encode("utf-8"), 1)
+    with open(path, "wb") as f:
+        f.write(header + data[end:])
 
 
 def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) -> None:
-    """Write a label map as .nii.gz / .nii / .nrrd (uint8 if max < 256 else uint16) or Slicer .seg.nrrd.
+    """Write a label map as .nii.gz / .nii / .nrrd (uint8, uint16 or int32: the smallest that holds the values)
+    or Slicer .seg.nrrd (segment names in UTF-8).
 
-    Atomic: writes a temporary file in the target folder (same extension, so ITK picks the writer) and
-    renames it over `path`; on failure the temporary file is removed and nothing is left behind.
+    Atomic: writes a short temporary name in the target folder (lower-case extension, so ITK picks the writer
+    whatever the case of `path`) and renames it over `path`; on failure or interruption the temporary file is
+    removed and nothing is left behind.
     Label values present in `labels` without a Structure get "Label N" and a palette colour.
     """
     check_output_path(path)
@@ -390,9 +616,9 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) ->
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         arr = _as_label_array(arr, p.name)
     top = int(arr.max()) if arr.size else 0
-    if (arr.size and int(arr.min()) < 0) or top >= 65536:
-        raise InputError(f"{p.name}: label values must be in 0..65535 to be written")
-    arr = arr.astype(np.uint8 if top < 256 else np.uint16, copy=False)
+    if (arr.size and int(arr.min()) < 0) or top > MAX_LABEL_VALUE:
+        raise InputError(f"{p.name}: label values must be in 0..{MAX_LABEL_VALUE} to be written")
+    arr = arr.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32, copy=False)
     out = labels.with_array(arr)
 
     by_value = {s.value: s for s in structures}
@@ -400,15 +626,11 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) ->
         by_value.setdefault(v, default_structure(v))
     all_structures = [by_value[v] for v in sorted(by_value)]
 
-    tmp = p.parent / f".tmp-{secrets.token_hex(4)}-{p.name}"
     try:
-        if ext == ".seg.nrrd":
-            _write_seg_nrrd(str(tmp), out, all_structures, arr)
-        else:
-            sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=(ext != ".nii"))
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:  # same extension, lower case: ITK picks the writer by it
+            if ext == ".seg.nrrd":
+                _write_seg_nrrd(str(tmp), out, all_structures, arr)
+            else:
+                sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=(ext != ".nii"))
     except (OSError, RuntimeError, ValueError) as e:
         raise InputError(f"{p}: cannot write ({_first_line(e)})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import abc
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
 from ..engine import Memory, Prediction
+from ..overlap import dice  # noqa: F401  (backends score with the package's one Dice)
+from ..results import LpipsMatch
 
 StageProgress = Callable[[str, int, int], None]
 
@@ -19,6 +22,7 @@ class Engine(Protocol):
 
     batch_size: int
     encoder_calls: int
+    memory_reach: int  # how many frames back SAM2 reads non-conditioning memories (see SAM2Engine.memory_reach)
 
     def add_frames(self, frames) -> None: ...
     def memorize(self, keys: Sequence[Hashable], masks: Sequence[np.ndarray]) -> Memory: ...
@@ -52,20 +56,38 @@ class QueryContext:
 
 @dataclass
 class StructureResult:
-    masks: np.ndarray  # bool (n_slices, h, w) in the query's slice stack
-    scores: list[tuple[int, float, bool, str, int]] = field(default_factory=list)
-    # (slice index, score, selected, matched support name, matched support slice index)
+    """What a backend returns for one structure, in the query's slice-stack order."""
+
+    masks: np.ndarray  # bool (n_slices, h, w)
+    supports: list[SupportSlice]  # the support slices the backend used
+    scores: Optional[np.ndarray] = None  # float per slice; None when the method scores nothing (propagate)
+    higher_is_better: bool = True  # reverse: pi (a Dice); lpips: a distance (lower = closer)
+    selected: list[int] = field(default_factory=list)  # reverse: the conditional slices, best first
+    matches: Optional[list[LpipsMatch]] = None  # lpips: per slice, the support image it matched
     forward_masks: Optional[np.ndarray] = None  # reverse: p_i for every slice
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks; two empty masks agree perfectly."""
-    a = np.asarray(a, bool)
-    b = np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    if total == 0:
-        return 1.0
-    return float(2.0 * np.logical_and(a, b).sum() / total)
+class Backend(abc.ABC):
+    """One few-shot method: segments one structure in the query from labeled support slices.
+
+    The pipeline has prepared everything: the query's slices are registered with (and encoded by) the engine,
+    the support slices are registered under their keys, and `options` is this method's validated options
+    object (`options_type`).
+    """
+
+    name: ClassVar[str]
+    options_type: ClassVar[type]
+
+    @abc.abstractmethod
+    def run(
+        self,
+        engine: Engine,
+        query: QueryContext,
+        supports: Sequence[SupportSlice],
+        options: Any,
+        progress: StageProgress,
+        clock: "StageClock",
+    ) -> StructureResult: ...
 
 
 class StageClock:

@@ -22,7 +22,9 @@ import numpy as np
 
 from ..augment import augment_support
 from ..lpips_distance import body_box, resample_to_fov
-from .base import Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
+from ..options import LpipsOptions
+from ..results import LpipsMatch
+from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
 
 
 # Building LPIPS costs seconds (import, AlexNet construction, weights): keep the last one across runs.
@@ -30,7 +32,7 @@ _MATCHER: dict[tuple, object] = {}
 
 
 def shared_matcher(net: str = "alex", weights: Optional[str] = None, device: str = "cpu", size: int = 224):
-    """The process's LPIPS network for (net, weights, device, size), built on first use (also used by `extent`)."""
+    """The process's LPIPS network for (net, weights, device, size), built on first use (`extent` uses it too)."""
     from ..lpips_distance import LPIPS_WEIGHTS_ENV, LPIPSDistance
 
     weights = weights or os.environ.get(LPIPS_WEIGHTS_ENV)
@@ -41,71 +43,68 @@ def shared_matcher(net: str = "alex", weights: Optional[str] = None, device: str
     return _MATCHER[key]
 
 
-def _matcher(engine: Engine, options: object):
+def _matcher(engine: Engine, options: LpipsOptions):
     # LPIPS runs where SAM2 runs
-    return shared_matcher(getattr(options, "lpips_net", "alex"), getattr(options, "lpips_weights", None),
-                          str(getattr(engine, "device", "cpu")))
+    return shared_matcher(options.net, options.weights, str(getattr(engine, "device", "cpu")))
 
 
-def run(
-    engine: Engine,
-    query: QueryContext,
-    supports: Sequence[SupportSlice],
-    options: object,
-    progress: StageProgress,
-    clock: StageClock,
-) -> StructureResult:
-    n_aug = int(getattr(options, "augmentations", 3))
-    seed = int(getattr(options, "seed", 0))
+class LpipsBackend(Backend):
+    name = "lpips"
+    options_type = LpipsOptions
 
-    with clock.stage("lpips_features"):
-        matcher = _matcher(engine, options)
-        qkey = ("lpips-query-features", getattr(options, "lpips_net", "alex"))
-        qbox = query.cache.get("body_box")
-        if qbox is None:
-            qbox = query.cache["body_box"] = body_box(query.images, query.spacing)
-        fov = 1.1 * max([qbox[2]] + [s.body_box[2] for s in supports if s.body_box is not None])
-        # keyed by the slices too: structures with different slice ranges see different query slices
-        qkey = ("lpips-query-features", getattr(options, "lpips_net", "alex"), round(fov, 3),
-                query.keys[0], len(query.keys))
-        if qkey not in query.cache:  # query features serve every structure of the run
-            progress("LPIPS features of the query", 0, 1)
-            query.cache[qkey] = matcher.features(
-                resample_to_fov(query.images, query.spacing, fov, matcher.size, center=qbox[:2]))
-        query_feats = query.cache[qkey]
-        # the augmented support set: original pair first, then the variants
-        candidates = []  # (name, support slice, image, mask)
-        for s in supports:
-            pairs = augment_support(s.image, s.mask, n_aug, seed=seed + 7919 * s.support + s.slice_index)
-            for a, (image, mask) in enumerate(pairs):
-                name = f"support{s.support}:slice{s.slice_index}:" + ("original" if a == 0 else f"aug{a}")
-                candidates.append((name, s, image.astype(np.float32), mask.astype(bool)))
-        support_feats = matcher.features(np.concatenate([
-            resample_to_fov(c[2][None], c[1].spacing, fov, matcher.size,
-                            center=c[1].body_box[:2] if c[1].body_box is not None else None)
-            for c in candidates]))
-    with clock.stage("matching"):
-        best, distances = matcher.match(query_feats, support_feats)
+    def run(
+        self,
+        engine: Engine,
+        query: QueryContext,
+        supports: Sequence[SupportSlice],
+        options: LpipsOptions,
+        progress: StageProgress,
+        clock: StageClock,
+    ) -> StructureResult:
+        with clock.stage("lpips_features"):
+            matcher = _matcher(engine, options)
+            qbox = query.cache.get("body_box")
+            if qbox is None:
+                qbox = query.cache["body_box"] = body_box(query.images, query.spacing)
+            fov = 1.1 * max([qbox[2]] + [s.body_box[2] for s in supports if s.body_box is not None])
+            # keyed by the slices too: structures with different slice ranges see different query slices
+            qkey = ("lpips-query-features", options.net, round(fov, 3), query.keys[0], len(query.keys))
+            if qkey not in query.cache:  # query features serve every structure of the run
+                progress("LPIPS features of the query", 0, 1)
+                query.cache[qkey] = matcher.features(
+                    resample_to_fov(query.images, query.spacing, fov, matcher.size, center=qbox[:2]))
+            query_feats = query.cache[qkey]
+            # the augmented support set: original pair first, then the variants
+            candidates = []  # (match, support slice, image, mask)
+            for s in supports:
+                pairs = augment_support(s.image, s.mask, options.augmentations,
+                                        seed=options.seed + 7919 * s.support + s.slice_index)
+                for a, (image, mask) in enumerate(pairs):
+                    match = LpipsMatch(s.support, s.slice_index, s.array_index, a)
+                    candidates.append((match, s, image.astype(np.float32), mask.astype(bool)))
+            support_feats = matcher.features(np.concatenate([
+                resample_to_fov(c[2][None], c[1].spacing, fov, matcher.size,
+                                center=c[1].body_box[:2] if c[1].body_box is not None else None)
+                for c in candidates]))
+        with clock.stage("matching"):
+            best, distances = matcher.match(query_feats, support_feats)
 
-    with clock.stage("segment_pairs"):
-        by_candidate: dict[int, list[int]] = defaultdict(list)
-        for i, j in enumerate(best):
-            by_candidate[int(j)].append(i)
-        masks: list[np.ndarray | None] = [None] * len(query.keys)
-        done = 0
-        for j, slices in sorted(by_candidate.items()):
-            name, s, image, mask = candidates[j]
-            key = ("lpips-support", name)
-            engine.add_frames({key: image})  # encoded only now, because some slice matched it
-            memory = engine.memorize([key], [mask])
-            pred = engine.predict_batched([query.keys[i] for i in slices], 1, {0: memory}, num_frames=2)
-            for i, m in zip(slices, pred.masks):
-                masks[i] = m
-            done += len(slices)
-            progress(f"Segmenting slice {done}/{len(query.keys)}", done, len(query.keys))
+        with clock.stage("segment_pairs"):
+            by_candidate: dict[int, list[int]] = defaultdict(list)
+            for i, j in enumerate(best):
+                by_candidate[int(j)].append(i)
+            masks: list[np.ndarray | None] = [None] * len(query.keys)
+            done = 0
+            for j, slices in sorted(by_candidate.items()):
+                match, s, image, mask = candidates[j]
+                key = ("lpips-support", match)
+                engine.add_frames({key: image})  # encoded only now, because some slice matched it
+                memory = engine.memorize([key], [mask])
+                pred = engine.predict_batched([query.keys[i] for i in slices], 1, {0: memory}, num_frames=2)
+                for i, m in zip(slices, pred.masks):
+                    masks[i] = m
+                done += len(slices)
+                progress(f"Segmenting slice {done}/{len(query.keys)}", done, len(query.keys))
 
-    table = [
-        (i, float(distances[i]), False, candidates[int(best[i])][0], candidates[int(best[i])][1].array_index)
-        for i in range(len(query.keys))
-    ]
-    return StructureResult(np.stack(masks), table)
+        return StructureResult(np.stack(masks), list(supports), np.asarray(distances, float), higher_is_better=False,
+                               matches=[candidates[int(j)][0] for j in best])

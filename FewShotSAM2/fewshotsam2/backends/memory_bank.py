@@ -9,9 +9,12 @@ import numpy as np
 from ..engine import Memory
 from .base import Engine
 
-# SAM2 attends to the last num_maskmem - 1 = 6 predicted frames' mask memories and to object pointers of up to
-# max_obj_ptrs_in_encoder - 1 = 15 earlier frames; older predictions can never be read again, so drop them.
-FIFO_LENGTH = 15
+
+def memorize_in_batches(engine: Engine, keys: Sequence[Hashable], masks: Sequence[np.ndarray]) -> Memory:
+    """Mask-prompt memories of `keys` (as sam2's `add_new_mask`), in chunks of the engine's batch size."""
+    bs = engine.batch_size
+    parts = [engine.memorize(list(keys[s : s + bs]), list(masks[s : s + bs])) for s in range(0, len(keys), bs)]
+    return parts[0] if len(parts) == 1 else Memory.cat(parts)
 
 
 def propagate_sequence(
@@ -28,10 +31,13 @@ def propagate_sequence(
     """Predict `keys` one after another at timeline `positions` (consecutive, in visiting order).
 
     Each prediction attends to every conditioning memory in `cond` and to the FIFO `recent` of the latest
-    predictions, which it then joins. `on_memory(position, memory)` sees every new memory (a later pass can
+    predictions, which it then joins. The FIFO keeps what the next prediction can still read
+    (`engine.memory_reach` frames back, derived from the model: 15 for every SAM2.1 config, set by its object
+    pointers) and drops older predictions. `on_memory(position, memory)` sees every new memory (a later pass can
     start from some of them). Returns the masks in visiting order.
     """
     recent = {} if recent is None else recent
+    reach = engine.memory_reach
     masks = []
     for n, (key, pos) in enumerate(zip(keys, positions)):
         pred = engine.predict([key], pos, cond, recent=recent, num_frames=num_frames, reverse=reverse)
@@ -40,7 +46,7 @@ def propagate_sequence(
         if on_memory is not None:
             on_memory(pos, pred.memory)
         # bounded FIFO: only frames within reach of the next prediction stay
-        for old in [t for t in recent if abs(t - pos) >= FIFO_LENGTH]:
+        for old in [t for t in recent if abs(t - pos) >= reach]:
             del recent[old]
         if on_slice is not None:
             on_slice(n + 1, len(keys))

@@ -2,35 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .base import Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
+from ..options import PropagateOptions
+from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
 from .memory_bank import propagate_sequence
 
 
-def run(
-    engine: Engine,
-    query: QueryContext,
-    supports: Sequence[SupportSlice],
-    options: object,
-    progress: StageProgress,
-    clock: StageClock,
-) -> StructureResult:
-    query_keys = query.keys
-    k = len(supports)
-    n = len(query_keys)
-    with clock.stage("propagate"):
-        memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
-        # supports are frames 0..k-1 (conditioning), query slices follow as frames k..k+n-1
-        cond = {j: memory.select(j) for j in range(k)}
-        masks = propagate_sequence(
-            engine,
-            query_keys,
-            positions=list(range(k, k + n)),
-            cond=cond,
-            num_frames=k + n,
-            on_slice=lambda done, total: progress(f"Propagating slice {done}/{total}", done, total),
-        )
-    return StructureResult(masks=np.stack(masks))
+class PropagateBackend(Backend):
+    name = "propagate"
+    options_type = PropagateOptions
+
+    def run(
+        self,
+        engine: Engine,
+        query: QueryContext,
+        supports: Sequence[SupportSlice],
+        options: PropagateOptions,
+        progress: StageProgress,
+        clock: StageClock,
+    ) -> StructureResult:
+        query_keys = query.keys
+        k = len(supports)
+        n = len(query_keys)
+        with clock.stage("propagate"):
+            memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
+            # supports are frames 0..k-1 (conditioning), query slices follow as frames k..k+n-1
+            cond = {j: memory.select(j) for j in range(k)}
+            masks = propagate_sequence(
+                engine,
+                query_keys,
+                positions=list(range(k, k + n)),
+                cond=cond,
+                num_frames=k + n,
+                on_slice=lambda done, total: progress(f"Propagating slice {done}/{total}", done, total),
+            )
+        return StructureResult(masks=np.stack(masks), supports=list(supports))

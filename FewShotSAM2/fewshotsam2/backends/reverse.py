@@ -1,13 +1,18 @@
 """Reverse propagation (RevSAM2, Bai et al. 2024): trust only query predictions that predict the supports back.
 
-1. Forward: every query slice q_i is predicted with the K supports (image features + true masks) as its
-   conditioning memory -> p_i. The support memories are computed once and shared by the whole batch.
-2. Reverse: (q_i, p_i) becomes the only conditioning memory and predicts each support image -> Y~_ij;
-   pi_i = mean_j Dice(Y~_ij, Y_j). An empty p_i scores 0 and is not propagated back.
+1. Forward: every query slice q_i is predicted with the K supports (image features + true masks as mask prompts)
+   as its conditioning memory -> p_i (the hole-filled binary mask). The support memories are computed once and
+   shared by the whole batch.
+2. Reverse: (q_i, p_i) becomes the only conditioning memory -- p_i a mask prompt on q_i, encoded exactly as a
+   support mask is (sam2's `add_new_mask`), not the memory SAM2 built while predicting p_i -- and predicts each
+   support image -> Y~_ij; pi_i = mean_j Dice(Y~_ij, Y_j). An empty p_i scores 0 and is not propagated back.
 3. Selection: the top-k slices by pi (those with pi >= min_score) become conditional slices.
-4. Query self-propagation: the query volume is segmented by propagating from the conditional slices in both
-   directions; the memory bank keeps every conditional slice for the whole run plus SAM2's FIFO of recent
-   predictions (and, with keep_supports, the supports too).
+4. Query self-propagation: the selected masks are mask prompts on their slices (the paper: they "are used as
+   prompts to propagate across the entire query volume"); the query volume is segmented by propagating from them
+   in both directions; the memory bank keeps every conditional slice for the whole run plus SAM2's FIFO of recent
+   predictions (and, with keep_supports, the supports too). A conditional slice's output is p_i itself.
+
+`Testing/test_oracle_sam2.py` checks every step against sam2's own video predictor.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from ..engine import Memory
-from ..errors import InputError
-from .base import Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
-from .memory_bank import FIFO_LENGTH, propagate_sequence
+from ..options import ReverseOptions
+from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
+from .memory_bank import memorize_in_batches, propagate_sequence
 
 
 @dataclass
@@ -37,10 +42,7 @@ def select_conditional(scores: Sequence[float], top_k: int, min_score: float) ->
     Documented fallback: when no slice reaches `min_score`, the single best slice (pi > 0) is used and a
     warning says so, rather than returning an empty segmentation silently.
     """
-    if top_k < 1:
-        raise InputError(f"--top-k must be at least 1, got {top_k}")
-    if not 0.0 <= min_score <= 1.0:
-        raise InputError(f"--min-score must lie in [0, 1] (it is a Dice), got {min_score}")
+    ReverseOptions(top_k, min_score)  # the settings' one validation
     s = np.asarray(scores, dtype=float)
     order = [int(i) for i in np.argsort(-s, kind="stable") if s[i] > 0]
     chosen = [i for i in order if s[i] >= min_score][:top_k]
@@ -49,23 +51,21 @@ def select_conditional(scores: Sequence[float], top_k: int, min_score: float) ->
     return Selection(s, order[:1], True)
 
 
-def _forward(engine: Engine, query_keys, support_memory: Memory, k: int, progress: StageProgress):
+def _forward(engine: Engine, query_keys, support_memory: Memory, k: int, progress: StageProgress) -> list[np.ndarray]:
     cond = {j: support_memory.select(j) for j in range(k)}
     masks: list[np.ndarray] = []
-    memories: list[Memory] = []
     bs = engine.batch_size
     for start in range(0, len(query_keys), bs):
         # supports at frames 0..k-1, the query slice right after them, as in [supports, query]
         pred = engine.predict(list(query_keys[start : start + bs]), k, cond, num_frames=k + 1)
         masks += pred.masks
-        memories.append(pred.memory)
         done = min(start + bs, len(query_keys))
         progress(f"Forward prediction {done}/{len(query_keys)}", done, len(query_keys))
-    return masks, Memory.cat(memories)
+    return masks
 
 
 def _reverse_scores(
-    engine: Engine, forward_masks, forward_memory: Memory, supports: Sequence[SupportSlice], progress
+    engine: Engine, query_keys, forward_masks, supports: Sequence[SupportSlice], progress
 ) -> np.ndarray:
     n = len(forward_masks)
     scores = np.zeros(n)
@@ -73,7 +73,8 @@ def _reverse_scores(
     bs = engine.batch_size
     for start in range(0, len(todo), bs):
         chunk = todo[start : start + bs]
-        cond = {0: forward_memory.select(chunk)}  # one conditioning memory per batch element
+        # (q_i, p_i) in the memory bank: p_i is a mask prompt on q_i, one conditioning memory per batch element
+        cond = {0: engine.memorize([query_keys[i] for i in chunk], [forward_masks[i] for i in chunk])}
         for s in supports:
             pred = engine.predict([s.key] * len(chunk), 1, cond, num_frames=2)
             for i, m in zip(chunk, pred.masks):
@@ -87,56 +88,53 @@ def run(
     engine: Engine,
     query: QueryContext,
     supports: Sequence[SupportSlice],
-    options: object,
+    options: ReverseOptions,
     progress: StageProgress,
     clock: StageClock,
 ) -> StructureResult:
     query_keys = query.keys
     k = len(supports)
     n = len(query_keys)
-    top_k = int(getattr(options, "top_k", 5))
-    min_score = float(getattr(options, "min_score", 0.0))
-    keep_supports = bool(getattr(options, "keep_supports", False))
-    select_conditional([], top_k, min_score)  # validate before any work
+    top_k, min_score, keep_supports = options.top_k, options.min_score, options.keep_supports
 
     with clock.stage("forward"):
         support_memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
-        forward_masks, forward_memory = _forward(engine, query_keys, support_memory, k, progress)
+        forward_masks = _forward(engine, query_keys, support_memory, k, progress)
     with clock.stage("reverse"):
-        scores = _reverse_scores(engine, forward_masks, forward_memory, supports, progress)
+        scores = _reverse_scores(engine, query_keys, forward_masks, supports, progress)
     selection = select_conditional(scores, top_k, min_score)
     if not selection.selected:
         warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=2)
         empty = np.zeros((n,) + forward_masks[0].shape, bool)
-        return StructureResult(empty, [(i, 0.0, False, "", -1) for i in range(n)], np.stack(forward_masks))
+        return StructureResult(empty, list(supports), np.zeros(n), forward_masks=np.stack(forward_masks))
     if selection.fallback:
         warnings.warn(
-            f"no query slice reached --min-score {min_score:.2f} (best pi = {scores.max():.3f}); "
+            f"no query slice reached min_score {min_score:.2f} (best pi = {scores.max():.3f}); "
             f"using the best slice {selection.selected[0]} as the only conditional slice",
             stacklevel=2,
         )
 
     with clock.stage("self_propagation"):
-        masks = _self_propagate(engine, query_keys, forward_masks, forward_memory, selection.selected,
+        masks = _self_propagate(engine, query_keys, forward_masks, selection.selected,
                                 support_memory if keep_supports else None, progress)
-    chosen = set(selection.selected)
-    table = [(i, float(scores[i]), i in chosen, "", -1) for i in range(n)]
-    return StructureResult(np.stack(masks), table, np.stack(forward_masks))
+    return StructureResult(np.stack(masks), list(supports), np.asarray(scores, float), selected=selection.selected,
+                           forward_masks=np.stack(forward_masks))
 
 
 def _self_propagate(
     engine: Engine,
     query_keys: Sequence[Hashable],
     forward_masks: Sequence[np.ndarray],
-    forward_memory: Memory,
     conditional: Sequence[int],
     support_memory: Memory | None,
     progress: StageProgress,
 ) -> list[np.ndarray]:
     """Query slice i sits at frame i. Forward from the first conditional slice to the end, then backward from it
-    to slice 0, so every other slice is predicted once, with all conditional slices in memory."""
+    to slice 0, so every other slice is predicted once, with all conditional slices (their p_i as mask prompts,
+    as sam2's `add_new_mask`) in memory."""
     n = len(query_keys)
-    cond: dict[int, Memory] = {c: forward_memory.select(c) for c in conditional}
+    prompts = memorize_in_batches(engine, [query_keys[c] for c in conditional], [forward_masks[c] for c in conditional])
+    cond: dict[int, Memory] = {c: prompts.select(j) for j, c in enumerate(conditional)}
     if support_memory is not None:
         # the supports have no place in the query volume: put them just before it on the timeline
         for j in range(support_memory.batch):
@@ -153,7 +151,7 @@ def _self_propagate(
     near_first: dict[int, Memory] = {}
 
     def keep_near_first(pos: int, memory: Memory) -> None:
-        if pos - first < FIFO_LENGTH:
+        if pos - first < engine.memory_reach:
             near_first[pos] = memory
 
     def report(offset: int):
@@ -170,3 +168,12 @@ def _self_propagate(
         for i, m in zip(down, down_masks):
             masks[i] = m
     return masks
+
+
+class ReverseBackend(Backend):
+    name = "reverse"
+    options_type = ReverseOptions
+
+    def run(self, engine: Engine, query: QueryContext, supports: Sequence[SupportSlice], options: ReverseOptions,
+            progress: StageProgress, clock: StageClock) -> StructureResult:
+        return run(engine, query, supports, options, progress, clock)

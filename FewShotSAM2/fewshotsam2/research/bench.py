@@ -31,10 +31,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..constants import METHODS
 from ..errors import InputError
 
 UNTRAINED_BANNER = "UNTRAINED: SAM2 ran with random weights (--untrained); these numbers mean nothing"
-METHOD_NAMES = ("propagate", "reverse", "lpips")
+METHOD_NAMES = ("propagate",) + tuple(m for m in METHODS if m != "propagate")  # the baseline first: ratios are to it
 # (column, timings key or our own stage); the pipeline's keys are the contract's
 STAGES = (
     ("loading", "loading"),
@@ -105,7 +106,7 @@ def _load_case(path: str, labels_path: Optional[str]):
 
 def bench_method(method: str, cfg: dict, engine=None) -> dict:
     """Load, segment and write once with `method`; returns stage seconds, encoder calls and memory peaks."""
-    from ..pipeline import SupportCase, segment
+    from ..pipeline import SupportCase
     from ..slices import SlicePlan
     from ..volume import default_structure, write_labels
 
@@ -140,6 +141,10 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
 
     structures = [default_structure(v) for v in values]
     t1 = time.perf_counter()
+    if cfg.get("segment") is None:
+        from ..pipeline import segment
+    else:
+        segment = cfg["segment"]
     result = segment(query, [SupportCase(s_image, s_labels, "support")], structures, options, engine=engine)
     seg_seconds = time.perf_counter() - t1
 
@@ -172,12 +177,13 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
 
 def _isolated_job(method: str, cfg: dict, engine_options: dict) -> dict:
     """Child-process entry for --isolate: its own model, so its RSS peak is this method's alone."""
-    from ..pipeline import SegmentOptions, make_engine
+    from ..options import SegmentOptions
+    from ..pipeline import make_engine
 
     warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
-    cfg = dict(cfg, options_factory=lambda m: SegmentOptions(**dict(engine_options, method=m)))
+    cfg = dict(cfg, options_factory=lambda m: SegmentOptions.from_flat(**dict(engine_options, method=m)))
     t = time.perf_counter()
-    engine = make_engine(SegmentOptions(**dict(engine_options, method=method)))
+    engine = make_engine(SegmentOptions.from_flat(**dict(engine_options, method=method)))
     build = time.perf_counter() - t
     if cfg.get("warmup"):
         bench_method(method, cfg, engine)
@@ -265,15 +271,18 @@ def _cpu_name() -> str:
 
 def _write_or_print(text: str, output: Optional[str]) -> None:
     if output:
-        from .evaluate import write_atomic
+        from ..atomic import write_text_atomic
 
-        write_atomic(Path(output), text)
+        write_text_atomic(Path(output), text)
         print(f"written to {output}")
     else:
         print(text)
 
 
 def run_matching(args: argparse.Namespace) -> int:
+    from ..paths import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([("-o", args.output)], [args.lpips_weights])
     try:
         from .bench_lpips import run_matching_benchmark
     except ImportError as e:
@@ -304,31 +313,49 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def run(args: argparse.Namespace) -> int:
+def _structure_values(text: Optional[str]) -> list[int]:
+    """`--structures 1,5` -> [1, 5]; anything else is one clear error."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not all(t.isascii() and t.isdigit() and int(t) > 0 for t in items):
+        raise InputError(f"--structures '{text}': give positive label values, e.g. 1,5")
+    if len(set(map(int, items))) != len(items):
+        raise InputError(f"--structures '{text}': a label value is listed twice")
+    return [int(t) for t in items]
+
+
+def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
+    """The bench command. `segment` and `engine_factory(options)` default to `pipeline.segment` and
+    `pipeline.make_engine` (tests hand in their own; --isolate always uses the defaults)."""
     if args.matching:
         return run_matching(args)
     if not args.query:
         raise InputError("bench needs --query (a case folder or an image file), or --matching")
     from .. import cli
     from .evaluate import parse_methods
-    from ..pipeline import SegmentOptions, make_engine, validate_options
+    from ..options import SegmentOptions
+    from ..pipeline import make_engine
 
     methods = parse_methods(args.methods)
+    from ..paths import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([("-o", args.output)],
+                              [args.query, args.query_labels, args.support, args.support_labels,
+                               args.checkpoint, args.lpips_weights])
     if args.repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {args.repeat}")
     load_before = _load_average()
-    values = [int(v) for v in args.structures.split(",")] if args.structures else []
-    engine_options = {f: getattr(args, f) for f in SegmentOptions.__dataclass_fields__ if hasattr(args, f)}
-    engine_options.pop("method", None)
+    values = _structure_values(args.structures)
+    engine_options = {f: getattr(args, f) for f in SegmentOptions.flat_names() if hasattr(args, f) and f != "method"}
 
     def options_factory(m: str):
         return cli.options_from_args(args, m)
 
-    for m in methods:
-        validate_options(options_factory(m))
+    for m in methods:  # bad options fail here, before the model is built
+        options_factory(m)
     cfg = dict(query=args.query, query_labels=args.query_labels, support=args.support or args.query,
                support_labels=args.support_labels, values=values, max_slices=args.max_slices,
-               tracemalloc=not args.no_tracemalloc, warmup=args.warmup, options_factory=options_factory)
+               tracemalloc=not args.no_tracemalloc, warmup=args.warmup, options_factory=options_factory,
+               segment=segment)
     untrained = bool(args.untrained)
     if untrained:
         print(UNTRAINED_BANNER, file=sys.stderr)
@@ -341,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("spawn")
-        child_cfg = {k: v for k, v in cfg.items() if k != "options_factory"}
+        child_cfg = {k: v for k, v in cfg.items() if k not in ("options_factory", "segment")}
         for m in methods:
             runs = []
             for _ in range(args.repeat):
@@ -352,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         device = args.device
     else:
         t = time.perf_counter()
-        engine = make_engine(options_factory(methods[0]))
+        engine = (engine_factory or make_engine)(options_factory(methods[0]))
         build_s = time.perf_counter() - t
         device = str(engine.device)
         if args.warmup:

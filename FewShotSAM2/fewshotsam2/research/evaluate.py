@@ -34,10 +34,12 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from . import metrics as M
+from ..atomic import write_text_atomic
+from ..constants import METHODS
 from ..errors import Cancelled, InputError
 
 PROTOCOLS = ("cross-subject", "within-volume")
-METHOD_NAMES = ("propagate", "reverse", "lpips")  # same as pipeline.METHODS; kept here to import pipeline lazily
+METHOD_NAMES = METHODS
 UNTRAINED_BANNER = "UNTRAINED: SAM2 ran with random weights (--untrained); these numbers mean nothing"
 MEAN_ROW = "mean over structures"
 
@@ -186,11 +188,9 @@ def cross_subject_pairs(names: Sequence[str], support: Optional[str] = None) -> 
 
 def within_volume_support(image, labels, values: Sequence[int], shots: int, axis: str = "auto",
                           name: str = "self"):
-    """The query as its own support: labels kept only on each structure's k selected slices.
-
-    Returns (SupportCase, {value: sorted array indices along the slice axis of the kept slices}, slice plan).
-    Slices are chosen in the canonical stack exactly as the core chooses support slices, so the core,
-    given this support, selects the same slices again.
+    """The query as its own support: labels kept only on each structure's k selected slices, so the core sees
+    no other label of the query. (Slices are chosen as the core chooses support slices; which ones it used is
+    read from its result, `SegmentationResult.support_slices`, not from here.)
     """
     from ..pipeline import SupportCase
     from ..slices import SlicePlan
@@ -199,16 +199,14 @@ def within_volume_support(image, labels, values: Sequence[int], shots: int, axis
     plan = SlicePlan.for_volume(labels, axis)
     stack = plan.stack(labels.array)
     kept = np.zeros_like(labels.array)
-    chosen: dict[int, list[int]] = {}
     for v in values:
         idx = select_support_slices(stack, int(v), shots)
         arr_idx = sorted(plan.slice_index_to_array_index(i) for i in idx)
-        chosen[int(v)] = arr_idx
         src = np.moveaxis(labels.array, plan.array_axis, 0)
         dst = np.moveaxis(kept, plan.array_axis, 0)  # view into `kept`
         for a in arr_idx:
             dst[a][src[a] == v] = v
-    return SupportCase(image=image, labels=labels.with_array(kept), name=name), chosen, plan
+    return SupportCase(image=image, labels=labels.with_array(kept), name=name)
 
 
 def parse_structures(spec: Optional[str], available: Sequence) -> list:
@@ -302,16 +300,6 @@ def read_rows(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
         lines = [ln for ln in f if not ln.startswith("#")]
     return list(csv.DictReader(lines))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _csv_text(columns: list[str], rows: Iterable[dict], banner: Optional[str]) -> str:
@@ -516,7 +504,7 @@ def _prepare_folder(cfg: EvaluationConfig, settings: dict, untrained: bool) -> N
     meta = {"warning": UNTRAINED_BANNER} if untrained else {}
     meta.update(settings=settings,
                 cases=[asdict(c) | {"image": str(c.image), "labels": str(c.labels)} for c in cfg.cases])
-    write_atomic(out / "run.json", json.dumps(meta) + "\n")  # one line: the warning is in the first line
+    write_text_atomic(out / "run.json", json.dumps(meta) + "\n")  # one line: the warning is in the first line
 
 
 def _rel_position(stack_index: int, first: int, last: int) -> float:
@@ -586,12 +574,12 @@ class _Evaluator:
         return image, labels, structures
 
     def options(self, method: str):
-        from ..pipeline import SegmentOptions
+        from ..options import SegmentOptions
 
-        fields = SegmentOptions.__dataclass_fields__
-        kw = {k: v for k, v in self.cfg.options.items() if k in fields}
-        kw.update(method=method, shots=int(self.cfg.shots))
-        return SegmentOptions(**kw)
+        names = SegmentOptions.flat_names()
+        kw = {k: v for k, v in self.cfg.options.items() if k in names}
+        kw.update(method=method, shots=self.cfg.shots)
+        return SegmentOptions.from_flat(**kw)
 
     def build_engine(self, method: str):
         # built once: every case and method reuses the model (the engine resets its frame cache per run)
@@ -602,20 +590,31 @@ class _Evaluator:
         return self.engine
 
 
-def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
-    """Run the whole evaluation (see the module docstring); returns where everything was written."""
+def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None) -> EvaluationOutputs:
+    """Run the whole evaluation (see the module docstring); returns where everything was written.
+
+    `engine`: a SAM2 engine to use (default: built from the options). `segment`: the segmentation function
+    (default `pipeline.segment`; tests hand in one whose answers are known).
+    """
     from tqdm import tqdm
 
-    from ..pipeline import SupportCase, segment
-    from ..slices import SlicePlan
+    from ..pipeline import SupportCase
+
+    if segment is None:
+        from ..pipeline import segment
 
     if cfg.protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{cfg.protocol}'; choose {' or '.join(PROTOCOLS)}")
     if not cfg.cases:
         raise InputError("no cases to evaluate")
-    if int(cfg.shots) < 1:
-        raise InputError(f"--shots must be >= 1, got {cfg.shots}")
     methods = parse_methods(",".join(cfg.methods))
+    from ..paths import refuse_overwriting_inputs
+
+    out_folder = Path(cfg.output)
+    refuse_overwriting_inputs([(f"-o {out_folder}/{name}", out_folder / name) for name in OUR_FILES],
+                              [*(p for c in cfg.cases for p in (c.image, c.labels, Path(c.labels).parent)),
+                               cfg.options.get("checkpoint"), cfg.options.get("lpips_weights")],
+                              output_folders=[("-o", out_folder)])
     ev = _Evaluator(cfg, engine)
     names = [c.name for c in cfg.cases]
     if cfg.protocol == "cross-subject":
@@ -625,10 +624,8 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
             raise InputError("--support applies to the cross-subject protocol only")
         pairs = [(n, "self") for n in names]
 
-    from ..pipeline import validate_options
-
     for m in methods:  # bad options fail here, before anything is written or the model is built
-        validate_options(ev.options(m))
+        ev.options(m)
     _, _, first_structures = ev.load(pairs[0][0])
     structures = parse_structures(cfg.structures, first_structures)
     settings = _run_settings(cfg)
@@ -648,7 +645,7 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
         # drop per-slice rows of units interrupted before their case rows were written (they are recomputed)
         slices_rows = [r for r in read_rows(paths["slices"])
                        if (r["query"], r["support"], r["method"], int(r["value"])) in done]
-        write_atomic(paths["slices"], _csv_text(SLICE_COLUMNS, slices_rows, ev.banner))
+        write_text_atomic(paths["slices"], _csv_text(SLICE_COLUMNS, slices_rows, ev.banner))
         units = [u for u in units
                  if not all((u[0], u[1], u[2], s.value) in done or (u[0], u[1], u[2], s.name) in skipped_before
                             for s in u[3])]
@@ -674,8 +671,8 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
         rows = read_rows(paths["cases"])
         summary = summarize(rows, structure_order, methods)
         skipped = read_rows(paths["skipped"])
-        write_atomic(paths["summary_csv"], _csv_text(SUMMARY_COLUMNS, summary, ev.banner))
-        write_atomic(paths["summary_md"], summary_markdown(summary, settings_text, skipped, ev.untrained))
+        write_text_atomic(paths["summary_csv"], _csv_text(SUMMARY_COLUMNS, summary, ev.banner))
+        write_text_atomic(paths["summary_md"], summary_markdown(summary, settings_text, skipped, ev.untrained))
         return summary
 
     bar = tqdm(total=len(units), desc="evaluate", unit="run", disable=not cfg.show_progress, dynamic_ncols=True)
@@ -688,20 +685,15 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
             present_q = [s for s in group if np.any(truth.array == s.value)]
             skips += [(s, "absent from the query labels") for s in group if s not in present_q]
             if cfg.protocol == "within-volume":
-                if present_q:
-                    support, chosen, plan = within_volume_support(image, truth, [s.value for s in present_q],
-                                                                  cfg.shots, ev.options(method).axis, name=query)
-                else:
-                    support, chosen, plan = None, {}, None
-                s_image, s_labels, s_plan = image, truth, plan
+                support = within_volume_support(image, truth, [s.value for s in present_q], cfg.shots,
+                                                ev.options(method).axis, name=query) if present_q else None
+                s_labels = truth
                 run_structures = present_q
             else:
                 s_image, s_labels, _ = ev.load(support_name)
                 run_structures = [s for s in present_q if np.any(s_labels.array == s.value)]
                 skips += [(s, "absent from the support labels") for s in present_q if s not in run_structures]
                 support = SupportCase(image=s_image, labels=s_labels, name=support_name)
-                chosen = {}
-                s_plan = SlicePlan.for_volume(s_labels, ev.options(method).axis) if run_structures else None
             for s, reason in skips:
                 skip_log.write(dict(query=query, support=support_name, method=method, structure=s.name, reason=reason))
             if not run_structures:
@@ -722,19 +714,18 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
                 bar.update(1)
                 continue
             seconds = time.perf_counter() - t0
-            q_plan = SlicePlan.for_volume(truth, ev.options(method).axis)
-            if q_plan.array_axis != int(result.slice_axis):
-                raise RuntimeError(f"segment sliced along array axis {result.slice_axis}, the evaluation planned "
-                                   f"{q_plan.array_axis}")
+            # what the core did: how it sliced query and support, which support slices it used
+            q_plan, s_plan = result.query_plan, result.support_plans[0]
             scores = {}
             for sc in getattr(result, "scores", []) or []:
                 scores[(int(sc.value), int(sc.slice_index))] = sc
             case_rows = []
             for s in run_structures:
+                used = sorted(u.array_index for u in result.support_slices_of(s.value))
                 keep = None
-                if cfg.protocol == "within-volume":
+                if cfg.protocol == "within-volume":  # the query's own labeled slices prompted SAM2: not scored
                     keep = np.ones(truth.array.shape[result.slice_axis], bool)
-                    keep[chosen[s.value]] = False
+                    keep[used] = False
                 m = evaluate_result(result, truth, s.value, keep)
                 q_first, q_last = _stack_extent(q_plan, truth.array, s.value)
                 sp_first, sp_last = _stack_extent(s_plan, s_labels.array, s.value)
@@ -743,7 +734,7 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
                 for k in range(m["n_slices"]):
                     sc = scores.get((s.value, k))
                     stack_k = q_plan.array_index_to_slice_index(k)
-                    matched = -1 if sc is None else int(sc.matched_slice)
+                    match = None if sc is None else sc.match
                     slices_log.write(dict(
                         base, slice_index=k, stack_index=stack_k, in_eval=bool(m["_keep"][k]),
                         in_extent=bool(m["_extent"][k]), true_voxels=int(m["_true_vox"][k]),
@@ -751,15 +742,15 @@ def run_evaluation(cfg: EvaluationConfig, engine=None) -> EvaluationOutputs:
                         score=None if sc is None else float(sc.score),
                         selected=None if sc is None else bool(sc.selected),
                         forward_dice=None if m["_forward_dice"] is None else float(m["_forward_dice"][k]),
-                        matched_support="" if sc is None else sc.matched_support,
-                        matched_slice=None if matched < 0 else matched,
+                        matched_support="" if match is None else str(match),
+                        matched_slice=None if match is None else match.array_index,
                         query_pos_rel=_rel_position(stack_k, q_first, q_last),
-                        # matched_slice is an array index of the support; positions compare canonical stacks
-                        support_pos_rel=None if matched < 0 else _rel_position(
-                            s_plan.array_index_to_slice_index(matched), sp_first, sp_last),
+                        # positions compare canonical stacks
+                        support_pos_rel=None if match is None else _rel_position(match.stack_index, sp_first,
+                                                                                  sp_last),
                     ), sync=False)
                 case_rows.append(dict(base, shots=cfg.shots, image_size=cfg.options.get("image_size"),
-                                      support_slices=";".join(str(i) for i in chosen.get(s.value, [])),
+                                      support_slices=";".join(str(i) for i in used),
                                       seconds=seconds, encoder_calls=int(getattr(result, "encoder_calls", 0)),
                                       **{k: v for k, v in m.items() if not k.startswith("_")}))
             slices_log.sync()  # per-slice rows first: a unit counts as done once its case rows are on disk
@@ -837,13 +828,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_arguments(parser)
 
 
-OPTION_KEYS = ("model", "version", "image_size", "device", "checkpoint", "untrained", "cache_dir", "axis", "preset",
-               "top_k", "min_score", "keep_supports", "augmentations", "lpips_net", "lpips_weights", "seed",
-               "batch_size")
-
-
 def config_from_args(args: argparse.Namespace) -> EvaluationConfig:
-    options = {k: getattr(args, k) for k in OPTION_KEYS if hasattr(args, k)}
+    from ..options import SegmentOptions
+
+    # every SegmentOptions setting except those evaluate decides per run (method) or holds itself (shots)
+    options = {k: getattr(args, k) for k in SegmentOptions.flat_names()
+               if k not in ("method", "shots") and hasattr(args, k)}
     return EvaluationConfig(
         cases=resolve_cases(args.cases), output=Path(args.output), methods=parse_methods(args.methods),
         structures=args.structures, protocol=args.protocol, support=args.support, shots=args.shots,

@@ -25,6 +25,8 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..overlap import dice, dice_from_counts  # noqa: F401  (the package's one Dice, re-exported)
+
 HD_PERCENTILE = 95.0
 
 
@@ -69,21 +71,12 @@ def counts(pred: np.ndarray, truth: np.ndarray) -> Counts:
     return Counts(tp=tp, fp=int(np.count_nonzero(p)) - tp, fn=int(np.count_nonzero(t)) - tp)
 
 
-def dice_from_counts(tp: int, fp: int, fn: int) -> float:
-    denom = 2 * tp + fp + fn
-    return 1.0 if denom == 0 else 2.0 * tp / denom
-
-
 def global_dice(all_counts: Iterable[Counts]) -> float:
     """Dice of the summed TP/FP/FN (FS-MedSAM2's 'global' Dice); nan for no cases."""
     total: Optional[Counts] = None
     for c in all_counts:
         total = c if total is None else total + c
     return float("nan") if total is None else total.dice
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    return counts(pred, truth).dice
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

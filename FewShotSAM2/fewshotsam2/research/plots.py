@@ -7,11 +7,12 @@ its folder still says the numbers mean nothing.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 UNTRAINED_BANNER = "UNTRAINED: SAM2 ran with random weights (--untrained); these numbers mean nothing"
 
@@ -33,9 +34,8 @@ def _save(fig, path: Path) -> None:
     # Atomic: a plot being rewritten is never seen half-written.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
 
 
 def _f(x) -> float:

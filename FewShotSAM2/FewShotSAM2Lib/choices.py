@@ -1,0 +1,35 @@
+"""The choices the GUI offers and the readable name shown for each.
+
+The values and their readable names are the core's (`fewshotsam2.constants`, pure Python: the module loads before
+torch and sam2 are installed); this file only says which combo box shows which parameter.
+"""
+
+from fewshotsam2 import constants
+
+METHODS = constants.METHODS
+MODEL_SIZES = constants.MODELS
+MODEL_VERSIONS = constants.VERSIONS
+DEVICES = constants.DEVICES
+SLICE_AXES = constants.AXES
+INTENSITY_PRESETS = constants.PRESETS
+LPIPS_NETS = constants.LPIPS_NETS
+IMAGE_SIZES = constants.IMAGE_SIZES
+
+# parameter name -> (the .ui combo box bound to it, its values in the order the combo box lists them)
+COMBO_BOXES = {
+    "method": ("methodComboBox", METHODS),
+    "modelSize": ("modelSizeComboBox", MODEL_SIZES),
+    "modelVersion": ("modelVersionComboBox", MODEL_VERSIONS),
+    "device": ("deviceComboBox", DEVICES),
+    "imageSize": ("imageSizeComboBox", IMAGE_SIZES),
+    "sliceAxis": ("sliceAxisComboBox", SLICE_AXES),
+    "intensityPreset": ("intensityPresetComboBox", INTENSITY_PRESETS),
+    "lpipsNet": ("lpipsNetComboBox", LPIPS_NETS),
+}
+
+
+def displayName(parameter: str, value) -> str:
+    """What the combo box of `parameter` shows for `value`."""
+    if parameter == "imageSize":
+        return f"{value} px" + (" (SAM2's own size)" if value == constants.DEFAULT_IMAGE_SIZE else "")
+    return constants.display_name(value)

@@ -1,0 +1,236 @@
+"""MRML nodes <-> the core's volumes and label maps, with the exact geometry. No Qt, no torch.
+
+The core (`fewshotsam2.volume`) stores geometry in LPS (ITK); Slicer stores it in RAS. A volume node becomes a
+`fewshotsam2.volume.Volume` (voxels copied, [k, j, i] order), a segment becomes a boolean mask on a volume's grid,
+and a label map on the query's grid becomes a `vtkSegmentation` built off-scene and copied into a node in one step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_converterRulesChecked = False
+
+
+def inputError(message: str) -> Exception:
+    from fewshotsam2.errors import InputError
+
+    return InputError(message)
+
+
+def nodeName(node) -> str:
+    return node.GetName() if node is not None and node.GetName() else "(unnamed)"
+
+
+def vtkMatrixToNumpy(matrix) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def numpyToVtkMatrix(array) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ensureSegmentationConverterRules() -> None:
+    """Register Slicer's segmentation converter rules if nobody did.
+
+    In the Slicer application the Segmentations module logic registers them at startup
+    (vtkSlicerSegmentationsModuleLogic::RegisterNodes), so this is a no-op there. With slicer-core alone they are
+    missing and vtkSegmentation::DeepCopy cannot create binary labelmaps; the same four rules are registered here.
+    """
+    global _converterRulesChecked
+    if _converterRulesChecked:
+        return
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.ConstructRepresentationObjectByClass("vtkOrientedImageData") is None:
+        for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+                     slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule, slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule):
+            factory.RegisterConverterRule(rule())
+    _converterRulesChecked = True
+
+
+# ---------------------------------------------------------------------------------------------- volumes
+
+
+def ijkToWorldMatrix(volumeNode) -> np.ndarray:
+    """4x4 IJK -> world RAS of a volume, its parent transform included (refused if not linear)."""
+    ijkToRAS = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(ijkToRAS)
+    matrix = vtkMatrixToNumpy(ijkToRAS)
+    transformNode = volumeNode.GetParentTransformNode()
+    if transformNode is not None:
+        if not transformNode.IsTransformToWorldLinear():
+            raise inputError(
+                f"Volume '{nodeName(volumeNode)}' is under a non-linear transform: harden the transform "
+                "(Transforms module) or remove it before segmenting."
+            )
+        toWorld = vtk.vtkMatrix4x4()
+        transformNode.GetMatrixTransformToWorld(toWorld)
+        matrix = vtkMatrixToNumpy(toWorld) @ matrix
+    return matrix
+
+
+def volumeFromNode(volumeNode, what: str = "volume"):
+    """The core's Volume for a scalar volume node: the voxels ([k, j, i], copied) and the exact geometry.
+
+    Any orientation is kept (direction = the IJK axes in LPS); a sheared voxel grid cannot be a Volume and
+    is refused with a message. With no parent transform the node's own spacing/origin/directions are used
+    as they are, so the geometry round-trips exactly.
+    """
+    from fewshotsam2 import volume
+
+    imageData = volumeNode.GetImageData()
+    if imageData is None or min(imageData.GetDimensions()) < 1:
+        raise inputError(f"The {what} '{nodeName(volumeNode)}' has no voxels.")
+    if imageData.GetNumberOfScalarComponents() != 1:
+        raise inputError(
+            f"The {what} '{nodeName(volumeNode)}' has {imageData.GetNumberOfScalarComponents()} components per "
+            "voxel (colour or vector image); convert it to a scalar volume first."
+        )
+    array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+    if array.ndim != 3:
+        raise inputError(f"The {what} '{nodeName(volumeNode)}' is not a 3D scalar volume.")
+    if volumeNode.GetParentTransformNode() is None:
+        directionsRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASDirectionMatrix(directionsRAS)
+        direction = vtkMatrixToNumpy(directionsRAS)[:3, :3]
+        direction[:2, :] *= -1.0  # RAS -> LPS
+        spacing = tuple(float(s) for s in volumeNode.GetSpacing())
+        originRAS = volumeNode.GetOrigin()
+        origin = (-float(originRAS[0]), -float(originRAS[1]), float(originRAS[2]))
+    else:
+        matrixLPS = RAS_TO_LPS @ ijkToWorldMatrix(volumeNode)
+        axes = matrixLPS[:3, :3]
+        spacing = tuple(float(s) for s in np.linalg.norm(axes, axis=0))
+        if min(spacing) <= 0:
+            raise inputError(f"The {what} '{nodeName(volumeNode)}' has a zero voxel spacing.")
+        direction = axes / np.array(spacing)
+        origin = tuple(float(v) for v in matrixLPS[:3, 3])
+    if min(spacing) <= 0:
+        raise inputError(f"The {what} '{nodeName(volumeNode)}' has a zero or negative voxel spacing.")
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise inputError(
+            f"The {what} '{nodeName(volumeNode)}' has a sheared (non-orthogonal) voxel grid, which SAM2 slices "
+            "cannot represent. Resample it onto an orthogonal grid (Resample Scalar/Vector/DWI Volume) first."
+        )
+    return volume.Volume(array=array, spacing=spacing, origin=origin, direction=direction)
+
+
+# ---------------------------------------------------------------------------------------------- segments
+
+
+def segmentMaskOnVolume(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
+    """Boolean [k, j, i] mask of one segment resampled (nearest neighbour) onto a volume's voxel grid.
+
+    Works whatever the segmentation's own geometry, source representation or transforms: Slicer converts the
+    segment to a binary labelmap in world coordinates, which is then resampled onto the volume's grid.
+    """
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentationNode, segmentId, labelmap, True
+    ):
+        raise inputError(f"Segment '{segmentId}' of '{nodeName(segmentationNode)}' cannot be converted to a binary labelmap.")
+    dims = volumeNode.GetImageData().GetDimensions()
+    mask = np.zeros((dims[2], dims[1], dims[0]), dtype=bool)
+    extent = labelmap.GetExtent()
+    if extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4] or labelmap.GetPointData().GetScalars() is None:
+        return mask  # empty segment
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
+    reference.SetImageToWorldMatrix(numpyToVtkMatrix(ijkToWorldMatrix(volumeNode)))
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, reference, resampled, False, False, None, 0
+    ):
+        raise inputError(
+            f"Segment '{segmentId}' of '{nodeName(segmentationNode)}' cannot be resampled onto volume '{nodeName(volumeNode)}'."
+        )
+    rext = resampled.GetExtent()
+    if rext[1] < rext[0] or resampled.GetPointData().GetScalars() is None:
+        return mask
+    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
+    values = values.reshape(rext[5] - rext[4] + 1, rext[3] - rext[2] + 1, rext[1] - rext[0] + 1)
+    # Shared labelmap layers hold several segments: this segment's voxels carry its label value.
+    inside = values == segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    # Place the resampled extent inside the volume's extent (they are equal unless the segment is smaller).
+    lo = [max(rext[2 * a], 0) for a in range(3)]
+    hi = [min(rext[2 * a + 1], dims[a] - 1) for a in range(3)]
+    if any(h < lo_ for lo_, h in zip(lo, hi)):
+        return mask
+    mask[lo[2] : hi[2] + 1, lo[1] : hi[1] + 1, lo[0] : hi[0] + 1] = inside[
+        lo[2] - rext[4] : hi[2] - rext[4] + 1,
+        lo[1] - rext[2] : hi[1] - rext[2] + 1,
+        lo[0] - rext[0] : hi[0] - rext[0] + 1,
+    ]
+    return mask
+
+
+def segmentationFromLabels(labels: np.ndarray, structures, queryVolumeNode, metadata: dict):
+    """A vtkSegmentation (not in any node) with one binary-labelmap segment per structure, on the query grid.
+
+    metadata: structure name -> the support's vtkSegment whose name, colour and terminology are copied.
+    """
+    ijkToRAS = vtk.vtkMatrix4x4()
+    queryVolumeNode.GetIJKToRASMatrix(ijkToRAS)  # local frame: the output gets the query's parent transform
+    labelmapName = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    segmentation = slicer.vtkSegmentation()
+    segmentation.SetSourceRepresentationName(labelmapName)
+    nk, nj, ni = labels.shape
+    for structure in structures:
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(ni, nj, nk)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)
+        voxels[:] = labels == structure.value
+        image.SetImageToWorldMatrix(ijkToRAS)
+        segment = slicer.vtkSegment()
+        source = metadata.get(structure.name)
+        if source is not None:
+            segment.DeepCopyMetadata(source)  # name, colour, terminology and other tags of the support's segment
+        segment.SetLabelValue(1)  # the voxel value in `image` (DeepCopyMetadata copied the support's value)
+        segment.SetName(structure.name)
+        segment.SetColor(*[float(c) for c in structure.color])
+        segment.AddRepresentation(labelmapName, image)
+        segmentation.AddSegment(segment, segmentation.GenerateUniqueSegmentID(structure.name))
+    # The core's labels never overlap: share one labelmap layer between the segments, as Slicer's editor does.
+    segmentation.CollapseBinaryLabelmaps(False)
+    return segmentation
+
+
+OUTPUT_ATTRIBUTES = ("FewShotSAM2.Method", "FewShotSAM2.QueryVolumeID")
+
+
+def backupSegmentationNode(node) -> dict:
+    segmentation = slicer.vtkSegmentation()
+    segmentation.DeepCopy(node.GetSegmentation())
+    role = node.GetReferenceImageGeometryReferenceRole()
+    return {
+        "segmentation": segmentation,
+        "referenceID": node.GetNodeReferenceID(role),
+        "transformID": node.GetTransformNodeID(),
+        "attributes": {name: node.GetAttribute(name) for name in OUTPUT_ATTRIBUTES},
+    }
+
+
+def restoreSegmentationNode(node, backup: dict) -> None:
+    wasModifying = node.StartModify()
+    try:
+        node.GetSegmentation().DeepCopy(backup["segmentation"])
+        node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), backup["referenceID"])
+        node.SetAndObserveTransformNodeID(backup["transformID"])
+        for name, value in backup["attributes"].items():
+            if value is None:
+                node.RemoveAttribute(name)
+            else:
+                node.SetAttribute(name, value)
+    finally:
+        node.EndModify(wasModifying)

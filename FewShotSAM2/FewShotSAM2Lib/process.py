@@ -1,0 +1,351 @@
+"""Run one segmentation in its own process: the core's command line, started with Slicer's Python.
+
+Why a process and not a thread: Slicer never enables PythonQt's thread support, so a Python worker thread only
+advances while main-thread Python runs (2.7x slower measured), torch would stay resident in Slicer with the model
+on the GPU, and a thread cannot be killed. A process runs at full speed, frees everything when it ends and is
+killed at once on Cancel.
+
+The job folder (a fresh temporary folder) holds the inputs as NRRD files with their exact geometry, the result,
+the per-slice scores and the process's output. `--progress json` makes the core print one JSON object per line;
+stdout goes to a file (not a pipe, which could fill up and stall the process while Slicer is busy) that `poll`
+reads incrementally. No MRML, no Qt, no torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+# Logic option name -> command-line flag of `fewshotsam2 segment` (True/False options are flags without a value).
+OPTION_FLAGS = {
+    "model": "--model",
+    "version": "--version",
+    "image_size": "--image-size",
+    "device": "--device",
+    "checkpoint": "--checkpoint",
+    "untrained": "--untrained",
+    "cache_dir": "--cache-dir",
+    "batch_size": "--batch-size",
+    "axis": "--axis",
+    "preset": "--preset",
+    "shots": "--shots",
+    "top_k": "--top-k",
+    "min_score": "--min-score",
+    "keep_supports": "--keep-supports",
+    "augmentations": "--augmentations",
+    "lpips_net": "--lpips-net",
+    "lpips_weights": "--lpips-weights",
+    "seed": "--seed",
+}
+FLAG_OPTIONS = ("untrained", "keep_supports")
+
+QUERY_FILE = "query.nrrd"
+RESULT_FILE = "result.nrrd"
+SCORES_FILE = "scores.csv"
+PROGRESS_FILE = "progress.jsonl"
+STDERR_FILE = "stderr.txt"
+EXIT_BAD_INPUT = 2  # the core's exit code for bad input (fewshotsam2.cli.EXIT_BAD_INPUT)
+
+
+def coreFolder() -> Path:
+    """The folder that holds the `fewshotsam2` package shipped with the module (FewShotSAM2/)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def pythonExecutable() -> str:
+    """Slicer's Python launcher (PythonSlicer sets up Slicer's environment), else this interpreter.
+
+    In the Slicer application PythonSlicer is on PATH (as slicer.util._executePythonModule relies on); from
+    PythonSlicer itself it sits beside sys.executable; outside Slicer (tests, slicer-core) sys.executable is used.
+    """
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    beside = Path(sys.executable).with_name("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    if beside.is_file():
+        return str(beside)
+    return sys.executable
+
+
+def unknownOptions(options: dict) -> list[str]:
+    return sorted(name for name in options if name not in OPTION_FLAGS)
+
+
+def optionArguments(options: dict) -> list[str]:
+    """Command-line arguments for the Logic's option keywords (None values are left out)."""
+    args: list[str] = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in FLAG_OPTIONS:
+            if value:
+                args.append(OPTION_FLAGS[name])
+        else:
+            args += [OPTION_FLAGS[name], str(value)]
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- job files
+
+
+def writeImage(path: Path, volume) -> None:
+    """A core Volume as an uncompressed NRRD (exact geometry, native pixel type), written under a temporary name."""
+    import SimpleITK as sitk
+
+    tmp = path.with_name(".tmp-" + path.name)
+    sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=False)
+    os.replace(tmp, path)
+
+
+def writeJobInputs(folder: Path, query, supports, structures) -> list[str]:
+    """Write the query and each support (image + .seg.nrrd labels on its grid) into `folder`.
+
+    Returns the command-line arguments that name them (--query, --support ..., --labels by value).
+    """
+    from fewshotsam2.volume import write_labels
+
+    writeImage(folder / QUERY_FILE, query)
+    args = ["--query", str(folder / QUERY_FILE)]
+    for index, support in enumerate(supports, start=1):
+        image, labels = folder / f"support-{index}.nrrd", folder / f"support-{index}-labels.seg.nrrd"
+        writeImage(image, support.image)
+        # .seg.nrrd: the structures' names reach the core (its progress lines and warnings use them); only the
+        # structures this support has, or the core would warn about empty segments
+        present = set(np.unique(support.labels.array).tolist())
+        write_labels(labels, support.labels, [s for s in structures if s.value in present])
+        args += ["--support", str(image), str(labels)]
+    args += ["--labels", ",".join(str(s.value) for s in structures)]
+    return args
+
+
+@dataclass
+class ScoreRow:
+    """One row of the core's per-slice scores (the fields of fewshotsam2.pipeline.SliceScore the GUI uses)."""
+
+    structure: str
+    value: int
+    slice_index: int
+    score: float
+    selected: bool
+    matched_support: str = ""
+
+
+@dataclass
+class ProcessResult:
+    """What the process produced, read back from the job folder (same field names as the core's result)."""
+
+    labels: Any  # fewshotsam2.volume.Volume on the query's grid
+    structures: list
+    scores: list = field(default_factory=list)
+    slice_axis: int = 0
+    encoder_calls: int = 0
+    device: str = ""
+    seconds: float = 0.0
+    warnings: list = field(default_factory=list)
+
+    @property
+    def timings(self) -> dict:
+        return {"total": self.seconds}
+
+
+def readScores(path: Path, structures) -> list[ScoreRow]:
+    """The core's scores CSV, with the Logic's structure names (the file names structures by label value)."""
+    import csv
+
+    if not path.is_file():
+        return []
+    names = {s.value: s.name for s in structures}
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            value = int(row["value"])
+            rows.append(ScoreRow(names.get(value, row["structure"]), value, int(row["slice_index"]), float(row["score"]),
+                                 row["selected"] == "1", row.get("matched_support", "")))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- progress lines
+
+
+def parseProgressLine(line: str) -> Optional[dict]:
+    """One line of `--progress json` output as a dict with an "event" key, or None for anything else."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("event") not in ("progress", "warning", "done"):
+        return None
+    return event
+
+
+def errorFromStderr(text: str, returncode: int) -> str:
+    """One readable line for a failed run: the core's own error line, else the last line of a traceback."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("fewshotsam2: error:"):
+            return line[len("fewshotsam2: error:"):].strip()
+    if lines:
+        return f"the segmentation process stopped with exit code {returncode}: {lines[-1]}"
+    return f"the segmentation process stopped with exit code {returncode} and no message"
+
+
+class SegmentationProcess:
+    """One run of `python -m fewshotsam2.cli segment ... --progress json` in a temporary job folder.
+
+    `poll()` returns the events printed since the last call; `finished` / `returncode` tell the state; `cancel()`
+    kills the process and its children at once; `cleanup()` removes the job folder (call it in every case).
+    """
+
+    def __init__(self, folder: Optional[Path] = None, python: Optional[str] = None):
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="FewShotSAM2-"))
+        self.python = python or pythonExecutable()
+        self.process: Optional[subprocess.Popen] = None
+        self.command: list[str] = []
+        self.events: list[dict] = []
+        self.warnings: list[str] = []
+        self.progress: tuple[str, int, int] = ("Starting", 0, 0)
+        self.done: Optional[dict] = None
+        self.cancelled = False
+        self._offset = 0
+        self._partial = b""
+
+    # -------------------------------------------------------------------------- start / stop
+
+    def start(self, arguments: list[str], scores: bool = True) -> "SegmentationProcess":
+        """Start the core's `segment` command with `arguments` (inputs, options); output files go in the folder.
+
+        scores: ask for the per-slice scores (reverse and LPIPS matching have them; propagation has none).
+        """
+        core = str(coreFolder())
+        self.command = [self.python, "-m", "fewshotsam2.cli", "segment", *arguments,
+                        "--out", str(self.folder / RESULT_FILE)]
+        if scores:
+            self.command += ["--scores", str(self.folder / SCORES_FILE)]
+        self.command += ["--progress", "json"]
+        env = dict(os.environ)
+        # the fewshotsam2 shipped with the module comes first; -m also puts the working folder (core) on sys.path
+        env["PYTHONPATH"] = core + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        env["FEWSHOTSAM2_PARENT_PID"] = str(os.getpid())  # the run stops if Slicer is killed (fewshotsam2.cli)
+        env.pop("PYTHONSTARTUP", None)
+        kwargs: dict = {}
+        if os.name == "nt":
+            info = subprocess.STARTUPINFO()
+            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # no console window
+            kwargs.update(startupinfo=info, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
+        else:
+            kwargs.update(start_new_session=True)  # its own process group: Cancel kills the children too
+        with open(self.folder / PROGRESS_FILE, "wb") as out, open(self.folder / STDERR_FILE, "wb") as err:
+            self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                            cwd=core, env=env, **kwargs)
+        logging.info("FewShotSAM2: started %s", " ".join(self.command))
+        return self
+
+    def cancel(self) -> None:
+        """Kill the process and every process it started, now, and wait for it to be gone."""
+        self.cancelled = True
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            if os.name == "nt":
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=False)
+            else:
+                os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, OSError):
+            process.kill()
+        process.wait()
+
+    def cleanup(self) -> None:
+        """Remove the job folder (inputs, result, logs)."""
+        if self.process is not None and self.process.poll() is None:
+            self.cancel()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    # -------------------------------------------------------------------------- state
+
+    @property
+    def finished(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.process is None else self.process.poll()
+
+    def poll(self) -> list[dict]:
+        """Events printed since the last call (complete lines only); updates progress, warnings and done."""
+        path = self.folder / PROGRESS_FILE
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return []
+        self._offset += len(chunk)
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        events = []
+        for raw in lines:
+            event = parseProgressLine(raw.decode("utf-8", "replace"))
+            if event is None:
+                continue
+            events.append(event)
+            if event["event"] == "progress":
+                self.progress = (str(event.get("stage", "")), int(event.get("done", 0)), int(event.get("total", 0)))
+            elif event["event"] == "warning":
+                self.warnings.append(str(event.get("message", "")))
+            elif event["event"] == "done":
+                self.done = event
+        self.events += events
+        return events
+
+    def stderr(self) -> str:
+        try:
+            return (self.folder / STDERR_FILE).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def readResult(self, structures) -> ProcessResult:
+        """The finished run's label map and scores; raises InputError / RuntimeError with one line if it failed."""
+        from fewshotsam2.errors import Cancelled, InputError
+        from fewshotsam2.volume import read_volume
+
+        if self.cancelled:
+            raise Cancelled("cancelled by the user")
+        self.poll()
+        code = self.returncode
+        if code is None:
+            raise RuntimeError("the segmentation process is still running")
+        if code != 0 or self.done is None:
+            stderr = self.stderr()
+            message = errorFromStderr(stderr, code)
+            if code == EXIT_BAD_INPUT:
+                raise InputError(message[:1].upper() + message[1:])
+            logging.error("FewShotSAM2: the segmentation process failed (exit code %s):\n%s", code, stderr)
+            raise RuntimeError(message)
+        labels = read_volume(self.folder / RESULT_FILE)
+        return ProcessResult(
+            labels=labels,
+            structures=list(structures),
+            scores=readScores(self.folder / SCORES_FILE, structures),
+            slice_axis=int(self.done.get("slice_axis", 0)),
+            encoder_calls=int(self.done.get("encoder_calls", 0)),
+            device=str(self.done.get("device", "")),
+            seconds=float(self.done.get("seconds", 0.0)),
+            warnings=list(self.warnings),
+        )

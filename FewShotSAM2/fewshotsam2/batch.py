@@ -1,0 +1,573 @@
+"""Segment a cohort: `fewshotsam2 batch` (a manifest CSV, or every scan in a folder from one set of supports).
+
+One process builds the model once and encodes each support slice once for the whole cohort (the engine keeps
+support features across queries, found again by pixel content). With `--ray` the cases go to Ray actors instead,
+each holding one model and its own encoded supports (`batch_ray.py`, imported only then).
+
+Manifest: a CSV with a header and the columns query, support_image, support_labels, labels, output. Several
+supports in one row: `;`-separated paths in both support columns, pairwise. Relative paths are relative to the
+manifest's folder (`output`: to --out-dir when given). Everything checkable is checked before any work: columns,
+files, labels (supports are read), outputs; one bad row stops the batch with exit code 2 and a line naming it.
+
+Resumable: an output that exists and reads as an image is complete (outputs are written atomically: temporary
+name, then rename), so its case is skipped unless --force. A case that fails (unreadable query, out of memory)
+is recorded with its error and the batch goes on. Exit code 0: every case ok or skipped; 1: some failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import Cancelled, InputError
+
+MANIFEST_COLUMNS = ("query", "support_image", "support_labels", "labels", "output")
+SUMMARY_NAME = "batch_summary.csv"
+SUMMARY_COLUMNS = ("row", "case", "query", "output", "status", "seconds", "encoder_calls", "peak_memory_mb", "error")
+# what --queries picks up in a folder besides DICOM series sub-folders
+QUERY_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")  # longest first: ".seg.nrrd" before ".nrrd"
+
+EXIT_OK, EXIT_SOME_FAILED = 0, 1
+
+
+@dataclass
+class BatchCase:
+    """One query to segment; paths absolute."""
+
+    row: int  # manifest line (the header is line 1), or position in the folder
+    query: str
+    supports: list[tuple[str, str]]  # (image, labels) pairs
+    labels: str  # the --labels selection, as written
+    output: str
+    where: str = ""  # how error messages name the case: "cohort.csv row 3", "--queries DIR: scan.nii.gz"
+
+    @property
+    def name(self) -> str:
+        """The case's name in progress and summary: its output file name without the extension."""
+        name = Path(self.output).name
+        for ext in OUTPUT_FORMATS:
+            if name.lower().endswith(ext):
+                return name[: -len(ext)]
+        return name
+
+
+@dataclass
+class CaseResult:
+    row: int
+    case: str
+    query: str
+    output: str
+    status: str  # ok, skipped, failed
+    seconds: float = 0.0
+    encoder_calls: int = 0
+    peak_memory_mb: float = 0.0
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- the cases
+
+
+def read_manifest(path: str, out_dir: Optional[str], default_labels: Optional[str]) -> list[BatchCase]:
+    """The manifest's cases, paths resolved; InputError naming the row for a bad column, cell or missing file."""
+    from .label_selection import parse_label_selection
+
+    manifest = Path(path)
+    if not manifest.is_file():
+        raise InputError(f"{manifest}: manifest not found")
+    base = manifest.resolve().parent
+    out_base = Path(out_dir).resolve() if out_dir else base
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]  # (file line, cells)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{manifest}: cannot read the manifest ({e})") from None
+    if not rows:
+        raise InputError(f"{manifest}: the manifest is empty; expected a header with {', '.join(MANIFEST_COLUMNS)}")
+    header = [c.strip().lower() for c in rows[0][1]]
+    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    unknown = [c for c in header if c not in MANIFEST_COLUMNS]
+    if missing or unknown or len(set(header)) != len(header):
+        problem = (f"missing column(s) {', '.join(missing)}" if missing else
+                   f"unknown column(s) {', '.join(unknown)}" if unknown else "repeated column names")
+        raise InputError(f"{manifest} header: {problem}; expected {', '.join(MANIFEST_COLUMNS)}")
+    if len(rows) == 1:
+        raise InputError(f"{manifest}: the manifest has a header and no cases")
+    cases = []
+    for line, cells in rows[1:]:
+        where = f"{manifest.name} row {line}"
+        if len(cells) != len(header):
+            raise InputError(f"{where}: {len(cells)} cells for {len(header)} columns (quote cells that hold commas)")
+        cell = {name: value.strip() for name, value in zip(header, cells)}
+        for name in ("query", "support_image", "support_labels", "output"):
+            if not cell[name]:
+                raise InputError(f"{where}: the {name} cell is empty")
+        images = [p.strip() for p in cell["support_image"].split(";")]
+        label_maps = [p.strip() for p in cell["support_labels"].split(";")]
+        if len(images) != len(label_maps) or not all(images) or not all(label_maps):
+            raise InputError(f"{where}: {len(images)} support images for {len(label_maps)} support label maps; "
+                             "give them pairwise, separated by ';'")
+        labels_text = cell["labels"] or default_labels
+        if not labels_text:
+            raise InputError(f"{where}: the labels cell is empty and no --labels default was given")
+        try:
+            parse_label_selection(labels_text)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+        cases.append(BatchCase(
+            row=line,
+            query=str(_resolve(cell["query"], base)),
+            supports=[(str(_resolve(i, base)), str(_resolve(lab, base))) for i, lab in zip(images, label_maps)],
+            labels=labels_text,
+            output=str(_resolve(cell["output"], out_base)),
+            where=where,
+        ))
+    _check_paths(cases)
+    return cases
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path).expanduser()
+    return (p if p.is_absolute() else base / p).absolute()
+
+
+def _is_query_file(p: Path) -> bool:
+    name = p.name.lower()
+    return not name.startswith(".") and not name.endswith(".seg.nrrd") and name.endswith(QUERY_EXTENSIONS)
+
+
+def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str, out_dir: str,
+                      out_format: str) -> list[BatchCase]:
+    """One case per scan in `folder` (image files and DICOM series sub-folders), all with the same supports."""
+    from .label_selection import parse_label_selection
+
+    d = Path(folder)
+    if not d.is_dir():
+        raise InputError(f"--queries {folder}: no such folder")
+    if out_format not in OUTPUT_FORMATS:
+        raise InputError(f"--out-format {out_format}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    support_paths = {Path(p).resolve() for pair in supports for p in pair}
+    queries = sorted(p for p in d.iterdir()
+                     if p.resolve() not in support_paths
+                     and (_is_query_file(p) or (p.is_dir() and not p.name.startswith("."))))
+    if not queries:
+        raise InputError(f"--queries {folder}: no scans found ({', '.join(QUERY_EXTENSIONS)} files or DICOM folders)")
+    parse_label_selection(labels)
+    out = Path(out_dir).resolve()
+    cases = []
+    for i, q in enumerate(queries, start=1):
+        stem = q.name
+        for ext in QUERY_EXTENSIONS:
+            if stem.lower().endswith(ext):
+                stem = stem[: -len(ext)]
+                break
+        cases.append(BatchCase(i, str(q.absolute()), [(str(Path(a).absolute()), str(Path(b).absolute()))
+                                                      for a, b in supports],
+                               labels, str(out / f"{stem}{out_format}"), f"--queries {folder}: {q.name}"))
+    _check_paths(cases)
+    return cases
+
+
+def _check_paths(cases: list[BatchCase]) -> None:
+    """Inputs exist; outputs have a known format, a folder that exists or can be made, one case each, and are
+    none of the inputs (the row's own, by `paths.refuse_overwriting_inputs`; every row's, by resolved path: one
+    set, so that a thousand-row manifest is not checked pairwise)."""
+    from .paths import input_path, refuse_overwriting_inputs
+    from .volume import _output_extension
+
+    inputs = {}
+    for c in cases:
+        for p in [c.query] + [p for pair in c.supports for p in pair]:
+            inputs.setdefault(os.path.realpath(input_path(p)), c.where)
+    seen: dict[str, str] = {}
+    for c in cases:
+        where = c.where
+        for what, p in [("query", c.query)] + [(k, p) for pair in c.supports
+                                               for k, p in zip(("support image", "support labels"), pair)]:
+            if not os.path.exists(input_path(p)):  # input_path: a DICOM "FOLDER#N" names its folder
+                raise InputError(f"{where}: {what} {p} does not exist")
+        if _output_extension(c.output) is None:
+            raise InputError(f"{where}: output {c.output}: unknown format; use one of {', '.join(OUTPUT_FORMATS)}")
+        try:
+            refuse_overwriting_inputs([("output", c.output)], [c.query, *(p for pair in c.supports for p in pair)])
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+        real = os.path.realpath(c.output)
+        if real in inputs:
+            raise InputError(f"{where}: output {c.output} is an input ({inputs[real]}); it would be overwritten")
+        if os.path.isdir(c.output):
+            raise InputError(f"{where}: output {c.output} is a folder; give a file name")
+        if real in seen:
+            raise InputError(f"{where}: output {c.output} is also the output of {seen[real]}")
+        seen[real] = c.where
+        folder = Path(c.output).parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{where}: cannot write {c.output}: {folder} is not a writable folder")
+
+
+SupportData = dict  # (image path, labels path) -> (image Volume, labels Volume, structures present)
+
+
+def check_supports(cases: list[BatchCase]) -> SupportData:
+    """Read every distinct support once and check that it has each case's labels (InputError naming the row)."""
+    from .volume import read_labels, read_volume
+
+    data: SupportData = {}
+    images: dict[str, object] = {}
+    for c in cases:
+        for image_path, labels_path in c.supports:
+            key = (image_path, labels_path)
+            try:
+                if key not in data:
+                    if image_path not in images:
+                        images[image_path] = read_volume(image_path)
+                    labels, available = read_labels(labels_path, images[image_path])
+                    data[key] = (images[image_path], labels, available)
+                _structures(c.labels, data[key], labels_path)
+            except InputError as e:
+                raise InputError(f"{c.where}: {e}") from None
+    return data
+
+
+def output_complete(path: str) -> bool:
+    """True when `path` exists and reads as a whole image (our outputs are renamed into place when complete)."""
+    if not os.path.isfile(path):
+        return False
+    import SimpleITK as sitk
+
+    try:
+        sitk.ReadImage(path)
+    except RuntimeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- running one case
+
+
+class PeakMemory:
+    """Peak memory of one case, in MB: CUDA's peak allocation on a GPU, else the process's peak resident set
+    (sampled every 20 ms; where /proc is missing, the process's lifetime peak)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.mb = 0.0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _rss_mb(self) -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _sample(self) -> None:
+        while True:
+            self.mb = max(self.mb, self._rss_mb())
+            if self._stop.wait(0.02):
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        else:
+            import resource
+
+            self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _is_support_frame(key) -> bool:
+    # frame keys are the pipeline's: ("query", i) for the query, ("support", ...) / ("lpips-support", ...) else
+    return not (isinstance(key, tuple) and key and key[0] == "query")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, InputError) else f"{type(exc).__name__}: {text}"
+
+
+class CaseRunner:
+    """One model and the supports read so far; runs cases one after the other (locally, or inside a Ray actor)."""
+
+    def __init__(self, options, supports: Optional[SupportData] = None, engine=None) -> None:
+        from .pipeline import make_engine
+
+        self.options = options
+        self.engine = engine if engine is not None else make_engine(options)
+        # the batch's reason to exist: support slices are encoded for the first query only
+        self.engine.keep_features(_is_support_frame)
+        self.supports: SupportData = dict(supports or {})
+
+    def _support(self, image_path: str, labels_path: str):
+        from .volume import read_labels, read_volume
+
+        key = (image_path, labels_path)
+        if key not in self.supports:
+            image = read_volume(image_path)
+            labels, available = read_labels(labels_path, image)
+            self.supports[key] = (image, labels, available)
+        return self.supports[key]
+
+    def run(self, case: BatchCase, progress: Optional[Callable[[str, int, int], None]] = None) -> CaseResult:
+        """Segment one case and write its output atomically; errors become a failed result, never an exception
+        (except cancellation, Ctrl-C and SIGTERM)."""
+        from .cli import out_of_memory_as_input_error
+        from .pipeline import SupportCase, check_query, segment
+        from .volume import read_volume, write_labels
+
+        result = CaseResult(case.row, case.name, case.query, case.output, "failed")
+        t0 = time.perf_counter()
+        self.engine.reset()  # segment() resets too; this one makes a case that fails early count 0 encoder calls
+        peak = PeakMemory(self.engine.device)
+        try:
+            with peak, out_of_memory_as_input_error(self.options):
+                query = read_volume(case.query)
+                check_query(query)
+                supports, structures = [], None
+                for image_path, labels_path in case.supports:
+                    support = self._support(image_path, labels_path)
+                    chosen, masks = _structures(case.labels, support, labels_path, structures)
+                    structures = structures or chosen  # the first support names the structures, as `segment`
+                    supports.append(SupportCase(support[0], support[1], name=Path(labels_path).name, masks=masks))
+                seg = segment(query, supports, structures, self.options, progress=progress, engine=self.engine)
+                os.makedirs(Path(case.output).parent, exist_ok=True)
+                write_labels(case.output, seg.labels, seg.structures)
+            result.status = "ok"
+            result.encoder_calls = seg.encoder_calls
+        except (Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001  one case's failure must not stop the cohort
+            result.error = _one_line(exc)
+            result.encoder_calls = self.engine.encoder_calls
+            if not isinstance(exc, InputError):
+                import logging
+
+                logging.getLogger(__name__).info("case %s failed:\n%s", case.name, traceback.format_exc())
+        result.seconds = time.perf_counter() - t0
+        result.peak_memory_mb = peak.mb
+        return result
+
+
+def _structures(labels_text: str, support, labels_path: str, named=None):
+    """As `segment` does: the row's structures in this support, the output's structures (`named`, else named
+    after this support), and the support mask of each output structure value."""
+    from .label_selection import parse_label_selection, resolve_structures
+    from .volume import output_structures, structure_mask
+
+    image, labels, available = support
+    chosen = resolve_structures(parse_label_selection(labels_text), available, labels_path)
+    out = named or output_structures(chosen, Path(labels_path).name)
+    masks = {}
+    for o, s in zip(out, chosen):
+        masks[o.value] = structure_mask(labels, s)
+        if not masks[o.value].any():
+            raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
+    return out, masks
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def write_summary(path: str, results: list[CaseResult]) -> None:
+    """The per-case summary CSV, atomically (rewritten after every case, so a crash keeps what was done)."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".batch-summary-", suffix=".csv", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(SUMMARY_COLUMNS)
+            for r in sorted(results, key=lambda r: r.row):
+                d = asdict(r)
+                d["seconds"] = f"{r.seconds:.2f}"
+                d["peak_memory_mb"] = f"{r.peak_memory_mb:.0f}"
+                w.writerow([d[c] for c in SUMMARY_COLUMNS])
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_summary(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import constants as C
+    from .cli import add_method_arguments, add_model_arguments
+    from .options import SegmentOptions
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "examples:\n"
+        "  fewshotsam2 batch --manifest cohort.csv --out-dir out\n"
+        "  fewshotsam2 batch --queries scans/ --support ct-a/image.nii.gz ct-a/labels.nii.gz --labels 1,5 "
+        "--out-dir out\n"
+        "  fewshotsam2 batch --manifest cohort.csv --ray local --workers 2\n"
+        "manifest columns: query,support_image,support_labels,labels,output (several supports: ';' between paths)"
+    )
+    src = parser.add_argument_group("cases (one of --manifest or --queries)")
+    what = src.add_mutually_exclusive_group(required=True)
+    what.add_argument("--manifest", metavar="CSV",
+                      help="CSV with columns query, support_image, support_labels, labels, output; relative paths "
+                           "are relative to the manifest")
+    what.add_argument("--queries", metavar="DIR",
+                      help="segment every scan in DIR (image files and DICOM series folders) from the --support(s)")
+    src.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+                     help="with --queries: a labeled support for every scan; repeat for several supports")
+    src.add_argument("--labels", metavar="L1,L2",
+                     help="structures to segment (as for segment): for --queries, and for manifest rows whose "
+                          "labels cell is empty")
+    src.add_argument("--out-dir", metavar="DIR",
+                     help="where outputs with relative paths and the summary go (default: outputs relative to the "
+                          "manifest, summary in their common folder; required with --queries); created if missing")
+    src.add_argument("--out-format", default=".nii.gz", choices=OUTPUT_FORMATS[::-1],
+                     help="with --queries: output format (default .nii.gz)")
+    src.add_argument("--force", action="store_true", help="redo cases whose output already exists")
+    method = SegmentOptions.flat_defaults()["method"]
+    parser.add_argument("--method", default=method, choices=C.METHODS, help=f"as for segment (default {method})")
+    add_method_arguments(parser)
+    add_model_arguments(parser)
+    dist = parser.add_argument_group("distribution (optional, needs: pip install 'fewshotsam2[ray]')")
+    dist.add_argument("--ray", metavar="ADDRESS",
+                      help="run the cases on a Ray cluster: 'local' starts one on this machine, otherwise a "
+                           "cluster address (e.g. auto, ray://head:10001); paths must be valid on every node")
+    dist.add_argument("--workers", type=int, metavar="N",
+                      help="with --ray: Ray actors, each holding one model (default: one per GPU, else one per "
+                           "4 CPUs)")
+    dist.add_argument("--retries", type=int, default=2, metavar="N",
+                      help="with --ray: times Ray restarts a lost worker and retries its case (default 2)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cases(args: argparse.Namespace) -> tuple[list[BatchCase], str]:
+    """(cases, where the summary goes)."""
+    if args.manifest:
+        if args.support:
+            raise InputError("--support belongs to --queries; a manifest names its supports in its rows")
+        cases = read_manifest(args.manifest, args.out_dir, args.labels)
+        # the summary goes next to the outputs: --out-dir, else the folder all outputs share
+        out_dir = args.out_dir or os.path.commonpath([str(Path(c.output).parent) for c in cases])
+        return cases, out_dir
+    if not args.support:
+        raise InputError("--queries needs at least one --support IMAGE LABELS")
+    if not args.labels:
+        raise InputError("--queries needs --labels")
+    if not args.out_dir:
+        raise InputError("--queries needs --out-dir (where the outputs go)")
+    return cases_from_folder(args.queries, args.support, args.labels, args.out_dir, args.out_format), args.out_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import options_from_args
+
+    options = options_from_args(args)  # checks every option value
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers is not None and not args.ray:
+        raise InputError("--workers needs --ray (a local batch runs one model in this process)")
+    if args.retries < 0:
+        raise InputError(f"--retries must be 0 or more, got {args.retries}")
+    if args.ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise InputError("--ray needs Ray, which is not installed: pip install 'fewshotsam2[ray]' "
+                             "(or pip install ray)") from None
+    cases, out_dir = _cases(args)
+    summary_path = str(Path(out_dir) / SUMMARY_NAME)
+    if os.path.realpath(summary_path) in {os.path.realpath(c.output) for c in cases}:
+        raise InputError(f"{summary_path}: the summary would overwrite a case's output")
+    supports = check_supports(cases)
+    # checked: from here on, work (folders are made when the first file goes into them)
+    results: dict[int, CaseResult] = {}
+    todo = []
+    for c in cases:
+        if not args.force and output_complete(c.output):
+            results[c.row] = CaseResult(c.row, c.name, c.query, c.output, "skipped")
+        else:
+            todo.append(c)
+    t0 = time.perf_counter()
+    if todo:
+        if args.ray:
+            from . import batch_ray
+
+            run_cases = batch_ray.run_cases
+            kwargs = dict(address=args.ray, workers=args.workers, retries=args.retries)
+        else:
+            run_cases = run_cases_locally
+            kwargs = dict(supports=supports, engine_factory=getattr(args, "engine_factory", None))
+
+        def record(r: CaseResult) -> None:
+            results[r.row] = r
+            write_summary(summary_path, list(results.values()))
+
+        run_cases(todo, options, record=record, quiet=args.quiet, **kwargs)
+    write_summary(summary_path, list(results.values()))
+    counts = {s: sum(r.status == s for r in results.values()) for s in ("ok", "skipped", "failed")}
+    wall = time.perf_counter() - t0
+    calls = sum(r.encoder_calls for r in results.values())
+    print(f"batch: {len(cases)} cases: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed "
+          f"in {wall:.1f} s ({calls} slices encoded); summary {summary_path}")
+    for r in sorted(results.values(), key=lambda r: r.row):
+        if r.status == "failed":
+            print(f"fewshotsam2: case {r.case} (row {r.row}) failed: {r.error}", file=sys.stderr)
+    return EXIT_SOME_FAILED if counts["failed"] else EXIT_OK
+
+
+def run_cases_locally(cases: list[BatchCase], options, record: Callable[[CaseResult], None], quiet: bool = False,
+                      supports: Optional[SupportData] = None, engine_factory: Optional[Callable] = None) -> None:
+    """One model in this process; the supports read during the checks; a tqdm bar over cases with the stage."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(cases), unit="case", desc="batch", file=sys.stderr, disable=quiet, dynamic_ncols=True)
+    try:
+        bar.set_postfix_str("building the model")
+        runner = CaseRunner(options, supports, engine_factory(options) if engine_factory else None)
+    except BaseException:
+        bar.close()
+        raise
+    try:
+        for case in cases:
+            def stage(text: str, done: int, total: int, _name=case.name) -> None:
+                bar.set_postfix_str(f"{_name}: {text}", refresh=False)
+                bar.refresh()
+
+            stage("reading", 0, 1)
+            result = runner.run(case, progress=stage)
+            record(result)
+            bar.update(1)
+    finally:
+        bar.close()
+        runner.engine.keep_features(None)  # an engine handed in (engine_factory) may serve other work next

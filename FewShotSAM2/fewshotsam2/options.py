@@ -1,0 +1,258 @@
+"""Settings of a segmentation run: one validated, immutable object per method plus the common settings.
+
+Defaults live here and nowhere else: the command line, the Slicer GUI and `evaluate` read them from these
+classes. Every value is checked once, when the object is built (`__post_init__`); a bad value raises
+`OptionError`, whose message names the option as the Python API spells it (`top_k`), never a command-line flag:
+each front end maps `OptionError.option` to its own wording (the command line to `--top-k`).
+
+Front ends that hold every setting under flat names (the GUI's parameter node, evaluate's run settings) build
+options with `SegmentOptions.from_flat(method=..., top_k=..., lpips_net=...)` and read them back with
+`to_flat()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+from . import constants as C
+from .errors import InputError
+
+
+class OptionError(InputError):
+    """A setting has a value it cannot have. `option` is its flat name (`top_k`, `lpips_net`, `image_size`)."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option} {problem}")
+        self.option = option
+        self.problem = problem
+
+
+def _int(option: str, value: Any, minimum: Optional[int] = None) -> int:
+    try:
+        number = int(value)
+        whole = not isinstance(value, bool) and float(value) == number  # refuses True, 2.5 and "2.5"
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise OptionError(option, f"must be a whole number, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise OptionError(option, f"must be at least {minimum}, got {number}")
+    return number
+
+
+def _float(option: str, value: Any, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(option, f"must be a number, got {value!r}") from None
+    if not low <= number <= high:  # also refuses nan
+        raise OptionError(option, f"must lie in [{low:g}, {high:g}], got {value!r}")
+    return number
+
+
+def _choice(option: str, value: Any, choices: tuple[str, ...]) -> str:
+    text = str(value)
+    if text not in choices:
+        raise OptionError(option, f"must be one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
+def _set(obj: object, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclasses: normalised values are stored once, in __post_init__
+
+
+# ------------------------------------------------------------------------------------------ per-method settings
+
+
+@dataclass(frozen=True)
+class PropagateOptions:
+    """Plain SAM2 propagation has no settings of its own."""
+
+    method: ClassVar[str] = "propagate"
+    FLAT: ClassVar[dict[str, str]] = {}  # flat name -> field name
+
+
+@dataclass(frozen=True)
+class ReverseOptions:
+    """Reverse propagation (RevSAM2).
+
+    top_k: query slices kept as conditional slices, best reverse score first.
+    min_score: only slices whose reverse score pi (mean Dice on the supports, 0..1) reaches this are kept; if
+        none does, the best slice is used with a warning.
+    keep_supports: keep the support slices in SAM2's memory during query self-propagation (the paper keeps only
+        the conditional query slices).
+    """
+
+    top_k: int = 5
+    min_score: float = 0.0
+    keep_supports: bool = False
+
+    method: ClassVar[str] = "reverse"
+    FLAT: ClassVar[dict[str, str]] = {"top_k": "top_k", "min_score": "min_score", "keep_supports": "keep_supports"}
+
+    def __post_init__(self) -> None:
+        _set(self, "top_k", _int("top_k", self.top_k, minimum=1))
+        _set(self, "min_score", _float("min_score", self.min_score, 0.0, 1.0))  # a Dice
+        _set(self, "keep_supports", bool(self.keep_supports))
+
+
+@dataclass(frozen=True)
+class LpipsOptions:
+    """LPIPS matching (Zu et al.).
+
+    augmentations: augmented copies of each support slice in the matching set.
+    net: LPIPS backbone. weights: a torchvision-layout state dict of that backbone for offline use (None: the
+        environment variable FEWSHOTSAM2_LPIPS_WEIGHTS, else torchvision's download). seed: of the augmentations.
+    """
+
+    augmentations: int = 3
+    net: str = "alex"
+    weights: Optional[str] = None
+    seed: int = 0
+
+    method: ClassVar[str] = "lpips"
+    FLAT: ClassVar[dict[str, str]] = {"augmentations": "augmentations", "lpips_net": "net",
+                                      "lpips_weights": "weights", "seed": "seed"}
+
+    def __post_init__(self) -> None:
+        _set(self, "augmentations", _int("augmentations", self.augmentations, minimum=0))
+        _set(self, "net", _choice("lpips_net", self.net, C.LPIPS_NETS))
+        _set(self, "weights", None if self.weights in (None, "") else str(self.weights))
+        _set(self, "seed", _int("seed", self.seed))
+
+
+MethodOptions = Union[PropagateOptions, ReverseOptions, LpipsOptions]
+METHOD_OPTIONS: dict[str, type] = {cls.method: cls for cls in (PropagateOptions, ReverseOptions, LpipsOptions)}
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Everything a run needs besides its inputs.
+
+    method: "reverse" (RevSAM2), "lpips" (Zu et al.) or "propagate" (plain SAM2 propagation); its own settings
+        are `method_options` (a ReverseOptions, LpipsOptions or PropagateOptions; None: that method's defaults).
+    model, version, image_size, device, checkpoint, untrained, cache_dir, batch_size: which SAM2, where it runs
+        (see `engine.SAM2Engine.from_pretrained`); `untrained` uses random weights (tests of the plumbing only).
+    axis: slice direction ("auto" = the acquisition axis). preset: intensity window ("auto" = CT window for CT,
+        percentiles otherwise). shots: support slices per support volume and structure.
+    slice_range: which query slices are segmented: "off" (every slice; the default here, so scripted runs keep
+        whole-volume results), "auto" (per structure, estimated from the supports, `extent.py`; the command
+        line's default) or "FIRST:LAST" (inclusive indices along the query array's slice axis).
+    extent_margin: mm added at each end of an "auto" range. extent_weights: AlexNet weights for the "auto"
+        estimate (None: the LPIPS weights of an lpips run, then $FEWSHOTSAM2_LPIPS_WEIGHTS, then torchvision).
+    feature_storage: the engine's image-feature cache: "auto", "float32" or "bfloat16" (`SAM2Engine.
+        set_feature_storage`).
+    """
+
+    method: str = "reverse"
+    model: str = "tiny"
+    version: str = "2.1"
+    image_size: int = C.DEFAULT_IMAGE_SIZE
+    device: str = "auto"
+    checkpoint: Optional[str] = None
+    untrained: bool = False
+    cache_dir: Optional[str] = None
+    batch_size: int = 8
+    axis: str = "auto"
+    preset: str = "auto"
+    shots: int = 1
+    slice_range: str = "off"
+    extent_margin: float = 15.0
+    extent_weights: Optional[str] = None
+    feature_storage: str = "auto"
+    method_options: Optional[MethodOptions] = field(default=None)
+
+    # the settings that decide which SAM2 engine is built (a run can reuse an engine when these agree)
+    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("model", "version", "image_size", "device", "checkpoint",
+                                                "untrained", "cache_dir", "batch_size")
+
+    def __post_init__(self) -> None:
+        from .checkpoints import normalise_model_name
+
+        method = _choice("method", self.method, C.METHODS)
+        _set(self, "method", method)
+        try:
+            _set(self, "model", normalise_model_name(str(self.model)))
+        except InputError:
+            raise OptionError("model", f"must be one of {', '.join(C.MODELS)}, got {self.model!r}") from None
+        _set(self, "version", _choice("version", self.version, C.VERSIONS))
+        size = _int("image_size", self.image_size)
+        if size % C.IMAGE_SIZE_STEP or not C.MIN_IMAGE_SIZE <= size <= C.MAX_IMAGE_SIZE:
+            raise OptionError("image_size", f"must be a multiple of {C.IMAGE_SIZE_STEP} from {C.MIN_IMAGE_SIZE} "
+                                            f"to {C.MAX_IMAGE_SIZE} (SAM2's training size), got {size}")
+        _set(self, "image_size", size)
+        _set(self, "device", _choice("device", self.device, C.DEVICES))
+        _set(self, "untrained", bool(self.untrained))
+        _set(self, "checkpoint", None if self.checkpoint in (None, "") else str(self.checkpoint))
+        _set(self, "cache_dir", None if self.cache_dir in (None, "") else str(self.cache_dir))
+        if self.untrained and self.checkpoint is not None:
+            raise OptionError("untrained", "excludes a checkpoint: random weights or a checkpoint, not both")
+        _set(self, "batch_size", _int("batch_size", self.batch_size, minimum=1))
+        _set(self, "axis", _choice("axis", self.axis, C.AXES))
+        _set(self, "preset", _choice("preset", self.preset, C.PRESETS))
+        _set(self, "shots", _int("shots", self.shots, minimum=1))
+        from .extent import parse_slice_range
+
+        try:
+            parse_slice_range(self.slice_range)
+        except InputError:
+            raise OptionError("slice_range", f"must be auto, off or FIRST:LAST (inclusive slice indices), got "
+                                             f"{self.slice_range!r}") from None
+        _set(self, "slice_range", str(self.slice_range).strip())
+        _set(self, "extent_margin", _float("extent_margin", self.extent_margin, 0.0, 1000.0))
+        _set(self, "extent_weights", None if self.extent_weights in (None, "") else str(self.extent_weights))
+        _set(self, "feature_storage", _choice("feature_storage", self.feature_storage,
+                                              ("auto", "float32", "bfloat16")))
+        expected = METHOD_OPTIONS[method]
+        if self.method_options is None:
+            _set(self, "method_options", expected())
+        elif type(self.method_options) is not expected:
+            raise OptionError("method_options", f"must be a {expected.__name__} for method '{method}', got a "
+                                                f"{type(self.method_options).__name__}")
+
+    # ---------------------------------------------------------------- flat names
+
+    @classmethod
+    def flat_names(cls) -> tuple[str, ...]:
+        """Every flat setting name, common ones first (what `from_flat` accepts and `to_flat` returns)."""
+        common = tuple(f.name for f in dataclasses.fields(cls) if f.name != "method_options")
+        return common + tuple(name for o in METHOD_OPTIONS.values() for name in o.FLAT)
+
+    @classmethod
+    def flat_defaults(cls) -> dict[str, Any]:
+        """Default of every flat setting (the command line's and the GUI's defaults)."""
+        out = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "method_options"}
+        for options_cls in METHOD_OPTIONS.values():
+            defaults = options_cls()
+            out.update({flat: getattr(defaults, name) for flat, name in options_cls.FLAT.items()})
+        return out
+
+    @classmethod
+    def from_flat(cls, **settings: Any) -> "SegmentOptions":
+        """Build from flat names (`top_k`, `lpips_net`, ...). A front end may pass every setting it holds: those of
+        the other methods are checked too (a bad value is an error whatever the method) and then dropped. A name
+        no method knows is a TypeError."""
+        common_names = {f.name for f in dataclasses.fields(cls)} - {"method_options"}
+        unknown = set(settings) - set(cls.flat_names())
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        common = {k: v for k, v in settings.items() if k in common_names}
+        method = _choice("method", common.get("method", cls.method), C.METHODS)
+        built = {m: o(**{name: settings[flat] for flat, name in o.FLAT.items() if flat in settings})
+                 for m, o in METHOD_OPTIONS.items()}
+        return cls(**common, method_options=built[method])
+
+    def to_flat(self) -> dict[str, Any]:
+        """The common settings and this method's own, under their flat names."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method_options"}
+        out.update({flat: getattr(self.method_options, name) for flat, name in type(self.method_options).FLAT.items()})
+        return out
+
+    def engine_settings(self) -> dict[str, Any]:
+        """The settings that decide which SAM2 engine is built (equal settings: the engine can be reused)."""
+        return {name: getattr(self, name) for name in self.ENGINE_FIELDS}

@@ -1,0 +1,148 @@
+"""FewShotSAM2Lib without SAM2: the progress-line protocol, error lines, option flags, the job files, the plot
+clean-up and the sample-data registration table (fast; the real process runs in test_slicer_logic.py)."""
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from FewShotSAM2Lib import choices, process, review  # noqa: E402
+from fewshotsam2 import cli  # noqa: E402
+from fewshotsam2.volume import Structure, Volume, read_labels, read_volume  # noqa: E402
+
+
+def test_progress_lines_are_parsed_and_other_output_ignored():
+    assert process.parseProgressLine('{"event": "progress", "stage": "Encoding slice 3/20", "done": 3, "total": 20}\n') == {
+        "event": "progress", "stage": "Encoding slice 3/20", "done": 3, "total": 20}
+    assert process.parseProgressLine('{"event": "warning", "message": "w"}')["message"] == "w"
+    for other in ("", "wrote out.nrrd", "{not json", '["a"]', '{"event": "unknown"}', '{"stage": "x"}'):
+        assert process.parseProgressLine(other) is None
+
+
+def test_poll_reads_complete_lines_only(tmp_path):
+    job = process.SegmentationProcess(folder=tmp_path)
+    path = tmp_path / process.PROGRESS_FILE
+    path.write_text('{"event": "progress", "stage": "Encoding slice 1/2", "done": 1, "total": 2}\n{"event": "warn')
+    assert [e["event"] for e in job.poll()] == ["progress"]
+    assert job.progress == ("Encoding slice 1/2", 1, 2)
+    with open(path, "a") as f:  # the rest of the half-written line arrives
+        f.write('ing", "message": "modality mismatch"}\n{"event": "done", "device": "cpu", "seconds": 1.5}\n')
+    assert [e["event"] for e in job.poll()] == ["warning", "done"]
+    assert job.warnings == ["modality mismatch"] and job.done["device"] == "cpu"
+    assert job.poll() == []
+
+
+def test_error_line_from_stderr():
+    assert process.errorFromStderr("warning: x\nfewshotsam2: error: --image-size must be a multiple of 32\n", 2) == (
+        "--image-size must be a multiple of 32")
+    assert process.errorFromStderr("Traceback (most recent call last):\n  File x\nMemoryError: boom\n", 1) == (
+        "the segmentation process stopped with exit code 1: MemoryError: boom")
+    assert "no message" in process.errorFromStderr("", -9)
+
+
+def test_option_flags_match_the_command_line():
+    """Every option the Logic passes is an option of `fewshotsam2 segment`, with the same default."""
+    parser = cli.build_parser()
+    segment = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "segment")[1]
+    flags = {option: action for action in segment._actions for option in action.option_strings}
+    for name, flag in process.OPTION_FLAGS.items():
+        assert flag in flags, flag
+        assert flags[flag].dest == name
+    assert process.optionArguments({"image_size": 64, "untrained": True, "keep_supports": False, "checkpoint": None,
+                                    "min_score": 0.25}) == ["--image-size", "64", "--untrained", "--min-score", "0.25"]
+    assert process.unknownOptions({"image_size": 1, "magic": 2}) == ["magic"]
+    args = parser.parse_args(["segment", "--query", "q", "--support", "i", "l", "--labels", "1", "--out", "o.nrrd",
+                              "--progress", "json"])
+    assert args.progress == "json"
+
+
+def test_job_files_keep_geometry_and_names(tmp_path):
+    direction = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1]], float)
+    image = Volume(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), (0.7, 0.9, 2.5), (-10.25, 3.5, 7.125), direction)
+    labels = np.zeros(image.shape, np.uint16)
+    labels[1, 2, 3] = 2
+    structures = [Structure(1, "liver", (1.0, 0.0, 0.0)), Structure(2, "spleen, left", (0.0, 1.0, 0.0))]
+    support = type("Support", (), {"image": image, "labels": image.with_array(labels)})
+    args = process.writeJobInputs(tmp_path, image, [support], structures)
+    assert args[-2:] == ["--labels", "1,2"]
+    query = read_volume(tmp_path / process.QUERY_FILE)
+    assert query.array.dtype == np.int16 and np.array_equal(query.array, image.array)
+    assert query.spacing == image.spacing and query.origin == image.origin
+    assert np.array_equal(query.direction, direction)
+    got, found = read_labels(tmp_path / "support-1-labels.seg.nrrd", query)
+    assert np.array_equal(got.array, labels)
+    assert [(s.value, s.name) for s in found] == [(2, "spleen, left")]  # only what this support has
+
+
+def test_chart_series_are_all_removed_on_rerun():
+    """Re-running on the same chart leaves exactly one series per structure in the scene (the old loop left every
+    other one: removing a series from the scene also drops it from the chart)."""
+    scene = slicer.vtkMRMLScene()
+    structures = [Structure(v, f"s{v}", (0.1 * v, 0.2, 0.3)) for v in (1, 2, 3, 4)]
+    scores = [process.ScoreRow(s.name, s.value, k, 0.1 * k, False) for s in structures for k in range(3)]
+    result = type("Result", (), {"structures": structures, "scores": scores})
+    table, chart = review.createConfidenceTable(result, "reverse", scene)
+    for _ in range(3):
+        assert review.createConfidenceTable(result, "reverse", scene, table, chart) == (table, chart)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 4
+    assert chart.GetNumberOfPlotSeriesNodes() == 4
+
+
+def test_every_choice_has_a_readable_name():
+    for parameter, (widget, values) in choices.COMBO_BOXES.items():
+        assert widget.endswith("ComboBox")
+        for value in values:
+            name = choices.displayName(parameter, value)
+            assert name != str(value), (parameter, value)
+            assert "_" not in name and not name.startswith("ct-"), name
+    assert choices.displayName("method", "reverse") == "Reverse propagation (RevSAM2)"
+    assert choices.displayName("imageSize", 256) == "256 px"
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+def _tiny_case(folder, values):
+    """A 6x24x24 volume with a bright square and a label map holding the given values (one small blob each)."""
+    image = Volume(np.full((6, 24, 24), 100, np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    image.array[:, 6:18, 6:18] = 900
+    labels = np.zeros(image.shape, np.uint8)
+    for n, value in enumerate(values):
+        labels[3, 6 + 4 * n : 9 + 4 * n, 6:18] = value
+    from fewshotsam2.volume import write_labels
+
+    process.writeImage(folder / "image.nrrd", image)
+    write_labels(folder / "labels.nrrd", image.with_array(labels), [])
+    return folder / "image.nrrd", folder / "labels.nrrd"
+
+
+@pytest.mark.slow
+def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
+    """`segment --progress json` prints only JSON lines (progress, then done with the device); with several
+    supports a label needs to be in one of them only, and one absent from all is one clear error."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    image_a, labels_a = _tiny_case(tmp_path / "a", [1])
+    image_b, labels_b = _tiny_case(tmp_path / "b", [2])
+    out = tmp_path / "out.nrrd"
+    common = ["segment", "--query", str(image_a), "--support", str(image_a), str(labels_a),
+              "--support", str(image_b), str(labels_b), "--out", str(out), "--method", "propagate",
+              "--untrained", "--image-size", "64", "--device", "cpu", "--progress", "json"]
+    assert cli.main(common + ["--labels", "2,1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    events = [process.parseProgressLine(line) for line in lines]
+    assert None not in events  # nothing but JSON objects on stdout
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[0]["stage"].startswith("Encoding slice") and progress[0]["total"] == 6
+    done = events[-1]
+    assert done["event"] == "done" and done["device"] == "cpu" and done["seconds"] > 0
+    assert list(done["voxels"]) == ["Label 2", "Label 1"]  # the --labels order
+    assert read_volume(out).shape == (6, 24, 24)
+    import warnings
+
+    assert warnings.showwarning is not cli._json_warning  # restored: warnings after the run are not JSON lines
+
+    out.unlink()
+    assert cli.main(common + ["--labels", "1,3"]) == 2
+    assert "label '3' is absent from every support" in capsys.readouterr().err
+    assert not out.exists()
