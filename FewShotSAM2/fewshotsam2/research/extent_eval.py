@@ -26,6 +26,11 @@ PAIRS_CT = [
     (CT["ct-a"], CT["spleen-ct"], [(1, 1, "spleen")]),
     (CT["ct-b"], CT["spleen-ct"], [(1, 1, "spleen")]),
 ]
+# several supports at once (their ranges are joined)
+MULTI = [(q, tuple(s for s in IBSR if s != q), [(1, 1, "CSF"), (2, 2, "GM"), (3, 3, "WM")]) for q in IBSR] + [
+    (CT["spleen-ct"], (CT["ct-a"], CT["ct-b"]), [(1, 1, "spleen")]),
+    (CT["mr"], (CT["ct-a"], CT["ct-b"]), [(1, 1, "spleen"), (5, 5, "liver")]),
+]
 PAIRS_CTMR = [
     (CT["mr"], CT["ct-a"], [(1, 1, "spleen"), (5, 5, "liver")]),
     (CT["ct-a"], CT["mr"], [(1, 1, "spleen"), (5, 5, "liver")]),
@@ -72,9 +77,10 @@ def evaluate_pairs(data: Path, pairs, estimator, downsample: int = 1) -> list[di
 
     rows = []
     for q, s, structs in pairs:
-        qi, si = get(q), get(s)
+        qi = get(q)
+        sis = [get(x) for x in (s if isinstance(s, tuple) else (s,))]
         t0 = time.perf_counter()
-        ranges = estimator.estimate(qi, [si], [(sv, name) for _, sv, name in structs])
+        ranges = estimator.estimate(qi, sis, [(sv, name) for _, sv, name in structs])
         seconds = time.perf_counter() - t0
         for (qv, _, name), r in zip(structs, ranges):
             truth = np.flatnonzero((qi.labels == qv).reshape(qi.labels.shape[0], -1).any(axis=1))
@@ -82,7 +88,8 @@ def evaluate_pairs(data: Path, pairs, estimator, downsample: int = 1) -> list[di
                 continue
             t_first, t_last = int(truth[0]), int(truth[-1])
             inside = ((truth >= r.first) & (truth <= r.last)).sum() if not r.empty else 0
-            rows.append(dict(query=q, support=s, structure=name, n_query=int(qi.images.shape[0]),
+            rows.append(dict(query=q, support="+".join(x.split("/")[-1] for x in s) if isinstance(s, tuple) else s,
+                             structure=name, n_query=int(qi.images.shape[0]),
                              true_first=t_first, true_last=t_last, first=r.first, last=r.last,
                              recall=float(inside / truth.size),
                              length_ratio=float(len(r) / (t_last - t_first + 1)), seconds=seconds))
@@ -112,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     est = ExtentEstimator(weights=args.weights, size=args.size, margin_mm=args.margin, outside_quantile=args.outside)
-    sets = {"ibsr": PAIRS_IBSR, "ct": PAIRS_CT, "ctmr": PAIRS_CTMR}
+    sets = {"ibsr": PAIRS_IBSR, "ct": PAIRS_CT, "ctmr": PAIRS_CTMR, "multi": MULTI}
     out = {}
     for name in args.sets.split(","):
         rows = evaluate_pairs(Path(args.data), sets[name], est, args.downsample)
