@@ -58,6 +58,15 @@ class StackInfo:
     spacing: tuple[float, float]  # in-plane (row, column) mm
     slice_spacing: float  # mm between consecutive slices
     labels: Optional[np.ndarray] = None  # integer (n, h, w) on the same stack (supports)
+    # supports, instead of `labels`: label value -> bool (n,) which slices hold it (all the estimate reads)
+    present: Optional[dict] = None
+
+    def slices_with(self, value: int) -> np.ndarray:
+        if self.present is not None:
+            return np.asarray(self.present.get(value, np.zeros(self.images.shape[0], bool)), bool)
+        if self.labels is None:
+            raise ValueError("a support stack needs its labels")
+        return (self.labels == value).reshape(self.labels.shape[0], -1).any(axis=1)
 
 
 @dataclass
@@ -144,16 +153,21 @@ def align(cost: np.ndarray, query_spacing: float, support_spacing: float,
 
 
 def structure_extent_mm(labels: np.ndarray, value: int, slice_spacing: float) -> Optional[tuple[float, float]]:
+    """See `extent_mm_of_slices`; `labels` is an integer (n, h, w) stack."""
+    return extent_mm_of_slices((labels == value).reshape(labels.shape[0], -1).any(axis=1), slice_spacing)
+
+
+def extent_mm_of_slices(has: np.ndarray, slice_spacing: float) -> Optional[tuple[float, float]]:
     """(start, end) mm of a structure's labeled slices along the stack axis, each slice counted +-half a slice.
 
     An end on the support's first or last slice is infinite: the scan was cut through the structure there.
     """
-    present = np.flatnonzero((labels == value).reshape(labels.shape[0], -1).any(axis=1))
+    present = np.flatnonzero(has)
     if present.size == 0:
         return None
     # a structure cut by the support's first or last slice goes on beyond it: open on that side
     lo = -math.inf if present[0] == 0 else (present[0] - 0.5) * slice_spacing
-    hi = math.inf if present[-1] == labels.shape[0] - 1 else (present[-1] + 0.5) * slice_spacing
+    hi = math.inf if present[-1] == len(has) - 1 else (present[-1] + 0.5) * slice_spacing
     return lo, hi
 
 
@@ -212,12 +226,10 @@ class ExtentEstimator:
         n_q = query.images.shape[0]
         per_support: list[list[Optional[tuple[int, int]]]] = [[] for _ in structures]
         for support in supports:
-            if support.labels is None:
-                raise ValueError("a support stack needs its labels")
             alignment = align(self.cost_matrix(query, support), query.slice_spacing, support.slice_spacing,
                               outside_quantile=self.outside_quantile)
             for s, (value, _) in enumerate(structures):
-                extent = structure_extent_mm(support.labels, value, support.slice_spacing)
+                extent = extent_mm_of_slices(support.slices_with(value), support.slice_spacing)
                 per_support[s].append(None if extent is None else
                                       map_extent(alignment, extent, query.slice_spacing, n_q, self.margin_mm))
         ranges = []

@@ -348,11 +348,11 @@ def resample_to_fov(
     rr = r + offsets * step / spacing[0]
     cc = c + offsets * step / spacing[1]
     # downsampling by more than ~2x aliases: smooth first, with a Gaussian matched to the sampling step
-    sigma = [0.0] + [max(0.0, 0.5 * (step / s - 1.0)) for s in spacing]
-    if max(sigma) > 0:
-        stack = ndimage.gaussian_filter(stack, sigma=sigma, mode="constant")
+    sigma = [max(0.0, 0.5 * (step / s - 1.0)) for s in spacing]
     grid_r, grid_c = np.meshgrid(rr, cc, indexing="ij")
     out = np.empty((stack.shape[0], size, size), dtype=np.float32)
     for k in range(stack.shape[0]):
-        out[k] = ndimage.map_coordinates(stack[k], [grid_r, grid_c], order=1, mode="constant", cval=0.0)
+        # slice by slice (the same in-plane filter as on the whole stack): no full-size copy of a 300-slice CT
+        image = ndimage.gaussian_filter(stack[k], sigma=sigma, mode="constant") if max(sigma) > 0 else stack[k]
+        out[k] = ndimage.map_coordinates(image, [grid_r, grid_c], order=1, mode="constant", cval=0.0)
     return out

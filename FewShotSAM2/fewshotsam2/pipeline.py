@@ -173,16 +173,17 @@ def segment(
         support_slices = []
         for s_idx, (plan, image_stack, case, box) in enumerate(prepared):
             mask_stack = plan.stack(case.mask(structure.value))
-            label_stack = np.where(mask_stack, structure.value, 0)
             if not mask_stack.any():
                 if len(prepared) > 1:
                     continue  # several supports: each only needs the structures it has
                 raise InputError(f"structure {structure.value} ({structure.name}) is absent from {supports[s_idx].name}")
             _warn_small_support(mask_stack, structure, case.name)
+            # the smallest integer type, not int64 (2.5 GB for a 600-slice 512 x 512 support)
+            label_stack = mask_stack.astype(np.min_scalar_type(structure.value)) * structure.value
             for idx in select_support_slices(label_stack, structure.value, options.shots):
                 key = ("support", s_idx, idx)
                 engine.add_frames({key: image_stack[idx]})
-                support_slices.append(SupportSlice(key, label_stack[idx] == structure.value, s_idx, idx,
+                support_slices.append(SupportSlice(key, mask_stack[idx].copy(), s_idx, idx,
                                                    image_stack[idx], plan.slice_index_to_array_index(idx),
                                                    plan.in_plane_spacing, box))
         if not support_slices:
@@ -247,10 +248,10 @@ def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, struc
     query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
     support_infos = []
     for plan, image_stack, case, _ in prepared:
-        labels = np.zeros(image_stack.shape, dtype=np.int64)
-        for st in structures:  # the output's values, whatever the support's own numbering
-            labels[plan.stack(case.mask(st.value))] = st.value
-        support_infos.append(StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, labels))
+        # which slices hold each structure (the output's values, whatever the support's own numbering)
+        present = {st.value: plan.stack(case.mask(st.value)).reshape(image_stack.shape[0], -1).any(axis=1)
+                   for st in structures}
+        support_infos.append(StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, present=present))
     found = estimator.estimate(query_info, support_infos, [(s.value, s.name) for s in structures])
     ranges: dict[int, Optional[tuple[int, int]]] = {}
     for r in found:
