@@ -48,6 +48,7 @@ MARGIN_MM = 15.0
 # give 0.98; IBSR is the same for all three.
 OUTSIDE_QUANTILE = 0.5
 LPIPS_SIZE = 224
+QUERY_CHUNK = 32  # query slices whose LPIPS features are held at once
 
 
 @dataclass
@@ -216,9 +217,15 @@ class ExtentEstimator:
         sbox = body_box(support.images, support.spacing)
         fov = 1.1 * max(qbox[2], sbox[2])
         size = self.matcher.size
-        qf = self.matcher.features(resample_to_fov(query.images, query.spacing, fov, size, center=qbox[:2]))
         sf = self.matcher.features(resample_to_fov(support.images, support.spacing, fov, size, center=sbox[:2]))
-        return self.matcher.distance_matrix(qf, sf).cpu().numpy()
+        # query slices a chunk at a time: LPIPS features are 1.3 MB per slice at 224 px, so a 300-slice query
+        # would otherwise hold 400 MB of them next to the support's
+        rows = []
+        for start in range(0, query.images.shape[0], QUERY_CHUNK):
+            chunk = resample_to_fov(query.images[start : start + QUERY_CHUNK], query.spacing, fov, size,
+                                    center=qbox[:2])
+            rows.append(self.matcher.distance_matrix(self.matcher.features(chunk), sf).cpu().numpy())
+        return np.concatenate(rows)
 
     def estimate(self, query: StackInfo, supports: Sequence[StackInfo], structures: Sequence[tuple[int, str]],
                  ) -> list[SliceRange]:
