@@ -234,12 +234,17 @@ class LPIPSDistance:
         Size per image for alex at 224: 328,882 floats (1.3 MB).
         """
         x = self._as_tensor(images)
-        chunks: list[list[torch.Tensor]] = []
-        for start in range(0, x.shape[0], self.batch_size):
-            chunks.append(self.features_from_network_input(self._prepare(x[start : start + self.batch_size])))
-        if not chunks:  # no images: empty tensors with the right widths, so distance_matrix still works
+        n = x.shape[0]
+        if n == 0:  # no images: empty tensors with the right widths, so distance_matrix still works
             return [f[:0] for f in self.features(torch.zeros((1, self.size, self.size)))]
-        return [torch.cat([c[layer] for c in chunks]) for layer in range(self.n_layers)]
+        out: list[torch.Tensor] = []
+        for start in range(0, n, self.batch_size):
+            part = self.features_from_network_input(self._prepare(x[start : start + self.batch_size]))
+            if not out:  # filled in place: concatenating chunks would hold every feature twice at the end
+                out = [torch.empty((n, f.shape[1]), dtype=f.dtype, device=f.device) for f in part]
+            for layer, f in enumerate(part):
+                out[layer][start : start + f.shape[0]] = f
+        return out
 
     @staticmethod
     @torch.no_grad()
