@@ -1239,25 +1239,25 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class FewShotSAM2Test(ScriptedLoadableModuleTest):
-    """Self-test: a small synthetic volume and segmentation, segmented out of process by SAM2 tiny with random
-    weights at 64 pixels. Skipped (not passed) when torch or sam2 is not installed."""
+    """Self-test on a small synthetic volume and segmentation.
+
+    test_FewShotSAM2_files (no torch needed): MRML -> the job files the process reads, exactly, and the progress
+    protocol. test_FewShotSAM2_untrained: the real out-of-process run, SAM2 tiny with random weights at 64 pixels;
+    skipped (not passed) when torch or sam2 is not installed.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_FewShotSAM2_files()
+        self.setUp()
         self.test_FewShotSAM2_untrained()
 
-    def test_FewShotSAM2_untrained(self):
-        self.delayDisplay("Starting the test")
-        logic = FewShotSAM2Logic()
-        missing = logic.missingDependencies("propagate")
-        if missing:
-            # the test does not install packages
-            self.skipTest("FewShotSAM2 Python packages not installed: " + "; ".join(missing))
-
-        # A 48x40x12 volume with a bright ellipsoid, 1.5 x 1.2 x 3 mm voxels, LPS-like (flipped) axes.
+    def _syntheticCase(self):
+        """A 48x40x12 volume with a bright ellipsoid (1.5 x 1.2 x 3 mm voxels, flipped axes) and a segmentation
+        labeling it on two slices: the query is its own support."""
         k, j, i = np.mgrid[0:12, 0:40, 0:48]
         inside = ((i - 24) / 12.0) ** 2 + ((j - 20) / 9.0) ** 2 + ((k - 6) / 5.0) ** 2 <= 1.0
         voxels = (100 + 800 * inside + np.random.default_rng(0).normal(0, 20, inside.shape)).astype(np.int16)
@@ -1272,8 +1272,54 @@ class FewShotSAM2Test(ScriptedLoadableModuleTest):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentId = segmentationNode.GetSegmentation().AddEmptySegment("blob", "blob", [0.9, 0.2, 0.1])
         labels = np.zeros(inside.shape, np.uint8)
-        labels[5:7] = inside[5:7]  # two labeled slices: the query is its own support
+        labels[5:7] = inside[5:7]
         slicer.util.updateSegmentBinaryLabelmapFromArray(labels, segmentationNode, segmentId, volumeNode)
+        return volumeNode, segmentationNode, segmentId, voxels, labels
+
+    def test_FewShotSAM2_files(self):
+        import importlib.util
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from fewshotsam2.volume import read_labels, read_volume
+
+        self.delayDisplay("MRML to the segmentation process's files")
+        volumeNode, segmentationNode, segmentId, voxels, labels = self._syntheticCase()
+        logic = FewShotSAM2Logic()
+        prepared = logic.prepare(volumeNode, [(volumeNode, segmentationNode, [segmentId])], "propagate",
+                                 image_size=64, untrained=True, device="cpu")
+        np.testing.assert_array_equal(prepared.supports[0].labels.array, labels)
+        self.assertEqual(prepared.options["image_size"], 64)
+        folder = Path(tempfile.mkdtemp(prefix="FewShotSAM2-selftest-"))
+        try:
+            if importlib.util.find_spec("slicerio") is not None:  # .seg.nrrd labels need it
+                arguments = process.writeJobInputs(folder, prepared.query, prepared.supports, prepared.structures)
+                self.assertEqual(arguments[-2:], ["--labels", "1"])
+                query = read_volume(folder / process.QUERY_FILE)
+                np.testing.assert_array_equal(query.array, voxels)
+                self.assertTrue(query.same_grid(prepared.query))
+                supportLabels, structures = read_labels(folder / "support-1-labels.seg.nrrd", query)
+                np.testing.assert_array_equal(supportLabels.array, labels)
+                self.assertEqual([(s.value, s.name) for s in structures], [(1, "blob")])
+            else:
+                process.writeImage(folder / process.QUERY_FILE, prepared.query)
+                np.testing.assert_array_equal(read_volume(folder / process.QUERY_FILE).array, voxels)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        event = process.parseProgressLine('{"event": "progress", "stage": "Encoding slice 3/12", "done": 3, "total": 12}')
+        self.assertEqual((event["stage"], event["done"], event["total"]), ("Encoding slice 3/12", 3, 12))
+        self.assertIsNone(process.parseProgressLine("not a progress line"))
+        self.delayDisplay("Test passed")
+
+    def test_FewShotSAM2_untrained(self):
+        self.delayDisplay("Starting the test")
+        logic = FewShotSAM2Logic()
+        missing = logic.missingDependencies("propagate")
+        if missing:
+            # the test does not install packages
+            self.skipTest("FewShotSAM2 Python packages not installed: " + "; ".join(missing))
+        volumeNode, segmentationNode, segmentId, voxels, labels = self._syntheticCase()
 
         self.delayDisplay("Segmenting in a separate process")
         stages = []

@@ -237,11 +237,12 @@ def test_labels_resolution_rules():
     from fewshotsam2.label_selection import resolve_structures as resolve
 
     segs = _structures((1, "5"), (5, "liver"), (7, "Lesion"), (8, "lesion"), (9, "Tumour, core"), (10, "Läsion ü 病变"),
-                       (11, "Spleen"))
+                       (11, "Spleen"), (12, "42"))
     pick = lambda text: [(s.value, s.name) for s in resolve(parse(text), segs, "s.seg.nrrd")]  # noqa: E731
     assert pick("value:5,name:5") == [(5, "liver"), (1, "5")]
     assert pick("lesion,Lesion") == [(8, "lesion"), (7, "Lesion")]  # exact case first
     assert pick("spleen") == [(11, "Spleen")]  # one case-insensitive match is fine
+    assert pick("42") == [(12, "42")]  # a digit-only name no value claims is that segment, not "value 42"
     assert pick('"Tumour, core",Läsion ü 病变') == [(9, "Tumour, core"), (10, "Läsion ü 病变")]
     assert pick("core=9,organ=name:liver") == [(9, "core"), (5, "organ")]
     for text, first_words in [
@@ -638,8 +639,12 @@ def test_sigterm_while_writing_leaves_no_temporary_file(data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["truncated.mha", "truncated.nii.gz"])
-def test_truncated_file_is_one_line_as_a_process(data, bad, tmp_path, name):
+@pytest.mark.parametrize("query,first_words", [
+    ("truncated.mha", "truncated.mha: truncated"), ("truncated.nii.gz", "truncated.nii.gz: truncated"),
+    ("DATA", "DATA: folder contains no DICOM series"),  # GDCM complains about every NIfTI file in it
+    ("", "an empty path was given"),
+])
+def test_bad_query_is_one_line_as_a_process(data, bad, tmp_path, query, first_words):
     """As a process, so what C++ readers print on the stderr descriptor counts too."""
     import subprocess
 
@@ -648,13 +653,14 @@ def test_truncated_file_is_one_line_as_a_process(data, bad, tmp_path, name):
     out = tmp_path / "out"
     out.mkdir()
     before = digest(bad["dir"])
+    query = bad.get(query) or (str(data["dir"]) if query == "DATA" else query)
     env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "fewshotsam2.cli",
-                           *segment_argv(bad[name], data["support"], data["labels"], str(out / "o.nii.gz"))],
+                           *segment_argv(query, data["support"], data["labels"], str(out / "o.nii.gz"))],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith(f"{ERROR}{name}: truncated")
+    assert proc.stderr.startswith(ERROR + first_words.replace("DATA", str(data["dir"])))
     assert digest(bad["dir"]) == before and list(out.iterdir()) == []
 
 

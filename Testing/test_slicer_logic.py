@@ -27,6 +27,7 @@ from fewshotsam2.errors import Cancelled, InputError  # noqa: E402
 from fewshotsam2.volume import Structure, Volume, read_volume  # noqa: E402
 
 from FewShotSAM2Lib import dependencies, process, review  # noqa: E402
+from importlib.util import find_spec as importlib_find_spec  # noqa: E402
 
 # slow tier: real-data pipelines and the segmentation process (module fixtures shared by several tests)
 pytestmark = [pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS"), pytest.mark.slow]
@@ -879,6 +880,8 @@ def test_module_self_test_body_runs_on_slicer_core(monkeypatch):
     monkeypatch.setattr(slicer.util, "updateSegmentBinaryLabelmapFromArray", update_segment)
 
     class Runner(unittest.TestCase):
+        _syntheticCase = module.FewShotSAM2Test._syntheticCase
+
         def runTest(self):
             pass
 
@@ -886,9 +889,29 @@ def test_module_self_test_body_runs_on_slicer_core(monkeypatch):
             self.messages.append(message)
 
     runner = Runner()
-    runner.messages = []
-    module.FewShotSAM2Test.test_FewShotSAM2_untrained(runner)
-    assert runner.messages[-1] == "Test passed", runner.messages
+    for body in (module.FewShotSAM2Test.test_FewShotSAM2_files, module.FewShotSAM2Test.test_FewShotSAM2_untrained):
+        runner.messages = []
+        scene.Clear(0)
+        body(runner)
+        assert runner.messages[-1] == "Test passed", runner.messages
+
+
+def test_module_self_test_skips_without_torch(monkeypatch):
+    """Without torch or sam2 the self-test's SAM2 part is skipped with the reason, not passed silently."""
+    import unittest
+
+    monkeypatch.setattr(dependencies.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else importlib_find_spec(name, *a))
+
+    class Runner(unittest.TestCase):
+        def runTest(self):
+            pass
+
+        def delayDisplay(self, message, *args, **kwargs):
+            pass
+
+    with pytest.raises(unittest.SkipTest, match="torch is not installed"):
+        module.FewShotSAM2Test.test_FewShotSAM2_untrained(Runner())
 
 
 def test_dependencies_are_checked_without_importing_them():

@@ -1,16 +1,66 @@
 #!/usr/bin/env bash
-# Set up the environment (first run only) and segment the liver and spleen of the shared ct-b CT (DICOM series)
-# from one labeled slice per structure of ct-a, with reverse propagation. Extra arguments go to
-# `fewshotsam2 segment`, e.g. --untrained (random weights, offline plumbing check) or --model small.
+# The demo: segment the liver and spleen of the sample CT ct-b (a 20-slice DICOM series) from one labeled slice
+# per structure of ct-a, with reverse propagation. Writes out/ct-b_liver_spleen.seg.nrrd (segments "liver" and
+# "spleen"; open it in 3D Slicer over the series) and out/ct-b_scores.csv (per-slice reverse scores).
+#
+#   scripts/demo.sh              real masks: SAM2.1 tiny checkpoint (downloaded on first use, ~150 MB), 1024 px,
+#                                the GPU if there is one. Expected: under a minute on a GPU, about 3 minutes on an
+#                                idle 2-core CPU (estimate; far longer when the machine is busy).
+#   scripts/demo.sh --untrained  offline plumbing check: RANDOM weights, 128 px, on the CPU. Expected: about a
+#                                minute on a 2-core CPU (101 s measured on one busy with other jobs). The masks
+#                                mean nothing.
+#
+# The first run also builds the Python environment (scripts/setup_env.sh says what, how big and how long) and
+# fetches the sample data (3.8 MB, SHA256-checked) unless ../shared/data is beside the clone. Extra arguments go
+# to `fewshotsam2 segment` (e.g. --model small, --image-size 512, --method lpips).
+# Environment: FEWSHOTSAM2_OUT (output folder, default <repo>/out), FEWSHOTSAM2_DATA (data folder),
+# FEWSHOTSAM2_PYTHON (a Python that already has the dependencies: skips the set-up).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-data="${FEWSHOTSAM2_DATA:-$repo/../shared/data}"
 out="${FEWSHOTSAM2_OUT:-$repo/out}"
-venv="$("$repo/scripts/setup_env.sh" | tail -n 1)"
-mkdir -p "$out"
-"$venv/bin/fewshotsam2" segment \
+
+untrained=0
+sized=0
+for arg in "$@"; do
+  case "$arg" in
+    --untrained) untrained=1;;
+    --image-size|--image-size=*|--device|--device=*) sized=1;;
+  esac
+done
+extra=()
+if [ "$untrained" = 1 ] && [ "$sized" = 0 ]; then
+  extra=(--image-size 128 --device cpu)  # random weights: the smallest honest run of the whole chain
+fi
+if [ "$untrained" = 1 ] && [ "$sized" = 0 ]; then
+  echo "demo: offline form, RANDOM weights at 128 px on the CPU: checks the whole chain in about a minute on a" \
+       "2-core CPU (longer when the machine is busy); the masks mean nothing" >&2
+elif [ "$untrained" = 1 ]; then
+  echo "demo: offline form, RANDOM weights at the image size / device you gave; the masks mean nothing" >&2
+else
+  echo "demo: SAM2.1 tiny checkpoint at 1024 px: under a minute on a GPU, about 3 minutes on an idle 2-core CPU" \
+       "(longer when it is busy; first use downloads ~150 MB; offline: scripts/demo.sh --untrained)" >&2
+fi
+
+if [ -n "${FEWSHOTSAM2_PYTHON:-}" ]; then
+  python="$FEWSHOTSAM2_PYTHON"
+else
+  python="$("$repo/scripts/setup_env.sh" | tail -n 1)/bin/python"
+fi
+export PYTHONPATH="$repo/FewShotSAM2${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever the venv holds
+fs() { "$python" -m fewshotsam2.cli "$@"; }
+
+data="$(fs sample-data | tail -n 1)"
+
+# a failed run leaves no empty output folder behind
+made_out=0
+if [ ! -d "$out" ]; then mkdir -p "$out"; made_out=1; fi
+trap 'rc=$?; if [ $rc -ne 0 ] && [ $made_out = 1 ]; then rmdir "$out" 2>/dev/null || true; fi' EXIT
+
+start=$SECONDS
+fs segment \
   --query "$data/abdomen-ct/ct-b/dicom" \
   --support "$data/abdomen-ct/ct-a/image.nii.gz" "$data/abdomen-ct/ct-a/labels.nii.gz" \
-  --labels 5,1 --method reverse \
-  --out "$out/ct-b_liver_spleen.seg.nrrd" --scores "$out/ct-b_scores.csv" "$@"
-echo "open $out/ct-b_liver_spleen.seg.nrrd in 3D Slicer over the ct-b series; per-slice scores: $out/ct-b_scores.csv"
+  --labels liver=5,spleen=1 --method reverse \
+  --out "$out/ct-b_liver_spleen.seg.nrrd" --scores "$out/ct-b_scores.csv" ${extra[@]+"${extra[@]}"} "$@"
+echo "demo: done in $((SECONDS - start)) s. Open $out/ct-b_liver_spleen.seg.nrrd in 3D Slicer over the series" \
+     "$data/abdomen-ct/ct-b/dicom; per-slice scores: $out/ct-b_scores.csv" >&2

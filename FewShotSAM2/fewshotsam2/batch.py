@@ -225,6 +225,7 @@ def check_supports(cases: list[BatchCase]) -> SupportData:
 
     data: SupportData = {}
     images: dict[str, object] = {}
+    checked: set[tuple[str, str, str]] = set()  # (image, labels, selection): a cohort repeats them
     for c in cases:
         for image_path, labels_path in c.supports:
             key = (image_path, labels_path)
@@ -234,7 +235,9 @@ def check_supports(cases: list[BatchCase]) -> SupportData:
                         images[image_path] = read_volume(image_path)
                     labels, available = read_labels(labels_path, images[image_path])
                     data[key] = (images[image_path], labels, available)
-                _structures(c.labels, data[key], labels_path)
+                if key + (c.labels,) not in checked:
+                    _structures(c.labels, data[key], labels_path)
+                    checked.add(key + (c.labels,))
             except InputError as e:
                 raise InputError(f"{c.where}: {e}") from None
     return data
@@ -510,6 +513,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.realpath(summary_path) in {os.path.realpath(c.output) for c in cases}:
         raise InputError(f"{summary_path}: the summary would overwrite a case's output")
     supports = check_supports(cases)
+    _check_model_files(options)
     # checked: from here on, work (folders are made when the first file goes into them)
     results: dict[int, CaseResult] = {}
     todo = []
@@ -544,6 +548,19 @@ def run(args: argparse.Namespace) -> int:
         if r.status == "failed":
             print(f"fewshotsam2: case {r.case} (row {r.row}) failed: {r.error}", file=sys.stderr)
     return EXIT_SOME_FAILED if counts["failed"] else EXIT_OK
+
+
+def _check_model_files(options) -> None:
+    """As `segment` does before any work: a checkpoint download has somewhere to go, LPIPS weights load."""
+    if not options.untrained and options.checkpoint is None:
+        from .checkpoints import cached_checkpoint, check_cache_folder
+
+        if cached_checkpoint(options.model, options.version, options.cache_dir) is None:
+            check_cache_folder(options.cache_dir)
+    if options.method == "lpips":
+        from .backends.lpips_matching import _matcher
+
+        _matcher(None, options.method_options)
 
 
 def run_cases_locally(cases: list[BatchCase], options, record: Callable[[CaseResult], None], quiet: bool = False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import signal
 import sys
@@ -14,14 +15,54 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from . import __version__
 from . import constants as C
 from .checkpoints import CACHE_ENV
 from .errors import Cancelled, InputError
 from .label_selection import SYNTAX_HELP as _LABELS_HELP
 from .label_selection import parse_label_selection, resolve_structures  # noqa: F401  (public: used by others)
 from .options import OptionError, SegmentOptions
+from .progress import ProgressBar as _ProgressBar
 
 EXIT_BAD_INPUT = 2
+
+# command -> (module exposing add_arguments(parser) and run(args) -> int, one-line help, example invocations).
+# A command's module is imported only when that command runs or its --help is asked: `fewshotsam2 --help` and
+# every `COMMAND --help` answer at once, with no torch import.
+_DEMO = "$(fewshotsam2 sample-data | tail -n 1)"  # the sample data folder, fetched on first use
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "segment": (
+        "", "segment structures in a query volume from labeled support volumes",
+        f"""example (the sample data, random weights, 128 px on the CPU: about a minute; drop --untrained and
+--image-size for real masks):
+  d={_DEMO}
+  fewshotsam2 segment --query $d/abdomen-ct/ct-b/dicom \\
+      --support $d/abdomen-ct/ct-a/image.nii.gz $d/abdomen-ct/ct-a/labels.nii.gz \\
+      --labels liver=5,spleen=1 --out ct-b.seg.nrrd --scores ct-b_scores.csv \\
+      --untrained --image-size 128 --device cpu"""),
+    "extent": (
+        "fewshotsam2.extent_command", "print each structure's slice range in the query, estimated from supports",
+        f"""example (where ct-a's liver and spleen are in the ct-b series):
+  d={_DEMO}
+  fewshotsam2 extent --query $d/abdomen-ct/ct-b/dicom \\
+      --support $d/abdomen-ct/ct-a/image.nii.gz $d/abdomen-ct/ct-a/labels.nii.gz --labels 5,1 --json"""),
+    "batch": (
+        "fewshotsam2.batch", "segment a cohort (manifest CSV or folder): one model, supports encoded once", ""),
+    "sample-data": (
+        "fewshotsam2.sample_data", "fetch, verify and cache the demo data (abdomen-ct pair)", ""),
+    "evaluate": (
+        "fewshotsam2.research.evaluate", "Dice / HD95 tables and plots over labeled cases",
+        f"""example (the two sample CT cases, each the other's support; random weights: checks the plumbing only):
+  d={_DEMO}
+  fewshotsam2 evaluate $d/abdomen-ct/ct-a $d/abdomen-ct/ct-b \\
+      --structures liver=5,spleen=1 -o eval-out --untrained --image-size 256 --device cpu"""),
+    "bench": (
+        "fewshotsam2.research.bench", "time each stage of each method on one query",
+        f"""example (sample case ct-a as its own support, liver, 12 slices, 256 px on the CPU):
+  d={_DEMO}
+  fewshotsam2 bench --query $d/abdomen-ct/ct-a --structures 5 --max-slices 12 \\
+      --untrained --image-size 256 --device cpu"""),
+}
 
 _MODEL_HELP = (
     "SAM2 size: tiny (default, fastest), small, base_plus, large (most accurate). The official checkpoint is "
@@ -113,13 +154,9 @@ def options_from_args(args: argparse.Namespace, method: Optional[str] = None) ->
     return SegmentOptions.from_flat(**flat)
 
 
-def _segment_parser(sub) -> None:
-    p = sub.add_parser(
-        "segment",
-        help="segment structures in a query volume from labeled support volumes",
-        description="Segment the structures chosen with --labels in the query volume, prompting SAM2 with "
-                    "labeled slices of the support volume(s). Writes one multi-label map on the query's grid.",
-    )
+def add_segment_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Segment the structures chosen with --labels in the query volume, prompting SAM2 with "
+                     "labeled slices of the support volume(s). Writes one multi-label map on the query's grid.")
     p.add_argument("--query", required=True, metavar="Q",
                    help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
@@ -141,7 +178,6 @@ def _segment_parser(sub) -> None:
     p.add_argument("--progress", default="bar", choices=("bar", "json"),
                    help="bar = a progress bar on stderr (default); json = machine-readable lines on stdout, one "
                         "JSON object each: progress (stage, done, total), warning (message), done (device, seconds)")
-    p.set_defaults(func=run_segment)
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -352,60 +388,47 @@ def out_of_memory_as_input_error(settings, written: str = "nothing was written")
             f"query{cpu}{'; ' + written if written else ''}") from None
 
 
-class _ProgressBar:
-    """One tqdm bar per stage name (tqdm itself is in sam2's requirements)."""
-
-    def __init__(self) -> None:
-        self._bar = None
-        self._stage = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        head = stage.rsplit(" ", 1)[0] if stage.rsplit(" ", 1)[-1].count("/") == 1 else stage
-        if head != self._stage:
-            self.close()
-            self._stage = head
-            self._bar = tqdm(total=total, desc=head, unit="slice", leave=False, file=sys.stderr)
-        self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The command's parser. With `argv`, only the command named in it gets its options (the others only their
+    one-line help): the parser is built without importing what the other commands need."""
     parser = argparse.ArgumentParser(
         prog="fewshotsam2",
         description="Few-shot 3D segmentation with SAM2, no training: segment a structure in a new scan from one "
                     "or a few labeled scans.",
+        epilog="example: fewshotsam2 sample-data, then the example in `fewshotsam2 segment --help`; "
+               "each command's --help gives one",
     )
+    parser.add_argument("--version", action="version", version=f"fewshotsam2 {__version__}",
+                        help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _segment_parser(sub)
-    from . import batch, extent_command
-
-    p = sub.add_parser("extent", help="print each structure's slice range in the query, estimated from supports",
-                       description=extent_command.__doc__.strip().splitlines()[0])
-    extent_command.add_arguments(p)
-    p.set_defaults(func=extent_command.run)
-    p = sub.add_parser("batch", help="segment a cohort (manifest CSV or folder): one model, supports encoded once",
-                       description=batch.__doc__.strip().splitlines()[0])
-    batch.add_arguments(p)
-    p.set_defaults(func=batch.run)
-    for name, help_text in (("evaluate", "Dice / HD95 tables and plots over labeled cases"),
-                            ("bench", "time each stage of each method on one query")):
-        try:
-            module = __import__(f"{__package__}.research.{name}", fromlist=["add_arguments", "run"])
-        except ImportError:
+    chosen = None if argv is None else next((a for a in argv if a in COMMANDS), None)
+    for name, (module_name, help_text, example) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if argv is not None and name != chosen:
             continue
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        if module_name:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:  # e.g. a research tool's optional dependency is missing
+                p.set_defaults(func=_unavailable(name, exc))
+                continue
+            add_arguments, run = module.add_arguments, module.run
+        else:
+            add_arguments, run = add_segment_arguments, run_segment
+        add_arguments(p)
+        if example and not p.epilog:
+            p.epilog = example
+        p.set_defaults(func=run)
     return parser
+
+
+def _unavailable(name: str, exc: ImportError):
+    def run(args: argparse.Namespace) -> int:
+        raise InputError(f"`{name}` is unavailable here: {exc}")
+
+    return run
 
 
 class Terminated(KeyboardInterrupt):
@@ -419,8 +442,8 @@ def _raise_terminated(signum, frame) -> None:
 def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable] = None) -> int:
     """Run the command line. `engine_factory(options)` builds the SAM2 engine a command needs (default
     `pipeline.make_engine`); tests and embedding programs hand in their own, e.g. to reuse a loaded model."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     args.engine_factory = engine_factory
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     # warnings are for people: one line each, no source lines

@@ -14,21 +14,20 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .intensity import PRESET_NAMES
-    from .slices import AXES
+    from . import constants as C
 
     parser.add_argument("--query", required=True, metavar="Q", help="the volume to find the structures in")
     parser.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                         help="a labeled support (image and label map); repeat for several (ranges are joined)")
     parser.add_argument("--labels", required=True, metavar="L1,L2", help="structures: label values or names")
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per structure")
-    parser.add_argument("--axis", default="auto", choices=AXES, help="slice direction (as for segment)")
-    parser.add_argument("--preset", default="auto", choices=PRESET_NAMES, help="intensity window (as for segment)")
+    parser.add_argument("--axis", default="auto", choices=C.AXES, help="slice direction (as for segment)")
+    parser.add_argument("--preset", default="auto", choices=C.PRESETS, help="intensity window (as for segment)")
     parser.add_argument("--extent-margin", type=float, default=15.0, metavar="MM",
                         help="widen each end of the range by this many mm (default 15)")
     parser.add_argument("--lpips-weights", metavar="PATH",
                         help="AlexNet weights (torchvision layout) for offline use; also $FEWSHOTSAM2_LPIPS_WEIGHTS")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cuda", "mps", "cpu"),
+    parser.add_argument("--device", default="cpu", choices=C.DEVICES,
                         help="where LPIPS runs (default cpu; it is small)")
 
 

@@ -63,7 +63,7 @@ def segment(
     supports: list[SupportCase],
     structures: list[Structure],
     options: SegmentOptions,
-    progress: Optional[ProgressCallback] = None,
+    progress: ProgressCallback | bool | None = True,
     engine: Optional[SAM2Engine] = None,
     notify: Optional[Callable[[str], None]] = None,
 ) -> SegmentationResult:
@@ -71,9 +71,15 @@ def segment(
 
     Every structure is segmented on its own, on the query slices of its range (`options.slice_range`; outside
     it the output is background); where two structures claim a voxel, the one listed first keeps it.
-    Raise `errors.Cancelled` from `progress` to stop: nothing is returned and nothing was written.
+    `progress`: True (default) shows a progress bar on stderr; None or False: silent; or a callback
+    `progress(stage, done, total)`. Raise `errors.Cancelled` from it to stop: nothing is returned or written.
     `notify(text)` receives the slice ranges and the memory/time estimate before the work starts.
     """
+    if progress is True:
+        from .progress import ProgressBar
+
+        with ProgressBar() as bar:
+            return segment(query, supports, structures, options, bar, engine)
     progress = progress or (lambda stage, done, total: None)
     if not isinstance(options, SegmentOptions):
         raise TypeError(f"options must be a SegmentOptions (SegmentOptions.from_flat builds one), got {options!r}")
@@ -149,6 +155,8 @@ def segment(
     if estimate.upfront:
         # the whole cache fits its budget: encode every slice in range up front, in batches (faster on a GPU)
         todo = [query_keys[i] for i in range(n) if uses[i] > 0]
+        # bars start at 0 before the first batch, which takes seconds on a CPU
+        progress(f"Encoding slice 0/{len(todo)}", 0, len(todo))
         with clock.stage("encode"):
             engine.encode(todo, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
     backend = get_backend(options.method)

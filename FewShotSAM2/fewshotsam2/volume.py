@@ -174,14 +174,15 @@ def _read_dicom_folder(folder: Path, choice: Optional[str] = None) -> sitk.Image
     """One DICOM series of `folder`: `choice` is its SeriesInstanceUID or its number N in the listing (1 = first);
     without a choice the largest series, with a warning listing them all and how to choose (FOLDER#N)."""
     reader = sitk.ImageSeriesReader()
-    try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError:
-        series = ()
-    if not series:
-        raise InputError(f"{folder}: folder contains no DICOM series")
-    files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-    tags = {sid: _series_tags(files_per_series[sid]) for sid in series}
+    with _stderr_captured():  # GDCM complains on stderr about every file that is not DICOM
+        try:
+            series = reader.GetGDCMSeriesIDs(str(folder))
+        except RuntimeError:
+            series = ()
+        if not series:
+            raise InputError(f"{folder}: folder contains no DICOM series")
+        files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+        tags = {sid: _series_tags(files_per_series[sid]) for sid in series}
 
     def describe(n: int, sid: str) -> str:
         t = tags[sid]
@@ -301,6 +302,8 @@ def _split_series(path: PathLike) -> tuple[Path, Optional[str]]:
 
 
 def _read_image(path: PathLike) -> sitk.Image:
+    if not os.fspath(path).strip():
+        raise InputError("an empty path was given; name a file or a DICOM folder")
     p, series_uid = _split_series(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
@@ -627,7 +630,8 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) ->
     all_structures = [by_value[v] for v in sorted(by_value)]
 
     try:
-        with atomic_path(p) as tmp:  # same extension, lower case: ITK picks the writer by it
+        # ITK's writers also print their complaints on stderr: the error below is the one line
+        with _stderr_captured(), atomic_path(p) as tmp:  # same extension, lower case: ITK picks the writer by it
             if ext == ".seg.nrrd":
                 _write_seg_nrrd(str(tmp), out, all_structures, arr)
             else:

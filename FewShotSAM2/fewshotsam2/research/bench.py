@@ -145,7 +145,8 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
         from ..pipeline import segment
     else:
         segment = cfg["segment"]
-    result = segment(query, [SupportCase(s_image, s_labels, "support")], structures, options, engine=engine)
+    result = segment(query, [SupportCase(s_image, s_labels, "support")], structures, options, progress=None,
+                     engine=engine)
     seg_seconds = time.perf_counter() - t1
 
     t2 = time.perf_counter()

@@ -590,11 +590,13 @@ class _Evaluator:
         return self.engine
 
 
-def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None) -> EvaluationOutputs:
+def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None,
+                   on_start: Optional[Callable[[], None]] = None) -> EvaluationOutputs:
     """Run the whole evaluation (see the module docstring); returns where everything was written.
 
     `engine`: a SAM2 engine to use (default: built from the options). `segment`: the segmentation function
-    (default `pipeline.segment`; tests hand in one whose answers are known).
+    (default `pipeline.segment`; tests hand in one whose answers are known). `on_start()` is called once every
+    check has passed and the output folder is ready.
     """
     from tqdm import tqdm
 
@@ -631,6 +633,8 @@ def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None) -> Evaluati
     settings = _run_settings(cfg)
     ev.build_engine(methods[0])  # a missing checkpoint fails here, before the output folder is touched
     _prepare_folder(cfg, settings, ev.untrained)
+    if on_start is not None:
+        on_start()
     out = ev.out
     paths = dict(cases=out / "cases.csv", slices=out / "slices.csv", skipped=out / "skipped.csv",
                  summary_csv=out / "summary.csv", summary_md=out / "summary.md")
@@ -793,8 +797,15 @@ def write_plots(out: Path, summary: Sequence[dict], methods: Sequence[str], untr
         pts = [r for r in rows if r["method"] == "lpips" and r["support_pos_rel"] not in ("", "nan")
                and r["in_eval"] == "1"]
         path = folder / "lpips_matching.png"
-        made.append(plots.plot_lpips_matching(pts, path, untrained) if pts
-                    else plots.empty_plot(path, "no LPIPS matches recorded", untrained))
+        if not pts:
+            made.append(plots.empty_plot(path, "no LPIPS matches recorded", untrained))
+        elif plots.matching_is_flat(pts):
+            made.append(plots.empty_plot(
+                path, "1-shot with one support: every query slice can only match the one support slice (or its "
+                      "augmented copies), so this plot would be a flat line. Use --shots 3 or more to see where "
+                      "LPIPS matching puts each query slice.", untrained))
+        else:
+            made.append(plots.plot_lpips_matching(pts, path, untrained))
     return made
 
 
@@ -844,12 +855,12 @@ def config_from_args(args: argparse.Namespace) -> EvaluationConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    if cfg.options.get("untrained"):
-        print(UNTRAINED_BANNER, flush=True)
+    # the banner once the run starts, not before a refusal (a refused run has no numbers to warn about)
+    started = (lambda: print(UNTRAINED_BANNER, flush=True)) if cfg.options.get("untrained") else None
     with warnings.catch_warnings():
-        # the engine's own random-weights warning is already said once, above
+        # the engine's own random-weights warning is said once, by the banner
         warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
-        outputs = run_evaluation(cfg)
+        outputs = run_evaluation(cfg, on_start=started)
     print(f"results in {outputs.folder}: summary.md, summary.csv, cases.csv, slices.csv, plots/")
     for r in outputs.summary:
         if r["structure"] == MEAN_ROW:

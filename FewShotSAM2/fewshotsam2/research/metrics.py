@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..overlap import dice, dice_from_counts  # noqa: F401  (the package's one Dice, re-exported)
 
@@ -84,6 +83,8 @@ def surface(mask: np.ndarray) -> np.ndarray:
     m = _as_bool(mask)
     if not m.any():
         return np.zeros_like(m)
+    from scipy import ndimage  # imported on use: `fewshotsam2 evaluate --help` stays fast
+
     # border_value=0 makes voxels on the array border boundary voxels
     eroded = ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(m.ndim, 1), border_value=0)
     return m & ~eroded
@@ -114,6 +115,8 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
     p = np.pad(p[box], 1)
     t = np.pad(t[box], 1)
     sp, st = surface(p), surface(t)
+    from scipy import ndimage
+
     dist_to_t = ndimage.distance_transform_edt(~st, sampling=sampling)
     dist_to_p = ndimage.distance_transform_edt(~sp, sampling=sampling)
     return dist_to_t[sp], dist_to_p[st]

@@ -64,8 +64,14 @@ def plot_dice(summary_rows: Sequence[Mapping[str, object]], path: Path, untraine
             means = [_f(by_key.get((s, method), {}).get(f"{key}_mean")) for s in structures]
             sds = [_f(by_key.get((s, method), {}).get(f"{key}_sd")) for s in structures]
             sds = [0.0 if math.isnan(v) else v for v in sds]
-            ax.bar(x + (m_i - (len(methods) - 1) / 2) * width, np.nan_to_num(means), width, yerr=sds,
-                   capsize=3, label=method)
+            xs = x + (m_i - (len(methods) - 1) / 2) * width
+            have = np.isfinite(means)
+            # a missing Dice is no bar and an "n/a" mark, never a zero-height bar that reads as Dice 0
+            bars = ax.bar(xs[have], np.asarray(means)[have], width, yerr=np.asarray(sds)[have], capsize=3,
+                          label=method)
+            for xi in xs[~have]:
+                ax.text(xi, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90,
+                        color=bars.patches[0].get_facecolor() if bars.patches else "0.4")
         ax.set_xticks(x)
         ax.set_xticklabels(structures, rotation=20, ha="right")
         ax.set_ylim(0, 1.05)
@@ -124,9 +130,10 @@ def plot_lpips_matching(points: Sequence[Mapping[str, object]], path: Path, untr
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     structures = list(dict.fromkeys(str(p["structure"]) for p in points))
+    flat = _flat_structures(points)  # 1-shot: every query slice can only match the one support slice
     for s in structures:
         _, xs, ys, ok = _structure_xy(points, s, "query_pos_rel", "support_pos_rel")
-        ax.scatter(xs[ok], ys[ok], s=12, alpha=0.7, label=s)
+        ax.scatter(xs[ok], ys[ok], s=12, alpha=0.7, label=f"{s} (1 support slice: flat by design)" if s in flat else s)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.axvspan(0, 1, color="0.9", zorder=-1)
     ax.set_xlabel("query slice position\n(0 to 1 = the structure's labeled extent in the query; shaded)")
@@ -138,6 +145,23 @@ def plot_lpips_matching(points: Sequence[Mapping[str, object]], path: Path, untr
     _save(fig, path)
     plt.close(fig)
     return Path(path)
+
+
+def _flat_structures(points: Sequence[Mapping[str, object]]) -> set[str]:
+    """Structures for which every run (query, support) offered a single support slice to match (1-shot): their
+    matched position is one value per run by construction, which says nothing about LPIPS matching."""
+    runs: dict[tuple, set] = {}
+    for p in points:
+        y = _f(p["support_pos_rel"])
+        if math.isfinite(y):
+            runs.setdefault((str(p["structure"]), p.get("query"), p.get("support")), set()).add(y)
+    structures = {key[0] for key in runs}
+    return {s for s in structures if all(len(v) <= 1 for key, v in runs.items() if key[0] == s)}
+
+
+def matching_is_flat(points: Sequence[Mapping[str, object]]) -> bool:
+    """True when the matching plot would only show flat lines (see `_flat_structures`)."""
+    return _flat_structures(points) == {str(p["structure"]) for p in points}
 
 
 def empty_plot(path: Path, message: str, untrained: bool = False) -> Path:
