@@ -79,7 +79,7 @@ def segment(
         from .progress import ProgressBar
 
         with ProgressBar() as bar:
-            return segment(query, supports, structures, options, bar, engine)
+            return segment(query, supports, structures, options, bar, engine, notify)
     progress = progress or (lambda stage, done, total: None)
     if not isinstance(options, SegmentOptions):
         raise TypeError(f"options must be a SegmentOptions (SegmentOptions.from_flat builds one), got {options!r}")
