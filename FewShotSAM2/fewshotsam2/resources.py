@@ -32,11 +32,6 @@ MODEL_COST = {"tiny": 1.0, "small": 1.3, "base_plus": 2.6, "large": 6.0}
 CUDA_SPEEDUP = 40.0
 # "auto" storage keeps float32 on the CPU (bit-identical to sam2's predictor) until the cache would pass this
 FLOAT32_CACHE_LIMIT = 1 * 2**30
-# Encoding every slice in range before the backends (batched, with its own progress bar) holds all their features
-# at once; past these sizes slices are encoded when first used and dropped after their last use instead. On a CPU
-# batching gains nothing and the batch's activations cost memory (measured, 512 px, 300-slice CT: RSS 2.6 GiB
-# encoding on use vs 3.4 GiB for 65 slices encoded up front in batches of 8), so the CPU's limit is small.
-UPFRONT_LIMIT = {"cuda": 1 * 2**30, "cpu": 256 * 2**20}
 
 
 @dataclass
@@ -125,7 +120,7 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
     seconds = feature_uses * per_slice * MODEL_COST.get(getattr(engine.info, "model", "tiny"), 1.0)
     if cuda:
         seconds /= CUDA_SPEEDUP
-    upfront = n_slices * dtype_bytes <= UPFRONT_LIMIT.get(engine.device.type, UPFRONT_LIMIT["cpu"])
+    upfront = n_slices * dtype_bytes <= FLOAT32_CACHE_LIMIT
     if upfront and method != "reverse":  # all of them stay cached until used
         extra = max(0, n_slices + batch - kept) * dtype_bytes
         cache += extra
