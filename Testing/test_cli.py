@@ -149,7 +149,7 @@ def test_segment_reverse_writes_scores(inputs, tmp_path, capsys, monkeypatch, sh
     with open(scores, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["structure", "value", "slice_index", "score", "higher_is_better", "selected",
-                             "matched_support", "matched_slice"]
+                             "matched_support", "matched_slice", "range_first", "range_last"]
     assert {r["higher_is_better"] for r in rows} == {"1"}  # pi is a Dice
     assert len(rows) == 2 * 3
     for v in ("5", "1"):
