@@ -573,11 +573,17 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
         return checkpoints.download_checkpoint(model, version, cache_dir, progress=progress)
 
-    @staticmethod
-    def importCheckpoint(path, model="tiny", version="2.1", cache_dir=None):
-        from fewshotsam2 import checkpoints
+    def importCheckpoint(self, path, model="tiny", version="2.1", cache_dir=None):
+        """Check a checkpoint file (loaded into the matching SAM2 model) and copy it into the cache; returns the
+        cached path. The check loads torch, so it runs in a process of its own."""
+        from pathlib import Path
 
-        return checkpoints.import_checkpoint(path, model, version, cache_dir)
+        output = process.runCore(
+            "from fewshotsam2 import checkpoints\n"
+            "print(checkpoints.import_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None))",
+            str(path), str(model), str(version), str(cache_dir or ""), python=self.python,
+        )
+        return Path(output.strip().splitlines()[-1])
 
     @staticmethod
     def clearCheckpointCache(cache_dir=None):
@@ -1126,8 +1132,10 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputNode.GetDisplayNode().SetVisibility(True)
                 slicer.util.setSliceViewerLayers(background=prepared.queryVolumeNode)
                 self._showResults(prepared, result)
-            status = _("Done in {seconds:.0f} s on {device}: '{name}'.").format(
-                seconds=result.seconds, device=result.device or "?", name=outputNode.GetName())
+            # wall time as the user waited (process start and model loading included), and the segmentation's own
+            status = _("Done in {seconds:.0f} s on {device} (segmentation {run:.0f} s): '{name}'.").format(
+                seconds=time.time() - job.startTime, device=result.device or "?", run=result.seconds,
+                name=outputNode.GetName())
             if result.warnings:
                 status += "\n" + _("Warnings:") + "\n" + "\n".join(f"- {w}" for w in result.warnings)
             self._setStatus(status, warning=bool(result.warnings))

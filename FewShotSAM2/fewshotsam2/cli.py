@@ -158,7 +158,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Segment the structures chosen with --labels in the query volume, prompting SAM2 with "
                      "labeled slices of the support volume(s). Writes one multi-label map on the query's grid.")
     p.add_argument("--query", required=True, metavar="Q",
-                   help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder")
+                   help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder (FOLDER#N or "
+                        "FOLDER#SERIES_UID picks one series of a folder holding several)")
     p.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a labeled support: image (file or DICOM folder) and its labels (label map or .seg.nrrd, "
                         "aligned to the image by physical geometry); repeat for several supports")
@@ -207,6 +208,8 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
             raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
                              "leave --scores out or choose another method")
         check_output_dir(args.scores, ".csv")
+    if json_lines:  # the first encoded batch can take a minute at 1024 px on a CPU: say what happens until then
+        _json_progress("Reading the volumes", 0, 0)
     query = read_volume(args.query)
     check_query(query)
     check_user_slice_range(options.slice_range, query, options.axis)
@@ -248,6 +251,8 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
         # load (and so check) the LPIPS weights now, not after every slice is encoded
         _matcher(None, options.method_options)
     bar = _json_progress if json_lines else None if args.quiet else _ProgressBar()
+    if json_lines:
+        _json_progress(f"Loading SAM2 {options.model}", 0, 0)
     try:
         with out_of_memory_as_input_error(options):
             # after the inputs are known good: building SAM2 takes seconds
@@ -443,6 +448,10 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     """Run the command line. `engine_factory(options)` builds the SAM2 engine a command needs (default
     `pipeline.make_engine`); tests and embedding programs hand in their own, e.g. to reuse a loaded model."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # segment names and messages may be any Unicode; a C/ASCII locale must not turn a message into a traceback
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser(argv).parse_args(argv)
     args.engine_factory = engine_factory
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
