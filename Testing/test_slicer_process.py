@@ -52,9 +52,17 @@ def test_option_flags_match_the_command_line():
     for name, flag in process.OPTION_FLAGS.items():
         assert flag in flags, flag
         assert flags[flag].dest == name
+    # every setting of the core can be passed (extent_weights: the command line takes the LPIPS weights for it)
+    from fewshotsam2.options import SegmentOptions
+
+    assert set(SegmentOptions.flat_names()) - {"method", "extent_weights"} == set(process.OPTION_FLAGS)
+    assert process.unknownOptions({"extent_weights": None}) == []
+    assert process.unknownOptions({"extent_weights": "w.pth"}) == ["extent_weights"]
     assert process.optionArguments({"image_size": 64, "untrained": True, "keep_supports": False, "checkpoint": None,
                                     "min_score": 0.25}) == ["--image-size", "64", "--untrained", "--min-score", "0.25"]
     assert process.unknownOptions({"image_size": 1, "magic": 2}) == ["magic"]
+    # the library's default slice range ("off": every slice) is passed explicitly: the command line's is "auto"
+    assert process.optionArguments({"slice_range": "off"}) == ["--slice-range", "off"]
     args = parser.parse_args(["segment", "--query", "q", "--support", "i", "l", "--labels", "1", "--out", "o.nrrd",
                               "--progress", "json"])
     assert args.progress == "json"
