@@ -139,7 +139,7 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
     out = tmp_path / "out.nrrd"
     common = ["segment", "--query", str(image_a), "--support", str(image_a), str(labels_a),
               "--support", str(image_b), str(labels_b), "--out", str(out), "--method", "propagate",
-              "--untrained", "--image-size", "64", "--device", "cpu", "--progress", "json"]
+              "--untrained", "--image-size", "64", "--device", "cpu", "--slice-range", "off", "--progress", "json"]
     assert cli.main(common + ["--labels", "2,1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     events = [process.parseProgressLine(line) for line in lines]
@@ -154,6 +154,18 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
     import warnings
 
     assert warnings.showwarning is not cli._json_warning  # restored: warnings after the run are not JSON lines
+
+    # anything else printed during the run goes to stderr, not into the JSON stream
+    def chatty(*a, **k):
+        print("Downloading: something")
+        raise ZeroDivisionError("stop here")
+
+    with pytest.raises(ZeroDivisionError):
+        cli.main(common + ["--labels", "1"], engine_factory=chatty)
+    captured = capsys.readouterr()
+    assert "Downloading: something" in captured.err and "Downloading" not in captured.out
+    assert all(process.parseProgressLine(line) for line in captured.out.splitlines())
+    assert sys.stdout is not sys.stderr  # restored
 
     out.unlink()
     assert cli.main(common + ["--labels", "1,3"]) == 2
