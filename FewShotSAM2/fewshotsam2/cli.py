@@ -456,6 +456,10 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     """Run the command line. `engine_factory(options)` builds the SAM2 engine a command needs (default
     `pipeline.make_engine`); tests and embedding programs hand in their own, e.g. to reuse a loaded model."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # segment names and messages may be any Unicode; a C/ASCII locale must not turn a message into a traceback
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser(argv).parse_args(argv)
     args.engine_factory = engine_factory
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")

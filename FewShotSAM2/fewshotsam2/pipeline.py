@@ -312,7 +312,7 @@ def write_scores(path: str, scores: list[SliceScore],
         return ["", ""] if r is None else [r[0], r[1]]
 
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(SCORE_COLUMNS + (RANGE_COLUMNS if slice_ranges is not None else ()))
             for s in scores:
