@@ -40,6 +40,9 @@ OPTION_FLAGS = {
     "axis": "--axis",
     "preset": "--preset",
     "shots": "--shots",
+    "slice_range": "--slice-range",
+    "extent_margin": "--extent-margin",
+    "feature_storage": "--feature-storage",
     "top_k": "--top-k",
     "min_score": "--min-score",
     "keep_supports": "--keep-supports",
@@ -111,7 +114,8 @@ def runCore(code: str, *arguments: str, python: Optional[str] = None) -> str:
 
 
 def unknownOptions(options: dict) -> list[str]:
-    return sorted(name for name in options if name not in OPTION_FLAGS)
+    """Settings the command line cannot be given (a None value is left out, so it needs no flag)."""
+    return sorted(name for name, value in options.items() if name not in OPTION_FLAGS and value is not None)
 
 
 def optionArguments(options: dict) -> list[str]:

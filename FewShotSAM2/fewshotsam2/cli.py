@@ -182,13 +182,17 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    global _json_out
     json_lines = getattr(args, "progress", "bar") == "json"
     if json_lines:
+        # stdout carries the JSON lines only: whatever else prints there (a library's download notice) goes to stderr
         previous, warnings.showwarning = warnings.showwarning, _json_warning
+        _json_out, sys.stdout = sys.stdout, sys.stderr
         try:
             return _run_segment(args, json_lines)
         finally:
             warnings.showwarning = previous
+            sys.stdout, _json_out = _json_out, None
     return _run_segment(args, json_lines)
 
 
@@ -292,12 +296,16 @@ def _present(choice, available: list, source: str) -> bool:
     return True
 
 
+_json_out = None  # the real stdout while `segment --progress json` runs (sys.stdout then points at stderr)
+
+
 def _json_line(**fields) -> None:
     """One JSON object per line on stdout, flushed at once: the Slicer module reads these while the run goes on."""
     import json
 
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
+    out = _json_out or sys.stdout
+    out.write(json.dumps(fields) + "\n")
+    out.flush()
 
 
 PARENT_PID_ENV = "FEWSHOTSAM2_PARENT_PID"
