@@ -577,7 +577,7 @@ def test_out_of_memory_is_one_message_and_writes_nothing(data, tmp_path):
     argv[argv.index("--image-size") + 1] = "1024"
     before = digest(data["dir"])
     env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith(ERROR + "out of memory (--image-size 1024"), lines
@@ -598,7 +598,7 @@ def test_sigterm_during_a_run_is_handled_like_ctrl_c(data, tmp_path):
             if a != "--quiet"]
     argv[argv.index("--image-size") + 1] = "256"
     env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fewshotsam2.cli", *argv], stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "fewshotsam2.cli", *argv], stderr=subprocess.PIPE, text=True, encoding="utf-8",
                             env=env)
     seen = ""
     while "Encoding" not in seen:  # the progress bar: SAM2 is built and working
@@ -657,7 +657,7 @@ def test_bad_query_is_one_line_as_a_process(data, bad, tmp_path, query, first_wo
     env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "fewshotsam2.cli",
                            *segment_argv(query, data["support"], data["labels"], str(out / "o.nii.gz"))],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(ERROR + first_words.replace("DATA", str(data["dir"])))

@@ -168,7 +168,7 @@ def test_segment_as_a_subprocess_cross_modality(inputs, tmp_path):
         [sys.executable, "-m", "fewshotsam2.cli", "segment", "--query", inputs["query_mr"], "--support",
          inputs["support_image"], inputs["support_labels"], "--labels", "1", "--out", str(out),
          "--method", "propagate", *MODEL],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        capture_output=True, text=True, encoding="utf-8", env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]

@@ -696,7 +696,7 @@ while job.progress[2] == 0:
 print(job.process.process.pid, flush=True)
 time.sleep(600)
 """)
-    starter = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+    starter = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, encoding="utf-8",
                                env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(tmp_path)))
     pid = int(starter.stdout.readline())
     assert process_group_alive(pid)
@@ -746,7 +746,7 @@ assert out.GetSegmentation().GetNumberOfSegments() == 1
 print("torch" in sys.modules, "sam2" in sys.modules)
 """)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, encoding="utf-8", timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["False", "False"]
 
@@ -924,7 +924,7 @@ def test_dependencies_are_checked_without_importing_them():
     code = ("import sys; sys.path.insert(0, %r); from FewShotSAM2Lib import dependencies as d; "
             "assert d.missingDependencies('lpips') == []; print('torch' in sys.modules, 'sam2' in sys.modules)"
             % str(os.path.dirname(module.__file__)))
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False"]
 

@@ -52,9 +52,17 @@ def test_option_flags_match_the_command_line():
     for name, flag in process.OPTION_FLAGS.items():
         assert flag in flags, flag
         assert flags[flag].dest == name
+    # every setting of the core can be passed (extent_weights: the command line takes the LPIPS weights for it)
+    from fewshotsam2.options import SegmentOptions
+
+    assert set(SegmentOptions.flat_names()) - {"method", "extent_weights"} == set(process.OPTION_FLAGS)
+    assert process.unknownOptions({"extent_weights": None}) == []
+    assert process.unknownOptions({"extent_weights": "w.pth"}) == ["extent_weights"]
     assert process.optionArguments({"image_size": 64, "untrained": True, "keep_supports": False, "checkpoint": None,
                                     "min_score": 0.25}) == ["--image-size", "64", "--untrained", "--min-score", "0.25"]
     assert process.unknownOptions({"image_size": 1, "magic": 2}) == ["magic"]
+    # the library's default slice range ("off": every slice) is passed explicitly: the command line's is "auto"
+    assert process.optionArguments({"slice_range": "off"}) == ["--slice-range", "off"]
     args = parser.parse_args(["segment", "--query", "q", "--support", "i", "l", "--labels", "1", "--out", "o.nrrd",
                               "--progress", "json"])
     assert args.progress == "json"
@@ -131,7 +139,7 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
     out = tmp_path / "out.nrrd"
     common = ["segment", "--query", str(image_a), "--support", str(image_a), str(labels_a),
               "--support", str(image_b), str(labels_b), "--out", str(out), "--method", "propagate",
-              "--untrained", "--image-size", "64", "--device", "cpu", "--progress", "json"]
+              "--untrained", "--image-size", "64", "--device", "cpu", "--slice-range", "off", "--progress", "json"]
     assert cli.main(common + ["--labels", "2,1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     events = [process.parseProgressLine(line) for line in lines]
@@ -146,6 +154,18 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
     import warnings
 
     assert warnings.showwarning is not cli._json_warning  # restored: warnings after the run are not JSON lines
+
+    # anything else printed during the run goes to stderr, not into the JSON stream
+    def chatty(*a, **k):
+        print("Downloading: something")
+        raise ZeroDivisionError("stop here")
+
+    with pytest.raises(ZeroDivisionError):
+        cli.main(common + ["--labels", "1"], engine_factory=chatty)
+    captured = capsys.readouterr()
+    assert "Downloading: something" in captured.err and "Downloading" not in captured.out
+    assert all(process.parseProgressLine(line) for line in captured.out.splitlines())
+    assert sys.stdout is not sys.stderr  # restored
 
     out.unlink()
     assert cli.main(common + ["--labels", "1,3"]) == 2

@@ -40,6 +40,9 @@ OPTION_FLAGS = {
     "axis": "--axis",
     "preset": "--preset",
     "shots": "--shots",
+    "slice_range": "--slice-range",
+    "extent_margin": "--extent-margin",
+    "feature_storage": "--feature-storage",
     "top_k": "--top-k",
     "min_score": "--min-score",
     "keep_supports": "--keep-supports",
@@ -99,7 +102,8 @@ def runCore(code: str, *arguments: str, python: Optional[str] = None) -> str:
               f"except InputError as exc:\n    print(f'fewshotsam2: error: {{exc}}', file=sys.stderr)\n"
               f"    sys.exit({EXIT_BAD_INPUT})\n")
     run = subprocess.run([python or pythonExecutable(), "-c", script, *arguments], cwd=str(coreFolder()),
-                         env=coreEnvironment(), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                         env=coreEnvironment(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         encoding="utf-8", errors="replace")
     if run.returncode == 0:
         return run.stdout
     message = errorFromStderr(run.stderr, run.returncode)
@@ -110,7 +114,8 @@ def runCore(code: str, *arguments: str, python: Optional[str] = None) -> str:
 
 
 def unknownOptions(options: dict) -> list[str]:
-    return sorted(name for name in options if name not in OPTION_FLAGS)
+    """Settings the command line cannot be given (a None value is left out, so it needs no flag)."""
+    return sorted(name for name, value in options.items() if name not in OPTION_FLAGS and value is not None)
 
 
 def optionArguments(options: dict) -> list[str]:
@@ -198,7 +203,7 @@ def readScores(path: Path, structures) -> list[ScoreRow]:
         return []
     names = {s.value: s.name for s in structures}
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             value = int(row["value"])
             rows.append(ScoreRow(names.get(value, row["structure"]), value, int(row["slice_index"]), float(row["score"]),
@@ -344,7 +349,7 @@ class SegmentationProcess:
 
     def stderr(self) -> str:
         try:
-            return (self.folder / STDERR_FILE).read_text(errors="replace")
+            return (self.folder / STDERR_FILE).read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
 

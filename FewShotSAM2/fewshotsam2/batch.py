@@ -403,7 +403,7 @@ def write_summary(path: str, results: list[CaseResult]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".batch-summary-", suffix=".csv", dir=folder)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(SUMMARY_COLUMNS)
             for r in sorted(results, key=lambda r: r.row):
@@ -419,7 +419,7 @@ def write_summary(path: str, results: list[CaseResult]) -> None:
 
 
 def read_summary(path: str) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 

@@ -182,13 +182,17 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    global _json_out
     json_lines = getattr(args, "progress", "bar") == "json"
     if json_lines:
+        # stdout carries the JSON lines only: whatever else prints there (a library's download notice) goes to stderr
         previous, warnings.showwarning = warnings.showwarning, _json_warning
+        _json_out, sys.stdout = sys.stdout, sys.stderr
         try:
             return _run_segment(args, json_lines)
         finally:
             warnings.showwarning = previous
+            sys.stdout, _json_out = _json_out, None
     return _run_segment(args, json_lines)
 
 
@@ -292,12 +296,16 @@ def _present(choice, available: list, source: str) -> bool:
     return True
 
 
+_json_out = None  # the real stdout while `segment --progress json` runs (sys.stdout then points at stderr)
+
+
 def _json_line(**fields) -> None:
     """One JSON object per line on stdout, flushed at once: the Slicer module reads these while the run goes on."""
     import json
 
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
+    out = _json_out or sys.stdout
+    out.write(json.dumps(fields) + "\n")
+    out.flush()
 
 
 PARENT_PID_ENV = "FEWSHOTSAM2_PARENT_PID"
@@ -448,6 +456,10 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     """Run the command line. `engine_factory(options)` builds the SAM2 engine a command needs (default
     `pipeline.make_engine`); tests and embedding programs hand in their own, e.g. to reuse a loaded model."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # segment names and messages may be any Unicode; a C/ASCII locale must not turn a message into a traceback
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser(argv).parse_args(argv)
     args.engine_factory = engine_factory
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")

@@ -206,7 +206,7 @@ def segment(
         if options.method in ("propagate", "lpips"):
             engine.use_once(last_use)  # these read each query slice once: drop its features right after
         result = backend.run(engine, context, support_slices, options.method_options, stage_progress, clock)
-        engine.release(last_use)  # reverse reads them twice (forward, self-propagation): dropped now
+        engine.release(last_use)  # reverse reads them again (forward, p_i prompts, self-propagation): dropped now
         part = out_stack[first : last + 1]
         part[result.masks & (part == 0)] = structure.value
         used += [UsedSupportSlice(structure.value, s.support, s.slice_index, s.array_index) for s in result.supports]
@@ -312,7 +312,7 @@ def write_scores(path: str, scores: list[SliceScore],
         return ["", ""] if r is None else [r[0], r[1]]
 
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(SCORE_COLUMNS + (RANGE_COLUMNS if slice_ranges is not None else ()))
             for s in scores:
