@@ -384,8 +384,7 @@ class SAM2Engine:
                 self._features[key] = [lvl[i : i + 1].to(self.feature_device, self.feature_dtype, copy=True)
                                        for lvl in levels]
                 if self._keep is not None and self._keep(key):
-                    # a copy: the slice of the batch tensor would keep the whole batch alive
-                    self._kept[self._content_digest(key)] = [f.clone() for f in self._features[key]]
+                    self._kept[self._content_digest(key)] = self._features[key]  # already a copy, never changed
             self.encoder_calls += len(chunk)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
