@@ -310,7 +310,9 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         progressCallback(stage, done, total): called for each progress line of the process; raise
             fewshotsam2.errors.Cancelled from it to stop (the process is killed, nothing is written).
         options: model, version, image_size, device, checkpoint, untrained, cache_dir, batch_size, axis, preset,
-            shots, top_k, min_score, keep_supports, augmentations, lpips_net, lpips_weights, seed.
+            shots, top_k, min_score, keep_supports, augmentations, lpips_net, lpips_weights, seed, slice_range
+            ("auto" | "off" | "FIRST:LAST"), slice_ranges ({segment name: (first, last) | "off" | "auto"}, e.g.
+            from `estimateSliceRanges`; segments not named take slice_range).
         The result (labels, scores, device, seconds, warnings) is kept in `self.lastResult`.
         """
         prepared = self.prepare(queryVolumeNode, supports, method, outputSegmentationNode, **options)
@@ -347,6 +349,8 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         if method not in METHODS:
             raise _inputError(f"Unknown method '{method}': choose one of {', '.join(METHODS)}.")
         from fewshotsam2.options import SegmentOptions  # pure Python: validating needs no torch
+
+        sliceRanges = options.pop("slice_ranges", None)  # {segment name: (first, last) | "off" | "auto"}
 
         try:
             flat = SegmentOptions.from_flat(method=method, **options).to_flat()  # bad values: one-line OptionError
@@ -408,6 +412,12 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                 )
             cases.append(PreparedSupport(image=image, labels=image.with_array(labels), name=nodeName(volumeNode)))
 
+        if sliceRanges:
+            flat["slice_range"] = self._sliceRangeText(sliceRanges, structuresByName, flat.get("slice_range") or "auto")
+            try:
+                SegmentOptions.from_flat(method=method, **flat)
+            except Exception as exc:
+                raise _inputError(f"Slice range: {exc}") from None
         return FewShotSAM2Run(
             query=query,
             supports=cases,
@@ -454,6 +464,47 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         if not out:
             raise _inputError("No support: add at least one labeled volume (a volume, a segmentation and its segments).")
         return out
+
+    # ------------------------------------------------------------------------------------------ slice ranges
+
+    def estimateSliceRanges(self, queryVolumeNode, supports, **options) -> dict:
+        """Each structure's estimated slice range in the query (the core's `extent`, in a process of its own).
+
+        options: axis, preset, extent_margin, lpips_weights. Returns {"axis": A, "ranges": {name: (first, last) or
+        None when empty}}: inclusive indices along numpy axis A of the query's voxel array ([k, j, i]); see
+        `sliceIndexToRAS` to show one of them.
+        """
+        extentOptions = {k: options.pop(k) for k in ("axis", "preset", "extent_margin", "lpips_weights") if k in options}
+        prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
+        folder = process.SegmentationProcess(python=self.python)  # its temporary folder (nothing is started)
+        try:
+            found = process.estimateExtent(folder.folder, prepared.query, prepared.supports, prepared.structures,
+                                           extentOptions, python=self.python)
+        finally:
+            folder.cleanup()
+        ranges = {s["name"]: ((int(s["first"]), int(s["last"])) if s["first"] <= s["last"] else None)
+                  for s in found["structures"]}
+        return {"axis": int(found["axis"]), "ranges": ranges}
+
+    @staticmethod
+    def sliceIndexToRAS(volumeNode, axis: int, index: int) -> tuple:
+        """World RAS of the centre of slice `index` along numpy `axis` of the volume's array (numpy [k, j, i], so
+        numpy axis a is IJK axis 2 - a); for jumping a slice view to a range's end."""
+        dims = volumeNode.GetImageData().GetDimensions()
+        ijk = [(d - 1) / 2.0 for d in dims] + [1.0]
+        ijk[2 - axis] = float(index)
+        return tuple(float(v) for v in (mrml_io.ijkToWorldMatrix(volumeNode) @ np.array(ijk))[:3])
+
+    @staticmethod
+    def _sliceRangeText(sliceRanges: dict, structuresByName: dict, default: str) -> str:
+        """{structure name: (first, last) | "off" | "auto"} -> the core's --slice-range, keyed by output value."""
+        items = []
+        for name, spec in sliceRanges.items():
+            if name not in structuresByName:
+                raise _inputError(f"Slice range given for '{name}', which is not a selected segment.")
+            text = spec if isinstance(spec, str) else f"{int(spec[0])}:{int(spec[1])}"
+            items.append(f"{structuresByName[name].value}={text}")
+        return ",".join(items + [default])
 
     # ------------------------------------------------------------------------------------------ the process
 
