@@ -176,6 +176,8 @@ class FewShotSAM2ParameterNode:
     modelSize, modelVersion, device - which SAM2 checkpoint and where it runs.
     imageSize, sliceAxis, intensityPreset, shots, topK, minScore, augmentations, lpipsNet - advanced settings.
     outputSegmentation - where the result goes (None: a new segmentation node per run).
+    sliceRangeMode - "auto" (each structure's estimated slice range), "off" (every slice) or "manual" (the ranges
+        of the Slice range table, not saved with the scene).
     """
 
     queryVolume: vtkMRMLScalarVolumeNode
@@ -194,6 +196,7 @@ class FewShotSAM2ParameterNode:
     minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     augmentations: Annotated[int, WithinRange(0, 20)] = 3
     lpipsNet: Annotated[str, Choice(LPIPS_NETS)] = "alex"
+    sliceRangeMode: Annotated[str, Choice(choices.SLICE_RANGE_MODES)] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -472,7 +475,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
         options: axis, preset, extent_margin, lpips_weights. Returns {"axis": A, "ranges": {name: (first, last) or
         None when empty}}: inclusive indices along numpy axis A of the query's voxel array ([k, j, i]); see
-        `sliceIndexToRAS` to show one of them.
+        `sliceCenterRAS` / `jumpToSlice` to show one of them.
         """
         extentOptions = {k: options.pop(k) for k in ("axis", "preset", "extent_margin", "lpips_weights") if k in options}
         prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
@@ -485,15 +488,6 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         ranges = {s["name"]: ((int(s["first"]), int(s["last"])) if s["first"] <= s["last"] else None)
                   for s in found["structures"]}
         return {"axis": int(found["axis"]), "ranges": ranges}
-
-    @staticmethod
-    def sliceIndexToRAS(volumeNode, axis: int, index: int) -> tuple:
-        """World RAS of the centre of slice `index` along numpy `axis` of the volume's array (numpy [k, j, i], so
-        numpy axis a is IJK axis 2 - a); for jumping a slice view to a range's end."""
-        dims = volumeNode.GetImageData().GetDimensions()
-        ijk = [(d - 1) / 2.0 for d in dims] + [1.0]
-        ijk[2 - axis] = float(index)
-        return tuple(float(v) for v in (mrml_io.ijkToWorldMatrix(volumeNode) @ np.array(ijk))[:3])
 
     @staticmethod
     def _sliceRangeText(sliceRanges: dict, structuresByName: dict, default: str) -> str:
@@ -690,6 +684,9 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tableNode = None
         self._chartNode = None
         self._shownWarnings = 0
+        self._rangeRows = []  # [(structure name, first spin box, last spin box)] of the Slice range table
+        self._rangeVolume = None  # the query the table's ranges are of, and their numpy axis
+        self._rangeAxis = 0
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -713,6 +710,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
         self.ui.lowConfidenceTable.connect("cellClicked(int,int)", self.onLowConfidenceCellClicked)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
+        self.ui.estimateRangeButton.connect("clicked(bool)", self.onEstimateRanges)
 
         self.ui.progressBar.hide()
         self.ui.statusLabel.text = ""
@@ -1056,7 +1054,56 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             min_score=float(p.minScore),
             augmentations=int(p.augmentations),
             lpips_net=p.lpipsNet,
+            **self._sliceRangeOptions(),
         )
+
+    # ------------------------------------------------------------------------------------------ slice range
+
+    def _sliceRangeOptions(self):
+        p = self._parameterNode
+        if p.sliceRangeMode != "manual":
+            return dict(slice_range=p.sliceRangeMode)
+        if not self._rangeRows or self._rangeVolume is not p.queryVolume:
+            raise _inputError(_("Manual slice range: press Estimate for this query volume first."))
+        return dict(slice_range="auto", slice_ranges={n: (f.value, l.value) for n, f, l in self._rangeRows})
+
+    def onEstimateRanges(self):
+        p = self._parameterNode
+        try:
+            with slicer.util.WaitCursor():
+                found = self.logic.estimateSliceRanges(p.queryVolume, self._supportsFromParameterNode(),
+                                                       axis=p.sliceAxis, preset=p.intensityPreset)
+        except Exception as exc:
+            self._reportError(exc, _("Slice ranges could not be estimated"))
+            return
+        self._fillRangeTable(p.queryVolume, found["axis"], found["ranges"])
+
+    def _fillRangeTable(self, volumeNode, axis, ranges):
+        """One row per structure: its name, first/last spin boxes, and buttons that centre the views on either end."""
+        self._rangeVolume, self._rangeAxis, self._rangeRows = volumeNode, axis, []
+        n = volumeNode.GetImageData().GetDimensions()[2 - axis]
+        table = self.ui.sliceRangeTable
+        table.setRowCount(len(ranges))
+        for row, (name, found) in enumerate(ranges.items()):
+            # an empty estimate: the supports place it outside the query; offer the whole volume to edit
+            table.setItem(row, 0, qt.QTableWidgetItem(name if found else _("{name} (not found)").format(name=name)))
+            spins = []
+            for column, value in ((1, (found or (0, n - 1))[0]), (2, (found or (0, n - 1))[1])):
+                spin = qt.QSpinBox()
+                spin.setRange(0, n - 1)
+                spin.setValue(value)
+                spin.connect("valueChanged(int)", self._onRangeEdited)
+                table.setCellWidget(row, column, spin)
+                spins.append(spin)
+            for column, spin, text in ((3, spins[0], _("Go to first")), (4, spins[1], _("Go to last"))):
+                button = qt.QPushButton(text)
+                button.connect("clicked()", lambda s=spin: self.logic.jumpToSlice(self._rangeVolume, self._rangeAxis, s.value))
+                table.setCellWidget(row, column, button)
+            self._rangeRows.append((name, spins[0], spins[1]))
+
+    def _onRangeEdited(self, _value=None):
+        if self._parameterNode and self._parameterNode.sliceRangeMode != "manual":
+            self._parameterNode.sliceRangeMode = "manual"  # an edited range is used as edited
 
     def _ensureDependencies(self):
         method = self._parameterNode.method

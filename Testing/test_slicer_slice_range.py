@@ -62,7 +62,7 @@ def test_slice_index_to_ras_lands_on_that_slice(ct):
     node.GetRASToIJKMatrix(rasToIJK)
     for axis in (0, 1, 2):
         index = dims[2 - axis] // 3
-        ras = module.FewShotSAM2Logic.sliceIndexToRAS(node, axis, index)
+        ras = module.FewShotSAM2Logic.sliceCenterRAS(node, axis, index)
         ijk = rasToIJK.MultiplyPoint(list(ras) + [1.0])
         assert abs(ijk[2 - axis] - index) < 1e-6
 
