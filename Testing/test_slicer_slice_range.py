@@ -87,3 +87,28 @@ def test_a_range_for_an_unselected_segment_is_refused(ct):
     with pytest.raises(InputError, match="kidney"):
         module.FewShotSAM2Logic().prepare(ct["query"], ct["supports"], "propagate", untrained=True,
                                           slice_ranges={"kidney": (1, 2)})
+
+
+def test_estimate_equals_the_core_command_on_a_non_trivial_range(shared_dir, capsys):
+    """IBSR 01 -> 03: slices run along numpy axis 1 and CSF's range is a strict part of the volume."""
+    from fewshotsam2.cli import main
+
+    data = shared_dir / "data" / "brain-mr"
+    weights = str(shared_dir / "weights" / "lpips" / "alexnet_features.pth")
+    scene = new_scene()
+    support = load_volume(scene, data / "ibsr-01" / "image.nii.gz", "ibsr-01")
+    labelmap = load_volume(scene, data / "ibsr-01" / "labels.nii.gz", "ibsr-01 labels", labelmap=True)
+    seg, ids = segmentation_from_labelmap(scene, labelmap, {1: ("csf", (0, 0, 1)), 3: ("wm", (1, 1, 1))},
+                                          "ibsr-01 segmentation", support)
+    query = load_volume(scene, data / "ibsr-03" / "image.nii.gz", "ibsr-03")
+    got = module.FewShotSAM2Logic().estimateSliceRanges(query, [(support, seg, [ids[1], ids[3]])],
+                                                        lpips_weights=weights)
+    capsys.readouterr()
+    assert main(["extent", "--query", str(data / "ibsr-03" / "image.nii.gz"), "--support",
+                 str(data / "ibsr-01" / "image.nii.gz"), str(data / "ibsr-01" / "labels.nii.gz"), "--labels", "1,3",
+                 "--json", "--lpips-weights", weights]) == 0
+    core = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["axis"] == core["axis"]
+    assert [got["ranges"][n] for n in ("csf", "wm")] == [(s["first"], s["last"]) for s in core["structures"]]
+    n = query.GetImageData().GetDimensions()[2 - got["axis"]]
+    assert got["ranges"]["csf"][1] - got["ranges"]["csf"][0] + 1 < n  # a real restriction, not the whole volume
