@@ -165,6 +165,18 @@ def writeJobInputs(folder: Path, query, supports, structures) -> list[str]:
     return args
 
 
+def estimateExtent(folder: Path, query, supports, structures, options: dict, python: Optional[str] = None) -> dict:
+    """Run `fewshotsam2 extent --json` on the job files written into `folder` (a short core call, its own
+    process); returns its JSON: {"axis": A, "structures": [{"value", "name", "first", "last"}]}."""
+    arguments = writeJobInputs(folder, query, supports, structures) + ["--json"]
+    for name in ("axis", "preset", "extent_margin", "lpips_weights"):
+        if options.get(name) is not None:
+            arguments += [OPTION_FLAGS[name], str(options[name])]
+    code = "from fewshotsam2.cli import main\nrc = main(['extent', *sys.argv[1:]])\nsys.exit(rc)"
+    output = runCore(code, *arguments, python=python)
+    return json.loads(output.strip().splitlines()[-1])
+
+
 @dataclass
 class ScoreRow:
     """One row of the core's per-slice scores (the fields of fewshotsam2.pipeline.SliceScore the GUI uses)."""

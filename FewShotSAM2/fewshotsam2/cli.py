@@ -112,12 +112,14 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=d["preset"], choices=C.PRESETS,
                    help="intensity window: auto = CT abdomen window for CT, 0.5-99.5 percentiles otherwise")
     # the command line defaults to "auto" (the library to "off", so scripted runs keep whole-volume results)
-    g.add_argument("--slice-range", default="auto", metavar="auto|off|FIRST:LAST",
+    g.add_argument("--slice-range", default="auto", metavar="auto|off|FIRST:LAST|S=RANGE,...",
                    help="which query slices to segment: auto (default) = per structure, the slices where the "
                         "supports say it can be (aligned by anatomy, plus --extent-margin); off = every slice: "
                         "use it for lesions and tumours, which do not sit at the same level in every patient; "
                         "FIRST:LAST = inclusive indices along the query array's slice axis (see `fewshotsam2 "
-                        "extent`). Outside the range the output is background")
+                        "extent`); per structure: e.g. 5=10:40,spleen=off (keyed by output value or name; structures "
+                        "not named take auto, or a bare RANGE in the list). Outside the range the output is "
+                        "background")
     g.add_argument("--extent-margin", type=float, default=d["extent_margin"], metavar="MM",
                    help="with --slice-range auto: widen each end of the estimated range by this many mm "
                         f"(default {d['extent_margin']:g})")
@@ -343,13 +345,14 @@ def _json_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def check_user_slice_range(text: str, query, axis: str) -> None:
     """A FIRST:LAST --slice-range must fit the query: checked before anything is built or written."""
-    from .extent import check_slice_range, parse_slice_range
+    from .extent import check_slice_range, parse_slice_ranges
     from .slices import SlicePlan
 
-    given = parse_slice_range(text)
-    if given is not None and given != (0, -1):
-        plan = SlicePlan.for_volume(query, axis)
-        check_slice_range(given[0], given[1], plan.n_slices, plan.array_axis)
+    # structure names are checked by the pipeline, before its first encoder call
+    for given in parse_slice_ranges(text).values():
+        if given is not None and given != (0, -1):
+            plan = SlicePlan.for_volume(query, axis)
+            check_slice_range(given[0], given[1], plan.n_slices, plan.array_axis)
 
 
 def check_output_dir(path: str, suffix: str) -> None:

@@ -265,6 +265,41 @@ def parse_slice_range(text: str) -> Optional[tuple[int, int]]:
     return int(m.group(1)), int(m.group(2))
 
 
+def parse_slice_ranges(text: str) -> dict[Optional[str], Optional[tuple[int, int]]]:
+    """Per-structure ranges: 'SPEC' or 'KEY=SPEC,KEY=SPEC,...' (KEY: an output structure's value or name, SPEC as
+    in `parse_slice_range`). The key None holds the range of every structure not named (default 'auto')."""
+    text = str(text).strip()
+    if "=" not in text:
+        return {None: parse_slice_range(text)}
+    out: dict[Optional[str], Optional[tuple[int, int]]] = {}
+    for item in text.split(","):
+        key, sep, spec = (p.strip() for p in item.partition("="))
+        if not sep:  # one bare SPEC among keyed ones: the range of the structures not named
+            key, spec = None, item.strip()
+        if key == "" or key in out:
+            raise InputError(f"--slice-range '{text}': "
+                             + ("an empty structure name" if key == "" else f"'{key or 'default'}' given twice"))
+        out[key] = parse_slice_range(spec)
+    out.setdefault(None, None)
+    return out
+
+
+def resolve_slice_ranges(text: str, structures) -> dict[int, Optional[tuple[int, int]]]:
+    """Per output structure value, its range from `parse_slice_ranges` (keys matched by value, then by name)."""
+    given = parse_slice_ranges(text)
+    out = {s.value: given[None] for s in structures}
+    for key, spec in given.items():
+        if key is None:
+            continue
+        hits = [s for s in structures if str(s.value) == key] or [s for s in structures if s.name == key]
+        if not hits:
+            known = ", ".join(f"{s.value}={s.name}" for s in structures)
+            raise InputError(f"--slice-range names structure '{key}', which is not segmented (structures: {known})")
+        for s in hits:
+            out[s.value] = spec
+    return out
+
+
 def check_slice_range(first: int, last: int, n_slices: int, axis: int) -> None:
     """A user range must lie inside the query and hold at least one slice."""
     if first > last:

@@ -196,13 +196,13 @@ class SegmentOptions:
         _set(self, "axis", _choice("axis", self.axis, C.AXES))
         _set(self, "preset", _choice("preset", self.preset, C.PRESETS))
         _set(self, "shots", _int("shots", self.shots, minimum=1))
-        from .extent import parse_slice_range
+        from .extent import parse_slice_ranges
 
         try:
-            parse_slice_range(self.slice_range)
+            parse_slice_ranges(self.slice_range)
         except InputError:
-            raise OptionError("slice_range", f"must be auto, off or FIRST:LAST (inclusive slice indices), got "
-                                             f"{self.slice_range!r}") from None
+            raise OptionError("slice_range", f"must be auto, off, FIRST:LAST (inclusive slice indices) or "
+                                             f"STRUCTURE=RANGE,... per structure, got {self.slice_range!r}") from None
         _set(self, "slice_range", str(self.slice_range).strip())
         _set(self, "extent_margin", _float("extent_margin", self.extent_margin, 0.0, 1000.0))
         _set(self, "extent_weights", None if self.extent_weights in (None, "") else str(self.extent_weights))

@@ -232,19 +232,35 @@ def segment(
 def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
                      options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
     """Per structure value, the inclusive range of query stack slices to segment (None: an empty estimate)."""
+    from .extent import check_slice_range, resolve_slice_ranges, to_stack_range
+
+    n = qstack.shape[0]
+    ranges: dict[int, Optional[tuple[int, int]]] = {}
+    auto = []
+    specs = resolve_slice_ranges(options.slice_range, structures)
+    for s in structures:  # per structure: off, FIRST:LAST or auto (estimated below)
+        given = specs[s.value]
+        if given == (0, -1):
+            ranges[s.value] = (0, n - 1)
+        elif given is not None:
+            check_slice_range(given[0], given[1], n, qplan.array_axis)
+            ranges[s.value] = to_stack_range(qplan, *given)
+        else:
+            auto.append(s)
+    if auto:
+        ranges.update(estimated_ranges(qplan, qstack, prepared, auto, options))
+    return ranges
+
+
+def estimated_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
+                     options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
+    """Per structure value, the range the extent estimator finds from the supports (None: empty)."""
     import os
 
-    from .extent import ExtentEstimator, StackInfo, check_slice_range, parse_slice_range, to_stack_range
+    from .extent import ExtentEstimator, StackInfo
     from .lpips_distance import LPIPS_WEIGHTS_ENV
 
     n = qstack.shape[0]
-    given = parse_slice_range(options.slice_range)
-    if given == (0, -1):  # off
-        return {s.value: (0, n - 1) for s in structures}
-    if given is not None:
-        check_slice_range(given[0], given[1], n, qplan.array_axis)
-        r = to_stack_range(qplan, *given)
-        return {s.value: r for s in structures}
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
                or os.environ.get(LPIPS_WEIGHTS_ENV))
     try:
