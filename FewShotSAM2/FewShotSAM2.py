@@ -176,6 +176,8 @@ class FewShotSAM2ParameterNode:
     modelSize, modelVersion, device - which SAM2 checkpoint and where it runs.
     imageSize, sliceAxis, intensityPreset, shots, topK, minScore, augmentations, lpipsNet - advanced settings.
     outputSegmentation - where the result goes (None: a new segmentation node per run).
+    sliceRangeMode - "auto" (each structure's estimated slice range), "off" (every slice) or "manual" (the ranges
+        of the Slice range table, not saved with the scene).
     """
 
     queryVolume: vtkMRMLScalarVolumeNode
@@ -194,6 +196,7 @@ class FewShotSAM2ParameterNode:
     minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     augmentations: Annotated[int, WithinRange(0, 20)] = 3
     lpipsNet: Annotated[str, Choice(LPIPS_NETS)] = "alex"
+    sliceRangeMode: Annotated[str, Choice(choices.SLICE_RANGE_MODES)] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -310,7 +313,9 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         progressCallback(stage, done, total): called for each progress line of the process; raise
             fewshotsam2.errors.Cancelled from it to stop (the process is killed, nothing is written).
         options: model, version, image_size, device, checkpoint, untrained, cache_dir, batch_size, axis, preset,
-            shots, top_k, min_score, keep_supports, augmentations, lpips_net, lpips_weights, seed.
+            shots, top_k, min_score, keep_supports, augmentations, lpips_net, lpips_weights, seed, slice_range
+            ("auto" | "off" | "FIRST:LAST"), slice_ranges ({segment name: (first, last) | "off" | "auto"}, e.g.
+            from `estimateSliceRanges`; segments not named take slice_range).
         The result (labels, scores, device, seconds, warnings) is kept in `self.lastResult`.
         """
         prepared = self.prepare(queryVolumeNode, supports, method, outputSegmentationNode, **options)
@@ -347,6 +352,8 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         if method not in METHODS:
             raise _inputError(f"Unknown method '{method}': choose one of {', '.join(METHODS)}.")
         from fewshotsam2.options import SegmentOptions  # pure Python: validating needs no torch
+
+        sliceRanges = options.pop("slice_ranges", None)  # {segment name: (first, last) | "off" | "auto"}
 
         try:
             flat = SegmentOptions.from_flat(method=method, **options).to_flat()  # bad values: one-line OptionError
@@ -408,6 +415,12 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                 )
             cases.append(PreparedSupport(image=image, labels=image.with_array(labels), name=nodeName(volumeNode)))
 
+        if sliceRanges:
+            flat["slice_range"] = self._sliceRangeText(sliceRanges, structuresByName, flat.get("slice_range") or "auto")
+            try:
+                SegmentOptions.from_flat(method=method, **flat)
+            except Exception as exc:
+                raise _inputError(f"Slice range: {exc}") from None
         return FewShotSAM2Run(
             query=query,
             supports=cases,
@@ -454,6 +467,38 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         if not out:
             raise _inputError("No support: add at least one labeled volume (a volume, a segmentation and its segments).")
         return out
+
+    # ------------------------------------------------------------------------------------------ slice ranges
+
+    def estimateSliceRanges(self, queryVolumeNode, supports, **options) -> dict:
+        """Each structure's estimated slice range in the query (the core's `extent`, in a process of its own).
+
+        options: axis, preset, extent_margin, lpips_weights. Returns {"axis": A, "ranges": {name: (first, last) or
+        None when empty}}: inclusive indices along numpy axis A of the query's voxel array ([k, j, i]); see
+        `sliceCenterRAS` / `jumpToSlice` to show one of them.
+        """
+        extentOptions = {k: options.pop(k) for k in ("axis", "preset", "extent_margin", "lpips_weights") if k in options}
+        prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
+        folder = process.SegmentationProcess(python=self.python)  # its temporary folder (nothing is started)
+        try:
+            found = process.estimateExtent(folder.folder, prepared.query, prepared.supports, prepared.structures,
+                                           extentOptions, python=self.python)
+        finally:
+            folder.cleanup()
+        ranges = {s["name"]: ((int(s["first"]), int(s["last"])) if s["first"] <= s["last"] else None)
+                  for s in found["structures"]}
+        return {"axis": int(found["axis"]), "ranges": ranges}
+
+    @staticmethod
+    def _sliceRangeText(sliceRanges: dict, structuresByName: dict, default: str) -> str:
+        """{structure name: (first, last) | "off" | "auto"} -> the core's --slice-range, keyed by output value."""
+        items = []
+        for name, spec in sliceRanges.items():
+            if name not in structuresByName:
+                raise _inputError(f"Slice range given for '{name}', which is not a selected segment.")
+            text = spec if isinstance(spec, str) else f"{int(spec[0])}:{int(spec[1])}"
+            items.append(f"{structuresByName[name].value}={text}")
+        return ",".join(items + [default])
 
     # ------------------------------------------------------------------------------------------ the process
 
@@ -573,11 +618,17 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
         return checkpoints.download_checkpoint(model, version, cache_dir, progress=progress)
 
-    @staticmethod
-    def importCheckpoint(path, model="tiny", version="2.1", cache_dir=None):
-        from fewshotsam2 import checkpoints
+    def importCheckpoint(self, path, model="tiny", version="2.1", cache_dir=None):
+        """Check a checkpoint file (loaded into the matching SAM2 model) and copy it into the cache; returns the
+        cached path. The check loads torch, so it runs in a process of its own."""
+        from pathlib import Path
 
-        return checkpoints.import_checkpoint(path, model, version, cache_dir)
+        output = process.runCore(
+            "from fewshotsam2 import checkpoints\n"
+            "print(checkpoints.import_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None))",
+            str(path), str(model), str(version), str(cache_dir or ""), python=self.python,
+        )
+        return Path(output.strip().splitlines()[-1])
 
     @staticmethod
     def clearCheckpointCache(cache_dir=None):
@@ -633,6 +684,9 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tableNode = None
         self._chartNode = None
         self._shownWarnings = 0
+        self._rangeRows = []  # [(structure name, first spin box, last spin box)] of the Slice range table
+        self._rangeVolume = None  # the query the table's ranges are of, and their numpy axis
+        self._rangeAxis = 0
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -656,6 +710,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clearCacheButton.connect("clicked(bool)", self.onClearCache)
         self.ui.lowConfidenceTable.connect("cellClicked(int,int)", self.onLowConfidenceCellClicked)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
+        self.ui.estimateRangeButton.connect("clicked(bool)", self.onEstimateRanges)
 
         self.ui.progressBar.hide()
         self.ui.statusLabel.text = ""
@@ -999,7 +1054,56 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             min_score=float(p.minScore),
             augmentations=int(p.augmentations),
             lpips_net=p.lpipsNet,
+            **self._sliceRangeOptions(),
         )
+
+    # ------------------------------------------------------------------------------------------ slice range
+
+    def _sliceRangeOptions(self):
+        p = self._parameterNode
+        if p.sliceRangeMode != "manual":
+            return dict(slice_range=p.sliceRangeMode)
+        if not self._rangeRows or self._rangeVolume is not p.queryVolume:
+            raise _inputError(_("Manual slice range: press Estimate for this query volume first."))
+        return dict(slice_range="auto", slice_ranges={n: (f.value, l.value) for n, f, l in self._rangeRows})
+
+    def onEstimateRanges(self):
+        p = self._parameterNode
+        try:
+            with slicer.util.WaitCursor():
+                found = self.logic.estimateSliceRanges(p.queryVolume, self._supportsFromParameterNode(),
+                                                       axis=p.sliceAxis, preset=p.intensityPreset)
+        except Exception as exc:
+            self._reportError(exc, _("Slice ranges could not be estimated"))
+            return
+        self._fillRangeTable(p.queryVolume, found["axis"], found["ranges"])
+
+    def _fillRangeTable(self, volumeNode, axis, ranges):
+        """One row per structure: its name, first/last spin boxes, and buttons that centre the views on either end."""
+        self._rangeVolume, self._rangeAxis, self._rangeRows = volumeNode, axis, []
+        n = volumeNode.GetImageData().GetDimensions()[2 - axis]
+        table = self.ui.sliceRangeTable
+        table.setRowCount(len(ranges))
+        for row, (name, found) in enumerate(ranges.items()):
+            # an empty estimate: the supports place it outside the query; offer the whole volume to edit
+            table.setItem(row, 0, qt.QTableWidgetItem(name if found else _("{name} (not found)").format(name=name)))
+            spins = []
+            for column, value in ((1, (found or (0, n - 1))[0]), (2, (found or (0, n - 1))[1])):
+                spin = qt.QSpinBox()
+                spin.setRange(0, n - 1)
+                spin.setValue(value)
+                spin.connect("valueChanged(int)", self._onRangeEdited)
+                table.setCellWidget(row, column, spin)
+                spins.append(spin)
+            for column, spin, text in ((3, spins[0], _("Go to first")), (4, spins[1], _("Go to last"))):
+                button = qt.QPushButton(text)
+                button.connect("clicked()", lambda s=spin: self.logic.jumpToSlice(self._rangeVolume, self._rangeAxis, s.value))
+                table.setCellWidget(row, column, button)
+            self._rangeRows.append((name, spins[0], spins[1]))
+
+    def _onRangeEdited(self, _value=None):
+        if self._parameterNode and self._parameterNode.sliceRangeMode != "manual":
+            self._parameterNode.sliceRangeMode = "manual"  # an edited range is used as edited
 
     def _ensureDependencies(self):
         method = self._parameterNode.method
@@ -1126,8 +1230,10 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 outputNode.GetDisplayNode().SetVisibility(True)
                 slicer.util.setSliceViewerLayers(background=prepared.queryVolumeNode)
                 self._showResults(prepared, result)
-            status = _("Done in {seconds:.0f} s on {device}: '{name}'.").format(
-                seconds=result.seconds, device=result.device or "?", name=outputNode.GetName())
+            # wall time as the user waited (process start and model loading included), and the segmentation's own
+            status = _("Done in {seconds:.0f} s on {device} (segmentation {run:.0f} s): '{name}'.").format(
+                seconds=time.time() - job.startTime, device=result.device or "?", run=result.seconds,
+                name=outputNode.GetName())
             if result.warnings:
                 status += "\n" + _("Warnings:") + "\n" + "\n".join(f"- {w}" for w in result.warnings)
             self._setStatus(status, warning=bool(result.warnings))

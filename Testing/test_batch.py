@@ -21,7 +21,8 @@ from fewshotsam2 import cli
 from fewshotsam2.batch import SUMMARY_NAME, read_summary
 from fewshotsam2.volume import read_labels, read_volume
 
-MODEL = ["--untrained", "--image-size", "64", "--device", "cpu", "--quiet"]
+# every query slice segmented (the command line's default range, auto, depends on AlexNet weights being found)
+MODEL = ["--untrained", "--image-size", "64", "--device", "cpu", "--slice-range", "off", "--quiet"]
 HEADER = "query,support_image,support_labels,labels,output"
 # rows: a small MR crop first, then the whole 20-slice ct-b DICOM series (the slowest case), then a CT crop with
 # two structures; outputs in three formats

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import threading
 import time
@@ -34,11 +35,11 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _batch(argv) -> tuple[int, str, str]:
+def _batch(argv, quiet: bool = True) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         warnings.simplefilter("ignore")
-        rc = cli.main(["batch", *argv, *MODEL])
+        rc = cli.main(["batch", *argv, *(m for m in MODEL if quiet or m != "--quiet")])
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -48,9 +49,11 @@ def _labels(folder) -> list[np.ndarray]:
 
 def test_ray_workers_give_the_local_outputs(cohort, local_run, ray_cluster, tmp_path):  # noqa: F811
     rc, stdout, err = _batch(["--manifest", str(cohort["manifest"]), "--out-dir", str(tmp_path), "--ray", "local",
-                              "--workers", "2"])
+                              "--workers", "2"], quiet=False)
     assert rc == 0, err
     assert "3 cases: 3 ok, 0 skipped, 0 failed" in stdout
+    # the bar shows the running cases' stages, as the workers report them (the latest one of each case)
+    assert "batch on 2 Ray workers" in err and re.search(r"case/s, (mr|ct-b|spleen): ", err), err
     for mine, local in zip(_labels(tmp_path), local_run[3]):
         np.testing.assert_array_equal(mine, local)
     summary = read_summary(str(tmp_path / SUMMARY_NAME))

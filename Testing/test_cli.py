@@ -149,7 +149,7 @@ def test_segment_reverse_writes_scores(inputs, tmp_path, capsys, monkeypatch, sh
     with open(scores, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["structure", "value", "slice_index", "score", "higher_is_better", "selected",
-                             "matched_support", "matched_slice"]
+                             "matched_support", "matched_slice", "range_first", "range_last"]
     assert {r["higher_is_better"] for r in rows} == {"1"}  # pi is a Dice
     assert len(rows) == 2 * 3
     for v in ("5", "1"):
@@ -168,7 +168,7 @@ def test_segment_as_a_subprocess_cross_modality(inputs, tmp_path):
         [sys.executable, "-m", "fewshotsam2.cli", "segment", "--query", inputs["query_mr"], "--support",
          inputs["support_image"], inputs["support_labels"], "--labels", "1", "--out", str(out),
          "--method", "propagate", *MODEL],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        capture_output=True, text=True, encoding="utf-8", env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]

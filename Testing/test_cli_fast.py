@@ -60,7 +60,7 @@ heavy = sorted(m for m in ("torch", "torchvision", "sam2", "lpips", "SimpleITK",
 print(json.dumps({{"seconds": out, "heavy": heavy}}))
 """
     t0 = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", timeout=120)
     wall = time.perf_counter() - t0
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])

@@ -31,7 +31,7 @@ def new_user(tmp_path, shared_dir):
 
 def _demo(clone, env, *args):
     return subprocess.run(["bash", str(clone / "scripts" / "demo.sh"), *args], cwd=clone, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, encoding="utf-8", timeout=900)
 
 
 def test_offline_demo_end_to_end_names_its_segments(new_user):

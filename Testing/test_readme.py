@@ -34,7 +34,7 @@ def test_linked_files_exist():
 @pytest.mark.slow
 def test_python_snippet_runs_as_written(tmp_path, sample_data_dir):
     (snippet,) = [b for b in _blocks("python") if "sample_data.locate()" in b]
-    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, encoding="utf-8",
                          timeout=900, env={"PYTHONPATH": str(REPO / "FewShotSAM2"), "OMP_NUM_THREADS": "2",
                                            "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -136,21 +136,21 @@ def test_fresh_clone_fetches_from_a_mirror_and_refuses_a_corrupt_one(server, tmp
 
     # offline with nothing cached: one message, exit code 1, naming the cache folder as the place to put the files
     offline = dict(env, **{sd.URL_ENV: f"http://127.0.0.1:{_closed_port()}"})
-    run = subprocess.run(cmd, cwd=clone, env=offline, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(cmd, cwd=clone, env=offline, capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "cannot download the sample data" in run.stderr and str(cache / sd.DEMO_SUPPORT_IMAGE) in run.stderr
 
     # a mirror serving one corrupt slice: refused, that slice not kept
     bad = sd.DEMO_FILES[10]
     (served / bad.filename).write_bytes(b"\0" * bad.size)
-    run = subprocess.run(cmd, cwd=clone, env=dict(env, **{sd.URL_ENV: url}), capture_output=True, text=True,
+    run = subprocess.run(cmd, cwd=clone, env=dict(env, **{sd.URL_ENV: url}), capture_output=True, text=True, encoding="utf-8",
                          timeout=120)
     assert run.returncode == 1 and "did not give the expected" in run.stderr
     assert not (cache / bad.path).exists()
 
     # a good mirror: every file verified into the cache, the folder printed last
     shutil.copy(shared_dir / "data" / bad.path, served / bad.filename)
-    run = subprocess.run(cmd, cwd=clone, env=dict(env, **{sd.URL_ENV: url}), capture_output=True, text=True,
+    run = subprocess.run(cmd, cwd=clone, env=dict(env, **{sd.URL_ENV: url}), capture_output=True, text=True, encoding="utf-8",
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == str(cache)
@@ -167,12 +167,12 @@ def test_fresh_clone_skips_real_data_tests_once_with_the_reason(tmp_path):
         "def test_pair(sample_data_dir):\n    assert sample_data_dir.is_dir()\n"
     )
     cmd = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "Testing"]
-    run = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "6 skipped" in run.stdout and "Error" not in run.stdout
     assert "SKIPPED [5]" in run.stdout and "no ../shared folder beside the clone" in run.stdout
     assert "run `fewshotsam2 sample-data` to fetch it" in run.stdout
     assert "5 tests skipped: no ../shared beside the clone" in run.stdout  # said once, at the end
     # under CI the same absence is a failure
-    run = subprocess.run(cmd, cwd=clone, env=dict(env, CI="true"), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=clone, env=dict(env, CI="true"), capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert run.returncode == 1 and "6 errors" in run.stdout and "CI=true: the data must be there" in run.stdout

@@ -22,7 +22,7 @@ def _run(args, tmp_path, cwd=None):
     env = {k: v for k, v in os.environ.items() if k not in ("FEWSHOTSAM2_VENV", "FEWSHOTSAM2_TORCH_INDEX")}
     env["HOME"] = str(home)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd or tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, encoding="utf-8", timeout=60)
 
 
 def _tree(folder: Path) -> dict:

@@ -1,12 +1,16 @@
 """FewShotSAM2Lib without SAM2: the progress-line protocol, error lines, option flags, the job files, the plot
-clean-up and the sample-data registration table (fast; the real process runs in test_slicer_logic.py)."""
+clean-up, the sample-data registration table and the dependency checks (fast; the real process runs in
+test_slicer_logic.py)."""
+
+import os
+import sys
 
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from FewShotSAM2Lib import choices, process, review  # noqa: E402
+from FewShotSAM2Lib import choices, dependencies, process, review  # noqa: E402
 from fewshotsam2 import cli  # noqa: E402
 from fewshotsam2.volume import Structure, Volume, read_labels, read_volume  # noqa: E402
 
@@ -48,9 +52,17 @@ def test_option_flags_match_the_command_line():
     for name, flag in process.OPTION_FLAGS.items():
         assert flag in flags, flag
         assert flags[flag].dest == name
+    # every setting of the core can be passed (extent_weights: the command line takes the LPIPS weights for it)
+    from fewshotsam2.options import SegmentOptions
+
+    assert set(SegmentOptions.flat_names()) - {"method", "extent_weights"} == set(process.OPTION_FLAGS)
+    assert process.unknownOptions({"extent_weights": None}) == []
+    assert process.unknownOptions({"extent_weights": "w.pth"}) == ["extent_weights"]
     assert process.optionArguments({"image_size": 64, "untrained": True, "keep_supports": False, "checkpoint": None,
                                     "min_score": 0.25}) == ["--image-size", "64", "--untrained", "--min-score", "0.25"]
     assert process.unknownOptions({"image_size": 1, "magic": 2}) == ["magic"]
+    # the library's default slice range ("off": every slice) is passed explicitly: the command line's is "auto"
+    assert process.optionArguments({"slice_range": "off"}) == ["--slice-range", "off"]
     args = parser.parse_args(["segment", "--query", "q", "--support", "i", "l", "--labels", "1", "--out", "o.nrrd",
                               "--progress", "json"])
     assert args.progress == "json"
@@ -127,13 +139,14 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
     out = tmp_path / "out.nrrd"
     common = ["segment", "--query", str(image_a), "--support", str(image_a), str(labels_a),
               "--support", str(image_b), str(labels_b), "--out", str(out), "--method", "propagate",
-              "--untrained", "--image-size", "64", "--device", "cpu", "--progress", "json"]
+              "--untrained", "--image-size", "64", "--device", "cpu", "--slice-range", "off", "--progress", "json"]
     assert cli.main(common + ["--labels", "2,1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     events = [process.parseProgressLine(line) for line in lines]
     assert None not in events  # nothing but JSON objects on stdout
     progress = [e for e in events if e["event"] == "progress"]
-    assert progress and progress[0]["stage"].startswith("Encoding slice") and progress[0]["total"] == 6
+    assert [(e["stage"], e["total"]) for e in progress[:2]] == [("Reading the volumes", 0), ("Loading SAM2 tiny", 0)]
+    assert progress[2]["stage"].startswith("Encoding slice") and progress[2]["total"] == 6
     done = events[-1]
     assert done["event"] == "done" and done["device"] == "cpu" and done["seconds"] > 0
     assert list(done["voxels"]) == ["Label 2", "Label 1"]  # the --labels order
@@ -142,7 +155,112 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
 
     assert warnings.showwarning is not cli._json_warning  # restored: warnings after the run are not JSON lines
 
+    # anything else printed during the run goes to stderr, not into the JSON stream
+    def chatty(*a, **k):
+        print("Downloading: something")
+        raise ZeroDivisionError("stop here")
+
+    with pytest.raises(ZeroDivisionError):
+        cli.main(common + ["--labels", "1"], engine_factory=chatty)
+    captured = capsys.readouterr()
+    assert "Downloading: something" in captured.err and "Downloading" not in captured.out
+    assert all(process.parseProgressLine(line) for line in captured.out.splitlines())
+    assert sys.stdout is not sys.stderr  # restored
+
     out.unlink()
     assert cli.main(common + ["--labels", "1,3"]) == 2
     assert "label '3' is absent from every support" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- sample data
+
+
+def test_sample_data_sources_match_the_shared_files(shared_dir):
+    """The two SampleData entries (support CT + labels, query DICOM series) point at the core's table, and their
+    SHA256 checksums are those of the copies in ../shared/data (offline)."""
+    from FewShotSAM2Lib import sample_data
+    from fewshotsam2 import sample_data as core_sample_data
+
+    support, query = sample_data.sampleSources()
+    for source in (support, query):
+        lengths = {len(source[key]) for key in ("uris", "fileNames", "nodeNames", "loadFileTypes", "loadFiles", "checksums")}
+        assert len(lengths) == 1  # SampleDataSource refuses lists of different lengths
+        assert all(uri.startswith("https://") for uri in source["uris"])
+        assert len(set(source["fileNames"])) == len(source["fileNames"])  # one cache file each
+        assert all(c.startswith("SHA256:") and len(c) == 7 + 64 for c in source["checksums"])
+    by_url = {f.url: f for f in core_sample_data.DEMO_FILES}
+    files = [by_url[uri] for source in (support, query) for uri in source["uris"]]
+    assert {f.path for f in files} == {f.path for f in core_sample_data.DEMO_FILES if "ct-b/labels" not in f.path}
+    for source in (support, query):
+        for uri, checksum in zip(source["uris"], source["checksums"]):
+            path = shared_dir / "data" / by_url[uri].path
+            assert checksum == "SHA256:" + core_sample_data.sha256_of(path), path
+    assert support["loadFileTypes"] == ["VolumeFile", "SegmentationFile"] and support["loadFiles"] == [True, True]
+    assert query["loadFiles"] == [False] * 19 + [True] and query["nodeNames"][-1] == "ct-b"  # loaded once all are in
+
+
+# ---------------------------------------------------------------------------------------------- dependencies
+
+
+def test_incompatible_sam2_is_refused_with_a_message(tmp_path, monkeypatch):
+    # another extension's own copy of sam2, first on sys.path, without the SAM2.1 configs
+    (tmp_path / "sam2").mkdir()
+    (tmp_path / "sam2" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sam2", raising=False)  # find_spec would answer from an imported sam2
+    problem = dependencies.sam2Problem()
+    assert "no configs/sam2.1 folder" in problem and str(tmp_path) in problem
+    monkeypatch.undo()
+    # an older sam2 release
+    real = dependencies._version
+    monkeypatch.setattr(dependencies, "_version", lambda name: "1.0" if name == "sam2" else real(name))
+    assert "incompatible sam2 is installed (version 1.0" in dependencies.sam2Problem()
+    assert any("incompatible sam2" in p for p in dependencies.missingDependencies("reverse"))
+
+
+def test_torch_version_is_bounded_and_never_replaced(monkeypatch):
+    assert dependencies.versionTuple("2.5.1+cu121") == (2, 5, 1)
+    real = dependencies._version
+    for version, ok in (("2.4.1", False), ("2.5.1", True), ("2.14.1+cpu", True), ("3.0.0", False)):
+        monkeypatch.setattr(dependencies, "_version", lambda name, v=version: v if name == "torch" else real(name))
+        assert (dependencies.torchProblem() is None) is ok, version
+    monkeypatch.setattr(dependencies, "_version", lambda name: "2.4.1" if name == "torch" else real(name))
+    asked = []
+    with pytest.raises(RuntimeError, match="torch 2.4.1 is installed; FewShotSAM2 needs torch >=2.5.1,<3"):
+        dependencies.installDependencies("reverse", confirm=lambda message: asked.append(message) or True)
+    assert asked == []  # refused before asking: an installed torch is not replaced
+
+
+def test_dependencies_are_never_installed_silently(monkeypatch):
+    assert dependencies.installDependencies("lpips") is False  # nothing missing: nothing asked, nothing done
+
+    calls = []
+
+    def pip_install(arguments):
+        requirements = arguments[arguments.index("-r") + 1] if "-r" in arguments else None
+        calls.append((list(arguments), os.environ.get("SAM2_BUILD_CUDA"),
+                      open(requirements).read() if requirements else None))
+
+    monkeypatch.setattr(dependencies, "_pipInstall", pip_install)
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sam2" else real_find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="cannot run without"):
+        dependencies.installDependencies("reverse")  # no confirm callback: refuse
+    asked = []
+    with pytest.raises(RuntimeError, match="cannot run without"):
+        dependencies.installDependencies("reverse", confirm=lambda message: asked.append(message) or False)
+    assert asked and "sam2 is not installed" in asked[0] and "SHA256" in asked[0] and calls == []
+
+    # agreed: the hash-pinned sam2 without build isolation, without deps, without its CUDA extension
+    monkeypatch.setenv("SAM2_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="still cannot run: sam2 is not installed"):  # find_spec still says no sam2
+        dependencies.installDependencies("reverse", confirm=lambda message: True)
+    (arguments, build_cuda, requirements), = calls
+    assert arguments[:3] == ["--no-build-isolation", "--no-deps", "--require-hashes"]
+    assert build_cuda == "0"
+    assert requirements.strip() == ("sam2==1.1.0 --hash=sha256:"
+                                    "7e0ea252d43c10d853e3acfce0b5770ac683c30481bd6de311300e9d44f45b74")
+    assert os.environ["SAM2_BUILD_CUDA"] == "1"  # restored

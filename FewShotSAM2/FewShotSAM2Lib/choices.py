@@ -14,6 +14,10 @@ SLICE_AXES = constants.AXES
 INTENSITY_PRESETS = constants.PRESETS
 LPIPS_NETS = constants.LPIPS_NETS
 IMAGE_SIZES = constants.IMAGE_SIZES
+# the GUI's slice-range modes: the core's --slice-range auto / off, or the table's ranges per structure
+SLICE_RANGE_MODES = ("auto", "off", "manual")
+SLICE_RANGE_NAMES = {"auto": "Automatic (estimated per structure)", "off": "Whole volume (off: lesions, tumours)",
+                     "manual": "Manual per structure (table below)"}
 
 # parameter name -> (the .ui combo box bound to it, its values in the order the combo box lists them)
 COMBO_BOXES = {
@@ -25,6 +29,7 @@ COMBO_BOXES = {
     "sliceAxis": ("sliceAxisComboBox", SLICE_AXES),
     "intensityPreset": ("intensityPresetComboBox", INTENSITY_PRESETS),
     "lpipsNet": ("lpipsNetComboBox", LPIPS_NETS),
+    "sliceRangeMode": ("sliceRangeModeComboBox", SLICE_RANGE_MODES),
 }
 
 
@@ -32,4 +37,6 @@ def displayName(parameter: str, value) -> str:
     """What the combo box of `parameter` shows for `value`."""
     if parameter == "imageSize":
         return f"{value} px" + (" (SAM2's own size)" if value == constants.DEFAULT_IMAGE_SIZE else "")
+    if parameter == "sliceRangeMode":
+        return SLICE_RANGE_NAMES[value]
     return constants.display_name(value)

@@ -119,7 +119,7 @@ def installSam2() -> None:
     folder = tempfile.mkdtemp(prefix="FewShotSAM2-pip-")
     requirements = Path(folder) / "sam2-requirements.txt"
     try:
-        requirements.write_text(SAM2_HASHED_REQUIREMENT + "\n")
+        requirements.write_text(SAM2_HASHED_REQUIREMENT + "\n", encoding="utf-8")
         # --require-hashes: pip checks the downloaded archive against SAM2_SHA256; --no-deps: only sam2 itself
         _pipInstall(["--no-build-isolation", "--no-deps", "--require-hashes", "-r", str(requirements)])
     finally:

@@ -111,12 +111,12 @@ def volumeFromNode(volumeNode, what: str = "volume"):
         matrixLPS = RAS_TO_LPS @ ijkToWorldMatrix(volumeNode)
         axes = matrixLPS[:3, :3]
         spacing = tuple(float(s) for s in np.linalg.norm(axes, axis=0))
-        if min(spacing) <= 0:
-            raise inputError(f"The {what} '{nodeName(volumeNode)}' has a zero voxel spacing.")
-        direction = axes / np.array(spacing)
+        direction = None  # the axes divided by the spacing, once it is known to be positive
         origin = tuple(float(v) for v in matrixLPS[:3, 3])
     if min(spacing) <= 0:
         raise inputError(f"The {what} '{nodeName(volumeNode)}' has a zero or negative voxel spacing.")
+    if direction is None:
+        direction = axes / np.array(spacing)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         raise inputError(
             f"The {what} '{nodeName(volumeNode)}' has a sheared (non-orthogonal) voxel grid, which SAM2 slices "

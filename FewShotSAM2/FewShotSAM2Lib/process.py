@@ -40,6 +40,9 @@ OPTION_FLAGS = {
     "axis": "--axis",
     "preset": "--preset",
     "shots": "--shots",
+    "slice_range": "--slice-range",
+    "extent_margin": "--extent-margin",
+    "feature_storage": "--feature-storage",
     "top_k": "--top-k",
     "min_score": "--min-score",
     "keep_supports": "--keep-supports",
@@ -78,8 +81,41 @@ def pythonExecutable() -> str:
     return sys.executable
 
 
+def coreEnvironment() -> dict:
+    """The environment of a core process: Slicer's own, with the module's fewshotsam2 first on the path."""
+    env = dict(os.environ)
+    core = str(coreFolder())
+    env["PYTHONPATH"] = core + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTHONSTARTUP", None)
+    return env
+
+
+def runCore(code: str, *arguments: str, python: Optional[str] = None) -> str:
+    """Run a short piece of the core (`code`, with `arguments` in sys.argv[1:]) in a process of its own, so that
+    torch is never imported into Slicer; returns its standard output. The core's InputError becomes an InputError
+    here (its one line), any other failure a RuntimeError with the last line of the traceback."""
+    from fewshotsam2.errors import InputError
+
+    body = "\n".join("    " + line for line in code.strip().splitlines())
+    script = (f"import sys\nfrom fewshotsam2.errors import InputError\ntry:\n{body}\n"
+              f"except InputError as exc:\n    print(f'fewshotsam2: error: {{exc}}', file=sys.stderr)\n"
+              f"    sys.exit({EXIT_BAD_INPUT})\n")
+    run = subprocess.run([python or pythonExecutable(), "-c", script, *arguments], cwd=str(coreFolder()),
+                         env=coreEnvironment(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         encoding="utf-8", errors="replace")
+    if run.returncode == 0:
+        return run.stdout
+    message = errorFromStderr(run.stderr, run.returncode)
+    if run.returncode == EXIT_BAD_INPUT:
+        raise InputError(message)
+    logging.error("FewShotSAM2: a core process failed (exit code %s):\n%s", run.returncode, run.stderr)
+    raise RuntimeError(message)
+
+
 def unknownOptions(options: dict) -> list[str]:
-    return sorted(name for name in options if name not in OPTION_FLAGS)
+    """Settings the command line cannot be given (a None value is left out, so it needs no flag)."""
+    return sorted(name for name, value in options.items() if name not in OPTION_FLAGS and value is not None)
 
 
 def optionArguments(options: dict) -> list[str]:
@@ -129,6 +165,18 @@ def writeJobInputs(folder: Path, query, supports, structures) -> list[str]:
     return args
 
 
+def estimateExtent(folder: Path, query, supports, structures, options: dict, python: Optional[str] = None) -> dict:
+    """Run `fewshotsam2 extent --json` on the job files written into `folder` (a short core call, its own
+    process); returns its JSON: {"axis": A, "structures": [{"value", "name", "first", "last"}]}."""
+    arguments = writeJobInputs(folder, query, supports, structures) + ["--json"]
+    for name in ("axis", "preset", "extent_margin", "lpips_weights"):
+        if options.get(name) is not None:
+            arguments += [OPTION_FLAGS[name], str(options[name])]
+    code = "from fewshotsam2.cli import main\nrc = main(['extent', *sys.argv[1:]])\nsys.exit(rc)"
+    output = runCore(code, *arguments, python=python)
+    return json.loads(output.strip().splitlines()[-1])
+
+
 @dataclass
 class ScoreRow:
     """One row of the core's per-slice scores (the fields of fewshotsam2.pipeline.SliceScore the GUI uses)."""
@@ -167,7 +215,7 @@ def readScores(path: Path, structures) -> list[ScoreRow]:
         return []
     names = {s.value: s.name for s in structures}
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             value = int(row["value"])
             rows.append(ScoreRow(names.get(value, row["structure"]), value, int(row["slice_index"]), float(row["score"]),
@@ -236,12 +284,9 @@ class SegmentationProcess:
         if scores:
             self.command += ["--scores", str(self.folder / SCORES_FILE)]
         self.command += ["--progress", "json"]
-        env = dict(os.environ)
         # the fewshotsam2 shipped with the module comes first; -m also puts the working folder (core) on sys.path
-        env["PYTHONPATH"] = core + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env["PYTHONUNBUFFERED"] = "1"
+        env = coreEnvironment()
         env["FEWSHOTSAM2_PARENT_PID"] = str(os.getpid())  # the run stops if Slicer is killed (fewshotsam2.cli)
-        env.pop("PYTHONSTARTUP", None)
         kwargs: dict = {}
         if os.name == "nt":
             info = subprocess.STARTUPINFO()
@@ -316,7 +361,7 @@ class SegmentationProcess:
 
     def stderr(self) -> str:
         try:
-            return (self.folder / STDERR_FILE).read_text(errors="replace")
+            return (self.folder / STDERR_FILE).read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
 

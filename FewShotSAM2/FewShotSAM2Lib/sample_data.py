@@ -14,17 +14,13 @@ SUPPORT_SAMPLE = "FewShotSAM2 support CT (ct-a, labeled)"
 QUERY_SAMPLE = "FewShotSAM2 query CT (ct-b)"
 
 
-def _files():
-    from fewshotsam2 import sample_data
-
-    return sample_data.DEMO_FILES
-
-
 def sampleSources() -> list[dict]:
     """Keyword arguments of SampleDataLogic.registerCustomSampleDataSource for the two demo samples."""
-    files = list(_files())
+    from fewshotsam2 import sample_data
+
+    files = list(sample_data.DEMO_FILES)
     byPath = {f.path: f for f in files}
-    image, labels = byPath["abdomen-ct/ct-a/image.nii.gz"], byPath["abdomen-ct/ct-a/labels.nii.gz"]
+    image, labels = byPath[sample_data.DEMO_SUPPORT_IMAGE], byPath[sample_data.DEMO_SUPPORT_LABELS]
     support = dict(
         category=CATEGORY,
         sampleName=SUPPORT_SAMPLE,
@@ -38,7 +34,7 @@ def sampleSources() -> list[dict]:
     # the query is a 20-file DICOM series: every file is downloaded into Slicer's cache folder under its own
     # (unique, UID-based) name, then the last one is loaded as a volume: Slicer's archetype reader reads the
     # files of the same series beside it
-    dicom = sorted((f for f in files if f.path.startswith("abdomen-ct/ct-b/dicom/")), key=lambda f: f.path)
+    dicom = sorted((f for f in files if f.path.startswith(sample_data.DEMO_QUERY + "/")), key=lambda f: f.path)
     query = dict(
         category=CATEGORY,
         sampleName=QUERY_SAMPLE,

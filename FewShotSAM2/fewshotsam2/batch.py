@@ -403,7 +403,7 @@ def write_summary(path: str, results: list[CaseResult]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".batch-summary-", suffix=".csv", dir=folder)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(SUMMARY_COLUMNS)
             for r in sorted(results, key=lambda r: r.row):
@@ -419,7 +419,7 @@ def write_summary(path: str, results: list[CaseResult]) -> None:
 
 
 def read_summary(path: str) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 
@@ -513,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.realpath(summary_path) in {os.path.realpath(c.output) for c in cases}:
         raise InputError(f"{summary_path}: the summary would overwrite a case's output")
     supports = check_supports(cases)
-    _check_model_files(options)
+    options = _check_model_files(options)
     # checked: from here on, work (folders are made when the first file goes into them)
     results: dict[int, CaseResult] = {}
     todo = []
@@ -550,8 +550,10 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if counts["failed"] else EXIT_OK
 
 
-def _check_model_files(options) -> None:
-    """As `segment` does before any work: a checkpoint download has somewhere to go, LPIPS weights load."""
+def _check_model_files(options):
+    """As `segment` does before any work: a checkpoint download has somewhere to go, LPIPS weights load.
+    Returns the options to run with: `--slice-range auto` without loadable AlexNet weights becomes "off" once for
+    the cohort (one warning), instead of a failed load and a warning in every case."""
     if not options.untrained and options.checkpoint is None:
         from .checkpoints import cached_checkpoint, check_cache_folder
 
@@ -561,6 +563,23 @@ def _check_model_files(options) -> None:
         from .backends.lpips_matching import _matcher
 
         _matcher(None, options.method_options)
+    if options.slice_range == "auto":
+        import dataclasses
+        import warnings
+
+        from .engine import pick_device
+        from .extent import ExtentEstimator
+        from .lpips_distance import LPIPS_WEIGHTS_ENV
+
+        weights = (options.extent_weights or getattr(options.method_options, "weights", None)
+                   or os.environ.get(LPIPS_WEIGHTS_ENV))
+        try:
+            ExtentEstimator("alex", weights, str(pick_device(options.device)))  # loaded once, shared by the cases
+        except InputError as exc:
+            warnings.warn(f"slice range estimation is off for the whole batch, every slice is segmented: {exc}",
+                          stacklevel=2)
+            options = dataclasses.replace(options, slice_range="off")
+    return options
 
 
 def run_cases_locally(cases: list[BatchCase], options, record: Callable[[CaseResult], None], quiet: bool = False,

@@ -13,6 +13,7 @@ system. This package is shipped to the workers (`runtime_env` `py_modules`), so 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +24,7 @@ from .errors import InputError
 
 LOCAL_OBJECT_STORE = 256 * 2**20  # cases and results are small; Ray's default takes 30% of the RAM
 CPUS_PER_WORKER = 4  # default slot size on CPU-only clusters: SAM2's encoder scales to a few threads per model
+STAGE_EVERY_S = 0.5  # how often a worker reports its case's stage (progress is best effort, never a cost)
 
 
 class CaseWorker:
@@ -37,9 +39,38 @@ class CaseWorker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the --untrained warning: the driver's users saw the options
             self.runner = CaseRunner(options)
+        # warnings reach the driver's terminal: one line each, as the command line prints them
+        warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
 
-    def run(self, case: BatchCase) -> CaseResult:
-        return self.runner.run(case)
+    def run(self, case: BatchCase, stages=None) -> CaseResult:
+        """`stages`: a ray.util.queue.Queue the driver reads the running cases' stages from, or None."""
+        last = [0.0]
+
+        def report(text: str, done: int, total: int) -> None:
+            nonlocal stages
+            now = time.monotonic()
+            if stages is None or now - last[0] < STAGE_EVERY_S:
+                return
+            last[0] = now
+            try:
+                stages.put_nowait((case.row, f"{case.name}: {text}"))
+            except Exception:  # noqa: BLE001  a full or lost queue only costs the progress display
+                stages = None
+
+        return self.runner.run(case, progress=report)
+
+
+def _show_stages(stages, current: dict, running_rows: set, bar) -> None:
+    """Take the workers' stage reports off the queue and show those of the running cases."""
+    try:
+        reports = stages.get_nowait_batch(stages.qsize())
+    except Exception:  # noqa: BLE001  progress is best effort
+        return
+    for row, text in reports:
+        if row in running_rows:
+            current[row] = text
+    if current:
+        bar.set_postfix_str(" | ".join(current[r] for r in sorted(current) if r in running_rows))
 
 
 def runtime_env() -> dict:
@@ -90,16 +121,27 @@ def run_cases(cases: list[BatchCase], options, record: Callable[[CaseResult], No
             max_task_retries=retries,
             **resources,
         )
+        stages = None
+        if not quiet:
+            from ray.util.queue import Queue
+
+            stages = Queue(maxsize=1000, actor_options={"num_cpus": 0})  # takes no slot from the workers
         actors = [actor_class.remote(options, int(resources["num_cpus"])) for _ in range(n)]
         bar = tqdm(total=len(cases), unit="case", desc=f"batch on {n} Ray workers", file=sys.stderr,
                    disable=quiet, dynamic_ncols=True)
         queue, idle, running = list(cases), list(actors), {}
+        current: dict[int, str] = {}  # row -> latest stage of the running cases
         try:
             while queue or running:
                 while queue and idle:
                     actor, case = idle.pop(0), queue.pop(0)
-                    running[actor.run.remote(case)] = (actor, case)
-                (done,), _ = ray.wait(list(running), num_returns=1)
+                    running[actor.run.remote(case, stages)] = (actor, case)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=STAGE_EVERY_S if stages else None)
+                if stages is not None:
+                    _show_stages(stages, current, {c.row for _, c in running.values()}, bar)
+                if not ready:
+                    continue
+                done = ready[0]
                 actor, case = running.pop(done)
                 try:
                     result = ray.get(done)
@@ -109,7 +151,7 @@ def run_cases(cases: list[BatchCase], options, record: Callable[[CaseResult], No
                                         error=f"Ray worker lost or could not start ({type(exc).__name__}): {first}")
                 idle.append(actor)
                 record(result)
-                bar.set_postfix_str(f"{case.name}: {result.status}")
+                current.pop(case.row, None)
                 bar.update(1)
         finally:
             bar.close()

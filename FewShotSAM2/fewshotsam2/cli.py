@@ -40,6 +40,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
       --support $d/abdomen-ct/ct-a/image.nii.gz $d/abdomen-ct/ct-a/labels.nii.gz \\
       --labels liver=5,spleen=1 --out ct-b.seg.nrrd --scores ct-b_scores.csv \\
       --untrained --image-size 128 --device cpu"""),
+    "extent": (
+        "fewshotsam2.extent_command", "print each structure's slice range in the query, estimated from supports",
+        f"""example (where ct-a's liver and spleen are in the ct-b series):
+  d={_DEMO}
+  fewshotsam2 extent --query $d/abdomen-ct/ct-b/dicom \\
+      --support $d/abdomen-ct/ct-a/image.nii.gz $d/abdomen-ct/ct-a/labels.nii.gz --labels 5,1 --json"""),
     "batch": (
         "fewshotsam2.batch", "segment a cohort (manifest CSV or folder): one model, supports encoded once", ""),
     "sample-data": (
@@ -92,6 +98,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=d["batch_size"], metavar="B",
                    help="slices per batch for the image encoder and for predictions that share memory "
                         f"(default {d['batch_size']}, at least 1)")
+    g.add_argument("--feature-storage", default=d["feature_storage"], choices=("auto", "float32", "bfloat16"),
+                   help="cached image features: auto (default) = bfloat16 on CUDA, float32 on the CPU unless the "
+                        "cache would pass 1 GiB; bfloat16 halves the memory at a small cost in exactness")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +111,18 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                    help="slice direction: auto = the acquisition axis (coarsest spacing), or a named plane")
     g.add_argument("--preset", default=d["preset"], choices=C.PRESETS,
                    help="intensity window: auto = CT abdomen window for CT, 0.5-99.5 percentiles otherwise")
+    # the command line defaults to "auto" (the library to "off", so scripted runs keep whole-volume results)
+    g.add_argument("--slice-range", default="auto", metavar="auto|off|FIRST:LAST|S=RANGE,...",
+                   help="which query slices to segment: auto (default) = per structure, the slices where the "
+                        "supports say it can be (aligned by anatomy, plus --extent-margin); off = every slice: "
+                        "use it for lesions and tumours, which do not sit at the same level in every patient; "
+                        "FIRST:LAST = inclusive indices along the query array's slice axis (see `fewshotsam2 "
+                        "extent`); per structure: e.g. 5=10:40,spleen=off (keyed by output value or name; structures "
+                        "not named take auto, or a bare RANGE in the list). Outside the range the output is "
+                        "background")
+    g.add_argument("--extent-margin", type=float, default=d["extent_margin"], metavar="MM",
+                   help="with --slice-range auto: widen each end of the estimated range by this many mm "
+                        f"(default {d['extent_margin']:g})")
     g.add_argument("--shots", type=int, default=d["shots"], metavar="K",
                    help="support slices per support volume and structure: 1 = the middle labeled slice, "
                         f"K = K evenly spaced labeled slices (default {d['shots']})")
@@ -130,6 +151,8 @@ def options_from_args(args: argparse.Namespace, method: Optional[str] = None) ->
     flat = {name: getattr(args, name) for name in SegmentOptions.flat_names() if hasattr(args, name)}
     if method is not None:
         flat["method"] = method
+    if getattr(args, "lpips_weights", None):  # the slice-range estimate uses the same AlexNet
+        flat.setdefault("extent_weights", args.lpips_weights)
     return SegmentOptions.from_flat(**flat)
 
 
@@ -137,7 +160,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Segment the structures chosen with --labels in the query volume, prompting SAM2 with "
                      "labeled slices of the support volume(s). Writes one multi-label map on the query's grid.")
     p.add_argument("--query", required=True, metavar="Q",
-                   help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder")
+                   help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder (FOLDER#N or "
+                        "FOLDER#SERIES_UID picks one series of a folder holding several)")
     p.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a labeled support: image (file or DICOM folder) and its labels (label map or .seg.nrrd, "
                         "aligned to the image by physical geometry); repeat for several supports")
@@ -160,13 +184,17 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    global _json_out
     json_lines = getattr(args, "progress", "bar") == "json"
     if json_lines:
+        # stdout carries the JSON lines only: whatever else prints there (a library's download notice) goes to stderr
         previous, warnings.showwarning = warnings.showwarning, _json_warning
+        _json_out, sys.stdout = sys.stdout, sys.stderr
         try:
             return _run_segment(args, json_lines)
         finally:
             warnings.showwarning = previous
+            sys.stdout, _json_out = _json_out, None
     return _run_segment(args, json_lines)
 
 
@@ -186,8 +214,11 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
             raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
                              "leave --scores out or choose another method")
         check_output_dir(args.scores, ".csv")
+    if json_lines:  # the first encoded batch can take a minute at 1024 px on a CPU: say what happens until then
+        _json_progress("Reading the volumes", 0, 0)
     query = read_volume(args.query)
     check_query(query)
+    check_user_slice_range(options.slice_range, query, options.axis)
     wanted = parse_label_selection(args.labels)
     several = len(args.support) > 1
     read = []  # (image, labels, labels_path, [(index into wanted, chosen structure)])
@@ -226,23 +257,31 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
         # load (and so check) the LPIPS weights now, not after every slice is encoded
         _matcher(None, options.method_options)
     bar = _json_progress if json_lines else None if args.quiet else _ProgressBar()
+    if json_lines:
+        _json_progress(f"Loading SAM2 {options.model}", 0, 0)
     try:
         with out_of_memory_as_input_error(options):
             # after the inputs are known good: building SAM2 takes seconds
             engine = (getattr(args, "engine_factory", None) or make_engine)(options)
-            result = segment(query, supports, structures, options, progress=bar, engine=engine)
+            notify = None if json_lines or args.quiet else (lambda text: print(text, file=sys.stderr))
+            result = segment(query, supports, structures, options, progress=bar, engine=engine, notify=notify)
     finally:
         if isinstance(bar, _ProgressBar):
             bar.close()
     write_labels(args.out, result.labels, result.structures)
     if args.scores:
-        write_scores(args.scores, result.scores)
+        write_scores(args.scores, result.scores, result.slice_ranges, result.structures)
     voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
     if json_lines:
         _json_line(event="done", out=str(args.out), device=str(getattr(engine, "device", "")),
                    seconds=result.timings["total"], slice_axis=int(result.slice_axis),
-                   encoder_calls=int(result.encoder_calls), voxels=voxels)
+                   encoder_calls=int(result.encoder_calls), voxels=voxels,
+                   slice_ranges={s.name: result.slice_ranges.get(s.value) for s in result.structures})
         return 0
+    for s in result.structures:
+        r = result.slice_ranges.get(s.value)
+        print(f"{s.name}: segmented slices {r[0]}-{r[1]} along array axis {result.slice_axis}" if r is not None
+              else f"{s.name}: empty slice range, not segmented")
     counts = ", ".join(f"{name}: {n} voxels" for name, n in voxels.items())
     print(f"wrote {args.out} ({counts}; {result.encoder_calls} slices encoded, {result.timings['total']:.1f} s)")
     return 0
@@ -259,12 +298,16 @@ def _present(choice, available: list, source: str) -> bool:
     return True
 
 
+_json_out = None  # the real stdout while `segment --progress json` runs (sys.stdout then points at stderr)
+
+
 def _json_line(**fields) -> None:
     """One JSON object per line on stdout, flushed at once: the Slicer module reads these while the run goes on."""
     import json
 
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
+    out = _json_out or sys.stdout
+    out.write(json.dumps(fields) + "\n")
+    out.flush()
 
 
 PARENT_PID_ENV = "FEWSHOTSAM2_PARENT_PID"
@@ -298,6 +341,18 @@ def _stop_if_orphaned() -> None:
 def _json_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """The core's warnings (structure not found, modality mismatch, ...) as lines of the JSON stream."""
     _json_line(event="warning", message=str(message))
+
+
+def check_user_slice_range(text: str, query, axis: str) -> None:
+    """A FIRST:LAST --slice-range must fit the query: checked before anything is built or written."""
+    from .extent import check_slice_range, parse_slice_ranges
+    from .slices import SlicePlan
+
+    # structure names are checked by the pipeline, before its first encoder call
+    for given in parse_slice_ranges(text).values():
+        if given is not None and given != (0, -1):
+            plan = SlicePlan.for_volume(query, axis)
+            check_slice_range(given[0], given[1], plan.n_slices, plan.array_axis)
 
 
 def check_output_dir(path: str, suffix: str) -> None:
@@ -404,6 +459,10 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     """Run the command line. `engine_factory(options)` builds the SAM2 engine a command needs (default
     `pipeline.make_engine`); tests and embedding programs hand in their own, e.g. to reuse a loaded model."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # segment names and messages may be any Unicode; a C/ASCII locale must not turn a message into a traceback
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser(argv).parse_args(argv)
     args.engine_factory = engine_factory
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")

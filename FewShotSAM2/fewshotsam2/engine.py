@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 FrameKey = Hashable
 DEVICES = constants.DEVICES
+FEATURE_STORAGE = ("auto", "float32", "bfloat16")
 # ImageNet statistics, as in sam2's own frame loader
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
@@ -209,6 +210,11 @@ class SAM2Engine:
         # features kept across runs (see keep_features), by pixel content: {digest: features}
         self._keep: Optional[Callable[[FrameKey], bool]] = None
         self._kept: dict[bytes, list[torch.Tensor]] = {}
+        # feature cache storage (set_feature_storage) and frames whose features go after their next read
+        self.feature_dtype = torch.float32
+        self.feature_device = self.device
+        self.set_feature_storage("auto")
+        self._use_once: set[FrameKey] = set()
 
     @classmethod
     def with_random_weights(
@@ -266,8 +272,50 @@ class SAM2Engine:
         """Start a new run: forget frames, features and the encoder count."""
         self._frames.clear()
         self._features.clear()
+        self._use_once.clear()
         self.encoder_calls = 0
         self.encode_seconds = 0.0
+
+    def set_feature_storage(self, storage: str = "auto", device: Optional[str | torch.device] = None) -> None:
+        """How cached image features are stored: "float32", "bfloat16" or "auto"; on `device` (default: SAM2's).
+
+        "auto" stores what the encoder computes: bfloat16 under CUDA autocast (as sam2's own predictor caches
+        them; no float32 copy), float32 on CPU and MPS, where float32 storage keeps the logits identical to sam2's
+        predictor. bfloat16 halves the cache; features are cast back where they are used. Features stored before
+        a change keep their old storage.
+        """
+        if storage not in FEATURE_STORAGE:
+            raise InputError(f"unknown feature storage '{storage}': choose one of {', '.join(FEATURE_STORAGE)}")
+        if storage == "auto":
+            self.feature_dtype = torch.bfloat16 if self._autocast else torch.float32
+        else:
+            self.feature_dtype = torch.bfloat16 if storage == "bfloat16" else torch.float32
+        self.feature_device = torch.device(device) if device is not None else self.device
+
+    def feature_bytes_per_frame(self, dtype: Optional[torch.dtype] = None) -> int:
+        """Bytes of one frame's cached features (every level SAM2 reads) in `dtype` (default: the storage)."""
+        s, d = self.image_size, self.model.hidden_dim
+        if self.model.use_high_res_features_in_sam:
+            # strides 4, 8, 16: channels after sam2's conv_s0 / conv_s1 (d/8, d/4), then d
+            n = (d // 8) * (s // 4) ** 2 + (d // 4) * (s // 8) ** 2 + d * (s // 16) ** 2
+        else:
+            n = d * (s // 16) ** 2
+        return n * torch.empty((), dtype=dtype or self.feature_dtype).element_size()
+
+    def release(self, keys: Iterable[FrameKey]) -> None:
+        """Drop the cached features of frames no longer needed (they are encoded again if used again)."""
+        for key in keys:
+            self._features.pop(key, None)
+            self._use_once.discard(key)
+
+    def use_once(self, keys: Iterable[FrameKey]) -> None:
+        """These frames will be read once more: drop their features right after that read."""
+        self._use_once.update(keys)
+
+    @property
+    def cached_feature_bytes(self) -> int:
+        """Bytes of the features cached for this run (kept-across-runs copies not counted)."""
+        return sum(t.numel() * t.element_size() for f in self._features.values() for t in f)
 
     def keep_features(self, which: Optional[Callable[[FrameKey], bool]]) -> None:
         """Keep the features of the frames `which(key)` selects across `reset()`, found again by pixel content.
@@ -332,10 +380,11 @@ class SAM2Engine:
                 self._pos_enc = [p[:1].float() for p in pos]  # identical for every frame of this size
                 self._feat_sizes = [(p.shape[-2], p.shape[-1]) for p in pos]
             for i, key in enumerate(chunk):
-                self._features[key] = [lvl[i : i + 1].float() for lvl in levels]
+                # a copy in the storage dtype: a view of the batch tensor would keep the whole batch alive
+                self._features[key] = [lvl[i : i + 1].to(self.feature_device, self.feature_dtype, copy=True)
+                                       for lvl in levels]
                 if self._keep is not None and self._keep(key):
-                    # a copy: the slice of the batch tensor would keep the whole batch alive
-                    self._kept[self._content_digest(key)] = [f.clone() for f in self._features[key]]
+                    self._kept[self._content_digest(key)] = self._features[key]  # already a copy, never changed
             self.encoder_calls += len(chunk)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -346,7 +395,13 @@ class SAM2Engine:
     def _vision(self, keys: Sequence[FrameKey]):
         self.encode(keys)
         b = len(keys)
-        feats = [torch.cat([self._features[k][lvl] for k in keys]) for lvl in range(len(self._pos_enc))]
+        # cast where used: float32 outside autocast (bf16 features meeting float32 weights fail on the CPU); under
+        # autocast the stored dtype is what the encoder produced
+        dtype = self.feature_dtype if self._autocast else torch.float32
+        feats = [torch.cat([self._features[k][lvl] for k in keys]).to(self.device, dtype)
+                 for lvl in range(len(self._pos_enc))]
+        if self._use_once:
+            self.release([k for k in keys if k in self._use_once])
         vision_feats = [f.flatten(2).permute(2, 0, 1) for f in feats]
         pos = [p.expand(b, -1, -1, -1).flatten(2).permute(2, 0, 1) for p in self._pos_enc]
         return vision_feats, pos, self._feat_sizes

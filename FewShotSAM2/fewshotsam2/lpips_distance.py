@@ -234,12 +234,17 @@ class LPIPSDistance:
         Size per image for alex at 224: 328,882 floats (1.3 MB).
         """
         x = self._as_tensor(images)
-        chunks: list[list[torch.Tensor]] = []
-        for start in range(0, x.shape[0], self.batch_size):
-            chunks.append(self.features_from_network_input(self._prepare(x[start : start + self.batch_size])))
-        if not chunks:  # no images: empty tensors with the right widths, so distance_matrix still works
+        n = x.shape[0]
+        if n == 0:  # no images: empty tensors with the right widths, so distance_matrix still works
             return [f[:0] for f in self.features(torch.zeros((1, self.size, self.size)))]
-        return [torch.cat([c[layer] for c in chunks]) for layer in range(self.n_layers)]
+        out: list[torch.Tensor] = []
+        for start in range(0, n, self.batch_size):
+            part = self.features_from_network_input(self._prepare(x[start : start + self.batch_size]))
+            if not out:  # filled in place: concatenating chunks would hold every feature twice at the end
+                out = [torch.empty((n, f.shape[1]), dtype=f.dtype, device=f.device) for f in part]
+            for layer, f in enumerate(part):
+                out[layer][start : start + f.shape[0]] = f
+        return out
 
     @staticmethod
     @torch.no_grad()
@@ -348,11 +353,11 @@ def resample_to_fov(
     rr = r + offsets * step / spacing[0]
     cc = c + offsets * step / spacing[1]
     # downsampling by more than ~2x aliases: smooth first, with a Gaussian matched to the sampling step
-    sigma = [0.0] + [max(0.0, 0.5 * (step / s - 1.0)) for s in spacing]
-    if max(sigma) > 0:
-        stack = ndimage.gaussian_filter(stack, sigma=sigma, mode="constant")
+    sigma = [max(0.0, 0.5 * (step / s - 1.0)) for s in spacing]
     grid_r, grid_c = np.meshgrid(rr, cc, indexing="ij")
     out = np.empty((stack.shape[0], size, size), dtype=np.float32)
     for k in range(stack.shape[0]):
-        out[k] = ndimage.map_coordinates(stack[k], [grid_r, grid_c], order=1, mode="constant", cval=0.0)
+        # slice by slice (the same in-plane filter as on the whole stack): no full-size copy of a 300-slice CT
+        image = ndimage.gaussian_filter(stack[k], sigma=sigma, mode="constant") if max(sigma) > 0 else stack[k]
+        out[k] = ndimage.map_coordinates(image, [grid_r, grid_c], order=1, mode="constant", cval=0.0)
     return out

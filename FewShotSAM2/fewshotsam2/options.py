@@ -140,6 +140,13 @@ class SegmentOptions:
         (see `engine.SAM2Engine.from_pretrained`); `untrained` uses random weights (tests of the plumbing only).
     axis: slice direction ("auto" = the acquisition axis). preset: intensity window ("auto" = CT window for CT,
         percentiles otherwise). shots: support slices per support volume and structure.
+    slice_range: which query slices are segmented: "off" (every slice; the default here, so scripted runs keep
+        whole-volume results), "auto" (per structure, estimated from the supports, `extent.py`; the command
+        line's default) or "FIRST:LAST" (inclusive indices along the query array's slice axis).
+    extent_margin: mm added at each end of an "auto" range. extent_weights: AlexNet weights for the "auto"
+        estimate (None: the LPIPS weights of an lpips run, then $FEWSHOTSAM2_LPIPS_WEIGHTS, then torchvision).
+    feature_storage: the engine's image-feature cache: "auto", "float32" or "bfloat16" (`SAM2Engine.
+        set_feature_storage`).
     """
 
     method: str = "reverse"
@@ -154,6 +161,10 @@ class SegmentOptions:
     axis: str = "auto"
     preset: str = "auto"
     shots: int = 1
+    slice_range: str = "off"
+    extent_margin: float = 15.0
+    extent_weights: Optional[str] = None
+    feature_storage: str = "auto"
     method_options: Optional[MethodOptions] = field(default=None)
 
     # the settings that decide which SAM2 engine is built (a run can reuse an engine when these agree)
@@ -185,6 +196,18 @@ class SegmentOptions:
         _set(self, "axis", _choice("axis", self.axis, C.AXES))
         _set(self, "preset", _choice("preset", self.preset, C.PRESETS))
         _set(self, "shots", _int("shots", self.shots, minimum=1))
+        from .extent import parse_slice_ranges
+
+        try:
+            parse_slice_ranges(self.slice_range)
+        except InputError:
+            raise OptionError("slice_range", f"must be auto, off, FIRST:LAST (inclusive slice indices) or "
+                                             f"STRUCTURE=RANGE,... per structure, got {self.slice_range!r}") from None
+        _set(self, "slice_range", str(self.slice_range).strip())
+        _set(self, "extent_margin", _float("extent_margin", self.extent_margin, 0.0, 1000.0))
+        _set(self, "extent_weights", None if self.extent_weights in (None, "") else str(self.extent_weights))
+        _set(self, "feature_storage", _choice("feature_storage", self.feature_storage,
+                                              ("auto", "float32", "bfloat16")))
         expected = METHOD_OPTIONS[method]
         if self.method_options is None:
             _set(self, "method_options", expected())

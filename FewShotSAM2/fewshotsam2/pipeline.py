@@ -16,8 +16,10 @@ from . import constants
 from .atomic import atomic_path
 from .backends import get_backend
 from .backends.base import QueryContext, StageClock, SupportSlice
-from .engine import SAM2Engine
+from .engine import SAM2Engine, pick_device
 from .errors import InputError
+from .extent import to_array_range
+from .resources import check_resources, estimate_resources
 from .intensity import choose_preset, normalize
 from .lpips_distance import body_box
 from .options import LpipsOptions, PropagateOptions, ReverseOptions, SegmentOptions  # noqa: F401  (re-exported)
@@ -63,18 +65,21 @@ def segment(
     options: SegmentOptions,
     progress: ProgressCallback | bool | None = True,
     engine: Optional[SAM2Engine] = None,
+    notify: Optional[Callable[[str], None]] = None,
 ) -> SegmentationResult:
     """Segment `structures` (by label value) in `query` from the labeled `supports`.
 
-    Every structure is segmented on its own; where two structures claim a voxel, the one listed first keeps it.
+    Every structure is segmented on its own, on the query slices of its range (`options.slice_range`; outside
+    it the output is background); where two structures claim a voxel, the one listed first keeps it.
     `progress`: True (default) shows a progress bar on stderr; None or False: silent; or a callback
     `progress(stage, done, total)`. Raise `errors.Cancelled` from it to stop: nothing is returned or written.
+    `notify(text)` receives the slice ranges and the memory/time estimate before the work starts.
     """
     if progress is True:
         from .progress import ProgressBar
 
         with ProgressBar() as bar:
-            return segment(query, supports, structures, options, bar, engine)
+            return segment(query, supports, structures, options, bar, engine, notify)
     progress = progress or (lambda stage, done, total: None)
     if not isinstance(options, SegmentOptions):
         raise TypeError(f"options must be a SegmentOptions (SegmentOptions.from_flat builds one), got {options!r}")
@@ -119,39 +124,74 @@ def segment(
             raise InputError(f"structure {structure.value} ({structure.name}) is absent from {where}")
     timings["prepare"] = time.perf_counter() - t0
 
+    t_range = time.perf_counter()
+    ranges = structure_ranges(qplan, qstack, prepared, structures, options)
+    timings["extent"] = time.perf_counter() - t_range
+    n = qstack.shape[0]
+    # how many structures still need each query slice: its features are dropped after the last one
+    uses = np.zeros(n, dtype=int)
+    for r in ranges.values():
+        if r is not None:
+            uses[r[0] : r[1] + 1] += 1
+
     if engine is None:
         engine = make_engine(options)
     engine.reset()
-    query_keys = [("query", i) for i in range(qstack.shape[0])]
+    engine.set_feature_storage(options.feature_storage)
+    estimate = estimate_resources(engine, options.method, int(uses.sum()), int((uses > 0).sum()),
+                                  qstack.shape[1:], len(structures))
+    if notify is not None:
+        for st in structures:
+            r = ranges[st.value]
+            notify(f"{st.name}: slices {'-'.join(map(str, to_array_range(qplan, *r)))} of {n} along array axis "
+                   f"{qplan.array_axis}" if r is not None else f"{st.name}: empty slice range, not segmented")
+        notify(estimate.describe())
+    check_resources(estimate, engine)
+    if estimate.feature_storage is not None:
+        engine.set_feature_storage(*estimate.feature_storage)
+    query_keys = [("query", i) for i in range(n)]
     engine.add_frames(dict(zip(query_keys, qstack)))
     clock = StageClock(engine, timings)
-    # every query slice is needed by every backend: encode them all up front, with a visible progress
-    n = len(query_keys)
-    progress(f"Encoding slice 0/{n}", 0, n)  # bars start at 0 before the first batch, which takes seconds on a CPU
-    with clock.stage("encode"):
-        engine.encode(query_keys, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
-    context = QueryContext(keys=query_keys, images=qstack, spacing=qplan.in_plane_spacing)
+    if estimate.upfront:
+        # the whole cache fits its budget: encode every slice in range up front, in batches (faster on a GPU)
+        todo = [query_keys[i] for i in range(n) if uses[i] > 0]
+        # bars start at 0 before the first batch, which takes seconds on a CPU
+        progress(f"Encoding slice 0/{len(todo)}", 0, len(todo))
+        with clock.stage("encode"):
+            engine.encode(todo, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
     backend = get_backend(options.method)
+    shared_cache: dict = {}  # per-run results the backends reuse across structures (LPIPS features)
+    if options.method == "lpips":
+        shared_cache["body_box"] = body_box(qstack, qplan.in_plane_spacing)  # of the whole query, not the range
 
     top = max(s.value for s in structures)
     out_stack = np.zeros(qstack.shape, dtype=np.uint16 if top < 65536 else np.int32)
     scores: list[SliceScore] = []
     used: list[UsedSupportSlice] = []
     forward_masks: dict[int, np.ndarray] = {}
+    slice_ranges: dict[int, Optional[tuple[int, int]]] = {}
     for structure in structures:
+        r = ranges[structure.value]
+        slice_ranges[structure.value] = None if r is None else to_array_range(qplan, *r)
+        if r is None:
+            continue
+        first, last = r
+        uses[first : last + 1] -= 1
+        last_use = [query_keys[i] for i in range(first, last + 1) if uses[i] == 0]
         support_slices = []
         for s_idx, (plan, image_stack, case, box) in enumerate(prepared):
             mask_stack = plan.stack(case.mask(structure.value))
-            label_stack = np.where(mask_stack, structure.value, 0)
             if not mask_stack.any():
                 if len(prepared) > 1:
                     continue  # several supports: each only needs the structures it has
                 raise InputError(f"structure {structure.value} ({structure.name}) is absent from {supports[s_idx].name}")
             _warn_small_support(mask_stack, structure, case.name)
+            # the smallest integer type, not int64 (2.5 GB for a 600-slice 512 x 512 support)
+            label_stack = mask_stack.astype(np.min_scalar_type(structure.value)) * structure.value
             for idx in select_support_slices(label_stack, structure.value, options.shots):
                 key = ("support", s_idx, idx)
                 engine.add_frames({key: image_stack[idx]})
-                support_slices.append(SupportSlice(key, label_stack[idx] == structure.value, s_idx, idx,
+                support_slices.append(SupportSlice(key, mask_stack[idx].copy(), s_idx, idx,
                                                    image_stack[idx], plan.slice_index_to_array_index(idx),
                                                    plan.in_plane_spacing, box))
         if not support_slices:
@@ -160,29 +200,98 @@ def segment(
         def stage_progress(stage: str, done: int, total: int, _name=structure.name) -> None:
             progress(f"{_name}: {stage}", done, total)
 
+        # the backend sees only the slices of the range
+        context = QueryContext(keys=query_keys[first : last + 1], images=qstack[first : last + 1],
+                               spacing=qplan.in_plane_spacing, cache=shared_cache)
+        if options.method in ("propagate", "lpips"):
+            engine.use_once(last_use)  # these read each query slice once: drop its features right after
         result = backend.run(engine, context, support_slices, options.method_options, stage_progress, clock)
-        free = out_stack == 0
-        out_stack[result.masks & free] = structure.value
+        engine.release(last_use)  # reverse reads them again (forward, p_i prompts, self-propagation): dropped now
+        part = out_stack[first : last + 1]
+        part[result.masks & (part == 0)] = structure.value
         used += [UsedSupportSlice(structure.value, s.support, s.slice_index, s.array_index) for s in result.supports]
         if result.scores is not None:
             selected = set(result.selected)
             for i, score in enumerate(result.scores):
-                scores.append(SliceScore(structure.name, structure.value, qplan.slice_index_to_array_index(i), i,
-                                         float(score), result.higher_is_better, i in selected,
+                scores.append(SliceScore(structure.name, structure.value, qplan.slice_index_to_array_index(first + i),
+                                         first + i, float(score), result.higher_is_better, i in selected,
                                          None if result.matches is None else result.matches[i]))
         if result.forward_masks is not None:
-            forward_masks[structure.value] = qplan.unstack(result.forward_masks)
+            full = np.zeros(qstack.shape, dtype=bool)
+            full[first : last + 1] = result.forward_masks
+            forward_masks[structure.value] = qplan.unstack(full)
 
     labels = query.with_array(qplan.unstack(out_stack))
     if labels.array.max() < 256:
         labels = labels.with_array(labels.array.astype(np.uint8))
     timings["total"] = time.perf_counter() - t0
     return SegmentationResult(labels, list(structures), scores, engine.encoder_calls, timings,
-                              qplan.array_axis, forward_masks, used, qplan, support_plans)
+                              qplan.array_axis, forward_masks, used, qplan, support_plans, slice_ranges, estimate)
+
+
+def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
+                     options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
+    """Per structure value, the inclusive range of query stack slices to segment (None: an empty estimate)."""
+    from .extent import check_slice_range, resolve_slice_ranges, to_stack_range
+
+    n = qstack.shape[0]
+    ranges: dict[int, Optional[tuple[int, int]]] = {}
+    auto = []
+    specs = resolve_slice_ranges(options.slice_range, structures)
+    for s in structures:  # per structure: off, FIRST:LAST or auto (estimated below)
+        given = specs[s.value]
+        if given == (0, -1):
+            ranges[s.value] = (0, n - 1)
+        elif given is not None:
+            check_slice_range(given[0], given[1], n, qplan.array_axis)
+            ranges[s.value] = to_stack_range(qplan, *given)
+        else:
+            auto.append(s)
+    if auto:
+        ranges.update(estimated_ranges(qplan, qstack, prepared, auto, options))
+    return ranges
+
+
+def estimated_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
+                     options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
+    """Per structure value, the range the extent estimator finds from the supports (None: empty)."""
+    import os
+
+    from .extent import ExtentEstimator, StackInfo
+    from .lpips_distance import LPIPS_WEIGHTS_ENV
+
+    n = qstack.shape[0]
+    weights = (options.extent_weights or getattr(options.method_options, "weights", None)
+               or os.environ.get(LPIPS_WEIGHTS_ENV))
+    try:
+        estimator = ExtentEstimator("alex", weights, str(pick_device(options.device)), margin_mm=options.extent_margin)
+    except InputError as exc:
+        # the range only saves time: without the AlexNet weights, segment every slice rather than nothing
+        warnings.warn(f"slice range estimation is off, every slice is segmented: {exc}", stacklevel=3)
+        return {s.value: (0, n - 1) for s in structures}
+    query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
+    support_infos = []
+    for plan, image_stack, case, _ in prepared:
+        # which slices hold each structure (the output's values, whatever the support's own numbering)
+        present = {st.value: plan.stack(case.mask(st.value)).reshape(image_stack.shape[0], -1).any(axis=1)
+                   for st in structures}
+        support_infos.append(StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, present=present))
+    found = estimator.estimate(query_info, support_infos, [(s.value, s.name) for s in structures])
+    ranges: dict[int, Optional[tuple[int, int]]] = {}
+    for r in found:
+        if r.empty:
+            warnings.warn(f"structure {r.value} ({r.name}): its estimated slice range in the query is empty (the "
+                          "supports place it outside the query); it is left out. Use --slice-range off or "
+                          "FIRST:LAST to segment it anyway", stacklevel=3)
+            ranges[r.value] = None
+        else:
+            ranges[r.value] = (r.first, r.last)
+    return ranges
 
 
 SCORE_COLUMNS = ("structure", "value", "slice_index", "score", "higher_is_better", "selected", "matched_support",
                  "matched_slice")
+RANGE_COLUMNS = ("range_first", "range_last")
 
 
 def check_query(query: Volume) -> None:
@@ -201,16 +310,32 @@ def _warn_small_support(mask_stack: np.ndarray, structure: Structure, support: s
                       "prompt; the result is unreliable", stacklevel=3)
 
 
-def write_scores(path: str, scores: list[SliceScore]) -> None:
+def write_scores(path: str, scores: list[SliceScore],
+                 slice_ranges: Optional[dict[int, Optional[tuple[int, int]]]] = None,
+                 structures: Optional[list[Structure]] = None) -> None:
     """The per-slice scores as CSV, atomically. `matched_support` names the matched support image
-    (support<n>:slice<stack index>:original|aug<n>); `matched_slice` is its array index in that support."""
+    (support<n>:slice<stack index>:original|aug<n>); `matched_slice` is its array index in that support.
+
+    With `slice_ranges` every row also holds its structure's segmented range (`range_first`, `range_last`: array
+    indices along the slice axis; empty when the estimated range was empty), and a structure without scored
+    slices (an empty range) gets one row with its name and the empty range."""
     import csv
 
+    def bounds(value: int) -> list:
+        if slice_ranges is None:
+            return []
+        r = slice_ranges.get(value)
+        return ["", ""] if r is None else [r[0], r[1]]
+
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(SCORE_COLUMNS)
+            w.writerow(SCORE_COLUMNS + (RANGE_COLUMNS if slice_ranges is not None else ()))
             for s in scores:
                 w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.higher_is_better),
                             int(s.selected), "" if s.match is None else str(s.match),
-                            "" if s.match is None else s.match.array_index])
+                            "" if s.match is None else s.match.array_index] + bounds(s.value))
+            scored = {s.value for s in scores}
+            for st in structures or []:
+                if slice_ranges is not None and st.value not in scored:
+                    w.writerow([st.name, st.value] + [""] * (len(SCORE_COLUMNS) - 2) + bounds(st.value))

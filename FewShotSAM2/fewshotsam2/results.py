@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 if TYPE_CHECKING:
+    from .resources import ResourceEstimate
     from .slices import SlicePlan
     from .volume import Structure, Volume
 
@@ -73,6 +74,10 @@ class SegmentationResult:
     support_slices: list[UsedSupportSlice] = field(default_factory=list)
     query_plan: Optional["SlicePlan"] = None  # how the query was sliced
     support_plans: list["SlicePlan"] = field(default_factory=list)  # how each support was sliced
+    # per structure value: the inclusive range of array indices along `slice_axis` that was segmented (None: the
+    # estimated range was empty and the structure was left out); outside it the labels are background
+    slice_ranges: dict[int, Optional[tuple[int, int]]] = field(default_factory=dict)
+    estimate: Optional["ResourceEstimate"] = None  # peak memory and time estimated before the run
 
     def support_slices_of(self, value: int, support: Optional[int] = None) -> list[UsedSupportSlice]:
         """The support slices used for structure `value` (of one support volume, if given)."""

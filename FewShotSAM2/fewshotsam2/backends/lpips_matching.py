@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -31,16 +31,21 @@ from .base import Backend, Engine, QueryContext, StageClock, StageProgress, Stru
 _MATCHER: dict[tuple, object] = {}
 
 
-def _matcher(engine: Engine, options: LpipsOptions):
+def shared_matcher(net: str = "alex", weights: Optional[str] = None, device: str = "cpu", size: int = 224):
+    """The process's LPIPS network for (net, weights, device, size), built on first use (`extent` uses it too)."""
     from ..lpips_distance import LPIPS_WEIGHTS_ENV, LPIPSDistance
 
-    weights = options.weights or os.environ.get(LPIPS_WEIGHTS_ENV)
-    device = str(getattr(engine, "device", "cpu"))  # LPIPS runs where SAM2 runs
-    key = (options.net, weights, device)
+    weights = weights or os.environ.get(LPIPS_WEIGHTS_ENV)
+    key = (net, weights, str(device), int(size))
     if key not in _MATCHER:
         _MATCHER.clear()
-        _MATCHER[key] = LPIPSDistance(net=options.net, backbone_weights=weights, device=device)
+        _MATCHER[key] = LPIPSDistance(net=net, backbone_weights=weights, device=str(device), size=int(size))
     return _MATCHER[key]
+
+
+def _matcher(engine: Engine, options: LpipsOptions):
+    # LPIPS runs where SAM2 runs
+    return shared_matcher(options.net, options.weights, str(getattr(engine, "device", "cpu")))
 
 
 class LpipsBackend(Backend):
@@ -62,7 +67,8 @@ class LpipsBackend(Backend):
             if qbox is None:
                 qbox = query.cache["body_box"] = body_box(query.images, query.spacing)
             fov = 1.1 * max([qbox[2]] + [s.body_box[2] for s in supports if s.body_box is not None])
-            qkey = ("lpips-query-features", options.net, round(fov, 3))
+            # keyed by the slices too: structures with different slice ranges see different query slices
+            qkey = ("lpips-query-features", options.net, round(fov, 3), query.keys[0], len(query.keys))
             if qkey not in query.cache:  # query features serve every structure of the run
                 progress("LPIPS features of the query", 0, 1)
                 query.cache[qkey] = matcher.features(

@@ -40,6 +40,7 @@ METHOD_NAMES = ("propagate",) + tuple(m for m in METHODS if m != "propagate")  #
 STAGES = (
     ("loading", "loading"),
     ("prepare", "prepare"),
+    ("slice range", "extent"),
     ("image encoding", "encode"),
     ("forward", "forward"),
     ("reverse", "reverse"),

@@ -1,0 +1,334 @@
+"""Where along the slice axis each structure can be: the query's slice range, estimated from the supports.
+
+A real CT has 300-600 slices and most organs span a fraction of them. Encoding and predicting only the slices
+where the structure can be saves most of the time and stops prompt-based methods painting the structure far
+outside it. The range comes from the supports:
+
+1. Every query slice and every support slice (not only the labeled ones) are resampled to one field of view
+   (same mm per pixel, centred on the body, as the LPIPS backend does) and compared with LPIPS (AlexNet):
+   a cost matrix C[i, j].
+2. A monotone alignment maps each query slice to a position (mm) along the support's slice axis by dynamic
+   programming over C. The support axis is sampled on a fine grid in mm, so volumes with different slice
+   spacings align; between two consecutive query slices the support position advances by `slope` x the query
+   spacing, `slope` in [SLOPE_MIN, SLOPE_MAX] (bodies differ in height, not in the order of their organs). The
+   support axis is extended on both sides with "outside" cells at a fixed cost, so a query that covers more (or
+   less, or other) anatomy than the support aligns only where they overlap.
+3. The structure's labeled extent in the support (mm) is mapped back through the alignment to query positions,
+   widened by a margin in mm, and rounded outwards to slice indices.
+4. Several supports: the union of their ranges (a slice missed here can never be segmented; an extra slice only
+   costs time).
+
+Slice stacks are in the canonical orientation of `slices.SlicePlan` (slice order = increasing RAS coordinate), so
+"monotone" means the same anatomical direction in query and support whatever their arrays' layouts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+# Local slope of the alignment (support mm per query mm). Adult trunks and heads differ in length by up to about
+# 1.4x between people; a local bound a little wider lets organs shift within the body.
+SLOPE_MIN = 0.6
+SLOPE_MAX = 1.6
+# Fine grid of the support axis, in query slice spacings (slope resolution 1/8).
+GRID_DIVISIONS = 8
+# Widening of each end of the estimated range. Measured (docs/benchmarks.md): alignment errors at the ends of
+# organs are mostly under one centimetre on the shared pairs.
+MARGIN_MM = 15.0
+# Cost of aligning a query slice outside the support's coverage, as a quantile of that slice's LPIPS row:
+# a slice the support covers finds a match clearly below it; one outside does not. Measured on the shared
+# pairs (docs/benchmarks.md): 0.25 lets crops slide off each other (CT pairs mean recall 0.90), 0.5 and 0.75
+# give 0.98; IBSR is the same for all three.
+OUTSIDE_QUANTILE = 0.5
+LPIPS_SIZE = 224
+QUERY_CHUNK = 32  # query slices whose LPIPS features are held at once
+
+
+@dataclass
+class StackInfo:
+    """One volume's canonical slice stack and its geometry."""
+
+    images: np.ndarray  # float [0, 1] (n, h, w)
+    spacing: tuple[float, float]  # in-plane (row, column) mm
+    slice_spacing: float  # mm between consecutive slices
+    labels: Optional[np.ndarray] = None  # integer (n, h, w) on the same stack (supports)
+    # supports, instead of `labels`: label value -> bool (n,) which slices hold it (all the estimate reads)
+    present: Optional[dict] = None
+
+    def slices_with(self, value: int) -> np.ndarray:
+        if self.present is not None:
+            return np.asarray(self.present.get(value, np.zeros(self.images.shape[0], bool)), bool)
+        if self.labels is None:
+            raise ValueError("a support stack needs its labels")
+        return (self.labels == value).reshape(self.labels.shape[0], -1).any(axis=1)
+
+
+@dataclass
+class Alignment:
+    """Support position (mm along the support's slice axis, slice 0 at 0 mm) of every query slice."""
+
+    positions: np.ndarray  # float (n_query,)
+    inside: np.ndarray  # bool (n_query,): aligned within the support's coverage
+    mean_cost: float  # mean LPIPS along the path over inside slices (lower = better match)
+
+
+@dataclass
+class SliceRange:
+    """Inclusive range of slices of the query's canonical stack where a structure can be (empty: first > last)."""
+
+    value: int
+    name: str
+    first: int
+    last: int
+    per_support: list[Optional[tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.first > self.last
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first + 1)
+
+
+def _fine_cost(cost_row: np.ndarray, support_mm: np.ndarray, grid: np.ndarray, outside: float,
+               half_slice: float) -> np.ndarray:
+    """Cost of the query slice at every support grid position: linear between support slices, `outside` beyond."""
+    c = np.interp(grid, support_mm, cost_row)
+    beyond = (grid < support_mm[0] - half_slice) | (grid > support_mm[-1] + half_slice)
+    c[beyond] = outside
+    return c
+
+
+def align(cost: np.ndarray, query_spacing: float, support_spacing: float,
+          slope: tuple[float, float] = (SLOPE_MIN, SLOPE_MAX),
+          outside_quantile: float = OUTSIDE_QUANTILE) -> Alignment:
+    """Monotone alignment of query slices (rows of `cost`) to support positions (columns), in millimetres.
+
+    Dynamic programming over (query slice, support grid cell): D[i, k] = c(i, k) + min over allowed steps d of
+    D[i - 1, k - d]; the path may start and end anywhere (open ends), every query slice gets one position.
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    n_q, n_s = cost.shape
+    if n_q == 0 or n_s == 0:
+        raise ValueError("empty cost matrix")
+    h = query_spacing / GRID_DIVISIONS
+    d_min = max(1, math.ceil(slope[0] * query_spacing / h - 1e-9))
+    d_max = max(d_min, math.floor(slope[1] * query_spacing / h + 1e-9))
+    support_mm = np.arange(n_s) * support_spacing
+    # room outside the support for every query slice at the steepest slope
+    pad = slope[1] * query_spacing * n_q
+    grid = np.arange(-pad, support_mm[-1] + pad + h / 2, h)
+    n_cells = grid.size
+    outside = np.quantile(cost, outside_quantile, axis=1)
+    half = support_spacing / 2.0
+
+    back = np.zeros((n_q, n_cells), dtype=np.int16)  # step taken into (i, k)
+    d_prev = _fine_cost(cost[0], support_mm, grid, outside[0], half)
+    for i in range(1, n_q):
+        best = np.full(n_cells, np.inf)
+        arg = np.zeros(n_cells, dtype=np.int16)
+        for d in range(d_min, d_max + 1):
+            cand = np.full(n_cells, np.inf)
+            cand[d:] = d_prev[:-d]
+            better = cand < best
+            best[better] = cand[better]
+            arg[better] = d
+        d_prev = best + _fine_cost(cost[i], support_mm, grid, outside[i], half)
+        back[i] = arg
+    k = int(np.argmin(d_prev))
+    cells = np.empty(n_q, dtype=np.int64)
+    for i in range(n_q - 1, -1, -1):
+        cells[i] = k
+        k -= int(back[i, k])
+    positions = grid[cells]
+    inside = (positions >= support_mm[0] - half) & (positions <= support_mm[-1] + half)
+    on_path = [np.interp(positions[i], support_mm, cost[i]) for i in range(n_q) if inside[i]]
+    return Alignment(positions, inside, float(np.mean(on_path)) if on_path else float("inf"))
+
+
+def structure_extent_mm(labels: np.ndarray, value: int, slice_spacing: float) -> Optional[tuple[float, float]]:
+    """See `extent_mm_of_slices`; `labels` is an integer (n, h, w) stack."""
+    return extent_mm_of_slices((labels == value).reshape(labels.shape[0], -1).any(axis=1), slice_spacing)
+
+
+def extent_mm_of_slices(has: np.ndarray, slice_spacing: float) -> Optional[tuple[float, float]]:
+    """(start, end) mm of a structure's labeled slices along the stack axis, each slice counted +-half a slice.
+
+    An end on the support's first or last slice is infinite: the scan was cut through the structure there.
+    """
+    present = np.flatnonzero(has)
+    if present.size == 0:
+        return None
+    # a structure cut by the support's first or last slice goes on beyond it: open on that side
+    lo = -math.inf if present[0] == 0 else (present[0] - 0.5) * slice_spacing
+    hi = math.inf if present[-1] == len(has) - 1 else (present[-1] + 0.5) * slice_spacing
+    return lo, hi
+
+
+def map_extent(alignment: Alignment, extent_mm: tuple[float, float], query_spacing: float, n_query: int,
+               margin_mm: float = MARGIN_MM) -> Optional[tuple[int, int]]:
+    """Query slices whose aligned position falls in the support extent, widened by `margin_mm`; None if none."""
+    pos = alignment.positions
+    x = np.arange(n_query) * query_spacing
+    lo, hi = extent_mm
+    # pos increases strictly along the query, so the inverse map is linear interpolation; beyond the aligned
+    # positions extrapolate at slope 1 (the extent then lies outside the query and the range comes out empty)
+    def inverse(y: float) -> float:
+        if y <= pos[0]:
+            return x[0] - (pos[0] - y)
+        if y >= pos[-1]:
+            return x[-1] + (y - pos[-1])
+        return float(np.interp(y, pos, x))
+
+    x0 = inverse(lo) - margin_mm
+    x1 = inverse(hi) + margin_mm
+    first = 0 if x0 == -math.inf else max(0, math.ceil(x0 / query_spacing - 1e-6)) if x0 != math.inf else n_query
+    last = n_query - 1 if x1 == math.inf else min(n_query - 1, math.floor(x1 / query_spacing + 1e-6)) \
+        if x1 != -math.inf else -1
+    if first > last:
+        return None
+    return first, last
+
+
+class ExtentEstimator:
+    """LPIPS features of slice stacks at one field of view, and the ranges they imply."""
+
+    def __init__(self, net: str = "alex", weights: Optional[str] = None, device: str = "cpu",
+                 size: int = LPIPS_SIZE, margin_mm: float = MARGIN_MM,
+                 outside_quantile: float = OUTSIDE_QUANTILE) -> None:
+        from .backends.lpips_matching import shared_matcher
+
+        self.matcher = shared_matcher(net, weights, device, size)
+        self.margin_mm = float(margin_mm)
+        self.outside_quantile = float(outside_quantile)
+
+    def cost_matrix(self, query: StackInfo, support: StackInfo) -> np.ndarray:
+        """LPIPS between every query slice and every support slice at one field of view."""
+        from .lpips_distance import body_box, resample_to_fov
+
+        qbox = body_box(query.images, query.spacing)
+        sbox = body_box(support.images, support.spacing)
+        fov = 1.1 * max(qbox[2], sbox[2])
+        size = self.matcher.size
+        sf = self.matcher.features(resample_to_fov(support.images, support.spacing, fov, size, center=sbox[:2]))
+        # query slices a chunk at a time: LPIPS features are 1.3 MB per slice at 224 px, so a 300-slice query
+        # would otherwise hold 400 MB of them next to the support's
+        rows = []
+        for start in range(0, query.images.shape[0], QUERY_CHUNK):
+            chunk = resample_to_fov(query.images[start : start + QUERY_CHUNK], query.spacing, fov, size,
+                                    center=qbox[:2])
+            rows.append(self.matcher.distance_matrix(self.matcher.features(chunk), sf).cpu().numpy())
+        return np.concatenate(rows)
+
+    def estimate(self, query: StackInfo, supports: Sequence[StackInfo], structures: Sequence[tuple[int, str]],
+                 ) -> list[SliceRange]:
+        """One `SliceRange` per (value, name) in `structures`, in the query's stack indices."""
+        n_q = query.images.shape[0]
+        per_support: list[list[Optional[tuple[int, int]]]] = [[] for _ in structures]
+        for support in supports:
+            alignment = align(self.cost_matrix(query, support), query.slice_spacing, support.slice_spacing,
+                              outside_quantile=self.outside_quantile)
+            for s, (value, _) in enumerate(structures):
+                extent = extent_mm_of_slices(support.slices_with(value), support.slice_spacing)
+                per_support[s].append(None if extent is None else
+                                      map_extent(alignment, extent, query.slice_spacing, n_q, self.margin_mm))
+        ranges = []
+        for (value, name), found in zip(structures, per_support):
+            got = [r for r in found if r is not None]
+            first, last = (min(r[0] for r in got), max(r[1] for r in got)) if got else (0, -1)
+            ranges.append(SliceRange(int(value), name, first, last, found))
+        return ranges
+
+
+# ---------------------------------------------------------------- user-given ranges
+
+def parse_slice_range(text: str) -> Optional[tuple[int, int]]:
+    """'auto' -> None (estimate), 'off' -> (0, -1) sentinel meaning every slice, 'FIRST:LAST' -> ints.
+
+    Only the grammar is checked here; `check_slice_range` checks the numbers against the query.
+    """
+    text = str(text).strip()
+    if text == "auto":
+        return None
+    if text == "off":
+        return (0, -1)
+    m = re.fullmatch(r"(-?\d+):(-?\d+)", text)
+    if not m:
+        raise InputError(f"--slice-range must be auto, off or FIRST:LAST (inclusive slice indices), got '{text}'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_slice_ranges(text: str) -> dict[Optional[str], Optional[tuple[int, int]]]:
+    """Per-structure ranges: 'SPEC' or 'KEY=SPEC,KEY=SPEC,...' (KEY: an output structure's value or name, SPEC as
+    in `parse_slice_range`). The key None holds the range of every structure not named (default 'auto')."""
+    text = str(text).strip()
+    if "=" not in text:
+        return {None: parse_slice_range(text)}
+    out: dict[Optional[str], Optional[tuple[int, int]]] = {}
+    for item in text.split(","):
+        key, sep, spec = (p.strip() for p in item.partition("="))
+        if not sep:  # one bare SPEC among keyed ones: the range of the structures not named
+            key, spec = None, item.strip()
+        if key == "" or key in out:
+            raise InputError(f"--slice-range '{text}': "
+                             + ("an empty structure name" if key == "" else f"'{key or 'default'}' given twice"))
+        out[key] = parse_slice_range(spec)
+    out.setdefault(None, None)
+    return out
+
+
+def resolve_slice_ranges(text: str, structures) -> dict[int, Optional[tuple[int, int]]]:
+    """Per output structure value, its range from `parse_slice_ranges` (keys matched by value, then by name)."""
+    given = parse_slice_ranges(text)
+    out = {s.value: given[None] for s in structures}
+    for key, spec in given.items():
+        if key is None:
+            continue
+        hits = [s for s in structures if str(s.value) == key] or [s for s in structures if s.name == key]
+        if not hits:
+            known = ", ".join(f"{s.value}={s.name}" for s in structures)
+            raise InputError(f"--slice-range names structure '{key}', which is not segmented (structures: {known})")
+        for s in hits:
+            out[s.value] = spec
+    return out
+
+
+def check_slice_range(first: int, last: int, n_slices: int, axis: int) -> None:
+    """A user range must lie inside the query and hold at least one slice."""
+    if first > last:
+        raise InputError(f"--slice-range {first}:{last} is reversed or empty (FIRST must not exceed LAST)")
+    if first < 0 or last >= n_slices:
+        raise InputError(f"--slice-range {first}:{last} lies outside the query, which has slices 0..{n_slices - 1} "
+                         f"along array axis {axis}")
+
+
+# ---------------------------------------------------------------- volumes -> stacks
+
+def stack_info(image, labels=None, axis: str = "auto", preset: str = "auto") -> tuple[StackInfo, "object"]:
+    """(StackInfo, SlicePlan) of a Volume (and its label Volume on the same grid) in canonical orientation."""
+    from .intensity import choose_preset, normalize
+    from .slices import SlicePlan
+
+    plan = SlicePlan.for_volume(image, axis)
+    kind = choose_preset(image) if preset == "auto" else preset
+    info = StackInfo(plan.stack(normalize(image, kind)), plan.in_plane_spacing, plan.slice_spacing,
+                     None if labels is None else plan.stack(labels.array))
+    return info, plan
+
+
+def to_array_range(plan, first: int, last: int) -> tuple[int, int]:
+    """Inclusive stack range -> inclusive range along the volume's own array axis (the stack may run reversed)."""
+    a, b = plan.slice_index_to_array_index(first), plan.slice_index_to_array_index(last)
+    return min(a, b), max(a, b)
+
+
+def to_stack_range(plan, first: int, last: int) -> tuple[int, int]:
+    """Inclusive range along the volume's array axis -> inclusive stack range."""
+    return to_array_range(plan, first, last)  # the map is a flip or the identity either way

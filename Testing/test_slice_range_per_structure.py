@@ -1,0 +1,67 @@
+"""--slice-range per structure: the grammar, the key lookup, and a two-structure run on ct-a (64 px)."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from fewshotsam2.errors import InputError
+from fewshotsam2.extent import parse_slice_ranges, resolve_slice_ranges
+from fewshotsam2.volume import Structure
+
+LIVER_SPLEEN = [Structure(1, "spleen", (0, 0, 1)), Structure(6, "liver", (1, 0, 0))]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("auto", {None: None}), ("off", {None: (0, -1)}), ("3:9", {None: (3, 9)}),
+    ("5=10:40,1=off,liver=auto", {"5": (10, 40), "1": (0, -1), "liver": None, None: None}),
+    ("1=2:4, off", {"1": (2, 4), None: (0, -1)}),
+])
+def test_parse_slice_ranges(text, expected):
+    assert parse_slice_ranges(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1=2:4,1=off", "=3:4", "1=x", "1=2:4,off,auto", "1=2:4,"])
+def test_parse_slice_ranges_refuses(text):
+    with pytest.raises(InputError, match="--slice-range"):
+        parse_slice_ranges(text)
+
+
+def test_resolve_by_value_then_name_and_default():
+    assert resolve_slice_ranges("liver=3:5,1=off", LIVER_SPLEEN) == {6: (3, 5), 1: (0, -1)}
+    assert resolve_slice_ranges("liver=3:5", LIVER_SPLEEN) == {6: (3, 5), 1: None}  # unnamed: auto
+    assert resolve_slice_ranges("liver=3:5,off", LIVER_SPLEEN) == {6: (3, 5), 1: (0, -1)}
+    with pytest.raises(InputError, match="kidney.*not segmented"):
+        resolve_slice_ranges("kidney=1:2", LIVER_SPLEEN)
+
+
+def test_segment_with_a_range_per_structure(engine64, ct_a):
+    from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
+    from fewshotsam2.slices import SlicePlan
+
+    image, labels, structures = ct_a
+    chosen = [s for s in structures if s.value in (1, 6)]
+    liver = next(s for s in chosen if s.value == 6)
+    options = SegmentOptions(method="propagate", image_size=64, device="cpu", untrained=True,
+                             slice_range=f"1=10:12,{liver.name}=off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = segment(image, [SupportCase(image, labels)], chosen, options, engine=engine64)
+    axis = SlicePlan.for_volume(image).array_axis
+    n = image.array.shape[axis]
+    assert result.slice_ranges == {1: (10, 12), 6: (0, n - 1)}
+    stack = np.moveaxis(result.labels.array, axis, 0)
+    assert not (np.delete(stack, range(10, 13), axis=0) == 1).any()  # spleen only inside its range
+
+
+def test_segment_refuses_an_unknown_structure_before_encoding(engine64, ct_a):
+    from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
+
+    image, labels, structures = ct_a
+    options = SegmentOptions(method="propagate", image_size=64, device="cpu", untrained=True,
+                             slice_range="99=1:2")
+    calls = engine64.encoder_calls
+    with pytest.raises(InputError, match="'99'"):
+        segment(image, [SupportCase(image, labels)], [s for s in structures if s.value == 1], options,
+                engine=engine64)
+    assert engine64.encoder_calls == calls
