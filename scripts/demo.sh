@@ -4,11 +4,11 @@
 # "spleen"; open it in 3D Slicer over the series) and out/ct-b_scores.csv (per-slice reverse scores).
 #
 #   scripts/demo.sh              real masks: SAM2.1 tiny checkpoint (downloaded on first use, ~150 MB), 1024 px,
-#                                the GPU if there is one. Expected: under a minute on a GPU, about 3 minutes on an
-#                                idle 2-core CPU (estimate; far longer when the machine is busy).
+#                                the GPU if there is one. Expected: under a minute on a GPU (estimate); on a
+#                                2-core CPU more than 10 minutes (measured; see the README's table).
 #   scripts/demo.sh --untrained  offline plumbing check: RANDOM weights, 128 px, on the CPU. Expected: about a
-#                                minute on a 2-core CPU (101 s measured on one busy with other jobs). The masks
-#                                mean nothing.
+#                                minute on a 2-core CPU (21 s measured, 101 s when it is busy with other jobs).
+#                                The masks mean nothing.
 #
 # The first run also builds the Python environment (scripts/setup_env.sh says what, how big and how long) and
 # fetches the sample data (3.8 MB, SHA256-checked) unless ../shared/data is beside the clone. Extra arguments go
@@ -37,8 +37,8 @@ if [ "$untrained" = 1 ] && [ "$sized" = 0 ]; then
 elif [ "$untrained" = 1 ]; then
   echo "demo: offline form, RANDOM weights at the image size / device you gave; the masks mean nothing" >&2
 else
-  echo "demo: SAM2.1 tiny checkpoint at 1024 px: under a minute on a GPU, about 3 minutes on an idle 2-core CPU" \
-       "(longer when it is busy; first use downloads ~150 MB; offline: scripts/demo.sh --untrained)" >&2
+  echo "demo: SAM2.1 tiny checkpoint at 1024 px: under a minute on a GPU, more than 10 minutes on a 2-core CPU" \
+       "(first use downloads ~150 MB; offline check: scripts/demo.sh --untrained)" >&2
 fi
 
 if [ -n "${FEWSHOTSAM2_PYTHON:-}" ]; then
