@@ -163,6 +163,7 @@ def test_cut_download_is_an_input_error_and_leaves_no_part_file(tmp_path, monkey
 
 # ------------------------------------------------------------------------------------------- strict loading
 
+@pytest.mark.slow  # several seconds: kept out of the fast tier
 def test_wrong_checkpoints_are_refused_with_one_message(tmp_path):
     tiny = _model("tiny", 1)
     small_path = tmp_path / "small.pt"

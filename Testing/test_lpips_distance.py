@@ -163,6 +163,7 @@ def test_missing_weights_give_one_clear_line(monkeypatch: pytest.MonkeyPatch) ->
     assert "alexnet-owt-7be5be79.pth" in msg  # which file to download
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast tier
 def test_bad_weight_files_are_input_errors(alex_weights: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         LPIPSDistance("alex", backbone_weights=str(tmp_path / "nope.pth"))

@@ -328,6 +328,7 @@ def test_reverse_equals_sam2_video_predictor(engine, pair, monkeypatch):
               f"prompt: {int((sam[c][1] != p_i[c]).sum())} pixels differ")
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast tier
 @pytest.mark.parametrize("engine", [(64, 0)], indirect=True, ids=["64px-seed0"])
 def test_memory_reach_is_derived_from_the_model(engine, pair, ct_b, monkeypatch):
     """The FIFO keeps what the model's config lets SAM2 read: with a memory stride of 3, SAM2.1 reads mask memories

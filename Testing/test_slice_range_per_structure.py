@@ -35,6 +35,7 @@ def test_resolve_by_value_then_name_and_default():
         resolve_slice_ranges("kidney=1:2", LIVER_SPLEEN)
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast tier
 def test_segment_with_a_range_per_structure(engine64, ct_a):
     from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
     from fewshotsam2.slices import SlicePlan

@@ -207,6 +207,7 @@ def test_selectors_offer_scans_only(ui_widgets):
     assert "volumeSelector.showChildNodeTypes = False" in MODULE_FILE.read_text()
 
 
+@pytest.mark.slow  # several seconds: kept out of the fast tier
 def test_widget_stops_the_process_when_leaving():
     """exit() (leaving the module), cleanup() (closing Slicer), aboutToQuit, scene close and Reload all stop a run."""
     tree = ast.parse(MODULE_FILE.read_text())
