@@ -46,24 +46,34 @@ def choose_preset(volume: Volume) -> str:
     return "ct-abdomen" if low < -500 and high > 300 else "percentile"
 
 
-def normalize(volume: Volume, preset: str = "auto") -> np.ndarray:
-    """Map intensities to float32 in [0, 1] (same shape as volume.array) with a preset from PRESET_NAMES."""
+def intensity_window(volume: Volume, preset: str = "auto") -> tuple[float, float]:
+    """(low, high) intensities that map to 0 and 1 under `preset` (high <= low: a constant volume)."""
     if preset not in PRESET_NAMES:
         raise InputError(f"unknown intensity preset '{preset}'; valid presets: {', '.join(PRESET_NAMES)}")
     if preset == "auto":
         preset = choose_preset(volume)
-    array = volume.array.astype(np.float32, copy=False)
     if preset in CT_WINDOWS:
         width, level = CT_WINDOWS[preset]
-        low, high = level - width / 2.0, level + width / 2.0
-    elif preset == "percentile":
-        low, high = (float(v) for v in np.percentile(_sample(array), PERCENTILES))
-        if high <= low:  # mostly constant volume (e.g. a sparse image): fall back to the full range
-            low, high = float(array.min()), float(array.max())
-    else:  # minmax
-        low, high = float(array.min()), float(array.max())
+        return level - width / 2.0, level + width / 2.0
+    array = volume.array
+    if preset == "percentile":
+        low, high = (float(v) for v in np.percentile(_sample(array).astype(np.float32), PERCENTILES))
+        if high > low:
+            return low, high
+        # mostly constant volume (e.g. a sparse image): fall back to the full range
+    # as float32, the type the window is applied in
+    return float(np.float32(array.min())), float(np.float32(array.max()))
+
+
+def apply_window(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """`array` mapped to float32 in [0, 1]: `low` -> 0, `high` -> 1, clipped (a new array)."""
     if high <= low:
         return np.zeros(array.shape, dtype=np.float32)
-    out = (array - np.float32(low)) / np.float32(high - low)
+    out = (array.astype(np.float32, copy=False) - np.float32(low)) / np.float32(high - low)
     np.clip(out, 0.0, 1.0, out=out)
     return out.astype(np.float32, copy=False)
+
+
+def normalize(volume: Volume, preset: str = "auto") -> np.ndarray:
+    """Map intensities to float32 in [0, 1] (same shape as volume.array) with a preset from PRESET_NAMES."""
+    return apply_window(volume.array, *intensity_window(volume, preset))

@@ -305,8 +305,7 @@ def body_box(stack: np.ndarray, spacing: tuple[float, float], threshold: float =
     """
     from scipy import ndimage
 
-    stack = np.asarray(stack)
-    n, h, w = stack.shape
+    n, h, w = stack.shape  # an array or a lazy SliceStack: read slice by slice
     iterations = max(1, int(round(4.0 / min(spacing))))
     boxes = []
     for k in np.unique(np.linspace(0, n - 1, num=min(n, 64)).round().astype(int)):
@@ -343,7 +342,6 @@ def resample_to_fov(
     """
     from scipy import ndimage
 
-    stack = np.asarray(stack, dtype=np.float32)
     if center is None:
         r, c, _ = body_box(stack, spacing)
     else:
@@ -358,6 +356,7 @@ def resample_to_fov(
     out = np.empty((stack.shape[0], size, size), dtype=np.float32)
     for k in range(stack.shape[0]):
         # slice by slice (the same in-plane filter as on the whole stack): no full-size copy of a 300-slice CT
-        image = ndimage.gaussian_filter(stack[k], sigma=sigma, mode="constant") if max(sigma) > 0 else stack[k]
+        image = np.asarray(stack[k], dtype=np.float32)
+        image = ndimage.gaussian_filter(image, sigma=sigma, mode="constant") if max(sigma) > 0 else image
         out[k] = ndimage.map_coordinates(image, [grid_r, grid_c], order=1, mode="constant", cval=0.0)
     return out

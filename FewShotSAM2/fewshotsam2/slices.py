@@ -109,14 +109,17 @@ class SlicePlan:
         if tuple(array3d.shape) != self.shape:
             raise ValueError(f"array shape {array3d.shape} does not match the planned volume {self.shape}")
 
-    def stack(self, array3d: np.ndarray) -> np.ndarray:
-        """(n_slices, rows, cols) copy of `array3d` (shaped like the volume) in canonical orientation."""
+    def view(self, array3d: np.ndarray) -> np.ndarray:
+        """(n_slices, rows, cols) view of `array3d` (shaped like the volume) in canonical orientation, no copy."""
         self._check(array3d)
         out = np.transpose(array3d, self._perm)
         flip_axes = tuple(a for a in range(3) if self._flips[a])
-        if flip_axes:
-            out = np.flip(out, axis=flip_axes)
-        return np.ascontiguousarray(out)  # contiguous: torch.from_numpy refuses negative strides
+        return np.flip(out, axis=flip_axes) if flip_axes else out
+
+    def stack(self, array3d: np.ndarray) -> np.ndarray:
+        """(n_slices, rows, cols) contiguous copy of `array3d` (shaped like the volume) in canonical orientation
+        (no copy when it already is)."""
+        return np.ascontiguousarray(self.view(array3d))  # contiguous: torch.from_numpy refuses negative strides
 
     def unstack(self, stack: np.ndarray) -> np.ndarray:
         """The exact inverse of `stack`: back to the volume's own array layout."""
