@@ -74,6 +74,16 @@ class StandInEngine:
                 self.encoded.add(key)
                 self.encoder_calls += 1
 
+    # no feature cache to bound: every frame stays encoded
+    def release(self, keys) -> None:
+        pass
+
+    def keep_if_room(self, keys) -> None:
+        pass
+
+    def over_feature_budget(self) -> bool:
+        return False
+
     def memorize(self, keys, masks) -> Memory:
         self.encode(keys)
         self.memorized.append(list(keys))

@@ -20,10 +20,11 @@ from .engine import SAM2Engine, pick_device
 from .errors import InputError
 from .extent import to_array_range
 from .resources import check_resources, estimate_resources
-from .intensity import choose_preset, normalize
+from .intensity import choose_preset
 from .lpips_distance import body_box
 from .options import LpipsOptions, PropagateOptions, ReverseOptions, SegmentOptions  # noqa: F401  (re-exported)
 from .results import LpipsMatch, SegmentationResult, SliceScore, UsedSupportSlice  # noqa: F401  (re-exported)
+from .slice_stack import SliceStack
 from .slices import SlicePlan
 from .support import select_support_slices
 from .volume import Structure, Volume
@@ -95,7 +96,8 @@ def segment(
     qplan = SlicePlan.for_volume(query, options.axis)
     # "auto" is resolved once per volume: the choice both normalises it and compares modalities
     query_kind = choose_preset(query)
-    qstack = qplan.stack(normalize(query, query_kind if options.preset == "auto" else options.preset))
+    # windowed one slice at a time when read: a float32 copy of a 600-slice CT would be 630 MB
+    qstack = SliceStack.of(query, qplan, query_kind if options.preset == "auto" else options.preset)
     prepared = []
     support_plans = []
     for s_idx, case in enumerate(supports):
@@ -113,7 +115,7 @@ def segment(
             warnings.warn(f"{case.name} was acquired {own_plane}, the query {qplan.plane}: the support is cut in the "
                           f"query's {qplan.plane} plane too (choose another plane with --axis)", stacklevel=2)
         support_plans.append(plan)
-        image_stack = plan.stack(normalize(case.image, support_kind if options.preset == "auto" else options.preset))
+        image_stack = SliceStack.of(case.image, plan, support_kind if options.preset == "auto" else options.preset)
         # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
         box = body_box(image_stack, plan.in_plane_spacing) if options.method == "lpips" else None
         prepared.append((plan, image_stack, case, box))
@@ -149,11 +151,24 @@ def segment(
     check_resources(estimate, engine)
     if estimate.feature_storage is not None:
         engine.set_feature_storage(*estimate.feature_storage)
+    requested_batch = engine.batch_size
+    engine.batch_size, engine.feature_budget = estimate.batch_size, estimate.feature_budget
+    try:
+        return _segment_structures(query, qplan, qstack, prepared, support_plans, supports, structures, options,
+                                   ranges, uses, engine, estimate, progress, timings, t0)
+    finally:
+        engine.batch_size, engine.feature_budget = requested_batch, None
+
+
+def _segment_structures(query, qplan, qstack, prepared, support_plans, supports, structures, options, ranges, uses,
+                        engine, estimate, progress, timings, t0) -> SegmentationResult:
+    """Every structure on its range with the prepared engine; then the label map and the result."""
+    n = qstack.shape[0]
     query_keys = [("query", i) for i in range(n)]
-    engine.add_frames(dict(zip(query_keys, qstack)))
+    engine.add_stack(query_keys, qstack)
     clock = StageClock(engine, timings)
     if estimate.upfront:
-        # the whole cache fits its budget: encode every slice in range up front, in batches (faster on a GPU)
+        # on a GPU with room for every slice in range: encode them up front, in batches
         todo = [query_keys[i] for i in range(n) if uses[i] > 0]
         # bars start at 0 before the first batch, which takes seconds on a CPU
         progress(f"Encoding slice 0/{len(todo)}", 0, len(todo))
@@ -165,7 +180,7 @@ def segment(
         shared_cache["body_box"] = body_box(qstack, qplan.in_plane_spacing)  # of the whole query, not the range
 
     top = max(s.value for s in structures)
-    out_stack = np.zeros(qstack.shape, dtype=np.uint16 if top < 65536 else np.int32)
+    out_stack = np.zeros(qstack.shape, dtype=np.min_scalar_type(top) if top < 65536 else np.int32)
     scores: list[SliceScore] = []
     used: list[UsedSupportSlice] = []
     forward_masks: dict[int, np.ndarray] = {}
@@ -178,6 +193,8 @@ def segment(
         first, last = r
         uses[first : last + 1] -= 1
         last_use = [query_keys[i] for i in range(first, last + 1) if uses[i] == 0]
+        # read again by a later structure: kept while the engine's feature budget allows, else encoded again
+        engine.keep_if_room(query_keys[i] for i in range(first, last + 1) if uses[i] > 0)
         support_slices = []
         for s_idx, (plan, image_stack, case, box) in enumerate(prepared):
             mask_stack = plan.stack(case.mask(structure.value))
@@ -222,8 +239,6 @@ def segment(
             forward_masks[structure.value] = qplan.unstack(full)
 
     labels = query.with_array(qplan.unstack(out_stack))
-    if labels.array.max() < 256:
-        labels = labels.with_array(labels.array.astype(np.uint8))
     timings["total"] = time.perf_counter() - t0
     return SegmentationResult(labels, list(structures), scores, engine.encoder_calls, timings,
                               qplan.array_axis, forward_masks, used, qplan, support_plans, slice_ranges, estimate)

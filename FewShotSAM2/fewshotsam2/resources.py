@@ -3,8 +3,10 @@
 The figures are rough (constants measured with SAM2.1 tiny on a 2-core CPU, docs/benchmarks.md) but the terms
 are the ones that grow: the image encoder's activations (batch x image size^2), the cached image features
 (slices kept x bytes per frame), per-slice arrays at the query's own resolution, and, for `reverse`, one mask
-memory per query slice. The estimate also picks how cached features are stored when "auto" storage would not
-be compact enough (bfloat16 on a CPU past FLOAT32_CACHE_LIMIT, the CPU when the GPU's free memory is small).
+memory per query slice. The estimate also chooses how the run holds its features: storage (bfloat16 on a CPU when
+float32 would pass the feature budget, the CPU when the GPU's free memory is small), the prediction batch (capped
+by an activation budget on a CPU), how many features are kept between passes (a budget on a CPU: past it, slices
+are encoded again), and whether slices are encoded up front (on a GPU only).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-# Encoder + memory-attention activations per image in a batch, bytes per input pixel (float32; measured: RSS
-# 1.46 / 2.16 / 4.72 GiB at 256 / 512 / 1024 px with batch 8 on the CPU).
-ACTIVATION_BYTES_PER_PIXEL = 400
+# Peak activations per image of a batch, bytes per input pixel, float32 on the CPU (SAM2.1 tiny, measured with
+# `python -m fewshotsam2.research.bench_memory`-style probes: one 1024 px image adds 470 MB to the RSS while it is
+# encoded, eight add 2.5 GB; one memory-conditioned prediction with seven memories adds ~170 MB at 1024 px).
+ENCODER_BYTES_PER_PIXEL = 400
+PREDICT_BYTES_PER_PIXEL = 160
 PROCESS_BASE_BYTES = 700 * 2**20  # Python, torch, sam2 and LPIPS imported, before the model's weights
 # Seconds per slice at 1024 px on the 2-core development CPU, SAM2.1 tiny: image encoding and, per method, the
 # memory-conditioned predictions of one slice (docs/benchmarks.md); other sizes scale with the pixel count.
@@ -30,8 +34,14 @@ ENCODE_SECONDS_1024 = 2.0
 PREDICT_SECONDS_1024 = {"propagate": 1.5, "reverse": 2.5, "lpips": 0.9}
 MODEL_COST = {"tiny": 1.0, "small": 1.3, "base_plus": 2.6, "large": 6.0}
 CUDA_SPEEDUP = 40.0
-# "auto" storage keeps float32 on the CPU (bit-identical to sam2's predictor) until the cache would pass this
-FLOAT32_CACHE_LIMIT = 1 * 2**30
+# On the CPU, predictions are batched only as far as their activations stay within this (batching buys little
+# there; the encoder itself runs one image at a time, see SAM2Engine.encode_batch_size).
+CPU_ACTIVATION_BUDGET = 512 * 2**20
+# Image features kept between passes on the CPU (reverse's forward/reverse step and its self-propagation, a slice
+# two structures share): past this, the rest are encoded again when read again. 256 MiB holds 64 slices at
+# 1024 px or 128 at 512 (bfloat16). FEWSHOTSAM2_FEATURE_CACHE_MB overrides it (benchmarks of the trade-off).
+CPU_FEATURE_CACHE_BYTES = 256 * 2**20
+FEATURE_CACHE_ENV = "FEWSHOTSAM2_FEATURE_CACHE_MB"
 
 
 @dataclass
@@ -43,8 +53,10 @@ class ResourceEstimate:
     cached_feature_bytes: int
     feature_storage: Optional[tuple[str, str]] = None  # (dtype, device) chosen for the engine, None = keep
     # encode every query slice in range before the backends (batched, with its own progress) rather than on
-    # first use: only when all their features fit FLOAT32_CACHE_LIMIT
+    # first use: on a GPU, when all their features fit its memory
     upfront: bool = True
+    batch_size: int = 8  # predictions per batch for this run (the engine's, capped on the CPU)
+    feature_budget: Optional[int] = None  # bytes of features kept between passes (None: no limit)
 
     def describe(self) -> str:
         gb = 2**30
@@ -77,33 +89,59 @@ def _process_rss_bytes() -> int:
         return PROCESS_BASE_BYTES
 
 
+def cpu_feature_cache_bytes() -> int:
+    """The CPU feature-cache budget: CPU_FEATURE_CACHE_BYTES, or $FEWSHOTSAM2_FEATURE_CACHE_MB."""
+    value = os.environ.get(FEATURE_CACHE_ENV, "").strip()
+    if not value:
+        return CPU_FEATURE_CACHE_BYTES
+    try:
+        mb = float(value)
+    except ValueError:
+        raise InputError(f"${FEATURE_CACHE_ENV} must be a number of MB, got '{value}'") from None
+    if mb < 0:
+        raise InputError(f"${FEATURE_CACHE_ENV} must be 0 or more MB, got '{value}'")
+    return int(mb * 2**20)
+
+
 def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, frame_shape: tuple,
                        n_structures: int = 1) -> ResourceEstimate:
-    """Estimate a run of `method` over `n_slices` query slices (`feature_uses` slice visits over structures)."""
+    """Estimate a run of `method` over `n_slices` query slices (`feature_uses` slice visits over structures), and
+    choose how the run holds its features: storage dtype and device, the prediction batch, what is kept."""
     s = engine.image_size
     cuda = engine.device.type == "cuda"
+    half = 2 if getattr(engine, "_autocast", False) else 1
     batch = engine.batch_size
-    act = ACTIVATION_BYTES_PER_PIXEL * s * s * batch // (2 if getattr(engine, "_autocast", False) else 1)
+    if not cuda:
+        batch = max(1, min(batch, CPU_ACTIVATION_BUDGET // (PREDICT_BYTES_PER_PIXEL * s * s)))
+    encode_batch = min(getattr(engine, "encode_batch_size", batch), engine.batch_size)
+    act = max(ENCODER_BYTES_PER_PIXEL * encode_batch, PREDICT_BYTES_PER_PIXEL * batch) * s * s // half
     per_frame32 = engine.feature_bytes_per_frame(torch.float32)
-    # slices whose features stay cached at the peak: every slice of a range for reverse (read twice), else
-    # only those a later structure reads again
-    kept = n_slices if method == "reverse" else max(0, feature_uses - n_slices)
-    kept = min(kept, n_slices) + batch
+    # slices read again after a pass: every slice of a range for reverse, else those a later structure reads
+    again = n_slices if method == "reverse" else min(max(0, feature_uses - n_slices), n_slices)
     storage = None
+    budget = None
     dtype_bytes = engine.feature_bytes_per_frame()
-    if engine.feature_dtype == torch.float32 and not cuda and kept * per_frame32 > FLOAT32_CACHE_LIMIT:
-        storage = ("bfloat16", str(engine.feature_device))
-        dtype_bytes = per_frame32 // 2
-        log.info("feature cache past %.1f GiB in float32: stored as bfloat16", FLOAT32_CACHE_LIMIT / 2**30)
-    cache = kept * dtype_bytes
+    if not cuda:
+        budget = cpu_feature_cache_bytes()
+        if engine.feature_dtype == torch.float32 and again * per_frame32 > budget:
+            # float32 (bit-identical to sam2's predictor) while everything fits the budget, else twice as many
+            # slices in bfloat16
+            storage = ("bfloat16", str(engine.feature_device))
+            dtype_bytes = per_frame32 // 2
+            log.info("feature cache past %.0f MiB in float32: stored as bfloat16", budget / 2**20)
+    kept = min(again, budget // dtype_bytes) if budget is not None else again
+    reencoded = again - kept
+    cache = (kept + batch) * dtype_bytes
     h, w = frame_shape
-    # the query's slice stack (float32), label stack, forward masks and per-structure masks, at its own size
-    per_slice_arrays = h * w * (4 + 2 + 1 + n_structures)
+    # per query slice at its own size: the source array (int16 typical), the output label stack and its
+    # unstacked copy (uint8), per-structure masks, and for reverse the forward masks
+    per_slice_arrays = h * w * (2 + 2 + n_structures * (3 if method == "reverse" else 2))
     mem_bytes = (engine.model.mem_dim * 2 * (s // 16) ** 2 + (s // 4) ** 2) * 4 if method == "reverse" else 0
     params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     base = max(_process_rss_bytes(), PROCESS_BASE_BYTES)
-    ram = base + n_slices * (per_slice_arrays + mem_bytes)
+    ram = base + n_slices * per_slice_arrays
     gpu = 0
+    upfront = False
     if cuda:
         gpu = params + act + n_slices * mem_bytes
         free = torch.cuda.mem_get_info(engine.device)[0]
@@ -113,23 +151,20 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
             ram += cache
         else:
             gpu += cache
+            # every slice in range fits: encode them up front in batches (faster on a GPU)
+            upfront = gpu + n_slices * dtype_bytes <= 0.8 * free
+            if upfront and method != "reverse":
+                gpu += max(0, n_slices - kept) * dtype_bytes
     else:
         ram += act + cache  # the model's weights are already in the process's RSS
     pixel_factor = (s / 1024) ** 2
-    per_slice = (ENCODE_SECONDS_1024 + PREDICT_SECONDS_1024.get(method, 2.0)) * pixel_factor
-    seconds = feature_uses * per_slice * MODEL_COST.get(getattr(engine.info, "model", "tiny"), 1.0)
+    calls = (feature_uses if method != "reverse" else n_slices) + reencoded
+    seconds = (calls * ENCODE_SECONDS_1024 + feature_uses * PREDICT_SECONDS_1024.get(method, 2.0)) * pixel_factor
+    seconds *= MODEL_COST.get(getattr(engine.info, "model", "tiny"), 1.0)
     if cuda:
         seconds /= CUDA_SPEEDUP
-    upfront = n_slices * dtype_bytes <= FLOAT32_CACHE_LIMIT
-    if upfront and method != "reverse":  # all of them stay cached until used
-        extra = max(0, n_slices + batch - kept) * dtype_bytes
-        cache += extra
-        if cuda and storage is None:
-            gpu += extra
-        else:
-            ram += extra
-    return ResourceEstimate(int(ram), int(gpu), float(seconds), int(feature_uses if method != "reverse"
-                                                                     else n_slices), int(cache), storage, upfront)
+    return ResourceEstimate(int(ram), int(gpu), float(seconds), int(calls), int(cache), storage, upfront, batch,
+                            budget)
 
 
 def check_resources(estimate: ResourceEstimate, engine) -> None:

@@ -51,36 +51,21 @@ def select_conditional(scores: Sequence[float], top_k: int, min_score: float) ->
     return Selection(s, order[:1], True)
 
 
-def _forward(engine: Engine, query_keys, support_memory: Memory, k: int, progress: StageProgress) -> list[np.ndarray]:
-    cond = {j: support_memory.select(j) for j in range(k)}
-    masks: list[np.ndarray] = []
-    bs = engine.batch_size
-    for start in range(0, len(query_keys), bs):
-        # supports at frames 0..k-1, the query slice right after them, as in [supports, query]
-        pred = engine.predict(list(query_keys[start : start + bs]), k, cond, num_frames=k + 1)
-        masks += pred.masks
-        done = min(start + bs, len(query_keys))
-        progress(f"Forward prediction {done}/{len(query_keys)}", done, len(query_keys))
-    return masks
+def _forward(engine: Engine, query_keys, cond: dict[int, Memory], k: int) -> list[np.ndarray]:
+    # supports at frames 0..k-1, the query slice right after them, as in [supports, query]
+    return engine.predict(list(query_keys), k, cond, num_frames=k + 1).masks
 
 
-def _reverse_scores(
-    engine: Engine, query_keys, forward_masks, supports: Sequence[SupportSlice], progress
-) -> np.ndarray:
-    n = len(forward_masks)
-    scores = np.zeros(n)
-    todo = [i for i in range(n) if forward_masks[i].any()]  # empty p_i: pi = 0, no reverse pass
-    bs = engine.batch_size
-    for start in range(0, len(todo), bs):
-        chunk = todo[start : start + bs]
+def _reverse_scores(engine: Engine, query_keys, forward_masks, supports: Sequence[SupportSlice]) -> np.ndarray:
+    scores = np.zeros(len(forward_masks))
+    todo = [i for i, m in enumerate(forward_masks) if m.any()]  # empty p_i: pi = 0, no reverse pass
+    if todo:
         # (q_i, p_i) in the memory bank: p_i is a mask prompt on q_i, one conditioning memory per batch element
-        cond = {0: engine.memorize([query_keys[i] for i in chunk], [forward_masks[i] for i in chunk])}
+        cond = {0: engine.memorize([query_keys[i] for i in todo], [forward_masks[i] for i in todo])}
         for s in supports:
-            pred = engine.predict([s.key] * len(chunk), 1, cond, num_frames=2)
-            for i, m in zip(chunk, pred.masks):
+            pred = engine.predict([s.key] * len(todo), 1, cond, num_frames=2)
+            for i, m in zip(todo, pred.masks):
                 scores[i] += dice(m, s.mask) / len(supports)
-        done = min(start + bs, len(todo))
-        progress(f"Reverse scoring {done}/{len(todo)}", done, len(todo))
     return scores
 
 
@@ -99,9 +84,23 @@ def run(
 
     with clock.stage("forward"):
         support_memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
-        forward_masks = _forward(engine, query_keys, support_memory, k, progress)
-    with clock.stage("reverse"):
-        scores = _reverse_scores(engine, query_keys, forward_masks, supports, progress)
+    cond = {j: support_memory.select(j) for j in range(k)}
+    forward_masks: list[np.ndarray] = []
+    scores = np.zeros(n)
+    bs = engine.batch_size
+    # forward and reverse a batch at a time: a slice's features are read twice in a row, then kept for
+    # self-propagation only while the engine's feature budget allows (past it they are encoded again there)
+    for start in range(0, n, bs):
+        keys = query_keys[start : start + bs]
+        with clock.stage("forward"):
+            masks = _forward(engine, keys, cond, k)
+        with clock.stage("reverse"):
+            scores[start : start + len(keys)] = _reverse_scores(engine, keys, masks, supports)
+        forward_masks += masks
+        if engine.over_feature_budget():
+            engine.release(keys)
+        done = start + len(keys)
+        progress(f"Forward and reverse prediction {done}/{n}", done, n)
     selection = select_conditional(scores, top_k, min_score)
     if not selection.selected:
         warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=2)
@@ -114,6 +113,7 @@ def run(
             stacklevel=2,
         )
 
+    engine.keep_if_room(query_keys)  # self-propagation reads each slice once more
     with clock.stage("self_propagation"):
         masks = _self_propagate(engine, query_keys, forward_masks, selection.selected,
                                 support_memory if keep_supports else None, progress)
