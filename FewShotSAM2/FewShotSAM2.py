@@ -535,7 +535,8 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             node.SetParameter(slice_ranges.TEXT_PARAMETER, text)
             # as parameterNodeWrapper's NodeSerializer writes a node parameter
             node.SetParameter(slice_ranges.VOLUME_PARAMETER, "")
-            node.SetNodeReferenceID(slice_ranges.VOLUME_PARAMETER, volumeNode.GetID() if volumeNode is not None else None)
+            node.SetNodeReferenceID(slice_ranges.VOLUME_PARAMETER,
+                                    volumeNode.GetID() if volumeNode is not None else None)
 
     @staticmethod
     def storedSliceRanges(parameterNode, volumeNode) -> Optional[slice_ranges.SliceRangeTable]:
@@ -873,6 +874,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._rebuildSupportRows()
             else:
                 self._syncSupportRows()
+        if self._parameterNode is not None and self._parameterNode.queryVolume is not self._rangeVolume:
+            self._restoreRangeTable()  # another query: its saved table, or none (never another query's ranges)
         self._updateMethodWidgets()
         self._updateModelStatus()
         self._updateSegmentButton()

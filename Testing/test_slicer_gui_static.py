@@ -165,6 +165,7 @@ def test_estimate_runs_as_a_polled_process_and_the_table_is_saved():
     assert "self.logic.storeSliceRanges(" in methods["_storeRangeTable"]
     assert "self.logic.storedSliceRanges(" in methods["_restoreRangeTable"]
     assert "self._restoreRangeTable()" in methods["setParameterNode"]
+    assert "self._restoreRangeTable()" in methods["_onParameterNodeModified"]  # a query change shows its own table
     # restoring must not count as an edit: spin boxes get their value before valueChanged is connected
     fill = methods["_fillRangeTable"]
     assert fill.index("spin.setValue(value)") < fill.index('spin.connect("valueChanged(int)"')
