@@ -91,7 +91,7 @@ except ImportError:  # slicer-core (pip): MRML and slicer.util only. The Logic w
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402  (MRML, also in slicer-core)
 
-from FewShotSAM2Lib import choices, dependencies, mrml_io, process, review  # noqa: E402
+from FewShotSAM2Lib import choices, dependencies, mrml_io, process, review, slice_ranges  # noqa: E402
 from FewShotSAM2Lib.choices import (  # noqa: E402  (re-exported: the GUI's choices)
     DEVICES,
     IMAGE_SIZES,
@@ -109,7 +109,7 @@ README_URL = "https://github.com/fewshotsam2/SlicerFewShotSAM2#readme"
 
 # Lib modules reloaded by the widget's Reload button, dependencies first
 _LIB_MODULES = ("FewShotSAM2Lib.choices", "FewShotSAM2Lib.mrml_io", "FewShotSAM2Lib.review", "FewShotSAM2Lib.process",
-                "FewShotSAM2Lib.dependencies", "FewShotSAM2Lib.sample_data")
+                "FewShotSAM2Lib.slice_ranges", "FewShotSAM2Lib.dependencies", "FewShotSAM2Lib.sample_data")
 
 
 #
@@ -177,7 +177,9 @@ class FewShotSAM2ParameterNode:
     imageSize, sliceAxis, intensityPreset, shots, topK, minScore, augmentations, lpipsNet - advanced settings.
     outputSegmentation - where the result goes (None: a new segmentation node per run).
     sliceRangeMode - "auto" (each structure's estimated slice range), "off" (every slice) or "manual" (the ranges
-        of the Slice range table, not saved with the scene).
+        of the Slice range table).
+    sliceRanges, sliceRangesVolume - the Slice range table (JSON, see FewShotSAM2Lib/slice_ranges.py) and the query
+        it belongs to; written and read through FewShotSAM2Logic.storeSliceRanges / storedSliceRanges.
     """
 
     queryVolume: vtkMRMLScalarVolumeNode
@@ -197,6 +199,8 @@ class FewShotSAM2ParameterNode:
     augmentations: Annotated[int, WithinRange(0, 20)] = 3
     lpipsNet: Annotated[str, Choice(LPIPS_NETS)] = "alex"
     sliceRangeMode: Annotated[str, Choice(choices.SLICE_RANGE_MODES)] = "auto"
+    sliceRanges: str = ""
+    sliceRangesVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -269,6 +273,11 @@ class FewShotSAM2Job:
     @property
     def finished(self) -> bool:
         return self.process.finished
+
+
+class FewShotSAM2ExtentJob(FewShotSAM2Job):
+    """A started slice-range estimate (`fewshotsam2 extent` in its own process); poll `finished` from the main
+    thread, then `FewShotSAM2Logic.finishSliceRangeEstimate`, or `FewShotSAM2Logic.cancel` it."""
 
 
 #
@@ -471,23 +480,75 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------------------ slice ranges
 
     def estimateSliceRanges(self, queryVolumeNode, supports, **options) -> dict:
-        """Each structure's estimated slice range in the query (the core's `extent`, in a process of its own).
+        """Each structure's estimated slice range in the query (the core's `extent`, in a process of its own); blocks.
 
         options: axis, preset, extent_margin, lpips_weights. Returns {"axis": A, "ranges": {name: (first, last) or
         None when empty}}: inclusive indices along numpy axis A of the query's voxel array ([k, j, i]); see
-        `sliceCenterRAS` / `jumpToSlice` to show one of them.
+        `sliceCenterRAS` / `jumpToSlice` to show one of them. The GUI runs the same steps without blocking:
+        `startSliceRangeEstimate`, polling `job.finished`, `finishSliceRangeEstimate` (or `cancel`).
         """
-        extentOptions = {k: options.pop(k) for k in ("axis", "preset", "extent_margin", "lpips_weights") if k in options}
-        prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
-        folder = process.SegmentationProcess(python=self.python)  # its temporary folder (nothing is started)
+        job = self.startSliceRangeEstimate(queryVolumeNode, supports, **options)
         try:
-            found = process.estimateExtent(folder.folder, prepared.query, prepared.supports, prepared.structures,
-                                           extentOptions, python=self.python)
+            while not job.finished:
+                time.sleep(0.1)
+        except BaseException:
+            self.cancel(job)
+            raise
+        return self.finishSliceRangeEstimate(job)
+
+    def startSliceRangeEstimate(self, queryVolumeNode, supports, **options) -> FewShotSAM2ExtentJob:
+        """Check the inputs, write them to a new temporary folder and start `fewshotsam2 extent --json` on them;
+        returns at once (options as for `estimateSliceRanges`). Bad input raises InputError before any process."""
+        extentOptions = {k: options.pop(k) for k in process.EXTENT_OPTIONS if k in options}
+        prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
+        extentProcess = process.SegmentationProcess(python=self.python)
+        try:
+            arguments = process.extentArguments(extentProcess.folder, prepared.query, prepared.supports,
+                                                prepared.structures, extentOptions)
+            extentProcess.startExtent(arguments)
+        except BaseException:
+            extentProcess.cleanup()
+            raise
+        return FewShotSAM2ExtentJob(prepared, extentProcess)
+
+    def finishSliceRangeEstimate(self, job: FewShotSAM2ExtentJob) -> dict:
+        """The finished estimate, as `estimateSliceRanges` returns it; the folder is removed in every case.
+
+        Raises InputError (the core refused the input: one line), RuntimeError (the process failed) or Cancelled.
+        """
+        try:
+            found = job.process.readExtent()
         finally:
-            folder.cleanup()
+            job.process.cleanup()
         ranges = {s["name"]: ((int(s["first"]), int(s["last"])) if s["first"] <= s["last"] else None)
                   for s in found["structures"]}
         return {"axis": int(found["axis"]), "ranges": ranges}
+
+    @staticmethod
+    def storeSliceRanges(parameterNode, volumeNode, axis: int, ranges: dict, notFound=()) -> None:
+        """Save the Slice range table with the scene: `ranges` {structure name: (first, last)} along numpy `axis` of
+        `volumeNode` (names in `notFound`: the estimate found nothing there) into the parameter node (the
+        vtkMRMLScriptedModuleNode, or the FewShotSAM2ParameterNode wrapping it)."""
+        node = getattr(parameterNode, "parameterNode", parameterNode)
+        text = slice_ranges.tableToText(slice_ranges.SliceRangeTable(int(axis), dict(ranges), list(notFound)))
+        with slicer.util.NodeModify(node):
+            node.SetParameter(slice_ranges.TEXT_PARAMETER, text)
+            # as parameterNodeWrapper's NodeSerializer writes a node parameter
+            node.SetParameter(slice_ranges.VOLUME_PARAMETER, "")
+            node.SetNodeReferenceID(slice_ranges.VOLUME_PARAMETER,
+                                    volumeNode.GetID() if volumeNode is not None else None)
+
+    @staticmethod
+    def storedSliceRanges(parameterNode, volumeNode) -> Optional[slice_ranges.SliceRangeTable]:
+        """The saved Slice range table if it belongs to `volumeNode` and fits its voxels, else None."""
+        node = getattr(parameterNode, "parameterNode", parameterNode)
+        if node is None or volumeNode is None or volumeNode.GetImageData() is None:
+            return None
+        stored = node.GetNodeReference(slice_ranges.VOLUME_PARAMETER)
+        if stored is None or stored.GetID() != volumeNode.GetID():
+            return None
+        return slice_ranges.tableFromText(node.GetParameter(slice_ranges.TEXT_PARAMETER) or "",
+                                          volumeNode.GetImageData().GetDimensions())
 
     @staticmethod
     def _sliceRangeText(sliceRanges: dict, structuresByName: dict, default: str) -> str:
@@ -516,7 +577,8 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         return FewShotSAM2Job(prepared, segmentationProcess)
 
     def cancel(self, job: FewShotSAM2Job) -> None:
-        """Kill the job's process (and its children) now and remove its folder. Nothing is written to the scene."""
+        """Kill the job's process (and its children) now and remove its folder. Nothing is written to the scene.
+        Works for both kinds of job (a segmentation, a slice-range estimate)."""
         job.process.cancel()
         job.process.cleanup()
 
@@ -652,12 +714,13 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
 
 class ProcessingState:
-    """What the Segment/Cancel button does and shows."""
+    """What the Segment/Cancel and Estimate/Cancel buttons do and show (one process at a time)."""
 
     IDLE = 0
     STARTING = 1
     RUNNING = 2
     APPLYING = 3
+    ESTIMATING = 4  # a slice-range estimate runs (the Estimate button cancels it)
 
 
 class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -674,7 +737,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._processingState = ProcessingState.IDLE
-        self._job = None
+        self._job = None  # the running segmentation (FewShotSAM2Job)
+        self._rangeJob = None  # the running slice-range estimate (FewShotSAM2ExtentJob)
         self._pollTimer = None
         self._supportRows = []  # [(rowWidget, volumeSelector, segmentSelector)]
         self._updatingSupportRows = False
@@ -687,6 +751,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rangeRows = []  # [(structure name, first spin box, last spin box)] of the Slice range table
         self._rangeVolume = None  # the query the table's ranges are of, and their numpy axis
         self._rangeAxis = 0
+        self._rangeNotFound = []  # names of the rows the estimate found nothing for
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -749,13 +814,19 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def _stopRun(self) -> None:
-        """Kill a running segmentation process (nothing is written) and remove its folder."""
+        """Kill a running segmentation or slice-range process (nothing is written) and remove its folder."""
         job, self._job = self._job, None
+        rangeJob, self._rangeJob = self._rangeJob, None
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if job is not None:
             self.logic.cancel(job)
             slicer.util.showStatusMessage(_("FewShotSAM2: segmentation stopped, nothing was changed."), 5000)
+        if rangeJob is not None:
+            self.logic.cancel(rangeJob)
+            self._setStatus(_("Slice range estimate stopped; the table is unchanged."))
+            slicer.util.showStatusMessage(_("FewShotSAM2: slice range estimate stopped, the table is unchanged."), 5000)
+        if job is not None or rangeJob is not None:
             self.ui.progressBar.hide()
             self._setProcessingState(ProcessingState.IDLE)
 
@@ -785,6 +856,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showReadableChoices()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._rebuildSupportRows()
+        self._restoreRangeTable()
         self._onParameterNodeModified()
 
     def _showReadableChoices(self) -> None:
@@ -802,6 +874,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._rebuildSupportRows()
             else:
                 self._syncSupportRows()
+        if self._parameterNode is not None and self._parameterNode.queryVolume is not self._rangeVolume:
+            self._restoreRangeTable()  # another query: its saved table, or none (never another query's ranges)
         self._updateMethodWidgets()
         self._updateModelStatus()
         self._updateSegmentButton()
@@ -1018,10 +1092,39 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif state == ProcessingState.APPLYING:
             button.enabled = False
             button.toolTip = _("Writing the result")
+        elif state == ProcessingState.ESTIMATING:
+            button.text = _("Segment")
+            button.enabled = False
+            button.toolTip = _("Estimating the slice ranges: wait, or cancel the estimate.")
         busy = state != ProcessingState.IDLE
         for name in ("inputsCollapsibleButton", "methodCollapsibleButton", "modelCollapsibleButton",
                      "advancedCollapsibleButton", "outputsCollapsibleButton"):
             getattr(self.ui, name).enabled = not busy
+        self._updateEstimateButton()
+
+    def _updateEstimateButton(self):
+        """Estimate / Cancel (while an estimate runs); nothing to do while a segmentation runs."""
+        state = self._processingState
+        button = self.ui.estimateRangeButton
+        estimating = state == ProcessingState.ESTIMATING
+        # the table and mode are what the estimate replaces: not editable meanwhile
+        self.ui.sliceRangeTable.enabled = not estimating
+        self.ui.sliceRangeModeComboBox.enabled = not estimating
+        if estimating:
+            button.text = _("Cancel estimate")
+            button.enabled = True
+            button.toolTip = _("Stop the estimate now; the table stays as it was.")
+        elif state == ProcessingState.IDLE:
+            button.text = _("Estimate")
+            problems = self._inputProblems()
+            button.enabled = not problems
+            button.toolTip = "\n".join(problems) if problems else _(
+                "Estimate each structure's slice range in the query from the supports, and show it below to check "
+                "and edit (editing switches to Manual).")
+        else:
+            button.text = _("Estimate")
+            button.enabled = False
+            button.toolTip = _("A segmentation is running.")
 
     def _setProcessingState(self, state):
         self._processingState = state
@@ -1068,25 +1171,67 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return dict(slice_range="auto", slice_ranges={n: (f.value, l.value) for n, f, l in self._rangeRows})
 
     def onEstimateRanges(self):
+        """Start the slice-range estimate in its own process (polled by the timer), or cancel the running one."""
+        if self._processingState == ProcessingState.ESTIMATING:
+            self._stopRun()  # kills the process at once; the table stays as it was
+            return
+        if self._processingState != ProcessingState.IDLE:
+            return
         p = self._parameterNode
         try:
-            with slicer.util.WaitCursor():
-                found = self.logic.estimateSliceRanges(p.queryVolume, self._supportsFromParameterNode(),
-                                                       axis=p.sliceAxis, preset=p.intensityPreset)
+            with slicer.util.WaitCursor():  # only the inputs are written here (a second or so); the estimate runs apart
+                self._rangeJob = self.logic.startSliceRangeEstimate(p.queryVolume, self._supportsFromParameterNode(),
+                                                                    axis=p.sliceAxis, preset=p.intensityPreset)
         except Exception as exc:
             self._reportError(exc, _("Slice ranges could not be estimated"))
             return
-        self._fillRangeTable(p.queryVolume, found["axis"], found["ranges"])
+        self._setStatus(_("Estimating the slice ranges..."))
+        self.ui.progressBar.setRange(0, 0)
+        self.ui.progressBar.setFormat(_("Estimating the slice ranges"))
+        self.ui.progressBar.show()
+        self._setProcessingState(ProcessingState.ESTIMATING)
+        self._pollTimer.start()
 
-    def _fillRangeTable(self, volumeNode, axis, ranges):
-        """One row per structure: its name, first/last spin boxes, and buttons that centre the views on either end."""
+    def _onRangePoll(self):
+        job = self._rangeJob
+        self.ui.progressBar.setFormat(_("Estimating the slice ranges ({seconds:.0f} s)").format(
+            seconds=time.time() - job.startTime))
+        if not job.finished:
+            return
+        self._pollTimer.stop()
+        self._rangeJob = None
+        try:
+            try:
+                found = self.logic.finishSliceRangeEstimate(job)
+                volumeNode = job.prepared.queryVolumeNode
+                if volumeNode.GetScene() is None or volumeNode.GetImageData() is None:
+                    raise _inputError(_("The query volume was removed while its slice ranges were estimated."))
+            except Exception as exc:
+                self._setStatus(_("The slice ranges could not be estimated; the table is unchanged."), warning=True)
+                self._reportError(exc, _("Slice ranges could not be estimated"))
+                return
+            self._fillRangeTable(volumeNode, found["axis"], found["ranges"])
+            self._storeRangeTable()
+            self._setStatus(_("Slice ranges estimated in {seconds:.0f} s; check or edit them in the table.").format(
+                seconds=time.time() - job.startTime))
+        finally:
+            self.ui.progressBar.hide()
+            self._setProcessingState(ProcessingState.IDLE)
+
+    def _fillRangeTable(self, volumeNode, axis, ranges, notFound=()):
+        """One row per structure: its name, first/last spin boxes, and buttons that centre the views on either end.
+
+        ranges: {name: (first, last) | None (the estimate found nothing)}; names in notFound are marked so too.
+        """
         self._rangeVolume, self._rangeAxis, self._rangeRows = volumeNode, axis, []
+        self._rangeNotFound = [name for name, found in ranges.items() if found is None or name in notFound]
         n = volumeNode.GetImageData().GetDimensions()[2 - axis]
         table = self.ui.sliceRangeTable
         table.setRowCount(len(ranges))
         for row, (name, found) in enumerate(ranges.items()):
             # an empty estimate: the supports place it outside the query; offer the whole volume to edit
-            table.setItem(row, 0, qt.QTableWidgetItem(name if found else _("{name} (not found)").format(name=name)))
+            label = _("{name} (not found)").format(name=name) if name in self._rangeNotFound else name
+            table.setItem(row, 0, qt.QTableWidgetItem(label))
             spins = []
             for column, value in ((1, (found or (0, n - 1))[0]), (2, (found or (0, n - 1))[1])):
                 spin = qt.QSpinBox()
@@ -1102,8 +1247,30 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._rangeRows.append((name, spins[0], spins[1]))
 
     def _onRangeEdited(self, _value=None):
-        if self._parameterNode and self._parameterNode.sliceRangeMode != "manual":
-            self._parameterNode.sliceRangeMode = "manual"  # an edited range is used as edited
+        if self._parameterNode is None:
+            return
+        with slicer.util.NodeModify(self._parameterNode.parameterNode):
+            if self._parameterNode.sliceRangeMode != "manual":
+                self._parameterNode.sliceRangeMode = "manual"  # an edited range is used as edited
+            self._storeRangeTable()
+
+    def _storeRangeTable(self):
+        """The table as shown goes into the parameter node: saved with the scene, shown again on return."""
+        if self._parameterNode is None or self._rangeVolume is None:
+            return
+        self.logic.storeSliceRanges(self._parameterNode.parameterNode, self._rangeVolume, self._rangeAxis,
+                                    {name: (first.value, last.value) for name, first, last in self._rangeRows},
+                                    self._rangeNotFound)
+
+    def _restoreRangeTable(self):
+        """Show the table saved in the parameter node if it belongs to the current query, else an empty table."""
+        p = self._parameterNode
+        stored = self.logic.storedSliceRanges(p.parameterNode, p.queryVolume) if p is not None else None
+        if stored is None:
+            self._rangeVolume, self._rangeRows, self._rangeNotFound = None, [], []
+            self.ui.sliceRangeTable.setRowCount(0)
+            return
+        self._fillRangeTable(p.queryVolume, stored.axis, stored.ranges, stored.notFound)
 
     def _ensureDependencies(self):
         method = self._parameterNode.method
@@ -1189,6 +1356,9 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.errorDisplay(message, windowTitle="FewShotSAM2")
 
     def _onPoll(self):
+        if self._rangeJob is not None:
+            self._onRangePoll()
+            return
         job = self._job
         if job is None:
             self._pollTimer.stop()

@@ -108,15 +108,67 @@ def test_every_parameter_name_is_a_parameter_of_the_node(module, ui_widgets):
         )
 
 
+# parameters shown by widgets built in code (the Slice range table), restored by the Widget itself
+TABLE_PARAMETERS = ("sliceRanges", "sliceRangesVolume")
+
+
 def test_every_scalar_parameter_has_a_widget(module, ui_widgets):
-    """A saved scene restores the GUI: every parameter except the support lists (rows built in code) is bound."""
+    """A saved scene restores the GUI: every parameter except the support lists and the Slice range table (rows
+    built in code) is bound."""
     hints = typing.get_type_hints(module.FewShotSAM2ParameterNode, include_extras=True)
     bound = set(_slicer_parameter_names(ui_widgets).values())
     for parameter, annotation in hints.items():
         if _kind(annotation) == "list":
             assert parameter in ("supportVolumes", "supportSegmentations", "supportSegmentIds")
             continue
+        if parameter in TABLE_PARAMETERS:
+            assert parameter not in bound
+            continue
         assert parameter in bound, f"parameter {parameter} has no widget in the .ui file"
+
+
+def _widget_methods():
+    text = MODULE_FILE.read_text()
+    widget = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
+    return {n.name: ast.get_source_segment(text, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_slice_range_table_parameters_match_what_the_logic_writes(module):
+    """The Logic writes the table with raw SetParameter / SetNodeReferenceID under the names of these wrapper
+    fields, in the wrapper's own formats (parameterNodeWrapper/serializers.py: StringSerializer, NodeSerializer)."""
+    from FewShotSAM2Lib import slice_ranges
+
+    hints = typing.get_type_hints(module.FewShotSAM2ParameterNode, include_extras=True)
+    assert hints[slice_ranges.TEXT_PARAMETER] is str
+    assert module.FewShotSAM2ParameterNode.sliceRanges == ""
+    assert _kind(hints[slice_ranges.VOLUME_PARAMETER]) == "node"
+    assert hints[slice_ranges.VOLUME_PARAMETER] is hints["queryVolume"]
+    assert set(TABLE_PARAMETERS) == {slice_ranges.TEXT_PARAMETER, slice_ranges.VOLUME_PARAMETER}
+
+
+def test_estimate_runs_as_a_polled_process_and_the_table_is_saved():
+    """Estimate starts the extent process and returns (no blocking call in the Widget); the poll timer finishes it;
+    Estimate while estimating cancels through _stopRun; the table is stored on every change and restored when the
+    parameter node is set."""
+    methods = _widget_methods()
+    estimate = methods["onEstimateRanges"]
+    assert "self.logic.startSliceRangeEstimate(" in estimate and "self._pollTimer.start()" in estimate
+    assert "estimateSliceRanges(" not in "".join(methods.values())  # the blocking call is for scripts only
+    assert "ProcessingState.ESTIMATING" in estimate and "self._stopRun()" in estimate
+    assert "self._onRangePoll()" in methods["_onPoll"]
+    poll = methods["_onRangePoll"]
+    assert "self.logic.finishSliceRangeEstimate(job)" in poll and "self._reportError(" in poll
+    assert poll.index("job.finished") < poll.index("finishSliceRangeEstimate")
+    stop = methods["_stopRun"]
+    assert "self._rangeJob" in stop and "self.logic.cancel(rangeJob)" in stop
+    assert "self._storeRangeTable()" in methods["_onRangeEdited"] and "self._storeRangeTable()" in poll
+    assert "self.logic.storeSliceRanges(" in methods["_storeRangeTable"]
+    assert "self.logic.storedSliceRanges(" in methods["_restoreRangeTable"]
+    assert "self._restoreRangeTable()" in methods["setParameterNode"]
+    assert "self._restoreRangeTable()" in methods["_onParameterNodeModified"]  # a query change shows its own table
+    # restoring must not count as an edit: spin boxes get their value before valueChanged is connected
+    fill = methods["_fillRangeTable"]
+    assert fill.index("spin.setValue(value)") < fill.index('spin.connect("valueChanged(int)"')
 
 
 def test_choice_defaults_are_valid(module):
@@ -176,7 +228,8 @@ def test_logic_code_path_has_no_qt():
     """No `qt.`/`ctk.`/`slicer.app` in the Logic, its helpers and the Lib modules (the Widget is the only Qt user)."""
     source = MODULE_FILE.read_text()
     tree = ast.parse(source)
-    qt_free = {"FewShotSAM2Logic", "FewShotSAM2Job", "FewShotSAM2Run", "FewShotSAM2Support", "PreparedSupport"}
+    qt_free = {"FewShotSAM2Logic", "FewShotSAM2Job", "FewShotSAM2ExtentJob", "FewShotSAM2Run", "FewShotSAM2Support",
+               "PreparedSupport"}
     for node in tree.body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and (node.name in qt_free or isinstance(node, ast.FunctionDef)):
             segment = ast.get_source_segment(source, node)

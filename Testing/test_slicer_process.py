@@ -2,15 +2,17 @@
 clean-up, the sample-data registration table and the dependency checks (fast; the real process runs in
 test_slicer_logic.py)."""
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from FewShotSAM2Lib import choices, dependencies, process, review  # noqa: E402
+from FewShotSAM2Lib import choices, dependencies, process, review, slice_ranges  # noqa: E402
 from fewshotsam2 import cli  # noqa: E402
 from fewshotsam2.volume import Structure, Volume, read_labels, read_volume  # noqa: E402
 
@@ -84,6 +86,38 @@ def test_job_files_keep_geometry_and_names(tmp_path):
     got, found = read_labels(tmp_path / "support-1-labels.seg.nrrd", query)
     assert np.array_equal(got.array, labels)
     assert [(s.value, s.name) for s in found] == [(2, "spleen, left")]  # only what this support has
+
+
+def test_extent_arguments_are_those_of_the_extent_command(tmp_path):
+    """The estimate's command line parses with `fewshotsam2 extent`, each option under its own name, None left out."""
+    image = Volume(np.zeros((4, 5, 6), np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    labels = np.zeros(image.shape, np.uint16)
+    labels[1, 1:3, 1:3] = 1
+    support = type("Support", (), {"image": image, "labels": image.with_array(labels)})
+    options = {"axis": "auto", "preset": "ct-abdomen", "extent_margin": 7.5, "lpips_weights": None}
+    args = process.extentArguments(tmp_path, image, [support], [Structure(1, "liver", (1.0, 0.0, 0.0))], options)
+    assert "--lpips-weights" not in args
+    parsed = cli.build_parser().parse_args(["extent", *args, "--json"])
+    assert parsed.query == str(tmp_path / process.QUERY_FILE) and parsed.labels == "1" and parsed.json
+    assert (parsed.axis, parsed.preset, parsed.extent_margin) == ("auto", "ct-abdomen", 7.5)
+    assert [Path(p).is_file() for p in parsed.support[0]] == [True, True]
+    assert set(process.EXTENT_OPTIONS) <= set(process.OPTION_FLAGS)
+
+
+def test_error_line_names_the_process():
+    assert process.errorFromStderr("RuntimeError: x\n", 1, "slice range") == (
+        "the slice range process stopped with exit code 1: RuntimeError: x")
+
+
+def test_slice_range_table_text_round_trip():
+    table = slice_ranges.SliceRangeTable(2, {"liver": (3, 17), "spleen, left": (0, 9), "kidney": (0, 9)}, ["kidney"])
+    text = slice_ranges.tableToText(table)
+    assert json.loads(text) == {"axis": 2, "ranges": {"liver": [3, 17], "spleen, left": [0, 9], "kidney": [0, 9]},
+                                "notFound": ["kidney"]}
+    back = slice_ranges.tableFromText(text, (18, 5, 6))  # IJK dimensions: numpy axis 2 is IJK axis 0 (18 slices)
+    assert back == table and list(back.ranges) == ["liver", "spleen, left", "kidney"]
+    assert slice_ranges.tableFromText(text, (17, 500, 600)) is None  # slice 17 is outside 0..16
+    assert slice_ranges.tableFromText(text, (18, 1, 1)) == table  # J and K do not matter for axis 2
 
 
 def test_chart_series_are_all_removed_on_rerun():

@@ -59,6 +59,7 @@ SCORES_FILE = "scores.csv"
 PROGRESS_FILE = "progress.jsonl"
 STDERR_FILE = "stderr.txt"
 EXIT_BAD_INPUT = 2  # the core's exit code for bad input (fewshotsam2.cli.EXIT_BAD_INPUT)
+EXTENT_OPTIONS = ("axis", "preset", "extent_margin", "lpips_weights")  # the Logic options `extent` takes
 
 
 def coreFolder() -> Path:
@@ -165,16 +166,14 @@ def writeJobInputs(folder: Path, query, supports, structures) -> list[str]:
     return args
 
 
-def estimateExtent(folder: Path, query, supports, structures, options: dict, python: Optional[str] = None) -> dict:
-    """Run `fewshotsam2 extent --json` on the job files written into `folder` (a short core call, its own
-    process); returns its JSON: {"axis": A, "structures": [{"value", "name", "first", "last"}]}."""
-    arguments = writeJobInputs(folder, query, supports, structures) + ["--json"]
-    for name in ("axis", "preset", "extent_margin", "lpips_weights"):
+def extentArguments(folder: Path, query, supports, structures, options: dict) -> list[str]:
+    """Write the job files into `folder`; returns the arguments of `fewshotsam2 extent` for them (options: axis,
+    preset, extent_margin, lpips_weights; None values are left out)."""
+    arguments = writeJobInputs(folder, query, supports, structures)
+    for name in EXTENT_OPTIONS:
         if options.get(name) is not None:
             arguments += [OPTION_FLAGS[name], str(options[name])]
-    code = "from fewshotsam2.cli import main\nrc = main(['extent', *sys.argv[1:]])\nsys.exit(rc)"
-    output = runCore(code, *arguments, python=python)
-    return json.loads(output.strip().splitlines()[-1])
+    return arguments
 
 
 @dataclass
@@ -240,22 +239,24 @@ def parseProgressLine(line: str) -> Optional[dict]:
     return event
 
 
-def errorFromStderr(text: str, returncode: int) -> str:
+def errorFromStderr(text: str, returncode: int, what: str = "segmentation") -> str:
     """One readable line for a failed run: the core's own error line, else the last line of a traceback."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("fewshotsam2: error:"):
             return line[len("fewshotsam2: error:"):].strip()
     if lines:
-        return f"the segmentation process stopped with exit code {returncode}: {lines[-1]}"
-    return f"the segmentation process stopped with exit code {returncode} and no message"
+        return f"the {what} process stopped with exit code {returncode}: {lines[-1]}"
+    return f"the {what} process stopped with exit code {returncode} and no message"
 
 
 class SegmentationProcess:
-    """One run of `python -m fewshotsam2.cli segment ... --progress json` in a temporary job folder.
+    """One run of the core's command line in a temporary job folder: `segment ... --progress json` (`start`) or
+    `extent ... --json` (`startExtent`, the slice-range estimate).
 
     `poll()` returns the events printed since the last call; `finished` / `returncode` tell the state; `cancel()`
     kills the process and its children at once; `cleanup()` removes the job folder (call it in every case).
+    `readResult` / `readExtent` read what the finished run wrote.
     """
 
     def __init__(self, folder: Optional[Path] = None, python: Optional[str] = None):
@@ -268,6 +269,7 @@ class SegmentationProcess:
         self.progress: tuple[str, int, int] = ("Starting", 0, 0)
         self.done: Optional[dict] = None
         self.cancelled = False
+        self.what = "segmentation"  # what the process does, for its error messages
         self._offset = 0
         self._partial = b""
 
@@ -278,12 +280,20 @@ class SegmentationProcess:
 
         scores: ask for the per-slice scores (reverse and LPIPS matching have them; propagation has none).
         """
-        core = str(coreFolder())
-        self.command = [self.python, "-m", "fewshotsam2.cli", "segment", *arguments,
-                        "--out", str(self.folder / RESULT_FILE)]
+        command = ["segment", *arguments, "--out", str(self.folder / RESULT_FILE)]
         if scores:
-            self.command += ["--scores", str(self.folder / SCORES_FILE)]
-        self.command += ["--progress", "json"]
+            command += ["--scores", str(self.folder / SCORES_FILE)]
+        return self._launch(command + ["--progress", "json"], "segmentation")
+
+    def startExtent(self, arguments: list[str]) -> "SegmentationProcess":
+        """Start the core's `extent --json` with `arguments` (from `extentArguments`); `readExtent` reads its answer."""
+        return self._launch(["extent", *arguments, "--json"], "slice range")
+
+    def _launch(self, cliArguments: list[str], what: str) -> "SegmentationProcess":
+        """Start `python -m fewshotsam2.cli <cliArguments>` in its own process group, stdout/stderr to files."""
+        core = str(coreFolder())
+        self.what = what
+        self.command = [self.python, "-m", "fewshotsam2.cli", *cliArguments]
         # the fewshotsam2 shipped with the module comes first; -m also puts the working folder (core) on sys.path
         env = coreEnvironment()
         env["FEWSHOTSAM2_PARENT_PID"] = str(os.getpid())  # the run stops if Slicer is killed (fewshotsam2.cli)
@@ -365,24 +375,32 @@ class SegmentationProcess:
         except OSError:
             return ""
 
-    def readResult(self, structures) -> ProcessResult:
-        """The finished run's label map and scores; raises InputError / RuntimeError with one line if it failed."""
+    def _raiseIfFailed(self) -> None:
+        """Raise Cancelled / RuntimeError (still running) / InputError (exit 2) / RuntimeError (failed), one line."""
         from fewshotsam2.errors import Cancelled, InputError
-        from fewshotsam2.volume import read_volume
 
         if self.cancelled:
             raise Cancelled("cancelled by the user")
         self.poll()
         code = self.returncode
         if code is None:
-            raise RuntimeError("the segmentation process is still running")
-        if code != 0 or self.done is None:
+            raise RuntimeError(f"the {self.what} process is still running")
+        if code != 0:
             stderr = self.stderr()
-            message = errorFromStderr(stderr, code)
+            message = errorFromStderr(stderr, code, self.what)
             if code == EXIT_BAD_INPUT:
                 raise InputError(message[:1].upper() + message[1:])
-            logging.error("FewShotSAM2: the segmentation process failed (exit code %s):\n%s", code, stderr)
+            logging.error("FewShotSAM2: the %s process failed (exit code %s):\n%s", self.what, code, stderr)
             raise RuntimeError(message)
+
+    def readResult(self, structures) -> ProcessResult:
+        """The finished run's label map and scores; raises InputError / RuntimeError with one line if it failed."""
+        from fewshotsam2.volume import read_volume
+
+        self._raiseIfFailed()
+        if self.done is None:
+            logging.error("FewShotSAM2: the segmentation process ended without its result:\n%s", self.stderr())
+            raise RuntimeError(errorFromStderr(self.stderr(), self.returncode))
         labels = read_volume(self.folder / RESULT_FILE)
         return ProcessResult(
             labels=labels,
@@ -394,3 +412,18 @@ class SegmentationProcess:
             seconds=float(self.done.get("seconds", 0.0)),
             warnings=list(self.warnings),
         )
+
+    def readExtent(self) -> dict:
+        """The finished `extent --json` answer: {"axis": A, "structures": [{"value", "name", "first", "last"}]}
+        (its last line of output); raises InputError / RuntimeError with one line if it failed."""
+        self._raiseIfFailed()
+        try:
+            text = (self.folder / PROGRESS_FILE).read_text(encoding="utf-8", errors="replace")
+            lines = [line for line in text.splitlines() if line.strip().startswith("{")]
+            answer = json.loads(lines[-1])
+            if not isinstance(answer, dict) or not {"axis", "structures"} <= set(answer):
+                raise ValueError("not the extent answer")
+        except (OSError, IndexError, ValueError):
+            logging.error("FewShotSAM2: the slice range process gave no answer:\n%s", self.stderr())
+            raise RuntimeError("the slice range process ended without its answer") from None
+        return answer
