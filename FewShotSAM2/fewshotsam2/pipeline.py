@@ -141,7 +141,7 @@ def segment(
     engine.reset()
     engine.set_feature_storage(options.feature_storage)
     estimate = estimate_resources(engine, options.method, int(uses.sum()), int((uses > 0).sum()),
-                                  qstack.shape[1:], len(structures))
+                                  qstack.shape[1:], len(structures), options.feature_storage)
     if notify is not None:
         for st in structures:
             r = ranges[st.value]

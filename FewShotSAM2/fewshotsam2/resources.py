@@ -104,9 +104,10 @@ def cpu_feature_cache_bytes() -> int:
 
 
 def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, frame_shape: tuple,
-                       n_structures: int = 1) -> ResourceEstimate:
+                       n_structures: int = 1, storage: str = "auto") -> ResourceEstimate:
     """Estimate a run of `method` over `n_slices` query slices (`feature_uses` slice visits over structures), and
-    choose how the run holds its features: storage dtype and device, the prediction batch, what is kept."""
+    choose how the run holds its features: storage dtype (when `storage` is "auto") and device, the prediction
+    batch, what is kept."""
     s = engine.image_size
     cuda = engine.device.type == "cuda"
     half = 2 if getattr(engine, "_autocast", False) else 1
@@ -118,15 +119,15 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
     per_frame32 = engine.feature_bytes_per_frame(torch.float32)
     # slices read again after a pass: every slice of a range for reverse, else those a later structure reads
     again = n_slices if method == "reverse" else min(max(0, feature_uses - n_slices), n_slices)
-    storage = None
+    chosen_storage = None
     budget = None
     dtype_bytes = engine.feature_bytes_per_frame()
     if not cuda:
         budget = cpu_feature_cache_bytes()
-        if engine.feature_dtype == torch.float32 and again * per_frame32 > budget:
+        if storage == "auto" and engine.feature_dtype == torch.float32 and again * per_frame32 > budget:
             # float32 (bit-identical to sam2's predictor) while everything fits the budget, else twice as many
             # slices in bfloat16
-            storage = ("bfloat16", str(engine.feature_device))
+            chosen_storage = ("bfloat16", str(engine.feature_device))
             dtype_bytes = per_frame32 // 2
             log.info("feature cache past %.0f MiB in float32: stored as bfloat16", budget / 2**20)
     kept = min(again, budget // dtype_bytes) if budget is not None else again
@@ -146,8 +147,7 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
         gpu = params + act + n_slices * mem_bytes
         free = torch.cuda.mem_get_info(engine.device)[0]
         if gpu + cache > 0.8 * free:
-            storage = (storage[0] if storage else ("bfloat16" if engine.feature_dtype == torch.bfloat16
-                                                    else "float32"), "cpu")
+            chosen_storage = ("bfloat16" if engine.feature_dtype == torch.bfloat16 else "float32", "cpu")
             ram += cache
         else:
             gpu += cache
@@ -163,8 +163,8 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
     seconds *= MODEL_COST.get(getattr(engine.info, "model", "tiny"), 1.0)
     if cuda:
         seconds /= CUDA_SPEEDUP
-    return ResourceEstimate(int(ram), int(gpu), float(seconds), int(calls), int(cache), storage, upfront, batch,
-                            budget)
+    return ResourceEstimate(int(ram), int(gpu), float(seconds), int(calls), int(cache), chosen_storage, upfront,
+                            batch, budget)
 
 
 def check_resources(estimate: ResourceEstimate, engine) -> None:
