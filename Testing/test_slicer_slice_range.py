@@ -14,7 +14,8 @@ import pytest
 slicer = pytest.importorskip("slicer")
 
 import FewShotSAM2 as module  # noqa: E402
-from test_slicer_logic import load_volume, new_scene, segment_masks, segmentation_from_labelmap  # noqa: E402
+from test_slicer_logic import (load_volume, new_scene, process_group_alive, segment_masks,  # noqa: E402
+                               segmentation_from_labelmap)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:SAM2 runs with RANDOM WEIGHTS")]
 
@@ -136,14 +137,6 @@ def test_estimate_equals_the_core_command_on_a_non_trivial_range(shared_dir, cap
     assert got["ranges"]["csf"][1] - got["ranges"]["csf"][0] + 1 < n  # a real restriction, not the whole volume
 
 
-def _process_group_alive(pgid):
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
 def test_cancelled_estimate_stops_the_process_and_gives_nothing(ct):
@@ -153,9 +146,9 @@ def test_cancelled_estimate_stops_the_process_and_gives_nothing(ct):
     job = logic.startSliceRangeEstimate(ct["query"], ct["supports"], lpips_weights=ct["weights"])
     pid, folder = job.process.process.pid, job.process.folder
     time.sleep(1.0)
-    assert not job.finished and _process_group_alive(pid)
+    assert not job.finished and process_group_alive(pid)
     logic.cancel(job)
-    assert not _process_group_alive(pid)
+    assert not process_group_alive(pid)
     assert not folder.exists()
     assert job.finished and job.process.returncode == -signal.SIGKILL
     with pytest.raises(Cancelled):
