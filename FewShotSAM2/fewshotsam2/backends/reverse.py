@@ -69,58 +69,6 @@ def _reverse_scores(engine: Engine, query_keys, forward_masks, supports: Sequenc
     return scores
 
 
-def run(
-    engine: Engine,
-    query: QueryContext,
-    supports: Sequence[SupportSlice],
-    options: ReverseOptions,
-    progress: StageProgress,
-    clock: StageClock,
-) -> StructureResult:
-    query_keys = query.keys
-    k = len(supports)
-    n = len(query_keys)
-    top_k, min_score, keep_supports = options.top_k, options.min_score, options.keep_supports
-
-    with clock.stage("forward"):
-        support_memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
-    cond = {j: support_memory.select(j) for j in range(k)}
-    forward_masks: list[np.ndarray] = []
-    scores = np.zeros(n)
-    bs = engine.batch_size
-    # forward and reverse a batch at a time: a slice's features are read twice in a row, then kept for
-    # self-propagation only while the engine's feature budget allows (past it they are encoded again there)
-    for start in range(0, n, bs):
-        keys = query_keys[start : start + bs]
-        with clock.stage("forward"):
-            masks = _forward(engine, keys, cond, k)
-        with clock.stage("reverse"):
-            scores[start : start + len(keys)] = _reverse_scores(engine, keys, masks, supports)
-        forward_masks += masks
-        if engine.over_feature_budget():
-            engine.release(keys)
-        done = start + len(keys)
-        progress(f"Forward and reverse prediction {done}/{n}", done, n)
-    selection = select_conditional(scores, top_k, min_score)
-    if not selection.selected:
-        warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=2)
-        empty = np.zeros((n,) + forward_masks[0].shape, bool)
-        return StructureResult(empty, list(supports), np.zeros(n), forward_masks=np.stack(forward_masks))
-    if selection.fallback:
-        warnings.warn(
-            f"no query slice reached min_score {min_score:.2f} (best pi = {scores.max():.3f}); "
-            f"using the best slice {selection.selected[0]} as the only conditional slice",
-            stacklevel=2,
-        )
-
-    engine.keep_if_room(query_keys)  # self-propagation reads each slice once more
-    with clock.stage("self_propagation"):
-        masks = _self_propagate(engine, query_keys, forward_masks, selection.selected,
-                                support_memory if keep_supports else None, progress)
-    return StructureResult(np.stack(masks), list(supports), np.asarray(scores, float), selected=selection.selected,
-                           forward_masks=np.stack(forward_masks))
-
-
 def _self_propagate(
     engine: Engine,
     query_keys: Sequence[Hashable],
@@ -176,4 +124,46 @@ class ReverseBackend(Backend):
 
     def run(self, engine: Engine, query: QueryContext, supports: Sequence[SupportSlice], options: ReverseOptions,
             progress: StageProgress, clock: StageClock) -> StructureResult:
-        return run(engine, query, supports, options, progress, clock)
+        query_keys = query.keys
+        k = len(supports)
+        n = len(query_keys)
+        top_k, min_score, keep_supports = options.top_k, options.min_score, options.keep_supports
+
+        with clock.stage("forward"):
+            support_memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
+        cond = {j: support_memory.select(j) for j in range(k)}
+        forward_masks: list[np.ndarray] = []
+        scores = np.zeros(n)
+        bs = engine.batch_size
+        # forward and reverse a batch at a time: a slice's features are read twice in a row, then kept for
+        # self-propagation only while the engine's feature budget allows (past it they are encoded again there)
+        for start in range(0, n, bs):
+            keys = query_keys[start : start + bs]
+            with clock.stage("forward"):
+                masks = _forward(engine, keys, cond, k)
+            with clock.stage("reverse"):
+                scores[start : start + len(keys)] = _reverse_scores(engine, keys, masks, supports)
+            forward_masks += masks
+            if engine.over_feature_budget():
+                engine.release(keys)
+            done = start + len(keys)
+            progress(f"Forward and reverse prediction {done}/{n}", done, n)
+        selection = select_conditional(scores, top_k, min_score)
+        if not selection.selected:
+            warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=2)
+            empty = np.zeros((n,) + forward_masks[0].shape, bool)
+            return StructureResult(empty, list(supports), np.zeros(n), forward_masks=np.stack(forward_masks))
+        if selection.fallback:
+            warnings.warn(
+                f"no query slice reached min_score {min_score:.2f} (best pi = {scores.max():.3f}); "
+                f"using the best slice {selection.selected[0]} as the only conditional slice",
+                stacklevel=2,
+            )
+
+        engine.keep_if_room(query_keys)  # self-propagation reads each slice once more
+        with clock.stage("self_propagation"):
+            masks = _self_propagate(engine, query_keys, forward_masks, selection.selected,
+                                    support_memory if keep_supports else None, progress)
+        return StructureResult(np.stack(masks), list(supports), np.asarray(scores, float), selected=selection.selected,
+                               forward_masks=np.stack(forward_masks))
+
