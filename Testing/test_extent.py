@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.extent import (align, check_slice_range, map_extent, parse_slice_range, structure_extent_mm,
-                                Alignment)
+from fewshotsam2.extent import Alignment, align, map_extent, structure_extent_mm
+from fewshotsam2.slice_range import check_slice_range, parse_slice_range
 
 
 def _synthetic_cost(n_q, dz_q, n_s, dz_s, f):

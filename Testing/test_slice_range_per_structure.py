@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.extent import parse_slice_ranges, resolve_slice_ranges
+from fewshotsam2.slice_range import parse_slice_ranges, resolve_slice_ranges
 from fewshotsam2.volume import Structure
 
 LIVER_SPLEEN = [Structure(1, "spleen", (0, 0, 1)), Structure(6, "liver", (1, 0, 0))]

@@ -345,7 +345,7 @@ def _json_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def check_user_slice_range(text: str, query, axis: str) -> None:
     """A FIRST:LAST --slice-range must fit the query: checked before anything is built or written."""
-    from .extent import check_slice_range, parse_slice_ranges
+    from .slice_range import check_slice_range, parse_slice_ranges
     from .slices import SlicePlan
 
     # structure names are checked by the pipeline, before its first encoder call

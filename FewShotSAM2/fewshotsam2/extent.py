@@ -25,13 +25,11 @@ Slice stacks are in the canonical orientation of `slices.SlicePlan` (slice order
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
 
 # Local slope of the alignment (support mm per query mm). Adult trunks and heads differ in length by up to about
 # 1.4x between people; a local bound a little wider lets organs shift within the body.
@@ -247,88 +245,16 @@ class ExtentEstimator:
         return ranges
 
 
-# ---------------------------------------------------------------- user-given ranges
-
-def parse_slice_range(text: str) -> Optional[tuple[int, int]]:
-    """'auto' -> None (estimate), 'off' -> (0, -1) sentinel meaning every slice, 'FIRST:LAST' -> ints.
-
-    Only the grammar is checked here; `check_slice_range` checks the numbers against the query.
-    """
-    text = str(text).strip()
-    if text == "auto":
-        return None
-    if text == "off":
-        return (0, -1)
-    m = re.fullmatch(r"(-?\d+):(-?\d+)", text)
-    if not m:
-        raise InputError(f"--slice-range must be auto, off or FIRST:LAST (inclusive slice indices), got '{text}'")
-    return int(m.group(1)), int(m.group(2))
-
-
-def parse_slice_ranges(text: str) -> dict[Optional[str], Optional[tuple[int, int]]]:
-    """Per-structure ranges: 'SPEC' or 'KEY=SPEC,KEY=SPEC,...' (KEY: an output structure's value or name, SPEC as
-    in `parse_slice_range`). The key None holds the range of every structure not named (default 'auto')."""
-    text = str(text).strip()
-    if "=" not in text:
-        return {None: parse_slice_range(text)}
-    out: dict[Optional[str], Optional[tuple[int, int]]] = {}
-    for item in text.split(","):
-        key, sep, spec = (p.strip() for p in item.partition("="))
-        if not sep:  # one bare SPEC among keyed ones: the range of the structures not named
-            key, spec = None, item.strip()
-        if key == "" or key in out:
-            raise InputError(f"--slice-range '{text}': "
-                             + ("an empty structure name" if key == "" else f"'{key or 'default'}' given twice"))
-        out[key] = parse_slice_range(spec)
-    out.setdefault(None, None)
-    return out
-
-
-def resolve_slice_ranges(text: str, structures) -> dict[int, Optional[tuple[int, int]]]:
-    """Per output structure value, its range from `parse_slice_ranges` (keys matched by value, then by name)."""
-    given = parse_slice_ranges(text)
-    out = {s.value: given[None] for s in structures}
-    for key, spec in given.items():
-        if key is None:
-            continue
-        hits = [s for s in structures if str(s.value) == key] or [s for s in structures if s.name == key]
-        if not hits:
-            known = ", ".join(f"{s.value}={s.name}" for s in structures)
-            raise InputError(f"--slice-range names structure '{key}', which is not segmented (structures: {known})")
-        for s in hits:
-            out[s.value] = spec
-    return out
-
-
-def check_slice_range(first: int, last: int, n_slices: int, axis: int) -> None:
-    """A user range must lie inside the query and hold at least one slice."""
-    if first > last:
-        raise InputError(f"--slice-range {first}:{last} is reversed or empty (FIRST must not exceed LAST)")
-    if first < 0 or last >= n_slices:
-        raise InputError(f"--slice-range {first}:{last} lies outside the query, which has slices 0..{n_slices - 1} "
-                         f"along array axis {axis}")
-
-
 # ---------------------------------------------------------------- volumes -> stacks
 
 def stack_info(image, labels=None, axis: str = "auto", preset: str = "auto") -> tuple[StackInfo, "object"]:
     """(StackInfo, SlicePlan) of a Volume (and its label Volume on the same grid) in canonical orientation."""
-    from .intensity import choose_preset, normalize
+    from .intensity import choose_preset
+    from .slice_stack import SliceStack
     from .slices import SlicePlan
 
     plan = SlicePlan.for_volume(image, axis)
     kind = choose_preset(image) if preset == "auto" else preset
-    info = StackInfo(plan.stack(normalize(image, kind)), plan.in_plane_spacing, plan.slice_spacing,
+    info = StackInfo(SliceStack.of(image, plan, kind), plan.in_plane_spacing, plan.slice_spacing,
                      None if labels is None else plan.stack(labels.array))
     return info, plan
-
-
-def to_array_range(plan, first: int, last: int) -> tuple[int, int]:
-    """Inclusive stack range -> inclusive range along the volume's own array axis (the stack may run reversed)."""
-    a, b = plan.slice_index_to_array_index(first), plan.slice_index_to_array_index(last)
-    return min(a, b), max(a, b)
-
-
-def to_stack_range(plan, first: int, last: int) -> tuple[int, int]:
-    """Inclusive range along the volume's array axis -> inclusive stack range."""
-    return to_array_range(plan, first, last)  # the map is a flip or the identity either way

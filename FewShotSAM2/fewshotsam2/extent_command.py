@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from .cli import parse_label_selection, resolve_structures
     from .engine import pick_device
     from .errors import InputError
-    from .extent import ExtentEstimator, stack_info, to_array_range
+    from .extent import ExtentEstimator, stack_info
+    from .slice_range import to_array_range
     from .volume import read_labels, read_volume
 
     if not args.extent_margin >= 0:

@@ -196,7 +196,7 @@ class SegmentOptions:
         _set(self, "axis", _choice("axis", self.axis, C.AXES))
         _set(self, "preset", _choice("preset", self.preset, C.PRESETS))
         _set(self, "shots", _int("shots", self.shots, minimum=1))
-        from .extent import parse_slice_ranges
+        from .slice_range import parse_slice_ranges
 
         try:
             parse_slice_ranges(self.slice_range)

@@ -18,7 +18,7 @@ from .backends import get_backend
 from .backends.base import QueryContext, StageClock, SupportSlice
 from .engine import SAM2Engine, pick_device
 from .errors import InputError
-from .extent import to_array_range
+from .slice_range import to_array_range
 from .resources import check_resources, estimate_resources
 from .intensity import choose_preset
 from .lpips_distance import body_box
@@ -247,7 +247,7 @@ def _segment_structures(query, qplan, qstack, prepared, support_plans, supports,
 def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
                      options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
     """Per structure value, the inclusive range of query stack slices to segment (None: an empty estimate)."""
-    from .extent import check_slice_range, resolve_slice_ranges, to_stack_range
+    from .slice_range import check_slice_range, resolve_slice_ranges, to_stack_range
 
     n = qstack.shape[0]
     ranges: dict[int, Optional[tuple[int, int]]] = {}
