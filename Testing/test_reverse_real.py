@@ -62,7 +62,7 @@ def test_reverse_ct_a_to_ct_b_liver_and_spleen(engine256, ct_a, shared_dir, tmp_
     out = _check(result, query, (5, 1), top_k=3)
     assert out.shape == (20, 512, 512) and result.slice_axis == 0
     assert result.encoder_calls == 20 + len(_support_slices(support, (5, 1)))
-    for stage in ("Forward prediction", "Reverse scoring", "Propagating slice"):
+    for stage in ("Forward and reverse prediction", "Propagating slice"):
         assert any(stage in s for s in stages), stage
     assert {"forward", "reverse", "self_propagation", "encode"} <= set(result.timings)
     # a conditional slice keeps its forward prediction (liver is listed first, so nothing overrides it)
