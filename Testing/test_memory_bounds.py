@@ -112,3 +112,24 @@ def test_a_bad_feature_cache_setting_is_one_clear_error(monkeypatch, value):
     monkeypatch.setenv(FEATURE_CACHE_ENV, value)
     with pytest.raises(InputError, match=FEATURE_CACHE_ENV):
         cpu_feature_cache_bytes()
+
+
+def test_lpips_matching_a_chunk_of_query_slices_at_a_time_changes_nothing(pair, engine64, shared_dir, monkeypatch):
+    from fewshotsam2.backends import lpips_matching
+
+    query, _, support = pair
+    options = SegmentOptions.from_flat(method="lpips", image_size=64, device="cpu", untrained=True, augmentations=2,
+                                       slice_range="off",
+                                       lpips_weights=str(shared_dir / "weights" / "lpips" / "alexnet_features.pth"))
+    results = []
+    for chunk in (1000, 3):  # every slice at once; chunks of 3 of the 7 slices (the last one short)
+        monkeypatch.setattr(lpips_matching, "QUERY_CHUNK", chunk)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results.append(segment(query, [support], STRUCTURES, options, None, engine=engine64))
+    whole, chunked = results
+    assert len(whole.scores) == 2 * 7
+    assert [(s.value, s.slice_index, s.match) for s in whole.scores] == \
+        [(s.value, s.slice_index, s.match) for s in chunked.scores]
+    np.testing.assert_allclose([s.score for s in whole.scores], [s.score for s in chunked.scores], atol=1e-6)
+    assert np.array_equal(whole.labels.array, chunked.labels.array)

@@ -46,7 +46,6 @@ MARGIN_MM = 15.0
 # give 0.98; IBSR is the same for all three.
 OUTSIDE_QUANTILE = 0.5
 LPIPS_SIZE = 224
-QUERY_CHUNK = 32  # query slices whose LPIPS features are held at once
 
 
 @dataclass
@@ -209,7 +208,7 @@ class ExtentEstimator:
 
     def cost_matrix(self, query: StackInfo, support: StackInfo) -> np.ndarray:
         """LPIPS between every query slice and every support slice at one field of view."""
-        from .lpips_distance import body_box, resample_to_fov
+        from .lpips_distance import QUERY_CHUNK, body_box, resample_to_fov
 
         qbox = body_box(query.images, query.spacing)
         sbox = body_box(support.images, support.spacing)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import constants
 from .errors import InputError
 
+QUERY_CHUNK = 32  # query slices whose LPIPS features (1.3 MB each at 224 px) are held at once
 LPIPS_WEIGHTS_ENV = "FEWSHOTSAM2_LPIPS_WEIGHTS"
 NETS = constants.LPIPS_NETS
 

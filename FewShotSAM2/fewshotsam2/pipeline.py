@@ -175,7 +175,7 @@ def _segment_structures(query, qplan, qstack, prepared, support_plans, supports,
         with clock.stage("encode"):
             engine.encode(todo, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
     backend = get_backend(options.method)
-    shared_cache: dict = {}  # per-run results the backends reuse across structures (LPIPS features)
+    shared_cache: dict = {}  # per-run results the backends reuse across structures (the query's body box)
     if options.method == "lpips":
         shared_cache["body_box"] = body_box(qstack, qplan.in_plane_spacing)  # of the whole query, not the range
 

@@ -55,7 +55,7 @@ class QueryContext:
     keys: list  # engine frame keys, one per slice of the query's slice stack
     images: np.ndarray  # float [0, 1] (n, h, w)
     spacing: tuple = (1.0, 1.0)  # in-plane (row, column) mm
-    cache: dict = field(default_factory=dict)  # per-run results reused across structures (LPIPS features)
+    cache: dict = field(default_factory=dict)  # per-run results reused across structures (the query's body box)
 
 
 @dataclass

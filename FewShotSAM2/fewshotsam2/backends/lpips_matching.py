@@ -3,7 +3,8 @@
 1. Support set: every support slice plus `augmentations` seeded affine + intensity variants (same affine for
    image and mask).
 2. Matching: LPIPS between each query slice and every support-set image; the lowest distance wins. Backbone
-   features are computed once per image and all distances come from batched tensor arithmetic.
+   features are computed once per image (the query's a chunk at a time, for each structure: holding them all
+   would take 1.3 MB per slice) and all distances come from batched tensor arithmetic.
    Before LPIPS, query and support images are resampled to one field of view (same mm per pixel, centred on
    the body): scans with different fields of view (a 366 mm crop against a 500 mm scan with arms and table)
    otherwise match by framing instead of anatomy (measured on ct-a -> ct-b: 56 mm level error whole-slice vs
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..augment import augment_support
-from ..lpips_distance import body_box, resample_to_fov
+from ..lpips_distance import QUERY_CHUNK, body_box, resample_to_fov
 from ..options import LpipsOptions
 from ..results import LpipsMatch
 from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
@@ -67,13 +68,6 @@ class LpipsBackend(Backend):
             if qbox is None:
                 qbox = query.cache["body_box"] = body_box(query.images, query.spacing)
             fov = 1.1 * max([qbox[2]] + [s.body_box[2] for s in supports if s.body_box is not None])
-            # keyed by the slices too: structures with different slice ranges see different query slices
-            qkey = ("lpips-query-features", options.net, round(fov, 3), query.keys[0], len(query.keys))
-            if qkey not in query.cache:  # query features serve every structure of the run
-                progress("LPIPS features of the query", 0, 1)
-                query.cache[qkey] = matcher.features(
-                    resample_to_fov(query.images, query.spacing, fov, matcher.size, center=qbox[:2]))
-            query_feats = query.cache[qkey]
             # the augmented support set: original pair first, then the variants
             candidates = []  # (match, support slice, image, mask)
             for s in supports:
@@ -86,8 +80,17 @@ class LpipsBackend(Backend):
                 resample_to_fov(c[2][None], c[1].spacing, fov, matcher.size,
                                 center=c[1].body_box[:2] if c[1].body_box is not None else None)
                 for c in candidates]))
-        with clock.stage("matching"):
-            best, distances = matcher.match(query_feats, support_feats)
+        # the query a chunk at a time: its LPIPS features are 1.3 MB per slice, 400 MB for a 300-slice CT
+        best, distances = [], []
+        progress("LPIPS matching", 0, len(query.keys))
+        for start in range(0, len(query.keys), QUERY_CHUNK):
+            with clock.stage("lpips_features"):
+                query_feats = matcher.features(resample_to_fov(query.images[start : start + QUERY_CHUNK],
+                                                               query.spacing, fov, matcher.size, center=qbox[:2]))
+            with clock.stage("matching"):
+                chunk_best, chunk_distances = matcher.match(query_feats, support_feats)
+            best += list(chunk_best)
+            distances += list(chunk_distances)
 
         with clock.stage("segment_pairs"):
             by_candidate: dict[int, list[int]] = defaultdict(list)
