@@ -28,10 +28,18 @@ log = logging.getLogger(__name__)
 ENCODER_BYTES_PER_PIXEL = 400
 PREDICT_BYTES_PER_PIXEL = 160
 PROCESS_BASE_BYTES = 700 * 2**20  # Python, torch, sam2 and LPIPS imported, before the model's weights
-# Seconds per slice at 1024 px on the 2-core development CPU, SAM2.1 tiny: image encoding and, per method, the
-# memory-conditioned predictions of one slice (docs/benchmarks.md); other sizes scale with the pixel count.
-ENCODE_SECONDS_1024 = 2.0
-PREDICT_SECONDS_1024 = {"propagate": 1.5, "reverse": 2.5, "lpips": 0.9}
+# Memory attention over SAM2's memory bank: its score matrix grows with the 4th power of the image size (query
+# tokens x memory tokens); at 1024 px this is what the 300-slice CT's peaks held beyond the other terms.
+ATTENTION_BYTES_1024 = 650 * 2**20
+LPIPS_BYTES = 300 * 2**20  # lpips: the LPIPS network and the augmented support set (300-slice CT at 512 px)
+# Seconds per slice at 1024 px on the 2-core development CPU, SAM2.1 tiny, measured on the 300-slice CT
+# (docs/benchmarks.md): image encoding and, per method, the memory-conditioned predictions of one slice. Smaller
+# sizes cost less than their pixel count says (1024 -> 512 px: encoding /7, predictions /6.5 to /13.5): the
+# exponents of the image side below fit both sizes.
+ENCODE_SECONDS_1024 = 3.0
+PREDICT_SECONDS_1024 = {"propagate": 4.2, "reverse": 7.1, "lpips": 1.2}
+ENCODE_SIZE_EXPONENT = 2.85
+PREDICT_SIZE_EXPONENT = 3.2
 MODEL_COST = {"tiny": 1.0, "small": 1.3, "base_plus": 2.6, "large": 6.0}
 CUDA_SPEEDUP = 40.0
 # On the CPU, predictions are batched only as far as their activations stay within this (batching buys little
@@ -116,6 +124,7 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
         batch = max(1, min(batch, CPU_ACTIVATION_BUDGET // (PREDICT_BYTES_PER_PIXEL * s * s)))
     encode_batch = min(getattr(engine, "encode_batch_size", batch), engine.batch_size)
     act = max(ENCODER_BYTES_PER_PIXEL * encode_batch, PREDICT_BYTES_PER_PIXEL * batch) * s * s // half
+    attention = int(ATTENTION_BYTES_1024 * (s / 1024) ** 4) // half
     per_frame32 = engine.feature_bytes_per_frame(torch.float32)
     # slices read again after a pass: every slice of a range for reverse, else those a later structure reads
     again = n_slices if method == "reverse" else min(max(0, feature_uses - n_slices), n_slices)
@@ -144,7 +153,7 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
     gpu = 0
     upfront = False
     if cuda:
-        gpu = params + act + n_slices * mem_bytes
+        gpu = params + act + attention + n_slices * mem_bytes
         free = torch.cuda.mem_get_info(engine.device)[0]
         if gpu + cache > 0.8 * free:
             chosen_storage = ("bfloat16" if engine.feature_dtype == torch.bfloat16 else "float32", "cpu")
@@ -156,10 +165,12 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
             if upfront and method != "reverse":
                 gpu += max(0, n_slices - kept) * dtype_bytes
     else:
-        ram += act + cache  # the model's weights are already in the process's RSS
-    pixel_factor = (s / 1024) ** 2
+        ram += act + attention + cache  # the model's weights are already in the process's RSS
+    if method == "lpips":
+        ram += LPIPS_BYTES
     calls = (feature_uses if method != "reverse" else n_slices) + reencoded
-    seconds = (calls * ENCODE_SECONDS_1024 + feature_uses * PREDICT_SECONDS_1024.get(method, 2.0)) * pixel_factor
+    seconds = (calls * ENCODE_SECONDS_1024 * (s / 1024) ** ENCODE_SIZE_EXPONENT
+               + feature_uses * PREDICT_SECONDS_1024.get(method, 5.0) * (s / 1024) ** PREDICT_SIZE_EXPONENT)
     seconds *= MODEL_COST.get(getattr(engine.info, "model", "tiny"), 1.0)
     if cuda:
         seconds /= CUDA_SPEEDUP
