@@ -41,4 +41,4 @@ def test_python_snippet_runs_as_written(tmp_path, sample_data_dir):
     assert (tmp_path / "ct-b_liver.nii.gz").is_file()
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 3 and all(len(line.split()) == 3 for line in lines)
-    assert "Encoding slice" in run.stderr  # the progress bar the API shows by default
+    assert "Forward and reverse prediction" in run.stderr and "Propagating slice" in run.stderr  # the default bar
