@@ -603,7 +603,7 @@ def test_sigterm_during_a_run_is_handled_like_ctrl_c(data, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fewshotsam2.cli", *argv], stderr=subprocess.PIPE, text=True, encoding="utf-8",
                             env=env)
     seen = ""
-    while "Encoding" not in seen:  # the progress bar: SAM2 is built and working
+    while "prediction" not in seen:  # the progress bar: SAM2 is built and working
         chunk = proc.stderr.read(1)
         assert chunk, f"the run ended before it started encoding: {seen}"
         seen += chunk

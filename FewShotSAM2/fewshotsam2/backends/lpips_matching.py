@@ -98,6 +98,7 @@ class LpipsBackend(Backend):
                 by_candidate[int(j)].append(i)
             masks: list[np.ndarray | None] = [None] * len(query.keys)
             done = 0
+            progress(f"Segmenting slice 0/{len(query.keys)}", 0, len(query.keys))
             for j, slices in sorted(by_candidate.items()):
                 match, s, image, mask = candidates[j]
                 key = ("lpips-support", match)

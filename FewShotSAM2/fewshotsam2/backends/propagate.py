@@ -31,6 +31,7 @@ class PropagateBackend(Backend):
             memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
             # supports are frames 0..k-1 (conditioning), query slices follow as frames k..k+n-1
             cond = {j: memory.select(j) for j in range(k)}
+            progress(f"Propagating slice 0/{n}", 0, n)  # the bar shows before the first slice is encoded
             masks = propagate_sequence(
                 engine,
                 query_keys,

@@ -135,6 +135,7 @@ class ReverseBackend(Backend):
         forward_masks: list[np.ndarray] = []
         scores = np.zeros(n)
         bs = engine.batch_size
+        progress(f"Forward and reverse prediction 0/{n}", 0, n)  # the bar shows before the first batch (seconds)
         # forward and reverse a batch at a time: a slice's features are read twice in a row, then kept for
         # self-propagation only while the engine's feature budget allows (past it they are encoded again there)
         for start in range(0, n, bs):
