@@ -1185,12 +1185,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self._reportError(exc, _("Slice ranges could not be estimated"))
             return
-        self._setStatus(_("Estimating the slice ranges..."))
-        self.ui.progressBar.setRange(0, 0)
-        self.ui.progressBar.setFormat(_("Estimating the slice ranges"))
-        self.ui.progressBar.show()
-        self._setProcessingState(ProcessingState.ESTIMATING)
-        self._pollTimer.start()
+        self._startPolling(_("Estimating the slice ranges..."), _("Estimating the slice ranges"),
+                           ProcessingState.ESTIMATING)
 
     def _onRangePoll(self):
         job = self._rangeJob
@@ -1334,11 +1330,15 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not started:
             return
         self._shownWarnings = 0
-        self._setStatus(_("Starting the segmentation process..."))
+        self._startPolling(_("Starting the segmentation process..."), _("Starting"), ProcessingState.RUNNING)
+
+    def _startPolling(self, status: str, barText: str, state) -> None:
+        """A process has started: say so, show a busy bar, and poll it from the timer."""
+        self._setStatus(status)
         self.ui.progressBar.setRange(0, 0)
-        self.ui.progressBar.setFormat(_("Starting"))
+        self.ui.progressBar.setFormat(barText)
         self.ui.progressBar.show()
-        self._setProcessingState(ProcessingState.RUNNING)
+        self._setProcessingState(state)
         self._pollTimer.start()
 
     @staticmethod

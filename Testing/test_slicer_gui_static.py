@@ -152,7 +152,8 @@ def test_estimate_runs_as_a_polled_process_and_the_table_is_saved():
     parameter node is set."""
     methods = _widget_methods()
     estimate = methods["onEstimateRanges"]
-    assert "self.logic.startSliceRangeEstimate(" in estimate and "self._pollTimer.start()" in estimate
+    assert "self.logic.startSliceRangeEstimate(" in estimate and "self._startPolling(" in estimate
+    assert "self._pollTimer.start()" in methods["_startPolling"]
     assert "estimateSliceRanges(" not in "".join(methods.values())  # the blocking call is for scripts only
     assert "ProcessingState.ESTIMATING" in estimate and "self._stopRun()" in estimate
     assert "self._onRangePoll()" in methods["_onPoll"]
