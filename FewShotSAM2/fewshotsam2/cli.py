@@ -97,10 +97,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "the masks mean nothing")
     g.add_argument("--batch-size", type=int, default=d["batch_size"], metavar="B",
                    help="slices per batch for the image encoder and for predictions that share memory "
-                        f"(default {d['batch_size']}, at least 1)")
+                        f"(default {d['batch_size']}, at least 1; on a CPU the encoder takes one slice at a time "
+                        "and predictions are batched only as far as memory allows)")
     g.add_argument("--feature-storage", default=d["feature_storage"], choices=("auto", "float32", "bfloat16"),
                    help="cached image features: auto (default) = bfloat16 on CUDA, float32 on the CPU unless the "
-                        "cache would pass 1 GiB; bfloat16 halves the memory at a small cost in exactness")
+                        "features kept between passes would pass 256 MiB (past that budget slices are encoded "
+                        "again); bfloat16 halves the memory at a small cost in exactness")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
