@@ -7,9 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fewshotsam2.errors import InputError
 from fewshotsam2.extent import Alignment, align, map_extent, structure_extent_mm
-from fewshotsam2.slice_range import check_slice_range, parse_slice_range
 
 
 def _synthetic_cost(n_q, dz_q, n_s, dz_s, f):
@@ -69,24 +67,6 @@ def test_map_extent_margin_and_empty():
     assert map_extent(a, (20.0, 30.0), 2.0, 20, margin_mm=4.0) == (3, 12)
     assert map_extent(a, (-math.inf, 30.0), 2.0, 20, margin_mm=0.0) == (0, 10)
     assert map_extent(a, (200.0, 300.0), 2.0, 20, margin_mm=4.0) is None
-
-
-@pytest.mark.parametrize("text,expected", [("auto", None), ("off", (0, -1)), ("3:17", (3, 17))])
-def test_parse_slice_range(text, expected):
-    assert parse_slice_range(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "3-17", "a:b", "3:", "all"])
-def test_parse_slice_range_refuses_bad_grammar(text):
-    with pytest.raises(InputError, match="--slice-range"):
-        parse_slice_range(text)
-
-
-@pytest.mark.parametrize("first,last,why", [(5, 3, "reversed"), (-1, 3, "outside"), (0, 20, "outside")])
-def test_check_slice_range_refuses(first, last, why):
-    with pytest.raises(InputError, match=why):
-        check_slice_range(first, last, 20, 0)
-    check_slice_range(0, 19, 20, 0)
 
 
 # ---------------------------------------------------------------- engine feature cache (64 px, fast)

@@ -1,4 +1,5 @@
-"""--slice-range per structure: the grammar, the key lookup, and a two-structure run on ct-a (64 px)."""
+"""--slice-range (`slice_range.py`): one range's grammar and its check against the query, the per-structure
+grammar, the key lookup, and a two-structure run on ct-a (64 px)."""
 
 import warnings
 
@@ -6,10 +7,28 @@ import numpy as np
 import pytest
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.slice_range import parse_slice_ranges, resolve_slice_ranges
+from fewshotsam2.slice_range import check_slice_range, parse_slice_range, parse_slice_ranges, resolve_slice_ranges
 from fewshotsam2.volume import Structure
 
 LIVER_SPLEEN = [Structure(1, "spleen", (0, 0, 1)), Structure(6, "liver", (1, 0, 0))]
+
+
+@pytest.mark.parametrize("text,expected", [("auto", None), ("off", (0, -1)), ("3:17", (3, 17))])
+def test_parse_slice_range(text, expected):
+    assert parse_slice_range(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "3-17", "a:b", "3:", "all"])
+def test_parse_slice_range_refuses_bad_grammar(text):
+    with pytest.raises(InputError, match="--slice-range"):
+        parse_slice_range(text)
+
+
+@pytest.mark.parametrize("first,last,why", [(5, 3, "reversed"), (-1, 3, "outside"), (0, 20, "outside")])
+def test_check_slice_range_refuses(first, last, why):
+    with pytest.raises(InputError, match=why):
+        check_slice_range(first, last, 20, 0)
+    check_slice_range(0, 19, 20, 0)
 
 
 @pytest.mark.parametrize("text, expected", [
