@@ -58,6 +58,16 @@ class StackInfo:
     labels: Optional[np.ndarray] = None  # integer (n, h, w) on the same stack (supports)
     # supports, instead of `labels`: label value -> bool (n,) which slices hold it (all the estimate reads)
     present: Optional[dict] = None
+    box: Optional[tuple] = None  # lpips_distance.body_box of the stack, if already known (computed once otherwise)
+
+    def body_box(self) -> tuple:
+        """(centre row, centre column, extent mm) of the body, computed on first use and kept: a query is
+        compared with every support."""
+        if self.box is None:
+            from .lpips_distance import body_box
+
+            self.box = body_box(self.images, self.spacing)
+        return self.box
 
     def slices_with(self, value: int) -> np.ndarray:
         if self.present is not None:
@@ -208,10 +218,9 @@ class ExtentEstimator:
 
     def cost_matrix(self, query: StackInfo, support: StackInfo) -> np.ndarray:
         """LPIPS between every query slice and every support slice at one field of view."""
-        from .lpips_distance import QUERY_CHUNK, body_box, resample_to_fov
+        from .lpips_distance import QUERY_CHUNK, resample_to_fov
 
-        qbox = body_box(query.images, query.spacing)
-        sbox = body_box(support.images, support.spacing)
+        qbox, sbox = query.body_box(), support.body_box()
         fov = 1.1 * max(qbox[2], sbox[2])
         size = self.matcher.size
         sf = self.matcher.features(resample_to_fov(support.images, support.spacing, fov, size, center=sbox[:2]))

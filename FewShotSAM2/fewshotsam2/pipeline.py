@@ -17,6 +17,7 @@ from .atomic import atomic_path
 from .backends import get_backend
 from .backends.base import QueryContext, StageClock, SupportSlice
 from .engine import SAM2Engine, pick_device
+from .extent import StackInfo
 from .errors import InputError
 from .slice_range import to_array_range
 from .resources import check_resources, estimate_resources
@@ -127,7 +128,9 @@ def segment(
     timings["prepare"] = time.perf_counter() - t0
 
     t_range = time.perf_counter()
-    ranges = structure_ranges(qplan, qstack, prepared, structures, options)
+    # the query's stack with its geometry: the range estimate and the LPIPS backend share its body box
+    query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
+    ranges = structure_ranges(qplan, query_info, prepared, structures, options)
     timings["extent"] = time.perf_counter() - t_range
     n = qstack.shape[0]
     # how many structures still need each query slice: its features are dropped after the last one
@@ -154,15 +157,16 @@ def segment(
     requested_batch = engine.batch_size
     engine.batch_size, engine.feature_budget = estimate.batch_size, estimate.feature_budget
     try:
-        return _segment_structures(query, qplan, qstack, prepared, support_plans, supports, structures, options,
-                                   ranges, uses, engine, estimate, progress, timings, t0)
+        return _segment_structures(query, qplan, query_info, prepared, support_plans, supports, structures,
+                                   options, ranges, uses, engine, estimate, progress, timings, t0)
     finally:
         engine.batch_size, engine.feature_budget = requested_batch, None
 
 
-def _segment_structures(query, qplan, qstack, prepared, support_plans, supports, structures, options, ranges, uses,
-                        engine, estimate, progress, timings, t0) -> SegmentationResult:
+def _segment_structures(query, qplan, query_info, prepared, support_plans, supports, structures, options, ranges,
+                        uses, engine, estimate, progress, timings, t0) -> SegmentationResult:
     """Every structure on its range with the prepared engine; then the label map and the result."""
+    qstack = query_info.images
     n = qstack.shape[0]
     query_keys = [("query", i) for i in range(n)]
     engine.add_stack(query_keys, qstack)
@@ -177,7 +181,7 @@ def _segment_structures(query, qplan, qstack, prepared, support_plans, supports,
     backend = get_backend(options.method)
     shared_cache: dict = {}  # per-run results the backends reuse across structures (the query's body box)
     if options.method == "lpips":
-        shared_cache["body_box"] = body_box(qstack, qplan.in_plane_spacing)  # of the whole query, not the range
+        shared_cache["body_box"] = query_info.body_box()  # of the whole query, not the range
 
     top = max(s.value for s in structures)
     out_stack = np.zeros(qstack.shape, dtype=np.min_scalar_type(top) if top < 65536 else np.int32)
@@ -244,12 +248,12 @@ def _segment_structures(query, qplan, qstack, prepared, support_plans, supports,
                               qplan.array_axis, forward_masks, used, qplan, support_plans, slice_ranges, estimate)
 
 
-def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
+def structure_ranges(qplan: SlicePlan, query_info: StackInfo, prepared: list, structures: list[Structure],
                      options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
     """Per structure value, the inclusive range of query stack slices to segment (None: an empty estimate)."""
     from .slice_range import check_slice_range, resolve_slice_ranges, to_stack_range
 
-    n = qstack.shape[0]
+    n = query_info.images.shape[0]
     ranges: dict[int, Optional[tuple[int, int]]] = {}
     auto = []
     specs = resolve_slice_ranges(options.slice_range, structures)
@@ -263,19 +267,19 @@ def structure_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, struc
         else:
             auto.append(s)
     if auto:
-        ranges.update(estimated_ranges(qplan, qstack, prepared, auto, options))
+        ranges.update(estimated_ranges(query_info, prepared, auto, options))
     return ranges
 
 
-def estimated_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, structures: list[Structure],
+def estimated_ranges(query_info: StackInfo, prepared: list, structures: list[Structure],
                      options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
     """Per structure value, the range the extent estimator finds from the supports (None: empty)."""
     import os
 
-    from .extent import ExtentEstimator, StackInfo
+    from .extent import ExtentEstimator
     from .lpips_distance import LPIPS_WEIGHTS_ENV
 
-    n = qstack.shape[0]
+    n = query_info.images.shape[0]
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
                or os.environ.get(LPIPS_WEIGHTS_ENV))
     try:
@@ -284,13 +288,13 @@ def estimated_ranges(qplan: SlicePlan, qstack: np.ndarray, prepared: list, struc
         # the range only saves time: without the AlexNet weights, segment every slice rather than nothing
         warnings.warn(f"slice range estimation is off, every slice is segmented: {exc}", stacklevel=3)
         return {s.value: (0, n - 1) for s in structures}
-    query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
     support_infos = []
-    for plan, image_stack, case, _ in prepared:
+    for plan, image_stack, case, box in prepared:
         # which slices hold each structure (the output's values, whatever the support's own numbering)
         present = {st.value: plan.stack(case.mask(st.value)).reshape(image_stack.shape[0], -1).any(axis=1)
                    for st in structures}
-        support_infos.append(StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, present=present))
+        support_infos.append(StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, present=present,
+                                       box=box))
     found = estimator.estimate(query_info, support_infos, [(s.value, s.name) for s in structures])
     ranges: dict[int, Optional[tuple[int, int]]] = {}
     for r in found:
