@@ -227,10 +227,11 @@ class FewShotSAM2Support:
 
 @dataclass
 class PreparedSupport:
-    """A support converted for the core: its image and a label map on the image's grid (structure values)."""
+    """A support converted for the core: its image and its segments as a label map on the image's grid (one value
+    per structure; overlapping segments in separate layers)."""
 
     image: Any  # fewshotsam2.volume.Volume
-    labels: Any  # fewshotsam2.volume.Volume
+    labels: Any  # fewshotsam2.volume.LabelMap
     name: str = "support"
 
 
@@ -398,7 +399,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             if not segmentIds:
                 raise _inputError(f"{where}: no segment selected. Check the segments of '{nodeName(segmentationNode)}' to copy.")
             image = mrml_io.volumeFromNode(volumeNode, f"{where} volume")
-            labels = np.zeros(image.array.shape, dtype=np.uint16)
+            masks = []  # (structure, mask): every segment keeps its own voxels (overlaps go to separate layers)
             empty = []
             for segmentId in segmentIds:
                 segment = segmentation.GetSegment(segmentId)
@@ -413,8 +414,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                     color = tuple(float(c) for c in segment.GetColor())
                     structuresByName[name] = volume.Structure(len(structuresByName) + 1, name, color)
                     metadata[name] = segment
-                # overlapping segments: the first listed keeps the voxel, as the core does for its output
-                labels[mask & (labels == 0)] = structuresByName[name].value
+                masks.append((structuresByName[name], mask))
             if empty:
                 names = ", ".join(f"'{n}'" for n in empty)
                 raise _inputError(
@@ -422,7 +422,9 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                     f"{'is' if len(empty) == 1 else 'are'} empty inside volume '{nodeName(volumeNode)}'. "
                     "Label at least one slice, or uncheck it."
                 )
-            cases.append(PreparedSupport(image=image, labels=image.with_array(labels), name=nodeName(volumeNode)))
+            # the core's one support rule (support_loader.py) reads each segment from its own layer
+            cases.append(PreparedSupport(image=image, labels=volume.LabelMap.from_masks(image, masks),
+                                         name=nodeName(volumeNode)))
 
         if sliceRanges:
             flat["slice_range"] = self._sliceRangeText(sliceRanges, structuresByName, flat.get("slice_range") or "auto")
@@ -1565,7 +1567,7 @@ class FewShotSAM2Test(ScriptedLoadableModuleTest):
         logic = FewShotSAM2Logic()
         prepared = logic.prepare(volumeNode, [(volumeNode, segmentationNode, [segmentId])], "propagate",
                                  image_size=64, untrained=True, device="cpu")
-        np.testing.assert_array_equal(prepared.supports[0].labels.array, labels)
+        np.testing.assert_array_equal(prepared.supports[0].labels.volume.array, labels)
         self.assertEqual(prepared.options["image_size"], 64)
         folder = Path(tempfile.mkdtemp(prefix="FewShotSAM2-selftest-"))
         try:
