@@ -206,3 +206,45 @@ def test_the_command_line_changes_no_global_state(tmp_path, capsys):
     assert all(events) and events[-1]["event"] == "done" and events[0]["stage"] == "Reading the volumes"
     assert any(e["event"] == "warning" and "RANDOM WEIGHTS" in e["message"] for e in events)
     assert read_volume(tmp_path / "out.nrrd").shape == image.shape
+
+
+# ---------------------------------------------------------------------------------------------- Slicer == CLI
+
+
+@pytest.mark.slow  # starts the segmentation process
+def test_overlapping_support_segments_give_the_same_voxels_in_slicer_and_on_the_command_line(tmp_path, capsys):
+    """One support with nested segments (inner entirely inside outer): the Slicer Logic (slicer-core MRML, the
+    core in its own process) and the command line on the same .seg.nrrd give the same label map. Before the one
+    support rule the Logic merged the segments (the first listed kept shared voxels: "inner" came out empty)."""
+    pytest.importorskip("slicer")
+    import vtk
+
+    import FewShotSAM2 as module
+    from test_slicer_logic import add_segment_from_mask, load_volume, new_scene
+
+    image, query = _image(), _image(seed=1, origin=(3.0, -2.0, 5.0))
+    outer, inner = _nested_masks()
+    _write_image(tmp_path / "image.nrrd", image)
+    _write_image(tmp_path / "query.nrrd", query)
+    labels = LabelMap.from_masks(image, [(OUTER, outer), (INNER, inner)])
+    write_labels(tmp_path / "support.seg.nrrd", labels.volume, labels.structures)
+    run = dict(method="propagate", untrained=True, image_size=64, device="cpu", slice_range="off")
+    assert cli.main(["segment", "--query", str(tmp_path / "query.nrrd"), "--support", str(tmp_path / "image.nrrd"),
+                     str(tmp_path / "support.seg.nrrd"), "--labels", "outer,inner", "--out", str(tmp_path / "cli.nrrd"),
+                     "--method", "propagate", "--untrained", "--image-size", "64", "--device", "cpu",
+                     "--slice-range", "off", "--quiet"]) == 0
+    from_cli = read_volume(tmp_path / "cli.nrrd").array
+
+    scene = new_scene()
+    support_node = load_volume(scene, tmp_path / "image.nrrd", "support")
+    query_node = load_volume(scene, tmp_path / "query.nrrd", "query")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "support labels")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(support_node)
+    m = vtk.vtkMatrix4x4()
+    support_node.GetIJKToRASMatrix(m)
+    ids = [add_segment_from_mask(segmentation, mask, m, s.name, s.color) for s, mask in ((OUTER, outer), (INNER, inner))]
+    logic = module.FewShotSAM2Logic()
+    logic.segment(query_node, [(support_node, segmentation, ids)], **run)
+    from_slicer = logic.lastResult.labels.array
+    np.testing.assert_array_equal(from_slicer, from_cli)
+    assert [s.name for s in logic.lastResult.structures] == ["outer", "inner"]

@@ -186,9 +186,9 @@ def command_arguments(values: dict[str, Any]) -> list[str]:
     A name that is no setting is a KeyError naming it."""
     args: list[str] = []
     for name, value in values.items():
-        s = BY_NAME[name]
         if value is None:
             continue
+        s = BY_NAME[name]
         if s.kind is bool:
             if value:
                 args.append(s.flag)
