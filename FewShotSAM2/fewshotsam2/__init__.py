@@ -6,9 +6,10 @@ The core of the FewShotSAM2 3D Slicer extension; it imports no slicer, qt or vtk
 
     query = fs.read_volume("query.nii.gz")
     image = fs.read_volume("support.nii.gz")
-    labels, structures = fs.read_labels("support_labels.nii.gz", image)
-    result = fs.segment(query, [fs.SupportCase(image, labels)], structures=[structures[0]],
-                        options=fs.SegmentOptions(method="reverse", method_options=fs.ReverseOptions(top_k=5)))
+    labels = fs.read_labels("support_labels.nii.gz", image)  # a LabelMap: the label volume and its structures
+    supports, structures = fs.load_supports([(image, labels, "support")], "liver=5")  # the one support rule
+    options = fs.SegmentOptions(method="reverse", method_options=fs.ReverseOptions(top_k=5))
+    result = fs.Segmenter(options).segment(query, supports, structures)
     fs.write_labels("out.seg.nrrd", result.labels, result.structures)
 
 Names are imported on first use (PEP 562), so `import fewshotsam2` and the command line's `--help` stay fast: torch
@@ -25,7 +26,11 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "segment": "pipeline",
-    "SupportCase": "pipeline",
+    "Segmenter": "segmenter",
+    "SupportCase": "support_loader",
+    "load_supports": "support_loader",
+    "read_supports": "support_loader",
+    "LabelMap": "volume",
     "SegmentOptions": "options",
     "ReverseOptions": "options",
     "LpipsOptions": "options",

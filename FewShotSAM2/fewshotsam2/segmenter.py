@@ -19,7 +19,8 @@ from .errors import InputError, out_of_memory_as_input_error
 from .label_selection import LabelChoice
 from .options import SegmentOptions
 from .paths import check_output_file, refuse_overwriting_inputs
-from .pipeline import ProgressCallback, check_query, make_engine, prepare, write_scores
+from . import pipeline
+from .pipeline import ProgressCallback, check_query, prepare, write_scores
 from .results import SegmentationResult
 from .support_loader import SupportCase, SupportReader
 from .volume import Structure, Volume, check_output_path, read_volume, write_labels
@@ -42,7 +43,7 @@ class Segmenter:
             raise TypeError(f"options must be a SegmentOptions, got {options!r}")
         self.options = options
         self._engine = engine
-        self._engine_factory = engine_factory or make_engine
+        self._engine_factory = engine_factory  # None: pipeline.make_engine, looked up when it is needed
         self.notify = notify
 
     @property
@@ -54,7 +55,7 @@ class Segmenter:
         """The SAM2 engine, built on first use (downloads the checkpoint the first time)."""
         if self._engine is None:
             with out_of_memory_as_input_error(self.options):
-                self._engine = self._engine_factory(self.options)
+                self._engine = (self._engine_factory or pipeline.make_engine)(self.options)
         return self._engine
 
     # ------------------------------------------------------------------------------------------ checks
