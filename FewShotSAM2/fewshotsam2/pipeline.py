@@ -279,6 +279,9 @@ def estimated_ranges(query_info: StackInfo, prepared: list, structures: list[Str
     from .extent import ExtentEstimator
     from .lpips_distance import LPIPS_WEIGHTS_ENV
 
+    from .requirements import require_lpips
+
+    require_lpips()  # missing lpips is an error, not "every slice": installing it is the fix
     n = query_info.images.shape[0]
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
                or os.environ.get(LPIPS_WEIGHTS_ENV))
