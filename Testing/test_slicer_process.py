@@ -269,7 +269,8 @@ def test_torch_version_is_bounded_and_never_replaced(monkeypatch):
 
 
 def test_dependencies_are_never_installed_silently(monkeypatch):
-    assert dependencies.installDependencies("lpips") is False  # nothing missing: nothing asked, nothing done
+    # nothing missing (the AlexNet weights given as a file): nothing asked, nothing done
+    assert dependencies.installDependencies("lpips", lpipsWeights="alexnet_features.pth") is False
 
     calls = []
 

@@ -45,6 +45,23 @@ def lowConfidenceSlices(result, method: str) -> list[tuple[str, int, float]]:
     return [(s.structure, int(s.slice_index), float(s.score)) for s in low]
 
 
+def confidenceColors(scores: list[float], higherIsBetter: bool = True) -> list[tuple[int, int, int]]:
+    """An RGB colour per score for the Results table: red for the least confident, shading to yellow for the most
+    confident of the listed ones (reverse: pi, higher is better; lpips: distance, lower is better)."""
+    if not scores:
+        return []
+    values = np.asarray(scores, dtype=float)
+    low, high = float(values.min()), float(values.max())
+    spread = high - low
+    out = []
+    for v in values:
+        good = 0.5 if spread <= 0 else (v - low) / spread  # 0..1, 1 = best
+        if not higherIsBetter:
+            good = 1.0 - good
+        out.append((255, int(round(90 + 130 * good)), 90))
+    return out
+
+
 def sliceCenterRAS(volumeNode, sliceAxis: int, sliceIndex: int) -> list[float]:
     """World RAS of the centre of one slice of a volume (slice index along the labels array axis sliceAxis)."""
     dims = volumeNode.GetImageData().GetDimensions()
