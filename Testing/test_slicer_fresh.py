@@ -460,3 +460,59 @@ def test_low_confidence_colours_run_from_red_to_yellow():
     lpips = review.confidenceColors([0.9, 0.7], higherIsBetter=False)  # distance: lower is better
     assert lpips[0] == (255, 90, 90) and lpips[-1] == (255, 220, 90)
     assert review.confidenceColors([0.2]) == [(255, 155, 90)]
+
+
+# ---------------------------------------------------------------------------------------------- 11: sample data
+
+
+def test_sample_support_segments_are_named_liver_and_spleen(shared_dir):
+    """The support sample's label map becomes segments "liver" and "spleen" (not Label_5 / Label_1), each exactly
+    its label value's voxels; both samples load through their customDownloader (SampleData's widget calls it)."""
+    from FewShotSAM2Lib import sample_data
+
+    scene = new_scene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "ct-a labels (label map)")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(shared_dir / "data" / "abdomen-ct" / "ct-a" / "labels.nii.gz"))
+    storage.SetCenterImage(False)
+    assert storage.ReadData(labelmap)
+    segmentation = sample_data.namedSegmentation(scene, labelmap, "ct-a labels")
+    segments = segmentation.GetSegmentation()
+    names = [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())]
+    assert names == ["liver", "spleen"]
+    labels = slicer.util.arrayFromVolume(labelmap)
+    for value, name in ((5, "liver"), (1, "spleen")):
+        sid = segments.GetSegmentIdBySegmentName(name)
+        np.testing.assert_array_equal(mrml_io.segmentMaskOnVolume(segmentation, sid, labelmap), labels == value)
+    support, query = sample_data.sampleSources()
+    assert support["customDownloader"] is sample_data.downloadSupport
+    assert query["customDownloader"] is sample_data.downloadQuery
+
+
+# ---------------------------------------------------------------------------------------------- 6: torch install
+
+
+def test_torch_is_installed_in_a_pythonslicer_process_never_imported_here(monkeypatch):
+    """light-the-torch runs as `PythonSlicer -m light_the_torch install ...` (slicer.util._executePythonModule, a
+    process of its own), never PyTorchUtils.installTorch, which imports light_the_torch and torch into Slicer. The
+    calls are recorded instead of downloading gigabytes; with torch 2.5.1+cu121 installed only torchvision is
+    added, pinned to torch==2.5.1 (no local tag)."""
+    calls = []
+    monkeypatch.setattr(slicer.util, "_executePythonModule", lambda module, args: calls.append(("run", module, list(args))))
+    monkeypatch.setattr(dependencies, "_pipInstall", lambda args: calls.append(("pip", list(args))))
+    real_find_spec, real_version = importlib.util.find_spec, dependencies._version
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "light_the_torch" else real_find_spec(name, *a))
+    monkeypatch.setattr(dependencies, "_version", lambda name: "2.5.1+cu121" if name == "torch" else real_version(name))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # even with the PyTorch extension it is not used
+    dependencies.installTorch()
+    assert calls == [("pip", [dependencies.LIGHT_THE_TORCH_REQUIREMENT]),
+                     ("run", "light_the_torch", ["install", "torch==2.5.1", "torchvision"])]
+    assert "light_the_torch" not in sys.modules  # nothing of it imported into this process
+    calls.clear()
+    monkeypatch.setattr(dependencies, "_version", lambda name: None if name == "torch" else real_version(name))
+    monkeypatch.setattr(dependencies, "torchProblem", lambda: "torch is not installed")
+    dependencies.installTorch()
+    assert calls[-1] == ("run", "light_the_torch", ["install", "torch>=2.5.1,<3", "torchvision"])
+    text = (MODULE_DIR / "FewShotSAM2Lib" / "dependencies.py").read_text(encoding="utf-8")
+    assert "PyTorchUtilsLogic" not in text and "import light_the_torch" not in text

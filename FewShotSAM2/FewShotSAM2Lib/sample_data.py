@@ -3,15 +3,108 @@
 The addresses and SHA256 checksums come from the core's table (`fewshotsam2.sample_data.DEMO_FILES`: the
 TotalSegmentator example files at a pinned commit), so the command line and Slicer download the same bytes.
 SampleData checks each download against its checksum.
+
+Clicking a sample runs its `customDownloader` (SampleData's widget calls it instead of its own loading):
+- the query's 20 DICOM files go into a folder of their own inside Slicer's download cache, and one of them is
+  loaded: the archetype reader then reads that folder only, not the whole shared cache;
+- the support's label map becomes a segmentation whose segments are named and coloured ("liver", "spleen"), not
+  `Label_5` / `Label_1` as Slicer's label-map import names them.
+Scripted `SampleData.downloadSample(name)` ignores `customDownloader` and loads the plain lists (same files).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 CATEGORY = "FewShotSAM2"
 SUPPORT_SAMPLE = "FewShotSAM2 support CT (ct-a, labeled)"
 QUERY_SAMPLE = "FewShotSAM2 query CT (ct-b)"
+QUERY_FOLDER = "FewShotSAM2-ct-b-dicom"  # inside Slicer's download cache: the query series and nothing else
+# the demo's structures in the support's label map: value -> (segment name, colour)
+STRUCTURE_COLORS = {"liver": (0.85, 0.45, 0.35), "spleen": (0.55, 0.2, 0.6)}
+
+
+def demoStructures() -> list[tuple[int, str, tuple]]:
+    """[(label value, name, colour)] of the demo's support labels, from the core's DEMO_LABELS ("liver=5,...")."""
+    from fewshotsam2 import sample_data
+
+    out = []
+    for item in sample_data.DEMO_LABELS.split(","):
+        name, value = item.split("=")
+        out.append((int(value), name.strip(), STRUCTURE_COLORS.get(name.strip(), (0.9, 0.9, 0.2))))
+    return out
+
+
+def namedSegmentation(scene, labelmapNode, name: str, structures=None):
+    """A segmentation node with one named, coloured segment per (value, name, colour) of a label map volume node,
+    on the label map's grid (no Qt: runs on slicer-core). Values absent from the label map give empty segments."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    structures = demoStructures() if structures is None else structures
+    labels = slicer.util.arrayFromVolume(labelmapNode)
+    ijkToRAS = vtk.vtkMatrix4x4()
+    labelmapNode.GetIJKToRASMatrix(ijkToRAS)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(labelmapNode)
+    nk, nj, ni = labels.shape
+    for value, segmentName, color in structures:
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(ni, nj, nk)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)[:] = (labels == value)
+        image.SetImageToWorldMatrix(ijkToRAS)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment(segmentName, segmentName, [float(c) for c in color])
+        if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation, segmentId):
+            raise RuntimeError(f"segment '{segmentName}' could not be made from '{labelmapNode.GetName()}'")
+    if labelmapNode.GetParentTransformNode() is not None:
+        segmentation.SetAndObserveTransformNodeID(labelmapNode.GetTransformNodeID())
+    return segmentation
+
+
+def _download(logic, uri: str, folder: str, fileName: str, checksum: str) -> str:
+    """SampleDataLogic.downloadFile, which returns the path even when the checksum failed (it removes the file)."""
+    os.makedirs(folder, exist_ok=True)
+    path = logic.downloadFile(uri, folder, fileName, checksum)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"FewShotSAM2 sample data: {uri} could not be downloaded or failed its checksum")
+    return path
+
+
+def downloadSupport(source):
+    """customDownloader of the support sample: ct-a and its labels as a segmentation named liver / spleen."""
+    import SampleData
+    import slicer
+
+    logic = SampleData.SampleDataLogic()
+    cache = slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()
+    imagePath, labelsPath = (_download(logic, uri, cache, name, checksum)
+                             for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums))
+    volume = slicer.util.loadVolume(imagePath, {"name": source.nodeNames[0]})
+    labelmap = slicer.util.loadLabelVolume(labelsPath, {"name": source.nodeNames[1] + " (label map)"})
+    try:
+        segmentation = namedSegmentation(slicer.mrmlScene, labelmap, source.nodeNames[1])
+        segmentation.CreateDefaultDisplayNodes()
+    finally:
+        slicer.mrmlScene.RemoveNode(labelmap)
+    slicer.util.setSliceViewerLayers(background=volume, fit=True)
+    return [volume, segmentation]
+
+
+def downloadQuery(source):
+    """customDownloader of the query sample: the DICOM series into a folder of its own, then one file loaded."""
+    import SampleData
+    import slicer
+
+    logic = SampleData.SampleDataLogic()
+    folder = os.path.join(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory(), QUERY_FOLDER)
+    paths = [_download(logic, uri, folder, name, checksum)
+             for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums)]
+    volume = slicer.util.loadVolume(paths[-1], {"name": source.nodeNames[-1]})
+    slicer.util.setSliceViewerLayers(background=volume, fit=True)
+    return [volume]
 
 
 def sampleSources() -> list[dict]:
@@ -30,10 +123,11 @@ def sampleSources() -> list[dict]:
         loadFileTypes=["VolumeFile", "SegmentationFile"],
         loadFiles=[True, True],
         checksums=[f"SHA256:{image.sha256}", f"SHA256:{labels.sha256}"],
+        customDownloader=downloadSupport,
     )
-    # the query is a 20-file DICOM series: every file is downloaded into Slicer's cache folder under its own
-    # (unique, UID-based) name, then the last one is loaded as a volume: Slicer's archetype reader reads the
-    # files of the same series beside it
+    # the query is a 20-file DICOM series: every file is downloaded under its own (unique, UID-based) name, then
+    # the last one is loaded as a volume: Slicer's archetype reader reads the files of the same series beside it
+    # (downloadQuery puts them in a folder of their own; the plain lists, for scripts, use the cache folder)
     dicom = sorted((f for f in files if f.path.startswith(sample_data.DEMO_QUERY + "/")), key=lambda f: f.path)
     query = dict(
         category=CATEGORY,
@@ -44,6 +138,7 @@ def sampleSources() -> list[dict]:
         loadFileTypes=[None] * (len(dicom) - 1) + ["VolumeFile"],
         loadFiles=[False] * (len(dicom) - 1) + [True],
         checksums=[f"SHA256:{f.sha256}" for f in dicom],
+        customDownloader=downloadQuery,
     )
     return [support, query]
 
