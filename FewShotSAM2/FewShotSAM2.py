@@ -575,7 +575,8 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         Raises InputError, before anything is written, when a Python package the run needs is missing.
         """
         options = prepared.options
-        self.checkDependencies(prepared.method, options.get("slice_range"), options.get("lpips_net") or "alex",
+        sliceRange = self._estimatedSliceRange(options.get("slice_range"), prepared.structures)
+        self.checkDependencies(prepared.method, sliceRange, options.get("lpips_net") or "alex",
                                options.get("lpips_weights"))
         segmentationProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
         try:
@@ -587,6 +588,20 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             segmentationProcess.cleanup()
             raise
         return FewShotSAM2Job(prepared, segmentationProcess)
+
+    @staticmethod
+    def _estimatedSliceRange(sliceRange, structures) -> str:
+        """"auto" if the core will estimate the range of any structure (what needs lpips), else "off"; e.g. the
+        Manual table names every structure, so its trailing default "auto" is never used."""
+        from fewshotsam2.slice_range import resolve_slice_ranges
+
+        if not sliceRange:
+            return "off"
+        try:
+            ranges = resolve_slice_ranges(str(sliceRange), structures)
+        except Exception:  # noqa: BLE001  (a bad range is the core's to report; count it as needing the estimate)
+            return "auto" if dependencies.sliceRangeIsAuto(sliceRange) else "off"
+        return "auto" if any(r is None for r in ranges.values()) else "off"
 
     def cancel(self, job: FewShotSAM2Job) -> None:
         """Kill the job's process (and its children) now and remove its folder. Nothing is written to the scene.

@@ -516,3 +516,17 @@ def test_torch_is_installed_in_a_pythonslicer_process_never_imported_here(monkey
     assert calls[-1] == ("run", "light_the_torch", ["install", "torch>=2.5.1,<3", "torchvision"])
     text = (MODULE_DIR / "FewShotSAM2Lib" / "dependencies.py").read_text(encoding="utf-8")
     assert "PyTorchUtilsLogic" not in text and "import light_the_torch" not in text
+
+
+def test_manual_ranges_for_every_structure_need_no_lpips():
+    """The Manual table names every structure: its trailing default "auto" is unused, so lpips is not needed."""
+    scene = new_scene()
+    volume, seg, sid, _labels = small_case(scene)
+    logic = module.FewShotSAM2Logic()
+    manual = logic.prepare(volume, [(volume, seg, [sid])], "propagate", slice_range="auto",
+                           slice_ranges={"blob": (2, 5)})
+    assert manual.options["slice_range"] == "1=2:5,auto"
+    assert logic._estimatedSliceRange(manual.options["slice_range"], manual.structures) == "off"
+    for text, expected in (("auto", "auto"), ("off", "off"), ("1=auto,off", "auto"), ("blob=3:4,auto", "off"),
+                           (None, "off")):
+        assert logic._estimatedSliceRange(text, manual.structures) == expected, text
