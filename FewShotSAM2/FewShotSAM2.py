@@ -127,7 +127,7 @@ class FewShotSAM2(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("FewShotSAM2")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []  # the PyTorch extension is optional (used to install torch when present)
+        self.parent.dependencies = []  # torch is installed by the module (light-the-torch in PythonSlicer)
         self.parent.contributors = ["FewShotSAM2 contributors"]
         self.parent.helpText = _(
             """
