@@ -158,7 +158,61 @@ def _registerSampleData():
     """Register the demo scans (a labeled support CT and a query CT) with Slicer's SampleData module."""
     from FewShotSAM2Lib import sample_data
 
-    sample_data.register()
+    sample_data.register(FewShotSAM2SampleData.downloadSupport, FewShotSAM2SampleData.downloadQuery)
+
+
+class FewShotSAM2SampleData:
+    """The demo samples' customDownloader functions (Slicer application only: SampleData, the scene's cache)."""
+
+    @staticmethod
+    def _download(logic, uri: str, folder: str, fileName: str, checksum: str) -> str:
+        """SampleDataLogic.downloadFile, which returns the path even when the checksum failed (it removes the file)."""
+        import os
+
+        os.makedirs(folder, exist_ok=True)
+        path = logic.downloadFile(uri, folder, fileName, checksum)
+        if not os.path.isfile(path):
+            raise RuntimeError(f"FewShotSAM2 sample data: {uri} could not be downloaded or failed its checksum")
+        return path
+
+    @staticmethod
+    def downloadSupport(source):
+        """ct-a and its labels as a segmentation whose segments are named liver / spleen (not Label_5 / Label_1)."""
+        import SampleData
+
+        from FewShotSAM2Lib import sample_data
+
+        logic = SampleData.SampleDataLogic()
+        cache = slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()
+        imagePath, labelsPath = (FewShotSAM2SampleData._download(logic, uri, cache, name, checksum)
+                                 for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums))
+        volume = slicer.util.loadVolume(imagePath, {"name": source.nodeNames[0]})
+        labelmap = slicer.util.loadLabelVolume(labelsPath, {"name": source.nodeNames[1] + " (label map)"})
+        try:
+            segmentation = sample_data.namedSegmentation(slicer.mrmlScene, labelmap, source.nodeNames[1])
+            segmentation.CreateDefaultDisplayNodes()
+        finally:
+            slicer.mrmlScene.RemoveNode(labelmap)
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        return [volume, segmentation]
+
+    @staticmethod
+    def downloadQuery(source):
+        """The DICOM series into a folder of its own in the download cache, then one of its files loaded: the
+        archetype reader reads that folder, not the whole shared cache."""
+        import os
+
+        import SampleData
+
+        from FewShotSAM2Lib import sample_data
+
+        logic = SampleData.SampleDataLogic()
+        folder = os.path.join(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory(), sample_data.QUERY_FOLDER)
+        paths = [FewShotSAM2SampleData._download(logic, uri, folder, name, checksum)
+                 for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums)]
+        volume = slicer.util.loadVolume(paths[-1], {"name": source.nodeNames[-1]})
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        return [volume]
 
 
 #

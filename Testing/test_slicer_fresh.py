@@ -484,9 +484,13 @@ def test_sample_support_segments_are_named_liver_and_spleen(shared_dir):
     for value, name in ((5, "liver"), (1, "spleen")):
         sid = segments.GetSegmentIdBySegmentName(name)
         np.testing.assert_array_equal(mrml_io.segmentMaskOnVolume(segmentation, sid, labelmap), labels == value)
-    support, query = sample_data.sampleSources()
-    assert support["customDownloader"] is sample_data.downloadSupport
-    assert query["customDownloader"] is sample_data.downloadQuery
+    support, query = sample_data.sampleSources(module.FewShotSAM2SampleData.downloadSupport,
+                                               module.FewShotSAM2SampleData.downloadQuery)
+    assert support["customDownloader"] is module.FewShotSAM2SampleData.downloadSupport
+    assert query["customDownloader"] is module.FewShotSAM2SampleData.downloadQuery
+    source = (MODULE_DIR / "FewShotSAM2.py").read_text(encoding="utf-8")
+    assert "sample_data.register(FewShotSAM2SampleData.downloadSupport, FewShotSAM2SampleData.downloadQuery)" in source
+    assert "sample_data.QUERY_FOLDER" in source  # the series in a folder of its own
 
 
 # ---------------------------------------------------------------------------------------------- 6: torch install

@@ -4,7 +4,8 @@ The addresses and SHA256 checksums come from the core's table (`fewshotsam2.samp
 TotalSegmentator example files at a pinned commit), so the command line and Slicer download the same bytes.
 SampleData checks each download against its checksum.
 
-Clicking a sample runs its `customDownloader` (SampleData's widget calls it instead of its own loading):
+Clicking a sample runs its `customDownloader` (SampleData's widget calls it instead of its own loading;
+`FewShotSAM2SampleData` in the module file, as it needs the application):
 - the query's 20 DICOM files go into a folder of their own inside Slicer's download cache, and one of them is
   loaded: the archetype reader then reads that folder only, not the whole shared cache;
 - the support's label map becomes a segmentation whose segments are named and coloured ("liver", "spleen"), not
@@ -64,51 +65,10 @@ def namedSegmentation(scene, labelmapNode, name: str, structures=None):
     return segmentation
 
 
-def _download(logic, uri: str, folder: str, fileName: str, checksum: str) -> str:
-    """SampleDataLogic.downloadFile, which returns the path even when the checksum failed (it removes the file)."""
-    os.makedirs(folder, exist_ok=True)
-    path = logic.downloadFile(uri, folder, fileName, checksum)
-    if not os.path.isfile(path):
-        raise RuntimeError(f"FewShotSAM2 sample data: {uri} could not be downloaded or failed its checksum")
-    return path
-
-
-def downloadSupport(source):
-    """customDownloader of the support sample: ct-a and its labels as a segmentation named liver / spleen."""
-    import SampleData
-    import slicer
-
-    logic = SampleData.SampleDataLogic()
-    cache = slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()
-    imagePath, labelsPath = (_download(logic, uri, cache, name, checksum)
-                             for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums))
-    volume = slicer.util.loadVolume(imagePath, {"name": source.nodeNames[0]})
-    labelmap = slicer.util.loadLabelVolume(labelsPath, {"name": source.nodeNames[1] + " (label map)"})
-    try:
-        segmentation = namedSegmentation(slicer.mrmlScene, labelmap, source.nodeNames[1])
-        segmentation.CreateDefaultDisplayNodes()
-    finally:
-        slicer.mrmlScene.RemoveNode(labelmap)
-    slicer.util.setSliceViewerLayers(background=volume, fit=True)
-    return [volume, segmentation]
-
-
-def downloadQuery(source):
-    """customDownloader of the query sample: the DICOM series into a folder of its own, then one file loaded."""
-    import SampleData
-    import slicer
-
-    logic = SampleData.SampleDataLogic()
-    folder = os.path.join(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory(), QUERY_FOLDER)
-    paths = [_download(logic, uri, folder, name, checksum)
-             for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums)]
-    volume = slicer.util.loadVolume(paths[-1], {"name": source.nodeNames[-1]})
-    slicer.util.setSliceViewerLayers(background=volume, fit=True)
-    return [volume]
-
-
-def sampleSources() -> list[dict]:
-    """Keyword arguments of SampleDataLogic.registerCustomSampleDataSource for the two demo samples."""
+def sampleSources(downloadSupport=None, downloadQuery=None) -> list[dict]:
+    """Keyword arguments of SampleDataLogic.registerCustomSampleDataSource for the two demo samples; the
+    downloaders (FewShotSAM2SampleData's, in the module file: they need the application) become their
+    customDownloader."""
     from fewshotsam2 import sample_data
 
     files = list(sample_data.DEMO_FILES)
@@ -143,14 +103,14 @@ def sampleSources() -> list[dict]:
     return [support, query]
 
 
-def register() -> None:
+def register(downloadSupport=None, downloadQuery=None) -> None:
     """Register the demo samples with Slicer's SampleData module (Slicer application only)."""
     try:
         import SampleData
     except ImportError:
         return  # SampleData module not loaded (e.g. Slicer started with --disable-modules)
     try:
-        sources = sampleSources()
+        sources = sampleSources(downloadSupport, downloadQuery)
     except (ImportError, AttributeError, KeyError) as exc:
         logging.warning("FewShotSAM2: sample data not registered (%s)", exc)
         return
