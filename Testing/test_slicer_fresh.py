@@ -497,12 +497,14 @@ def test_sample_support_segments_are_named_liver_and_spleen(shared_dir):
 
 
 def test_torch_is_installed_in_a_pythonslicer_process_never_imported_here(monkeypatch):
-    """light-the-torch runs as `PythonSlicer -m light_the_torch install ...` (slicer.util._executePythonModule, a
+    """light-the-torch runs as `PythonSlicer -m light_the_torch install ...` (slicer.util.executePythonModule, a
     process of its own), never PyTorchUtils.installTorch, which imports light_the_torch and torch into Slicer. The
     calls are recorded instead of downloading gigabytes; with torch 2.5.1+cu121 installed only torchvision is
     added, pinned to torch==2.5.1 (no local tag)."""
     calls = []
-    monkeypatch.setattr(slicer.util, "_executePythonModule", lambda module, args: calls.append(("run", module, list(args))))
+    for name in ("executePythonModule", "_executePythonModule"):  # 5.12 / 5.10
+        monkeypatch.setattr(slicer.util, name, lambda module, args: calls.append(("run", module, list(args))),
+                            raising=False)
     monkeypatch.setattr(dependencies, "_pipInstall", lambda args: calls.append(("pip", list(args))))
     real_find_spec, real_version = importlib.util.find_spec, dependencies._version
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -232,7 +232,9 @@ def installTorch() -> None:
 
     installed = _version("torch") if torchProblem() is None else None
     torchRequirement = f"=={installed.split('+', 1)[0]}" if installed else TORCH_VERSION_REQUIREMENT
-    runModule = getattr(slicer.util, "_executePythonModule", None)  # 5.10 and 5.12: PythonSlicer -m MODULE ARGS
+    # PythonSlicer -m MODULE ARGS: executePythonModule from 5.12 (_executePythonModule is deprecated there), the
+    # private one in 5.10
+    runModule = getattr(slicer.util, "executePythonModule", None) or getattr(slicer.util, "_executePythonModule", None)
     if runModule is not None:
         try:
             if _findSpec("light_the_torch") is None:
