@@ -536,3 +536,31 @@ def test_manual_ranges_for_every_structure_need_no_lpips():
     for text, expected in (("auto", "auto"), ("off", "off"), ("1=auto,off", "auto"), ("blob=3:4,auto", "off"),
                            (None, "off")):
         assert logic._estimatedSliceRange(text, manual.structures) == expected, text
+
+
+# ---------------------------------------------------------------------------------------------- 10: GUI (source)
+
+
+def _widget_methods():
+    source = (MODULE_DIR / "FewShotSAM2.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
+    return {n.name: ast.get_source_segment(source, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_gui_waits_are_modal_and_survive_a_scene_close():
+    """The Qt side cannot run here: the download and installation dialogs are modal (createProgressDialog sets
+    any QProgressDialog property it is given), the installation is announced, a scene closed while pip ran stops
+    the start, and Estimate asks for what the estimate needs (docs/slicer-api.md)."""
+    methods = _widget_methods()
+    assert "windowModality=qt.Qt.WindowModal" in methods["onDownloadModel"]
+    ensure = methods["_ensureDependencies"]
+    assert "windowModality=qt.Qt.WindowModal" in ensure and "maximum=0" in ensure
+    assert ensure.index("installDependencies(") < ensure.index("if self._parameterNode is None:")
+    assert "self._ensureDependencies(None)" in methods["onEstimateRanges"]
+    assert methods["onEstimateRanges"].index("_ensureDependencies") < methods["onEstimateRanges"].index(
+        "startSliceRangeEstimate")
+    assert "self.logic.temporaryFolder = str(slicer.app.temporaryPath)" in methods["setup"]
+    assert "self._showCoreMismatch()" in methods["setup"]
+    assert "self.ui.show3DButton.connect(\"toggled(bool)\", self.onShow3D)" in methods["setup"]
+    assert "review.confidenceColors(" in methods["_showResults"]
