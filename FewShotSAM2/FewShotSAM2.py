@@ -763,6 +763,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     sliceCenterRAS = staticmethod(review.sliceCenterRAS)
     jumpToSlice = staticmethod(review.jumpToSlice)
     createConfidenceTable = staticmethod(review.createConfidenceTable)
+    markLowConfidenceSlices = staticmethod(review.markLowConfidenceSlices)
 
     # ------------------------------------------------------------------------------------------ models
 
@@ -871,6 +872,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._unsupported = None  # why this Slicer cannot run the module (Slicer 5.8), shown instead of the panel
         self._quitConnected = False
         self._lastOutputNode = None
+        self._markupsNode = None  # the low-confidence slices' marks (a point list), reused across runs
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -1625,6 +1627,9 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result, method, slicer.mrmlScene, tableNode=tableNode, chartNode=chartNode
         )
         self._lowConfidence = self.logic.lowConfidenceSlices(result, method)
+        # the same slices marked where the user looks: a point on each, seen when scrolling through the query
+        self._markupsNode = self.logic.markLowConfidenceSlices(result, self._lowConfidence, prepared.queryVolumeNode,
+                                                               self._lastSliceAxis, self._markupsNode)
         table = self.ui.lowConfidenceTable
         table.clearContents()
         table.setRowCount(len(self._lowConfidence))

@@ -564,3 +564,30 @@ def test_gui_waits_are_modal_and_survive_a_scene_close():
     assert "self._showCoreMismatch()" in methods["setup"]
     assert "self.ui.show3DButton.connect(\"toggled(bool)\", self.onShow3D)" in methods["setup"]
     assert "review.confidenceColors(" in methods["_showResults"]
+
+
+def test_low_confidence_slices_are_marked_in_the_slice_views():
+    """One locked point per low-confidence slice, on that slice, at the structure's centre there (a point list is
+    drawn only on the slice it lies on, so it marks exactly the slices to check)."""
+    scene = new_scene()
+    volume, seg, sid, labels = small_case(scene)
+    logic = module.FewShotSAM2Logic()
+    prepared = logic.prepare(volume, [(volume, seg, [sid])], "propagate")
+    result = fake_result(prepared, labels)
+    low = [("blob", 3, 0.21), ("blob", 6, 0.4)]  # slice 6 has no mask: its centre
+    node = logic.markLowConfidenceSlices(result, low, volume, 0)
+    assert node.GetNumberOfControlPoints() == 2
+    to_ijk = np.linalg.inv(mrml_io.ijkToWorldMatrix(volume))
+    points = []
+    for n in range(2):
+        ras = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPosition(n, ras)
+        points.append(to_ijk @ np.array(ras + [1.0]))
+        assert node.GetNthControlPointLocked(n)
+    rows, cols = np.nonzero(labels[3] == 1)
+    np.testing.assert_allclose(points[0][:3], [cols.mean(), rows.mean(), 3.0], atol=1e-9)  # (i, j, k)
+    np.testing.assert_allclose(points[1][:3], [11.5, 9.5, 6.0], atol=1e-9)
+    assert node.GetNthControlPointLabel(0) == "blob 3: 0.21"
+    again = logic.markLowConfidenceSlices(result, low[:1], volume, 0, node)  # a re-run reuses the node
+    assert again is node and node.GetNumberOfControlPoints() == 1
+    assert logic.markLowConfidenceSlices(result, [], volume, 0, node) is node and node.GetNumberOfControlPoints() == 0
