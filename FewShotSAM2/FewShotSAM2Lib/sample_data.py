@@ -16,7 +16,6 @@ Scripted `SampleData.downloadSample(name)` ignores `customDownloader` and loads 
 from __future__ import annotations
 
 import logging
-import os
 
 CATEGORY = "FewShotSAM2"
 SUPPORT_SAMPLE = "FewShotSAM2 support CT (ct-a, labeled)"
