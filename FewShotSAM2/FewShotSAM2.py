@@ -560,7 +560,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         extentOptions = {k: options.pop(k) for k in process.EXTENT_OPTIONS if k in options}
         prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
         # the estimate is AlexNet LPIPS: lpips and its weights, besides the packages of every run
-        self.checkDependencies(None, lpipsWeights=extentOptions.get("lpips_weights"))
+        self.checkDependencies(None, lpipsWeights=extentOptions.get("lpips_weights"), ownProcessOnly=self.python is not None)
         extentProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
         try:
             arguments = process.extentArguments(extentProcess.folder, prepared.query, prepared.supports,
@@ -631,7 +631,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         options = prepared.options
         sliceRange = self._estimatedSliceRange(options.get("slice_range"), prepared.structures)
         self.checkDependencies(prepared.method, sliceRange, options.get("lpips_net") or "alex",
-                               options.get("lpips_weights"))
+                               options.get("lpips_weights"), ownProcessOnly=self.python is not None)
         segmentationProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
         try:
             arguments = process.writeJobInputs(segmentationProcess.folder, prepared.query, prepared.supports,
@@ -808,9 +808,19 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     missingWeights = staticmethod(dependencies.missingWeights)
 
     @staticmethod
-    def checkDependencies(method="reverse", sliceRange="off", lpipsNet="alex", lpipsWeights=None) -> None:
+    def checkDependencies(method="reverse", sliceRange="off", lpipsNet="alex", lpipsWeights=None,
+                          ownProcessOnly=False) -> None:
         """InputError naming every missing package a run of `method` (None: the slice-range estimate) needs; a
-        missing LPIPS backbone download is only logged (the core downloads it, or segments every slice)."""
+        missing LPIPS backbone download is only logged (the core downloads it, or segments every slice).
+
+        ownProcessOnly: another interpreter runs the core (`FewShotSAM2Logic.python` set): only what this process
+        needs to write the job files (SimpleITK, slicerio) is checked here.
+        """
+        if ownProcessOnly:
+            problems = dependencies.missingForJobFiles()
+            if problems:
+                raise _inputError("FewShotSAM2 cannot write the job files: " + "; ".join(problems) + ".")
+            return
         problems = dependencies.missingDependencies(method, sliceRange, lpipsNet)
         if problems:
             raise _inputError("FewShotSAM2 cannot run yet: " + "; ".join(problems) + ". Install them from the "

@@ -591,3 +591,22 @@ def test_low_confidence_slices_are_marked_in_the_slice_views():
     again = logic.markLowConfidenceSlices(result, low[:1], volume, 0, node)  # a re-run reuses the node
     assert again is node and node.GetNumberOfControlPoints() == 1
     assert logic.markLowConfidenceSlices(result, [], volume, 0, node) is node and node.GetNumberOfControlPoints() == 0
+
+
+def test_another_interpreter_is_checked_only_for_what_slicer_writes(tmp_path):
+    """With FewShotSAM2Logic.python set, the core's packages live in that interpreter: here only SimpleITK and
+    slicerio (writing the job files) are checked."""
+    scene = new_scene()
+    volume, seg, sid, _labels = small_case(scene)
+    logic = module.FewShotSAM2Logic()
+    logic.python = sys.executable
+    logic.temporaryFolder = str(tmp_path)
+    prepared = logic.prepare(volume, [(volume, seg, [sid])], "propagate", slice_range="auto")
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(sys.modules, "slicerio", None)
+        with pytest.raises(InputError, match="cannot write the job files: slicerio is not installed"):
+            logic.start(prepared)
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(sys.modules, "lpips", None)  # lpips is the other interpreter's business
+        logic.checkDependencies("propagate", "auto", ownProcessOnly=True)
+    assert list(tmp_path.iterdir()) == []

@@ -194,6 +194,12 @@ def missingDependencies(method: Optional[str] = "reverse", sliceRange="off", lpi
     return problems
 
 
+def missingForJobFiles() -> list[str]:
+    """What Slicer's own process needs to write a run's inputs (the images as NRRD, the labels as .seg.nrrd)."""
+    return [f"{pipName} is not installed" for module, pipName in (("SimpleITK", "SimpleITK"), ("slicerio", "slicerio"))
+            if _findSpec(module) is None]
+
+
 def _pipInstall(arguments: list[str]) -> None:
     import slicer
 
