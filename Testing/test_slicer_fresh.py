@@ -610,3 +610,27 @@ def test_another_interpreter_is_checked_only_for_what_slicer_writes(tmp_path):
         m.setitem(sys.modules, "lpips", None)  # lpips is the other interpreter's business
         logic.checkDependencies("propagate", "auto", ownProcessOnly=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- 1: the GUI's default run
+
+
+@pytest.mark.slow  # the segmentation process (SAM2 random weights at 64 px, AlexNet LPIPS for the range)
+def test_the_panels_default_run_goes_through(shared_dir, monkeypatch):
+    """The panel's defaults (reverse, slice range Automatic), which the Logic's own default (off) used to hide:
+    the dependency check passes, the range is estimated (no "estimation is off" warning) and the result is
+    written. Random weights at 64 px: the masks mean nothing, the plumbing does."""
+    weights = shared_dir / "weights" / "lpips" / "alexnet_features.pth"
+    monkeypatch.setenv("FEWSHOTSAM2_LPIPS_WEIGHTS", str(weights))  # offline: the AlexNet backbone from the file
+    hints = module.FewShotSAM2ParameterNode.__annotations__
+    assert "sliceRangeMode" in hints and module.FewShotSAM2ParameterNode.sliceRangeMode == "auto"
+    assert module.FewShotSAM2ParameterNode.method == "reverse"
+    scene = new_scene()
+    volume, seg, sid, labels = small_case(scene)
+    logic = module.FewShotSAM2Logic()
+    assert logic.missingDependencies("reverse", "auto") == [] and logic.missingWeights("reverse", "auto") == []
+    output = logic.segment(volume, [(volume, seg, [sid])], method="reverse", slice_range="auto", top_k=2,
+                           image_size=64, untrained=True, device="cpu")
+    assert output.GetSegmentation().GetNumberOfSegments() == 1
+    assert not any("estimation is off" in w for w in logic.lastResult.warnings), logic.lastResult.warnings
+    assert logic.lastResult.labels.array.shape == labels.shape
