@@ -1816,7 +1816,7 @@ class FewShotSAM2Test(ScriptedLoadableModuleTest):
         try:
             if importlib.util.find_spec("slicerio") is not None:  # .seg.nrrd labels need it
                 arguments = process.writeJobInputs(folder, prepared.query, prepared.supports, prepared.structures)
-                self.assertEqual(arguments[-2:], ["--labels", "1"])
+                self.assertEqual(arguments[-2:], ["--labels", "value:1"])  # by value (process.writeJobInputs)
                 query = read_volume(folder / process.QUERY_FILE)
                 np.testing.assert_array_equal(query.array, voxels)
                 self.assertTrue(query.same_grid(prepared.query))
