@@ -109,7 +109,8 @@ from FewShotSAM2Lib.review import LOW_CONFIDENCE_LPIPS_QUANTILE, LOW_CONFIDENCE_
 README_URL = "https://github.com/fewshotsam2/SlicerFewShotSAM2#readme"
 
 # Lib modules reloaded by the widget's Reload button, dependencies first
-_LIB_MODULES = ("FewShotSAM2Lib.choices", "FewShotSAM2Lib.mrml_io", "FewShotSAM2Lib.review", "FewShotSAM2Lib.process",
+_LIB_MODULES = ("FewShotSAM2Lib.choices", "FewShotSAM2Lib.mrml_io", "FewShotSAM2Lib.review", "FewShotSAM2Lib.windows_job",
+                "FewShotSAM2Lib.process",
                 "FewShotSAM2Lib.slice_ranges", "FewShotSAM2Lib.dependencies", "FewShotSAM2Lib.sample_data")
 
 
@@ -127,7 +128,7 @@ class FewShotSAM2(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("FewShotSAM2")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []  # the PyTorch extension is optional (used to install torch when present)
+        self.parent.dependencies = []  # torch is installed by the module (light-the-torch in PythonSlicer)
         self.parent.contributors = ["FewShotSAM2 contributors"]
         self.parent.helpText = _(
             """
@@ -149,7 +150,7 @@ Augmentative Prompting and Dynamic Matching", <a href="https://arxiv.org/abs/250
 (LPIPS matching), on top of SAM2 (Meta AI, Apache-2.0).
 """
         )
-        if SLICER_APPLICATION:
+        if SLICER_APPLICATION and not dependencies.pythonProblem():
             # after start-up: the SampleData module may be loaded after this one
             slicer.app.connect("startupCompleted()", _registerSampleData)
 
@@ -158,7 +159,61 @@ def _registerSampleData():
     """Register the demo scans (a labeled support CT and a query CT) with Slicer's SampleData module."""
     from FewShotSAM2Lib import sample_data
 
-    sample_data.register()
+    sample_data.register(FewShotSAM2SampleData.downloadSupport, FewShotSAM2SampleData.downloadQuery)
+
+
+class FewShotSAM2SampleData:
+    """The demo samples' customDownloader functions (Slicer application only: SampleData, the scene's cache)."""
+
+    @staticmethod
+    def _download(logic, uri: str, folder: str, fileName: str, checksum: str) -> str:
+        """SampleDataLogic.downloadFile, which returns the path even when the checksum failed (it removes the file)."""
+        import os
+
+        os.makedirs(folder, exist_ok=True)
+        path = logic.downloadFile(uri, folder, fileName, checksum)
+        if not os.path.isfile(path):
+            raise RuntimeError(f"FewShotSAM2 sample data: {uri} could not be downloaded or failed its checksum")
+        return path
+
+    @staticmethod
+    def downloadSupport(source):
+        """ct-a and its labels as a segmentation whose segments are named liver / spleen (not Label_5 / Label_1)."""
+        import SampleData
+
+        from FewShotSAM2Lib import sample_data
+
+        logic = SampleData.SampleDataLogic()
+        cache = slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory()
+        imagePath, labelsPath = (FewShotSAM2SampleData._download(logic, uri, cache, name, checksum)
+                                 for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums))
+        volume = slicer.util.loadVolume(imagePath, {"name": source.nodeNames[0]})
+        labelmap = slicer.util.loadLabelVolume(labelsPath, {"name": source.nodeNames[1] + " (label map)"})
+        try:
+            segmentation = sample_data.namedSegmentation(slicer.mrmlScene, labelmap, source.nodeNames[1])
+            segmentation.CreateDefaultDisplayNodes()
+        finally:
+            slicer.mrmlScene.RemoveNode(labelmap)
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        return [volume, segmentation]
+
+    @staticmethod
+    def downloadQuery(source):
+        """The DICOM series into a folder of its own in the download cache, then one of its files loaded: the
+        archetype reader reads that folder, not the whole shared cache."""
+        import os
+
+        import SampleData
+
+        from FewShotSAM2Lib import sample_data
+
+        logic = SampleData.SampleDataLogic()
+        folder = os.path.join(slicer.mrmlScene.GetCacheManager().GetRemoteCacheDirectory(), sample_data.QUERY_FOLDER)
+        paths = [FewShotSAM2SampleData._download(logic, uri, folder, name, checksum)
+                 for uri, name, checksum in zip(source.uris, source.fileNames, source.checksums)]
+        volume = slicer.util.loadVolume(paths[-1], {"name": source.nodeNames[-1]})
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        return [volume]
 
 
 #
@@ -296,6 +351,9 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastResult = None
         self.python = None  # the interpreter of the segmentation process; None: process.pythonExecutable()
+        # where job folders are made; the widget sets Slicer's temporary folder (the application's temporaryPath, which
+        # the user chooses in Application Settings); None: the system's temporary folder
+        self.temporaryFolder = None
 
     def getParameterNode(self):
         return FewShotSAM2ParameterNode(super().getParameterNode())
@@ -501,7 +559,9 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         returns at once (options as for `estimateSliceRanges`). Bad input raises InputError before any process."""
         extentOptions = {k: options.pop(k) for k in process.EXTENT_OPTIONS if k in options}
         prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
-        extentProcess = process.SegmentationProcess(python=self.python)
+        # the estimate is AlexNet LPIPS: lpips and its weights, besides the packages of every run
+        self.checkDependencies(None, lpipsWeights=extentOptions.get("lpips_weights"), ownProcessOnly=self.python is not None)
+        extentProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
         try:
             arguments = process.extentArguments(extentProcess.folder, prepared.query, prepared.supports,
                                                 prepared.structures, extentOptions)
@@ -564,8 +624,15 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------------------ the process
 
     def start(self, prepared: FewShotSAM2Run) -> FewShotSAM2Job:
-        """Write the inputs to a new temporary folder and start the segmentation process; returns at once."""
-        segmentationProcess = process.SegmentationProcess(python=self.python)
+        """Write the inputs to a new temporary folder and start the segmentation process; returns at once.
+
+        Raises InputError, before anything is written, when a Python package the run needs is missing.
+        """
+        options = prepared.options
+        sliceRange = self._estimatedSliceRange(options.get("slice_range"), prepared.structures)
+        self.checkDependencies(prepared.method, sliceRange, options.get("lpips_net") or "alex",
+                               options.get("lpips_weights"), ownProcessOnly=self.python is not None)
+        segmentationProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
         try:
             arguments = process.writeJobInputs(segmentationProcess.folder, prepared.query, prepared.supports,
                                                prepared.structures)
@@ -575,6 +642,20 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             segmentationProcess.cleanup()
             raise
         return FewShotSAM2Job(prepared, segmentationProcess)
+
+    @staticmethod
+    def _estimatedSliceRange(sliceRange, structures) -> str:
+        """"auto" if the core will estimate the range of any structure (what needs lpips), else "off"; e.g. the
+        Manual table names every structure, so its trailing default "auto" is never used."""
+        from fewshotsam2.slice_range import resolve_slice_ranges
+
+        if not sliceRange:
+            return "off"
+        try:
+            ranges = resolve_slice_ranges(str(sliceRange), structures)
+        except Exception:  # noqa: BLE001  (a bad range is the core's to report; count it as needing the estimate)
+            return "auto" if dependencies.sliceRangeIsAuto(sliceRange) else "off"
+        return "auto" if any(spec.kind == "auto" for spec in ranges.values()) else "off"
 
     def cancel(self, job: FewShotSAM2Job) -> None:
         """Kill the job's process (and its children) now and remove its folder. Nothing is written to the scene.
@@ -627,17 +708,26 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                 outputNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
             else:
                 backup = mrml_io.backupSegmentationNode(outputNode)
+            # a 3D surface the user made (Show 3D) is made again for the new segments
+            had3D = not created and mrml_io.hasClosedSurface(outputNode)
             wasModifying = outputNode.StartModify()
             try:
                 outputNode.GetSegmentation().DeepCopy(newSegmentation)
-                outputNode.SetReferenceImageGeometryParameterFromVolumeNode(queryVolumeNode)
+                # the transform first: SetReferenceImageGeometryParameterFromVolumeNode expresses the volume's
+                # geometry in the segmentation's frame (vtkMRMLSegmentationNode.cxx multiplies in the transform
+                # between the two parents), so with the transform set after it the grid would be moved twice
                 outputNode.SetAndObserveTransformNodeID(queryVolumeNode.GetTransformNodeID())
+                outputNode.SetReferenceImageGeometryParameterFromVolumeNode(queryVolumeNode)
                 outputNode.SetAttribute("FewShotSAM2.Method", str(prepared.method))
-                outputNode.SetAttribute("FewShotSAM2.QueryVolumeID", queryVolumeNode.GetID() or "")
+                # a node reference, not an ID in an attribute: references are renamed on scene import
+                outputNode.SetNodeReferenceID(mrml_io.QUERY_REFERENCE_ROLE, queryVolumeNode.GetID())
+                outputNode.RemoveAttribute("FewShotSAM2.QueryVolumeID")  # written by earlier versions
             finally:
                 outputNode.EndModify(wasModifying)
             if outputNode.GetScene() is not None:
                 outputNode.CreateDefaultDisplayNodes()
+            if had3D:
+                outputNode.CreateClosedSurfaceRepresentation()
         except Exception:
             if created and outputNode is not None and outputNode.GetScene() is not None:
                 displayNode = outputNode.GetDisplayNode()
@@ -650,6 +740,19 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         self.lastResult = result
         return outputNode
 
+    @staticmethod
+    def queryVolumeOf(segmentationNode):
+        """The query volume a FewShotSAM2 result was made from (a node reference, saved with the scene), or None."""
+        return segmentationNode.GetNodeReference(mrml_io.QUERY_REFERENCE_ROLE) if segmentationNode is not None else None
+
+    @staticmethod
+    def showIn3D(segmentationNode, show: bool = True) -> None:
+        """Show (build the closed surface of) or hide a result in the 3D views, as Segment Editor's Show 3D does."""
+        if show:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        else:
+            segmentationNode.RemoveClosedSurfaceRepresentation()
+
     # ------------------------------------------------------------------------------------------ geometry, review
 
     ijkToWorldMatrix = staticmethod(mrml_io.ijkToWorldMatrix)
@@ -660,6 +763,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     sliceCenterRAS = staticmethod(review.sliceCenterRAS)
     jumpToSlice = staticmethod(review.jumpToSlice)
     createConfidenceTable = staticmethod(review.createConfidenceTable)
+    markLowConfidenceSlices = staticmethod(review.markLowConfidenceSlices)
 
     # ------------------------------------------------------------------------------------------ models
 
@@ -700,12 +804,35 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------------------ dependencies
 
-    missingDependencies = staticmethod(dependencies.missingDependencies)
+    missingDependencies = staticmethod(dependencies.missingDependencies)  # (method, sliceRange, lpipsNet)
+    missingWeights = staticmethod(dependencies.missingWeights)
 
     @staticmethod
-    def installDependencies(method="reverse", confirm=None):
-        """Install what `missingDependencies` lists after `confirm(message)` agrees; True if Slicer must restart."""
-        return dependencies.installDependencies(method, confirm)
+    def checkDependencies(method="reverse", sliceRange="off", lpipsNet="alex", lpipsWeights=None,
+                          ownProcessOnly=False) -> None:
+        """InputError naming every missing package a run of `method` (None: the slice-range estimate) needs; a
+        missing LPIPS backbone download is only logged (the core downloads it, or segments every slice).
+
+        ownProcessOnly: another interpreter runs the core (`FewShotSAM2Logic.python` set): only what this process
+        needs to write the job files (SimpleITK, slicerio) is checked here.
+        """
+        if ownProcessOnly:
+            problems = dependencies.missingForJobFiles()
+            if problems:
+                raise _inputError("FewShotSAM2 cannot write the job files: " + "; ".join(problems) + ".")
+            return
+        problems = dependencies.missingDependencies(method, sliceRange, lpipsNet)
+        if problems:
+            raise _inputError("FewShotSAM2 cannot run yet: " + "; ".join(problems) + ". Install them from the "
+                              "FewShotSAM2 module (Segment offers it) or with FewShotSAM2Logic.installDependencies.")
+        weights = dependencies.missingWeights(method, sliceRange, lpipsNet, lpipsWeights)
+        if weights:
+            logging.warning("FewShotSAM2: %s; the run downloads them first", dependencies.weightsLine(weights))
+
+    def installDependencies(self, method="reverse", confirm=None, sliceRange="off", lpipsNet="alex", lpipsWeights=None):
+        """Install what `missingDependencies` lists and download what `missingWeights` lists after `confirm(message)`
+        agrees; True if Slicer must restart."""
+        return dependencies.installDependencies(method, confirm, sliceRange, lpipsNet, lpipsWeights, python=self.python)
 
 
 #
@@ -752,21 +879,35 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rangeVolume = None  # the query the table's ranges are of, and their numpy axis
         self._rangeAxis = 0
         self._rangeNotFound = []  # names of the rows the estimate found nothing for
+        self._unsupported = None  # why this Slicer cannot run the module (Slicer 5.8), shown instead of the panel
+        self._quitConnected = False
+        self._lastOutputNode = None
+        self._markupsNode = None  # the low-confidence slices' marks (a point list), reused across runs
 
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        self._unsupported = dependencies.pythonProblem()
+        if self._unsupported:  # Slicer 5.8 (Python 3.9): say which Slicer is needed instead of failing later
+            label = qt.QLabel(self._unsupported)
+            label.wordWrap = True
+            label.styleSheet = "color: #b05000"
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            logging.error("FewShotSAM2: %s", self._unsupported)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/FewShotSAM2.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = FewShotSAM2Logic()
+        self.logic.temporaryFolder = str(slicer.app.temporaryPath) or None  # qSlicerCoreApplication::temporaryPath
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        slicer.app.connect("aboutToQuit()", self._stopRun)  # closing Slicer stops a running segmentation
+        self._connectApplication()  # closing Slicer stops a running segmentation
 
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.addSupportButton.connect("clicked(bool)", self.onAddSupport)
@@ -776,6 +917,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lowConfidenceTable.connect("cellClicked(int,int)", self.onLowConfidenceCellClicked)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
         self.ui.estimateRangeButton.connect("clicked(bool)", self.onEstimateRanges)
+        self.ui.show3DButton.connect("toggled(bool)", self.onShow3D)
 
         self.ui.progressBar.hide()
         self.ui.statusLabel.text = ""
@@ -787,10 +929,27 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self._onPoll)
 
         self.initializeParameterNode()
+        self._showCoreMismatch()
+
+    def _connectApplication(self) -> None:
+        """aboutToQuit -> stop a run. Made once per widget and undone in cleanup(): Reload makes a new widget
+        (slicer.util.reloadScriptedModule calls the old one's cleanup() first), so connections do not pile up."""
+        if SLICER_APPLICATION and not self._quitConnected:
+            slicer.app.connect("aboutToQuit()", self._onAboutToQuit)
+            self._quitConnected = True
+
+    def _disconnectApplication(self) -> None:
+        if SLICER_APPLICATION and self._quitConnected:
+            slicer.app.disconnect("aboutToQuit()", self._onAboutToQuit)  # PythonQt: same signal, same callable
+        self._quitConnected = False
+
+    def _onAboutToQuit(self) -> None:
+        self._cancelJobs()
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
-        self._stopRun()
+        """Called when the application closes, and on Reload before the new widget is made: the run stops here."""
+        self._cancelJobs()
+        self._disconnectApplication()
         self.removeObservers()
 
     def onReload(self) -> None:
@@ -804,26 +963,40 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
+        """Called each time the user opens this module: show the current state (a run may have gone on meanwhile)."""
+        if self._unsupported:
+            return
         self.initializeParameterNode()
+        self._setProcessingState(self._processingState)
 
     def exit(self) -> None:
-        self._stopRun()  # leaving the module stops a running segmentation
+        """Called each time the user opens a different module (Data, Segment Editor, ...): a run goes on (the
+        timer keeps polling it, its result is applied); only cleanup(), a scene close and quitting stop it."""
+        if self._unsupported:
+            return
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
-    def _stopRun(self) -> None:
-        """Kill a running segmentation or slice-range process (nothing is written) and remove its folder."""
+    def _cancelJobs(self) -> tuple:
+        """Kill a running segmentation or slice-range process (nothing is written) and remove its folder; touches
+        no widget (also called while the widget is being destroyed). Returns the (job, rangeJob) it stopped."""
         job, self._job = self._job, None
         rangeJob, self._rangeJob = self._rangeJob, None
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        for running in (job, rangeJob):
+            if running is not None:
+                self.logic.cancel(running)
+        return job, rangeJob
+
+    def _stopRun(self) -> None:
+        """Stop a running process (`_cancelJobs`) and show that it stopped."""
+        job, rangeJob = self._cancelJobs()
         if job is not None:
-            self.logic.cancel(job)
             slicer.util.showStatusMessage(_("FewShotSAM2: segmentation stopped, nothing was changed."), 5000)
         if rangeJob is not None:
-            self.logic.cancel(rangeJob)
             self._setStatus(_("Slice range estimate stopped; the table is unchanged."))
             slicer.util.showStatusMessage(_("FewShotSAM2: slice range estimate stopped, the table is unchanged."), 5000)
         if job is not None or rangeJob is not None:
@@ -1165,6 +1338,12 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._processingState != ProcessingState.IDLE:
             return
+        try:
+            if not self._ensureDependencies(None):
+                return
+        except Exception as exc:
+            self._reportError(exc, _("Slice ranges could not be estimated"))
+            return
         p = self._parameterNode
         try:
             with slicer.util.WaitCursor():  # only the inputs are written here (a second or so); the estimate runs apart
@@ -1256,13 +1435,42 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._fillRangeTable(p.queryVolume, stored.axis, stored.ranges, stored.notFound)
 
-    def _ensureDependencies(self):
-        method = self._parameterNode.method
-        if not self.logic.missingDependencies(method):
+    def _ensureDependencies(self, method="run"):
+        """Offer to install what the run (method "run": the panel's method and slice range; None: the slice-range
+        estimate) needs. False when the user declined, a restart is needed, or the scene was closed meanwhile."""
+        p = self._parameterNode
+        if method == "run":
+            method, sliceRange = p.method, p.sliceRangeMode if p.sliceRangeMode != "manual" else "off"
+        else:
+            sliceRange = "off"
+        lpipsNet = p.lpipsNet
+        if not self.logic.missingDependencies(method, sliceRange, lpipsNet) and not self.logic.missingWeights(
+                method, sliceRange, lpipsNet):
             return True
-        restart = self.logic.installDependencies(
-            method, confirm=lambda message: slicer.util.confirmOkCancelDisplay(message, windowTitle="FewShotSAM2")
-        )
+        dialog = None
+
+        def confirm(message):
+            nonlocal dialog
+            if not slicer.util.confirmOkCancelDisplay(message, windowTitle="FewShotSAM2"):
+                return False
+            # pip runs in a process of its own but blocks Slicer meanwhile: say so in a modal busy dialog
+            dialog = slicer.util.createProgressDialog(
+                windowTitle="FewShotSAM2", maximum=0, windowModality=qt.Qt.WindowModal,
+                labelText=_("Installing FewShotSAM2's Python packages and downloading weights.\n"
+                            "This can take several minutes; Slicer is busy meanwhile (progress in the Python console)."))
+            dialog.setCancelButton(None)
+            slicer.app.processEvents()
+            return True
+
+        try:
+            with slicer.util.WaitCursor():
+                restart = self.logic.installDependencies(method, confirm=confirm, sliceRange=sliceRange,
+                                                         lpipsNet=lpipsNet)
+        finally:
+            if dialog is not None:
+                dialog.close()
+        if self._parameterNode is None:  # the scene was closed while pip ran (it processes events)
+            return False
         if restart:
             if slicer.util.confirmYesNoDisplay(
                 _("Python packages that Slicer had already loaded were updated; FewShotSAM2 needs a restart of Slicer to use them. Restart now?"),
@@ -1384,8 +1592,10 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._reportError(exc, _("Segmentation failed"))
                 return
             result = self.logic.lastResult
+            self._lastOutputNode = outputNode
             with slicer.util.tryWithErrorDisplay(_("The result was written but could not be shown."), waitCursor=True):
                 outputNode.GetDisplayNode().SetVisibility(True)
+                self._updateShow3DButton()
                 slicer.util.setSliceViewerLayers(background=prepared.queryVolumeNode)
                 self._showResults(prepared, result)
             # wall time as the user waited (process start and model loading included), and the segmentation's own
@@ -1415,15 +1625,22 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result, method, slicer.mrmlScene, tableNode=tableNode, chartNode=chartNode
         )
         self._lowConfidence = self.logic.lowConfidenceSlices(result, method)
+        # the same slices marked where the user looks: a point on each, seen when scrolling through the query
+        self._markupsNode = self.logic.markLowConfidenceSlices(result, self._lowConfidence, prepared.queryVolumeNode,
+                                                               self._lastSliceAxis, self._markupsNode)
         table = self.ui.lowConfidenceTable
         table.clearContents()
         table.setRowCount(len(self._lowConfidence))
         table.setColumnCount(3)
         table.setHorizontalHeaderLabels([_("Segment"), _("Slice"), _("Score")])
+        colors = review.confidenceColors([score for _name, _index, score in self._lowConfidence],
+                                         higherIsBetter=method != "lpips")
         for row, (name, sliceIndex, score) in enumerate(self._lowConfidence):
             for column, text in enumerate((name, str(sliceIndex), f"{score:.3f}")):
                 item = qt.QTableWidgetItem(text)
                 item.setFlags(qt.Qt.ItemIsSelectable | qt.Qt.ItemIsEnabled)
+                if column == 2:  # red = least confident, yellow = the best of the low ones
+                    item.setBackground(qt.QBrush(qt.QColor(*colors[row])))
                 table.setItem(row, column, item)
         kind = self.logic.confidenceKind(method)
         if kind is None:
@@ -1434,6 +1651,29 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
         self.ui.showPlotButton.enabled = self._chartNode is not None
         self.ui.resultsCollapsibleButton.collapsed = False
+
+    def _updateShow3DButton(self):
+        node = self._lastOutputNode if self._lastOutputNode is not None and self._lastOutputNode.GetScene() else None
+        self.ui.show3DButton.enabled = node is not None
+        wasBlocked = self.ui.show3DButton.blockSignals(True)
+        self.ui.show3DButton.checked = node is not None and mrml_io.hasClosedSurface(node)
+        self.ui.show3DButton.blockSignals(wasBlocked)
+
+    def onShow3D(self, show):
+        node = self._lastOutputNode
+        if node is None or node.GetScene() is None:
+            self._updateShow3DButton()
+            return
+        with slicer.util.tryWithErrorDisplay(_("The 3D surface could not be made."), waitCursor=True):
+            self.logic.showIn3D(node, bool(show))
+
+    def _showCoreMismatch(self):
+        """Slicer appends module paths to sys.path last: a pip-installed fewshotsam2 would then be imported here
+        while the run process (PYTHONPATH first) uses the module's own copy. Say so rather than run two versions."""
+        problem = process.coreMismatch()
+        if problem:
+            logging.warning("FewShotSAM2: %s", problem)
+            self._setStatus(problem, warning=True)
 
     def onShowPlot(self):
         if self._chartNode is not None:
@@ -1452,6 +1692,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             windowTitle="FewShotSAM2",
             labelText=_("Downloading SAM2 {model}...").format(model=choices.displayName("modelSize", p.modelSize)),
             maximum=100,
+            windowModality=qt.Qt.WindowModal,  # QProgressDialog is not modal by itself: no edits mid-download
         )
         from fewshotsam2.errors import Cancelled
 
@@ -1514,10 +1755,26 @@ class FewShotSAM2Test(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        problem = dependencies.pythonProblem()
+        if problem:
+            self.delayDisplay("Skipped: " + problem)
+            return
         self.setUp()
         self.test_FewShotSAM2_files()
         self.setUp()
-        self.test_FewShotSAM2_untrained()
+        self._runOrShowSkip(self.test_FewShotSAM2_untrained)
+
+    def _runOrShowSkip(self, test):
+        """Run one test; a skipTest is shown with its reason instead of raised. Slicer's Reload and Test calls
+        runTest() directly, without a unittest runner, so a raised SkipTest would read "Reload and Test failed"
+        (ScriptedLoadableModuleWidget.onReloadAndTest: tryWithErrorDisplay)."""
+        import unittest
+
+        try:
+            test()
+        except unittest.SkipTest as exc:
+            logging.warning("FewShotSAM2 self-test: %s skipped: %s", test.__name__, exc)
+            self.delayDisplay(f"Skipped {test.__name__}: {exc}")
 
     def _syntheticCase(self):
         """A 48x40x12 volume with a bright ellipsoid (1.5 x 1.2 x 3 mm voxels, flipped axes) and a segmentation
@@ -1559,7 +1816,7 @@ class FewShotSAM2Test(ScriptedLoadableModuleTest):
         try:
             if importlib.util.find_spec("slicerio") is not None:  # .seg.nrrd labels need it
                 arguments = process.writeJobInputs(folder, prepared.query, prepared.supports, prepared.structures)
-                self.assertEqual(arguments[-2:], ["--labels", "1"])
+                self.assertEqual(arguments[-2:], ["--labels", "value:1"])  # by value (process.writeJobInputs)
                 query = read_volume(folder / process.QUERY_FILE)
                 np.testing.assert_array_equal(query.array, voxels)
                 self.assertTrue(query.same_grid(prepared.query))

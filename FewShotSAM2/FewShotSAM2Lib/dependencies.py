@@ -7,8 +7,12 @@ is pinned by its SHA256: pip refuses anything else (`--require-hashes`). It is i
 pins (`--no-deps`) and without building its optional CUDA extension (`SAM2_BUILD_CUDA=0`, restored afterwards);
 its runtime dependencies are installed by name.
 
-Nothing here imports torch or sam2: the checks read package metadata and look for files, so Slicer's own process
-stays free of torch (the segmentation runs in its own process).
+Nothing here imports torch, sam2 or lpips: the checks read package metadata and look for files, and torch is
+installed by light-the-torch run in a PythonSlicer process of its own, so Slicer's own process stays free of torch
+(the segmentation runs in its own process; on Windows a loaded torch would lock its DLLs against updates).
+
+What a run needs follows its settings (`needs`): `lpips` and the torchvision ImageNet weights of its backbone
+(AlexNet, 233 MB, downloaded once into torch's cache) for the LPIPS method and for the Automatic slice range.
 """
 
 from __future__ import annotations
@@ -33,9 +37,31 @@ OTHER_REQUIREMENTS = ("scipy", "SimpleITK", "slicerio")
 TORCH_MINIMUM, TORCH_BELOW = (2, 5, 1), (3,)
 TORCH_VERSION_REQUIREMENT = ">=2.5.1,<3"
 
-# import name -> pip name, checked for every method (lpips only for the LPIPS method)
+# Slicer 5.8 ships Python 3.9.10; the core and sam2 1.1.0 need Python >= 3.10 (Slicer 5.10 ships 3.12.10)
+PYTHON_MINIMUM = (3, 10)
+SLICER_REQUIREMENT = "3D Slicer 5.10 or later"
+
+# torchvision ImageNet weights of each LPIPS backbone: (file name in torch's hub cache, size in MB); the core loads
+# them through torchvision (fewshotsam2.lpips_distance), which downloads them there on first use
+LPIPS_BACKBONE_WEIGHTS = {
+    "alex": ("alexnet-owt-7be5be79.pth", 233),
+    "vgg": ("vgg16-397923af.pth", 528),
+    "squeeze": ("squeezenet1_1-b8a52dc0.pth", 5),
+}
+LPIPS_WEIGHTS_ENV = "FEWSHOTSAM2_LPIPS_WEIGHTS"  # fewshotsam2.lpips_distance.LPIPS_WEIGHTS_ENV
+LIGHT_THE_TORCH_REQUIREMENT = "light-the-torch>=0.5"
+
+# import name -> pip name, checked for every method (lpips only when the run needs it: see `needs`)
 _PACKAGES = (("hydra", "hydra-core"), ("iopath", "iopath"), ("PIL", "pillow"), ("tqdm", "tqdm"),
              ("scipy", "scipy"), ("SimpleITK", "SimpleITK"), ("slicerio", "slicerio"))
+
+
+def _findSpec(module: str):
+    """importlib.util.find_spec, with a module blocked in sys.modules (None) counted as missing."""
+    try:
+        return importlib.util.find_spec(module)
+    except ValueError:
+        return None
 
 
 def _version(distribution: str) -> Optional[str]:
@@ -88,9 +114,71 @@ def sam2Problem() -> Optional[str]:
     return None
 
 
-def missingDependencies(method: str = "reverse") -> list[str]:
-    """What must be installed or fixed before a run, as readable lines (empty: ready). Nothing is imported."""
+def pythonProblem(versionInfo=None) -> Optional[str]:
+    """Why this Slicer's Python cannot run FewShotSAM2 (Slicer 5.8 has Python 3.9), or None."""
+    version = tuple(versionInfo or sys.version_info)[:3]
+    if version[:2] >= PYTHON_MINIMUM:
+        return None
+    return (f"FewShotSAM2 needs {SLICER_REQUIREMENT}: this Slicer runs Python {'.'.join(str(v) for v in version)}, "
+            f"and FewShotSAM2 and SAM2 need Python {'.'.join(str(v) for v in PYTHON_MINIMUM)} or later. "
+            "Install a current 3D Slicer from download.slicer.org.")
+
+
+def sliceRangeIsAuto(sliceRange) -> bool:
+    """Whether a --slice-range text ("auto", "off", "3:40", "1=auto,off", ...) estimates any range."""
+    if sliceRange is None:
+        return False
+    return any(item.split("=", 1)[-1].strip().lower() == "auto" for item in str(sliceRange).split(","))
+
+
+def needs(method: Optional[str] = "reverse", sliceRange="off", lpipsNet: str = "alex") -> dict:
+    """What a run needs beyond the packages of every run: {"lpips": bool, "weights": [LPIPS backbone names]}.
+
+    method None: the slice-range estimate (`fewshotsam2 extent`), which always compares slices with AlexNet LPIPS.
+    The Automatic slice range (`sliceRange` "auto", the GUI's default) runs the same estimate before segmenting.
+    """
+    nets = []
+    if method is None or sliceRangeIsAuto(sliceRange):
+        nets.append("alex")
+    if method == "lpips" and lpipsNet not in nets:
+        nets.append(lpipsNet)
+    return {"lpips": bool(nets), "weights": nets}
+
+
+def torchHubCheckpoints() -> Path:
+    """torch.hub's checkpoint folder as torch computes it ($TORCH_HOME/hub, default $XDG_CACHE_HOME/torch/hub)."""
+    torchHome = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")), "torch")
+    return Path(os.path.expanduser(torchHome)) / "hub" / "checkpoints"
+
+
+def missingWeights(method: Optional[str] = "reverse", sliceRange="off", lpipsNet: str = "alex",
+                   lpipsWeights: Optional[str] = None) -> list[str]:
+    """The LPIPS backbones whose ImageNet weights the run needs and torch's cache lacks (a weights file given with
+    `lpipsWeights` or $FEWSHOTSAM2_LPIPS_WEIGHTS serves the AlexNet estimate and the LPIPS method alike)."""
+    if lpipsWeights or os.environ.get(LPIPS_WEIGHTS_ENV):
+        return []
+    folder = torchHubCheckpoints()
+    return [net for net in needs(method, sliceRange, lpipsNet)["weights"]
+            if not (folder / LPIPS_BACKBONE_WEIGHTS[net][0]).is_file()]
+
+
+def weightsLine(nets: list[str]) -> str:
+    """One readable line about the backbone weights a run will download."""
+    files = ", ".join(f"{LPIPS_BACKBONE_WEIGHTS[n][0]} ({LPIPS_BACKBONE_WEIGHTS[n][1]} MB)" for n in nets)
+    return (f"the ImageNet weights of the LPIPS backbone ({files}) are not downloaded yet; the Automatic slice range "
+            f"and the LPIPS method need them (once, into {torchHubCheckpoints()})")
+
+
+def missingDependencies(method: Optional[str] = "reverse", sliceRange="off", lpipsNet: str = "alex") -> list[str]:
+    """What must be installed or fixed before a run, as readable lines (empty: ready). Nothing is imported.
+
+    method None: the slice-range estimate. sliceRange: the run's --slice-range ("auto" needs lpips too).
+    """
     problems = []
+    python = pythonProblem()
+    if python:
+        return [python]
     torch = torchProblem()
     if torch:
         problems.append(torch)
@@ -99,11 +187,17 @@ def missingDependencies(method: str = "reverse") -> list[str]:
     sam2 = sam2Problem()
     if sam2:
         problems.append(sam2)
-    wanted = list(_PACKAGES) + ([("lpips", LPIPS_REQUIREMENT)] if method == "lpips" else [])
+    wanted = list(_PACKAGES) + ([("lpips", LPIPS_REQUIREMENT)] if needs(method, sliceRange, lpipsNet)["lpips"] else [])
     for module, pipName in wanted:
-        if importlib.util.find_spec(module) is None:
+        if _findSpec(module) is None:
             problems.append(f"{pipName} is not installed")
     return problems
+
+
+def missingForJobFiles() -> list[str]:
+    """What Slicer's own process needs to write a run's inputs (the images as NRRD, the labels as .seg.nrrd)."""
+    return [f"{pipName} is not installed" for module, pipName in (("SimpleITK", "SimpleITK"), ("slicerio", "slicerio"))
+            if _findSpec(module) is None]
 
 
 def _pipInstall(arguments: list[str]) -> None:
@@ -132,22 +226,45 @@ def installSam2() -> None:
 
 
 def installTorch() -> None:
-    """torch (and torchvision) through the PyTorch extension's PyTorchUtils, which picks the CUDA build that fits
-    the driver; plain pip when that extension is absent. An installed torch of a usable version is kept."""
+    """torch and torchvision, installed by light-the-torch (which picks the CUDA build that fits the driver, as the
+    PyTorch extension's PyTorchUtils does) run as `PythonSlicer -m light_the_torch install ...`, a process of its own.
+
+    PyTorchUtils.installTorch is not used: it imports light_the_torch and then torch into Slicer's process (on
+    Windows the loaded DLLs then stay locked until Slicer quits). An installed torch of a usable version is kept:
+    only torchvision is added, pinned to it without the local tag (`torch==2.5.1`, never `==2.5.1+cu121`, which no
+    index serves under that name). Plain pip when light-the-torch cannot be run.
+    """
+    import slicer
+
     installed = _version("torch") if torchProblem() is None else None
-    # torchvision for the installed torch: pin torch to itself so that pip does not replace it
-    torchRequirement = f"=={installed}" if installed else TORCH_VERSION_REQUIREMENT
-    try:
-        import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
-    except ImportError:
-        PyTorchUtils = None
-    if PyTorchUtils is not None:
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=torchRequirement)
-        if torch is None:
-            raise RuntimeError("PyTorch was not installed (PyTorch Utils module).")
-        return
-    logging.info("FewShotSAM2: PyTorch extension not found, installing torch with pip (CPU/CUDA build as pip picks)")
+    torchRequirement = f"=={installed.split('+', 1)[0]}" if installed else TORCH_VERSION_REQUIREMENT
+    # PythonSlicer -m MODULE ARGS: executePythonModule from 5.12 (_executePythonModule is deprecated there), the
+    # private one in 5.10
+    runModule = getattr(slicer.util, "executePythonModule", None) or getattr(slicer.util, "_executePythonModule", None)
+    if runModule is not None:
+        try:
+            if _findSpec("light_the_torch") is None:
+                _pipInstall([LIGHT_THE_TORCH_REQUIREMENT])
+                importlib.invalidate_caches()
+            runModule("light_the_torch", ["install", f"torch{torchRequirement}", "torchvision"])
+            return
+        except Exception as exc:  # noqa: BLE001  (no light-the-torch: pip's own choice of build below)
+            logging.warning("FewShotSAM2: light-the-torch could not install torch (%s); trying pip", exc)
+    logging.info("FewShotSAM2: installing torch with pip (CPU/CUDA build as pip picks)")
     _pipInstall([f"torch{torchRequirement}", "torchvision"])
+
+
+def downloadLpipsWeights(nets: list[str], python: Optional[str] = None) -> None:
+    """Download the torchvision ImageNet weights of LPIPS backbones into torch's cache, in a process of its own (torch
+    is never imported into Slicer); the same call the core makes on first use (fewshotsam2.lpips_distance)."""
+    from . import process
+
+    process.runCore(
+        "from fewshotsam2.lpips_distance import _torchvision_state_dict\n"
+        "for net in sys.argv[1:]:\n"
+        "    _torchvision_state_dict(net)\n",
+        *nets, python=python,
+    )
 
 
 # distributions whose module may already be loaded in Slicer's Python and could be replaced by an install
@@ -166,45 +283,61 @@ def importedDistributionVersions() -> dict[str, str]:
     return versions
 
 
-def installDependencies(method: str = "reverse", confirm: Optional[Callable[[str], bool]] = None) -> bool:
-    """Install what `missingDependencies` lists, after `confirm(message) -> bool` agrees. Never silent.
+def installDependencies(method: Optional[str] = "reverse", confirm: Optional[Callable[[str], bool]] = None,
+                        sliceRange="off", lpipsNet: str = "alex", lpipsWeights: Optional[str] = None,
+                        python: Optional[str] = None) -> bool:
+    """Install what `missingDependencies` lists and download what `missingWeights` lists, after
+    `confirm(message) -> bool` agrees. Never silent.
 
     A torch of the wrong version is not replaced (other extensions may depend on it): the user is told what to do.
     Returns True if Slicer should be restarted (a package already imported got another version on disk).
     """
-    problems = missingDependencies(method)
-    if not problems:
+    python_ = pythonProblem()
+    if python_:
+        raise RuntimeError(python_)
+    problems = missingDependencies(method, sliceRange, lpipsNet)
+    weights = missingWeights(method, sliceRange, lpipsNet, lpipsWeights)
+    if not problems and not weights:
         return False
     torch = torchProblem()
-    if torch and importlib.util.find_spec("torch") is not None:
+    if torch and _findSpec("torch") is not None:
         raise RuntimeError(
             torch + ". Install a suitable version with the PyTorch Utils module (or pip) and restart Slicer; "
             "FewShotSAM2 does not replace an installed torch because other extensions may rely on it."
         )
-    message = (
-        "FewShotSAM2 cannot run yet:\n- " + "\n- ".join(problems) + "\n\n"
-        f"Install now? torch{TORCH_VERSION_REQUIREMENT} (several GB with CUDA; through the PyTorch extension when "
-        f"present), sam2 {SAM2_VERSION} (checked against its SHA256) and the packages listed above will be "
-        "downloaded from PyPI. This can take minutes."
-    )
+    lines = problems + ([weightsLine(weights)] if weights else [])
+    message = "FewShotSAM2 cannot run yet:\n- " + "\n- ".join(lines) + "\n\n"
+    if problems:
+        message += (f"Install now? torch{TORCH_VERSION_REQUIREMENT} (several GB with CUDA, through light-the-torch), "
+                    f"sam2 {SAM2_VERSION} (checked against its SHA256) and the packages listed above will be "
+                    "downloaded from PyPI")
+        message += ", and the weights from download.pytorch.org." if weights else "."
+        message += " This can take minutes; Slicer is busy meanwhile."
+    else:
+        message += "Download them now from download.pytorch.org? (Or choose Slice range: Off to segment every slice.)"
     if confirm is None or not confirm(message):
-        raise RuntimeError("FewShotSAM2 cannot run without its Python packages: " + "; ".join(problems) + ".")
-    before = importedDistributionVersions()
-    if torch or importlib.util.find_spec("torchvision") is None:
-        installTorch()
-    if sam2Problem():
-        installSam2()
-    requirements = [r for (module, _pip), r in zip(_PACKAGES, list(SAM2_RUNTIME_REQUIREMENTS) + list(OTHER_REQUIREMENTS))
-                    if importlib.util.find_spec(module) is None]
-    if method == "lpips" and importlib.util.find_spec("lpips") is None:
-        requirements.append(LPIPS_REQUIREMENT)
-    if requirements:
-        _pipInstall(requirements)
-    importlib.invalidate_caches()
-    still = missingDependencies(method)
-    if still:
-        raise RuntimeError("Installation finished but FewShotSAM2 still cannot run: " + "; ".join(still) + ".")
-    changed = sorted(name for name, version in before.items() if importedDistributionVersions().get(name) != version)
-    if changed:
-        logging.warning("FewShotSAM2: already imported packages were replaced (%s): restart Slicer", ", ".join(changed))
+        raise RuntimeError("FewShotSAM2 cannot run without: " + "; ".join(lines) + ".")
+    changed = []
+    if problems:
+        before = importedDistributionVersions()
+        if torch or _findSpec("torchvision") is None:
+            installTorch()
+        if sam2Problem():
+            installSam2()
+        requirements = [r for (module, _pip), r in zip(_PACKAGES, list(SAM2_RUNTIME_REQUIREMENTS) + list(OTHER_REQUIREMENTS))
+                        if _findSpec(module) is None]
+        if needs(method, sliceRange, lpipsNet)["lpips"] and _findSpec("lpips") is None:
+            requirements.append(LPIPS_REQUIREMENT)
+        if requirements:
+            _pipInstall(requirements)
+        importlib.invalidate_caches()
+        still = missingDependencies(method, sliceRange, lpipsNet)
+        if still:
+            raise RuntimeError("Installation finished but FewShotSAM2 still cannot run: " + "; ".join(still) + ".")
+        changed = sorted(name for name, version in before.items() if importedDistributionVersions().get(name) != version)
+        if changed:
+            logging.warning("FewShotSAM2: already imported packages were replaced (%s): restart Slicer", ", ".join(changed))
+    weights = missingWeights(method, sliceRange, lpipsNet, lpipsWeights)
+    if weights:
+        downloadLpipsWeights(weights, python=python)
     return bool(changed)

@@ -128,17 +128,74 @@ def volumeFromNode(volumeNode, what: str = "volume"):
 # ---------------------------------------------------------------------------------------------- segments
 
 
+def _labelmapName() -> str:
+    return slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+
+
+def _convertedOnVolumeGrid(segmentationNode, segmentId: str, volumeNode):
+    """A segment that has no binary labelmap yet (e.g. a closed surface), converted on the volume's voxel grid.
+
+    vtkSlicerSegmentationsModuleLogic::GetSegmentRepresentation would convert it on the segmentation's own
+    reference geometry, which may be much coarser than the volume. Here a copy of the segment alone is converted
+    with the volume's grid (expressed in the segmentation's frame) as the reference geometry; the labelmap is then
+    returned in world coordinates. None when the segmentation's transform is not linear (the caller falls back).
+    """
+    toWorld = np.eye(4)
+    transformNode = segmentationNode.GetParentTransformNode()
+    if transformNode is not None:
+        if not transformNode.IsTransformToWorldLinear():
+            return None
+        matrix = vtk.vtkMatrix4x4()
+        transformNode.GetMatrixTransformToWorld(matrix)
+        toWorld = vtkMatrixToNumpy(matrix)
+    volumeToSegmentation = np.linalg.inv(toWorld) @ ijkToWorldMatrix(volumeNode)
+    source = segmentationNode.GetSegmentation()
+    copy = slicer.vtkSegmentation()
+    copy.SetSourceRepresentationName(source.GetSourceRepresentationName())
+    copy.CopyConversionParameters(source)
+    copy.SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(numpyToVtkMatrix(volumeToSegmentation),
+                                                               volumeNode.GetImageData()))
+    segment = slicer.vtkSegment()
+    segment.DeepCopy(source.GetSegment(segmentId))
+    copy.AddSegment(segment, segmentId)
+    if not copy.CreateRepresentation(_labelmapName()):
+        return None
+    converted = copy.GetSegment(segmentId).GetRepresentation(_labelmapName())
+    if converted is None:
+        return None
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.DeepCopy(converted)
+    local = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(local)
+    labelmap.SetImageToWorldMatrix(numpyToVtkMatrix(toWorld @ vtkMatrixToNumpy(local)))
+    return labelmap
+
+
 def segmentMaskOnVolume(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
     """Boolean [k, j, i] mask of one segment resampled (nearest neighbour) onto a volume's voxel grid.
 
-    Works whatever the segmentation's own geometry, source representation or transforms: Slicer converts the
-    segment to a binary labelmap in world coordinates, which is then resampled onto the volume's grid.
+    Works whatever the segmentation's own geometry, source representation or transforms: the segment's binary
+    labelmap in world coordinates (converted on the volume's own grid when the segmentation has none, e.g. a
+    closed surface) is resampled onto the volume's grid.
     """
-    labelmap = slicer.vtkOrientedImageData()
-    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentationNode, segmentId, labelmap, True
-    ):
-        raise inputError(f"Segment '{segmentId}' of '{nodeName(segmentationNode)}' cannot be converted to a binary labelmap.")
+    segmentation = segmentationNode.GetSegmentation()
+    labelmap = None
+    # a stored labelmap may be a layer shared by several segments: this segment's voxels carry its label value;
+    # a converted one is this segment alone, with the converter's value (1), whatever GetLabelValue says
+    labelValue = None
+    sourceIsLabelmap = segmentation.GetSourceRepresentationName() == _labelmapName()
+    if not sourceIsLabelmap and segmentation.GetSegment(segmentId) is not None:
+        labelmap = _convertedOnVolumeGrid(segmentationNode, segmentId, volumeNode)
+    if labelmap is None:
+        labelmap = slicer.vtkOrientedImageData()
+        if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentationNode, segmentId, labelmap, True
+        ):
+            raise inputError(f"Segment '{segmentId}' of '{nodeName(segmentationNode)}' cannot be converted to a binary labelmap.")
+        if sourceIsLabelmap:
+            labelValue = segmentation.GetSegment(segmentId).GetLabelValue()
     dims = volumeNode.GetImageData().GetDimensions()
     mask = np.zeros((dims[2], dims[1], dims[0]), dtype=bool)
     extent = labelmap.GetExtent()
@@ -159,8 +216,7 @@ def segmentMaskOnVolume(segmentationNode, segmentId: str, volumeNode) -> np.ndar
         return mask
     values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars())
     values = values.reshape(rext[5] - rext[4] + 1, rext[3] - rext[2] + 1, rext[1] - rext[0] + 1)
-    # Shared labelmap layers hold several segments: this segment's voxels carry its label value.
-    inside = values == segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+    inside = values != 0 if labelValue is None else values == labelValue
     # Place the resampled extent inside the volume's extent (they are equal unless the segment is smaller).
     lo = [max(rext[2 * a], 0) for a in range(3)]
     hi = [min(rext[2 * a + 1], dims[a] - 1) for a in range(3)]
@@ -206,7 +262,15 @@ def segmentationFromLabels(labels: np.ndarray, structures, queryVolumeNode, meta
     return segmentation
 
 
-OUTPUT_ATTRIBUTES = ("FewShotSAM2.Method", "FewShotSAM2.QueryVolumeID")
+OUTPUT_ATTRIBUTES = ("FewShotSAM2.Method", "FewShotSAM2.QueryVolumeID")  # the second: written by earlier versions
+QUERY_REFERENCE_ROLE = "FewShotSAM2.QueryVolume"  # output segmentation -> the query volume it was made from
+
+
+def hasClosedSurface(segmentationNode) -> bool:
+    """Whether the segmentation holds a closed surface (Show 3D was on)."""
+    name = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    segmentation = segmentationNode.GetSegmentation()
+    return segmentation is not None and bool(segmentation.ContainsRepresentation(name))
 
 
 def backupSegmentationNode(node) -> dict:
@@ -218,6 +282,7 @@ def backupSegmentationNode(node) -> dict:
         "referenceID": node.GetNodeReferenceID(role),
         "transformID": node.GetTransformNodeID(),
         "attributes": {name: node.GetAttribute(name) for name in OUTPUT_ATTRIBUTES},
+        "queryID": node.GetNodeReferenceID(QUERY_REFERENCE_ROLE),
     }
 
 
@@ -227,6 +292,7 @@ def restoreSegmentationNode(node, backup: dict) -> None:
         node.GetSegmentation().DeepCopy(backup["segmentation"])
         node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), backup["referenceID"])
         node.SetAndObserveTransformNodeID(backup["transformID"])
+        node.SetNodeReferenceID(QUERY_REFERENCE_ROLE, backup["queryID"])
         for name, value in backup["attributes"].items():
             if value is None:
                 node.RemoveAttribute(name)

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +30,8 @@ import numpy as np
 
 from fewshotsam2 import protocol, settings  # pure Python: the process table and the settings table
 
+from . import windows_job
+
 QUERY_FILE = "query.nrrd"
 RESULT_FILE = "result.nrrd"
 SCORES_FILE = "scores.csv"
@@ -36,6 +39,8 @@ PROGRESS_FILE = "progress.jsonl"
 STDERR_FILE = "stderr.txt"
 EXIT_BAD_INPUT = protocol.EXIT_BAD_INPUT
 EXTENT_OPTIONS = settings.EXTENT_SETTINGS  # the Logic options `extent` takes
+KILL_WAIT_S = 10  # longest wait for a killed process to be gone
+REMOVE_ATTEMPTS = 6  # tries to remove a job folder (about 4 s in all)
 
 
 def coreFolder() -> Path:
@@ -64,8 +69,45 @@ def coreEnvironment() -> dict:
     core = str(coreFolder())
     env["PYTHONPATH"] = core + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    # the progress lines and error messages are read as UTF-8; on Windows Python would write the ANSI code page
+    env["PYTHONIOENCODING"] = "utf-8"
+    # Apple GPUs: operators MPS lacks run on the CPU instead of failing (the user can still set it to 0)
+    env.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     env.pop("PYTHONSTARTUP", None)
     return env
+
+
+def coreMismatch() -> Optional[str]:
+    """Why Slicer's process imports another fewshotsam2 than the one shipped with the module, or None.
+
+    The run process puts the module's folder first on PYTHONPATH; Slicer appends module folders to sys.path last,
+    so a fewshotsam2 pip-installed into Slicer's Python would win there and the two processes would run different
+    versions (options, file formats).
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("fewshotsam2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    shipped = (coreFolder() / "fewshotsam2").resolve()
+    found = [Path(p).resolve() for p in spec.submodule_search_locations]
+    if shipped in found:
+        return None
+    return (f"another fewshotsam2 is installed in Slicer's Python ({', '.join(str(f) for f in found)}) and shadows "
+            f"the one of this module ({shipped}); the segmentation would run a different version than the panel. "
+            "Uninstall it (in Slicer's Python console: slicer.util.pip_uninstall('fewshotsam2')) and restart Slicer.")
+
+
+def _windowsNoWindow() -> dict:
+    """Popen keywords that keep a console window from flashing up on Windows (nothing elsewhere)."""
+    if os.name != "nt":
+        return {}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # wShowWindow 0 = SW_HIDE
+    return {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW}
 
 
 def runCore(code: str, *arguments: str, python: Optional[str] = None) -> str:
@@ -80,7 +122,7 @@ def runCore(code: str, *arguments: str, python: Optional[str] = None) -> str:
               f"    sys.exit({EXIT_BAD_INPUT})\n")
     run = subprocess.run([python or pythonExecutable(), "-c", script, *arguments], cwd=str(coreFolder()),
                          env=coreEnvironment(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         encoding="utf-8", errors="replace")
+                         encoding="utf-8", errors="replace", **_windowsNoWindow())
     if run.returncode == 0:
         return run.stdout
     message = errorFromStderr(run.stderr, run.returncode)
@@ -217,8 +259,11 @@ class SegmentationProcess:
     `readResult` / `readExtent` read what the finished run wrote.
     """
 
-    def __init__(self, folder: Optional[Path] = None, python: Optional[str] = None):
-        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="FewShotSAM2-"))
+    def __init__(self, folder: Optional[Path] = None, python: Optional[str] = None, parent: Optional[str] = None):
+        """folder: the job folder (None: a new one in `parent`, else in the system's temporary folder)."""
+        if parent is not None:
+            os.makedirs(parent, exist_ok=True)
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="FewShotSAM2-", dir=parent))
         self.python = python or pythonExecutable()
         self.process: Optional[subprocess.Popen] = None
         self.command: list[str] = []
@@ -230,6 +275,7 @@ class SegmentationProcess:
         self.what = "segmentation"  # what the process does, for its error messages
         self._offset = 0
         self._partial = b""
+        self._job = None  # Windows: the Job Object handle (kill on close)
 
     # -------------------------------------------------------------------------- start / stop
 
@@ -257,14 +303,17 @@ class SegmentationProcess:
         env[protocol.PARENT_PID_ENV] = str(os.getpid())  # the run stops if Slicer is killed (protocol.py)
         kwargs: dict = {}
         if os.name == "nt":
-            info = subprocess.STARTUPINFO()
-            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # no console window
-            kwargs.update(startupinfo=info, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
+            kwargs.update(_windowsNoWindow())
+            kwargs["creationflags"] |= subprocess.CREATE_NEW_PROCESS_GROUP
         else:
             kwargs.update(start_new_session=True)  # its own process group: Cancel kills the children too
         with open(self.folder / PROGRESS_FILE, "wb") as out, open(self.folder / STDERR_FILE, "wb") as err:
             self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                             cwd=core, env=env, **kwargs)
+        if os.name == "nt":
+            # a Job Object that kills the run when Slicer's handle closes (Slicer killed or crashed): the
+            # FEWSHOTSAM2_PARENT_PID check of the command line is POSIX only
+            self._job = windows_job.killOnCloseJob(self.process)
         logging.info("FewShotSAM2: started %s", " ".join(self.command))
         return self
 
@@ -277,18 +326,31 @@ class SegmentationProcess:
         try:
             if os.name == "nt":
                 subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, check=False)
+                               stderr=subprocess.DEVNULL, check=False, timeout=KILL_WAIT_S, **_windowsNoWindow())
             else:
                 os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, OSError):
+        except (ProcessLookupError, PermissionError, OSError, subprocess.TimeoutExpired):
             process.kill()
-        process.wait()
+        try:
+            process.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:  # never hang Slicer on a process that does not die
+            logging.warning("FewShotSAM2: process %s did not stop within %s s", process.pid, KILL_WAIT_S)
 
     def cleanup(self) -> None:
-        """Remove the job folder (inputs, result, logs)."""
+        """Remove the job folder (inputs, result, logs). On Windows a just-killed process may hold its files open
+        for a moment (files cannot be deleted while open there): removal is retried for a few seconds."""
         if self.process is not None and self.process.poll() is None:
             self.cancel()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        for attempt in range(REMOVE_ATTEMPTS):
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if not self.folder.exists():
+                break
+            time.sleep(0.2 * (attempt + 1))
+        else:
+            logging.warning("FewShotSAM2: could not remove the job folder %s", self.folder)
+        if self._job is not None:
+            windows_job.close(self._job)
+            self._job = None
 
     # -------------------------------------------------------------------------- state
 

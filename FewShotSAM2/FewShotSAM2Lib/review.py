@@ -45,6 +45,66 @@ def lowConfidenceSlices(result, method: str) -> list[tuple[str, int, float]]:
     return [(s.structure, int(s.slice_index), float(s.score)) for s in low]
 
 
+def confidenceColors(scores: list[float], higherIsBetter: bool = True) -> list[tuple[int, int, int]]:
+    """An RGB colour per score for the Results table: red for the least confident, shading to yellow for the most
+    confident of the listed ones (reverse: pi, higher is better; lpips: distance, lower is better)."""
+    if not scores:
+        return []
+    values = np.asarray(scores, dtype=float)
+    low, high = float(values.min()), float(values.max())
+    spread = high - low
+    out = []
+    for v in values:
+        good = 0.5 if spread <= 0 else (v - low) / spread  # 0..1, 1 = best
+        if not higherIsBetter:
+            good = 1.0 - good
+        out.append((255, int(round(90 + 130 * good)), 90))
+    return out
+
+
+def markLowConfidenceSlices(result, lowConfidence, queryVolumeNode, sliceAxis: int, markupsNode=None,
+                            name: str = "FewShotSAM2 low confidence"):
+    """Mark each low-confidence slice in the slice views: one locked point per (structure, slice, score) of
+    `lowConfidence`, at the centre of that structure's mask on that slice (the slice's centre when the mask is
+    empty there), labelled "liver 12: 0.31". A point list shows a point only on the slice it lies on, so scrolling
+    through the query shows the mark exactly on the slices to check. Reuses `markupsNode` if given (its points are
+    replaced); returns the node, or None (and removes a given node's points) when there is nothing to mark."""
+    scene = queryVolumeNode.GetScene()
+    if markupsNode is not None and markupsNode.GetScene() is not scene:
+        markupsNode = None
+    if not lowConfidence:
+        if markupsNode is not None:
+            markupsNode.RemoveAllControlPoints()
+        return markupsNode
+    if markupsNode is None:
+        markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
+        markupsNode.CreateDefaultDisplayNodes()
+    markupsNode.RemoveAllControlPoints()
+    values = {s.name: s.value for s in result.structures}
+    labels = np.asarray(result.labels.array)
+    toWorld = ijkToWorldMatrix(queryVolumeNode)
+    for structureName, sliceIndex, score in lowConfidence:
+        plane = np.take(labels, int(sliceIndex), axis=int(sliceAxis)) == values.get(structureName, -1)
+        other = [a for a in range(3) if a != int(sliceAxis)]  # the two array axes left in `plane`, in order
+        index = [0.0, 0.0, 0.0]  # array index [k, j, i]
+        index[int(sliceAxis)] = float(sliceIndex)
+        if plane.any():
+            rows, cols = np.nonzero(plane)
+            index[other[0]], index[other[1]] = float(rows.mean()), float(cols.mean())
+        else:
+            shape = labels.shape
+            index[other[0]], index[other[1]] = (shape[other[0]] - 1) / 2.0, (shape[other[1]] - 1) / 2.0
+        ras = toWorld @ np.array([index[2], index[1], index[0], 1.0])  # IJK = reversed array index
+        point = markupsNode.AddControlPoint(float(ras[0]), float(ras[1]), float(ras[2]),
+                                            f"{structureName} {int(sliceIndex)}: {score:.2f}")
+        markupsNode.SetNthControlPointLocked(point, True)
+    displayNode = markupsNode.GetDisplayNode()
+    if displayNode is not None:
+        displayNode.SetSelectedColor(1.0, 0.25, 0.25)
+        displayNode.SetColor(1.0, 0.25, 0.25)
+    return markupsNode
+
+
 def sliceCenterRAS(volumeNode, sliceAxis: int, sliceIndex: int) -> list[float]:
     """World RAS of the centre of one slice of a volume (slice index along the labels array axis sliceAxis)."""
     dims = volumeNode.GetImageData().GetDimensions()

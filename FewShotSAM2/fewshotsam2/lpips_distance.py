@@ -125,8 +125,9 @@ class LPIPSDistance:
         size: int = 224,
         batch_size: int = 16,
     ) -> None:
-        import lpips
+        from .requirements import require_lpips
 
+        lpips = require_lpips()  # one clear error line when it is not installed
         if net not in NETS:
             raise InputError(f"unknown LPIPS network '{net}'; choose one of {', '.join(NETS)}")
         if size < 32:

@@ -350,6 +350,9 @@ def estimated_ranges(run: Run, structures: list[Structure]) -> dict[int, StackRa
     """Per structure value, the range the extent estimator finds from the supports (None: empty)."""
     import os
 
+    from .requirements import require_lpips
+
+    require_lpips()  # missing lpips is an error, not "every slice": installing it is the fix
     options = run.options
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
                or os.environ.get(LPIPS_WEIGHTS_ENV))
