@@ -201,6 +201,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
+    from .atomic import publish_together
     from .paths import refuse_overwriting_inputs
     from .pipeline import SupportCase, check_query, make_engine, segment, write_scores
     from .volume import check_output_path, output_structures, read_labels, read_volume, structure_mask, write_labels
@@ -270,9 +271,10 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
     finally:
         if isinstance(bar, _ProgressBar):
             bar.close()
-    write_labels(args.out, result.labels, result.structures)
-    if args.scores:
-        write_scores(args.scores, result.scores, result.slice_ranges, result.structures)
+    with publish_together():  # both outputs or neither (a full disk while writing the scores keeps no --out)
+        write_labels(args.out, result.labels, result.structures)
+        if args.scores:
+            write_scores(args.scores, result.scores, result.slice_ranges, result.structures)
     voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
     if json_lines:
         _json_line(event="done", out=str(args.out), device=str(getattr(engine, "device", "")),

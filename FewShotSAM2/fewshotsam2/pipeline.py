@@ -346,15 +346,23 @@ def write_scores(path: str, scores: list[SliceScore],
         r = slice_ranges.get(value)
         return ["", ""] if r is None else [r[0], r[1]]
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(SCORE_COLUMNS + (RANGE_COLUMNS if slice_ranges is not None else ()))
-            for s in scores:
-                w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.higher_is_better),
-                            int(s.selected), "" if s.match is None else str(s.match),
-                            "" if s.match is None else s.match.array_index] + bounds(s.value))
-            scored = {s.value for s in scores}
-            for st in structures or []:
-                if slice_ranges is not None and st.value not in scored:
-                    w.writerow([st.name, st.value] + [""] * (len(SCORE_COLUMNS) - 2) + bounds(st.value))
+    import io
+
+    from .atomic import disk_problem, write_target, write_text_atomic
+
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(SCORE_COLUMNS + (RANGE_COLUMNS if slice_ranges is not None else ()))
+    for s in scores:
+        w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.higher_is_better),
+                    int(s.selected), "" if s.match is None else str(s.match),
+                    "" if s.match is None else s.match.array_index] + bounds(s.value))
+    scored = {s.value for s in scores}
+    for st in structures or []:
+        if slice_ranges is not None and st.value not in scored:
+            w.writerow([st.name, st.value] + [""] * (len(SCORE_COLUMNS) - 2) + bounds(st.value))
+    try:
+        write_text_atomic(path, f.getvalue())
+    except OSError as e:  # a full disk: one line, exit 2 (inside publish_together the --out file is not kept)
+        raise InputError(f"{path}: cannot write ({disk_problem(e, write_target(path).parent)}); nothing was "
+                         "written") from None

@@ -8,6 +8,7 @@ GetArrayFromImage order); `spacing` and `origin` are in (i, j, k) order, millime
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import struct
@@ -21,7 +22,7 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path
+from .atomic import IncompleteWrite, atomic_path, disk_problem, write_target
 from .errors import InputError
 
 PathLike = Union[str, Path]
@@ -542,6 +543,7 @@ def check_output_path(path: PathLike) -> None:
     p = Path(path)
     if _output_extension(p) is None:
         raise InputError(f"{p.name}: unknown output format; use one of {', '.join(OUTPUT_EXTENSIONS)}")
+    p = write_target(p)  # a symlink is written through: its target's folder must take the file
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{p}: output folder {folder} does not exist")
@@ -631,10 +633,24 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) ->
 
     try:
         # ITK's writers also print their complaints on stderr: the error below is the one line
-        with _stderr_captured(), atomic_path(p) as tmp:  # same extension, lower case: ITK picks the writer by it
+        with _stderr_captured(), atomic_path(p, verify=lambda tmp: _check_written(tmp, arr)) as tmp:
+            # same extension, lower case: ITK picks the writer by it
             if ext == ".seg.nrrd":
                 _write_seg_nrrd(str(tmp), out, all_structures, arr)
             else:
                 sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=(ext != ".nii"))
     except (OSError, RuntimeError, ValueError) as e:
-        raise InputError(f"{p}: cannot write ({_first_line(e)})") from None
+        raise InputError(f"{p}: cannot write ({disk_problem(e, write_target(p).parent)}); nothing was written") \
+            from None
+
+
+def _check_written(tmp: Path, expected: np.ndarray) -> None:
+    """Read a written label map back: ITK does not report a full disk, it leaves a short file (a 0-byte .nrrd, a
+    cut .nii, a .nii.gz that fails its CRC). The voxels must be the ones written."""
+    try:
+        image = sitk.ReadImage(str(tmp))  # kept alive: the view below is into its buffer
+        back = sitk.GetArrayViewFromImage(image)
+    except RuntimeError as e:
+        raise IncompleteWrite(errno.EIO, f"the written file does not read back ({_first_line(e)})") from None
+    if back.shape != expected.shape or not np.array_equal(back, expected):
+        raise IncompleteWrite(errno.EIO, "the written file does not read back as the labels written")
