@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import os
+import re
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,3 +150,24 @@ def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Non
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+_TMP_NAME = re.compile(r"^\.tmp-[0-9a-f]{8}(\.[a-z0-9]+){0,2}$|^\.batch-summary-[A-Za-z0-9_]{8}\.csv$")
+
+
+def stale_temporaries(folder: PathLike, older_than: float) -> list[Path]:
+    """This package's temporary files in `folder` (its naming scheme only: `.tmp-` and 8 hex digits, plus the
+    `.batch-summary-XXXXXXXX.csv` of earlier versions) last modified before the time `older_than`: leftovers of
+    a process killed while writing (SIGKILL, a power cut). A writer in progress keeps its file's time recent."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    out = []
+    for e in entries:
+        try:
+            if _TMP_NAME.match(e.name) and e.is_file(follow_symlinks=False) and e.stat().st_mtime < older_than:
+                out.append(Path(e.path))
+        except OSError:
+            continue
+    return sorted(out)

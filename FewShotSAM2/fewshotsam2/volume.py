@@ -157,6 +157,38 @@ def _check_image(img: sitk.Image, path: PathLike) -> None:
         raise InputError(f"{name}: is a 2D image (size {img.GetSize()}); expected a 3D scan with several slices (for DICOM, give the series folder)")
     if dim != 3:
         raise InputError(f"{name}: is a {dim}D image (size {img.GetSize()}); expected a single 3D scan")
+    check_geometry(img.GetSpacing(), img.GetDirection(), name)
+
+
+def check_geometry(spacing, direction, name: str) -> None:
+    """Spacing finite and positive, direction finite: else slices would be cut along the wrong axis."""
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"{name}: voxel spacing {tuple(float(s) for s in spacing)} is not a positive finite "
+                         "number on every axis; fix the file's header")
+    if not np.all(np.isfinite(np.asarray(direction, dtype=float))):
+        raise InputError(f"{name}: the orientation (direction) holds NaN or infinite values; fix the file's header")
+
+
+_NRRD_GEOMETRY_FIELDS = (b"spacings", b"space directions", b"thicknesses")
+
+
+def _check_nrrd_raw(p: Path) -> None:
+    """ITK reads a NaN in a NRRD `spacings` field as 1 mm (inf and 0 it refuses): refuse every non-finite value in
+    the header's geometry fields before ITK reads the file."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return  # the reader reports it
+    for raw in head.split(b"\n\n", 1)[0].splitlines():
+        key, sep, value = raw.partition(b":")
+        if not sep or key.strip().lower() not in _NRRD_GEOMETRY_FIELDS:
+            continue
+        for token in value.replace(b"(", b" ").replace(b")", b" ").replace(b",", b" ").split():
+            if token.lower().lstrip(b"+-") in (b"nan", b"inf", b"infinity"):
+                raise InputError(f"{p.name}: {key.decode(errors='replace').strip()} "
+                                 f"'{value.decode(errors='replace').strip()}' holds a value that is not a finite "
+                                 "number (voxel spacing must be positive and finite); fix the file's header")
 
 
 def _series_tags(files: tuple[str, ...]) -> dict[str, str]:
@@ -316,6 +348,8 @@ def _read_image(path: PathLike) -> sitk.Image:
     else:
         if p.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_raw(p)
+        elif p.name.lower().endswith((".nrrd", ".nhdr")):
+            _check_nrrd_raw(p)
         with _stderr_captured() as said:
             try:
                 img = sitk.ReadImage(str(p))
@@ -349,6 +383,29 @@ def read_volume(path: PathLike) -> Volume:
     if np.issubdtype(vol.array.dtype, np.floating) and not np.all(np.isfinite(vol.array)):
         raise InputError(f"{name}: contains NaN or infinite intensities")
     return vol
+
+
+def read_volume_header(path: PathLike) -> Volume:
+    """A scan's shape and geometry without its voxels (the array is a zero-size broadcast of the right shape):
+    what a batch checks every query's `--slice-range` with before any work. DICOM folders are read whole."""
+    p, _ = _split_series(path)
+    if p.is_dir() or not p.is_file():
+        return read_volume(path)
+    if p.name.lower().endswith((".nrrd", ".nhdr")):
+        _check_nrrd_raw(p)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    with _stderr_captured():
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise InputError(f"{p.name}: cannot read as an image ({_first_line(e)})") from None
+    size = reader.GetSize()
+    if len(size) != 3:
+        return read_volume(path)  # the full reader says what is wrong (or reads a 4D one-time-point file)
+    check_geometry(reader.GetSpacing(), reader.GetDirection(), p.name)
+    return Volume(np.broadcast_to(np.uint8(0), size[::-1]), reader.GetSpacing(), reader.GetOrigin(),
+                  np.array(reader.GetDirection()).reshape(3, 3))
 
 
 # Label values are kept exact up to this (int32); larger ones are refused rather than wrapped.
@@ -428,6 +485,9 @@ def _read_seg_nrrd(path: Path) -> tuple[Volume, list[Structure]]:
         flat[layer > 0] = layer[layer > 0]
     m = np.asarray(seg["ijkToLPS"], dtype=float)
     spacing = np.linalg.norm(m[:3, :3], axis=0)
+    if not np.all(np.isfinite(m)) or not np.all(spacing > 0):
+        raise InputError(f"{path.name}: a space direction is zero or not a finite number "
+                         f"(spacing {tuple(round(float(x), 4) for x in spacing)}); fix the segmentation's header")
     vol = Volume(flat, tuple(spacing), tuple(m[:3, 3]), m[:3, :3] / spacing,
                  layers=layers if layers.shape[0] > 1 else None)
     return vol, structures
