@@ -788,6 +788,8 @@ def _check_model_files(options):
         try:
             ExtentEstimator("alex", weights, str(pick_device(options.device)))  # loaded once, shared by the cases
         except InputError as exc:
+            if weights:  # weights the user named must work
+                raise
             warnings.warn(f"slice range estimation is off for the whole batch, every slice is segmented: {exc}",
                           stacklevel=2)
             options = dataclasses.replace(options, slice_range="off")

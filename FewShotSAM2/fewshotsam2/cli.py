@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from . import __version__
 from . import constants as C
 from .checkpoints import CACHE_ENV
+from .environment import check_environment
 from .errors import Cancelled, InputError
 from .label_selection import SYNTAX_HELP as _LABELS_HELP
 from .label_selection import parse_label_selection, resolve_structures  # noqa: F401  (public: used by others)
@@ -202,6 +203,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
 def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
     from .atomic import publish_together
+    from .extent import check_named_weights
     from .paths import refuse_overwriting_inputs
     from .pipeline import SupportCase, check_query, make_engine, segment, write_scores
     from .volume import check_output_path, output_structures, read_labels, read_volume, structure_mask, write_labels
@@ -222,6 +224,7 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
     query = read_volume(args.query)
     check_query(query)
     check_user_slice_range(options.slice_range, query, options.axis)
+    check_named_weights(options)  # LPIPS weights the user named must load (not a silent full run)
     wanted = parse_label_selection(args.labels)
     several = len(args.support) > 1
     read = []  # (image, labels, labels_path, [(index into wanted, chosen structure)])
@@ -355,7 +358,9 @@ def check_user_slice_range(text: str, query, axis: str) -> None:
     # structure names are checked by the pipeline, before its first encoder call
     for given in parse_slice_ranges(text).values():
         if given is not None and given != (0, -1):
-            plan = SlicePlan.for_volume(query, axis)
+            with warnings.catch_warnings():  # the oblique warning: the pipeline gives it, once
+                warnings.simplefilter("ignore")
+                plan = SlicePlan.for_volume(query, axis)
             check_slice_range(given[0], given[1], plan.n_slices, plan.array_axis)
 
 
@@ -408,6 +413,17 @@ def out_of_memory_as_input_error(settings, written: str = "nothing was written")
             f"query{cpu}{'; ' + written if written else ''}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; its usage errors also say how to give a path that starts with '-'."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from .paths import dash_path_hint
+
+        super().error(message + dash_path_hint(sys.argv[1:] if _Parser.argv is None else _Parser.argv))
+
+    argv: Optional[Sequence[str]] = None
+
+
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The command's parser. With `argv`, only the command named in it gets its options (the others only their
     one-line help): the parser is built without importing what the other commands need."""
@@ -421,7 +437,8 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     parser.add_argument("--version", action="version", version=f"fewshotsam2 {__version__}",
                         help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _Parser.argv = argv
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     chosen = None if argv is None else next((a for a in argv if a in COMMANDS), None)
     for name, (module_name, help_text, example) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
@@ -475,6 +492,7 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so writers remove their temporary files
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
+        check_environment()  # every environment variable the tool reads, before any work
         if args.command != "segment" and all(hasattr(args, k) for k in ("image_size", "batch_size", "device")):
             # the other commands that run SAM2 (evaluate, bench, ...) keep what they wrote so far
             with out_of_memory_as_input_error(args, written=""):
@@ -486,8 +504,8 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
     except InputError as exc:
         print(f"fewshotsam2: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except Cancelled:
-        print("fewshotsam2: cancelled", file=sys.stderr)
+    except Cancelled as exc:
+        print(f"fewshotsam2: cancelled{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
     except Terminated:
         print("fewshotsam2: terminated (SIGTERM); unfinished files were removed", file=sys.stderr)

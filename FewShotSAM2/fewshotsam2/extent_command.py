@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from .engine import pick_device
     from .errors import InputError
     from .extent import ExtentEstimator, stack_info
+    from .intensity import choose_preset
+    from .pipeline import check_query, warn_if_other_modality
     from .slice_range import to_array_range
     from .volume import read_labels, read_volume
 
@@ -43,13 +46,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--extent-margin must be 0 mm or more, got {args.extent_margin}")
     wanted = parse_label_selection(args.labels)
     query = read_volume(args.query)
+    check_query(query)  # as segment: a constant query has nothing to find
     qinfo, qplan = stack_info(query, None, args.axis, args.preset)
+    query_kind = choose_preset(query)
     supports, structures = [], None
     for image_path, labels_path in args.support:
         image = read_volume(image_path)
         labels, available = read_labels(labels_path, image)
         chosen = resolve_structures(wanted, available, labels_path)
         structures = structures or chosen
+        warn_if_other_modality(image, query_kind, image_path)
         info, plan = stack_info(image, labels, args.axis, args.preset)
         if plan.plane != qplan.plane:
             raise InputError(f"{image_path} is sliced {plan.plane} but the query {qplan.plane}: give --axis")

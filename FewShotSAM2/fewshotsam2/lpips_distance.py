@@ -149,12 +149,17 @@ class LPIPSDistance:
         path = backbone_weights or os.environ.get(LPIPS_WEIGHTS_ENV) or None
         if path is not None:
             source = f"'{path}'"
+            if os.path.isdir(path):
+                raise InputError(f"LPIPS backbone weights {source} is a folder; give the weights file (.pth)")
             if not os.path.isfile(path):
                 raise InputError(f"LPIPS backbone weights file {source} does not exist")
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise InputError(f"cannot read LPIPS backbone weights {source}: {exc}".replace("\n", " ")) from exc
+                # PyTorch's weights_only text runs to a dozen lines of advice that does not apply: its first line
+                first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise InputError(f"cannot read LPIPS backbone weights {source}: not a PyTorch state dict of "
+                                 f"tensors ({first[:160]})") from None
         else:
             source = "from torchvision"
             try:

@@ -200,9 +200,8 @@ class SegmentOptions:
 
         try:
             parse_slice_ranges(self.slice_range)
-        except InputError:
-            raise OptionError("slice_range", f"must be auto, off, FIRST:LAST (inclusive slice indices) or "
-                                             f"STRUCTURE=RANGE,... per structure, got {self.slice_range!r}") from None
+        except InputError as exc:  # slice_range.py's own words (which key is repeated, ...), without the flag
+            raise OptionError("slice_range", str(exc).removeprefix("--slice-range ")) from None
         _set(self, "slice_range", str(self.slice_range).strip())
         _set(self, "extent_margin", _float("extent_margin", self.extent_margin, 0.0, 1000.0))
         _set(self, "extent_weights", None if self.extent_weights in (None, "") else str(self.extent_weights))

@@ -81,3 +81,11 @@ def refuse_overwriting_inputs(
             if _same(a, b):
                 raise InputError(f"{name_a} and {name_b} are the same path ({a}); give each output its own name")
 
+
+
+def dash_path_hint(argv: Iterable[str]) -> str:
+    """For a command-line error: a path that starts with '-' reads as an option; say to write it ./-name."""
+    for a in argv:
+        if a.startswith("-") and a != "-" and os.path.lexists(input_path(a)):
+            return f" (the path {a} starts with '-', which reads as an option: write ./{a})"
+    return ""

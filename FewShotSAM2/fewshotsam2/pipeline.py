@@ -105,9 +105,7 @@ def segment(
         if not case.labels.same_grid(case.image):
             raise InputError(f"{case.name}: the label map is not on its image's grid (read it with read_labels)")
         support_kind = choose_preset(case.image)
-        if support_kind != query_kind:
-            warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
-                          "cross-modality support is allowed but less reliable", stacklevel=2)
+        warn_if_other_modality(case.image, query_kind, f"the support image of {case.name}", support_kind)
         plan = SlicePlan(case.image, qplan.plane)
         with warnings.catch_warnings():  # the oblique warning, if any, was just given by the plan above
             warnings.simplefilter("ignore")
@@ -285,6 +283,8 @@ def estimated_ranges(query_info: StackInfo, prepared: list, structures: list[Str
     try:
         estimator = ExtentEstimator("alex", weights, str(pick_device(options.device)), margin_mm=options.extent_margin)
     except InputError as exc:
+        if weights:  # weights the user named must work: a bad file is an error, not a silent full run
+            raise
         # the range only saves time: without the AlexNet weights, segment every slice rather than nothing
         warnings.warn(f"slice range estimation is off, every slice is segmented: {exc}", stacklevel=3)
         return {s.value: (0, n - 1) for s in structures}
@@ -311,6 +311,14 @@ def estimated_ranges(query_info: StackInfo, prepared: list, structures: list[Str
 SCORE_COLUMNS = ("structure", "value", "slice_index", "score", "higher_is_better", "selected", "matched_support",
                  "matched_slice")
 RANGE_COLUMNS = ("range_first", "range_last")
+
+
+def warn_if_other_modality(image: Volume, query_kind: str, name: str, kind: Optional[str] = None) -> None:
+    """Warn when a support image looks like another modality than the query (CT windows vs percentiles);
+    `kind`: the image's `choose_preset`, when already known."""
+    if (kind or choose_preset(image)) != query_kind:
+        warnings.warn(f"{name} and the query look like different modalities (CT vs other); cross-modality support "
+                      "is allowed but less reliable", stacklevel=3)
 
 
 def check_query(query: Volume) -> None:

@@ -21,7 +21,8 @@ def parse_slice_range(text: str) -> Optional[tuple[int, int]]:
         return (0, -1)
     m = re.fullmatch(r"(-?\d+):(-?\d+)", text)
     if not m:
-        raise InputError(f"--slice-range must be auto, off or FIRST:LAST (inclusive slice indices), got '{text}'")
+        raise InputError(f"--slice-range must be auto, off, FIRST:LAST (inclusive slice indices) or "
+                         f"STRUCTURE=RANGE,... per structure, got '{text}'")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -30,6 +31,9 @@ def parse_slice_ranges(text: str) -> dict[Optional[str], Optional[tuple[int, int
     in `parse_slice_range`). The key None holds the range of every structure not named (default 'auto')."""
     text = str(text).strip()
     if "=" not in text:
+        if "," in text:
+            raise InputError(f"--slice-range '{text}': several ranges without structure names; give one range for "
+                             "every structure, or one per structure as STRUCTURE=RANGE (e.g. 5=10:40,spleen=off)")
         return {None: parse_slice_range(text)}
     out: dict[Optional[str], Optional[tuple[int, int]]] = {}
     for item in text.split(","):
