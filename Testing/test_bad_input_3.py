@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from test_bad_input import ERROR, data, digest, no_engine, real_engine, run_cli, segment_argv  # noqa: F401
+from test_bad_input import (ERROR, assert_refused, data, digest, no_engine, real_engine, refused,  # noqa: F401
+                             run_cli, segment_argv)
 from fewshotsam2 import volume
+from fewshotsam2.volume import read_volume
 
 FORMATS = (".nrrd", ".nii", ".nii.gz", ".seg.nrrd")
 
@@ -102,16 +104,31 @@ def test_writer_that_silently_truncates_is_caught(data, tmp_path, capsys, monkey
 
 def test_scores_on_a_full_disk_keep_neither_output(data, tmp_path, capsys, monkeypatch, real_engine):
     """--scores fails after the run: neither the label map nor the scores are published (both or neither)."""
-    from fewshotsam2 import atomic
+    real_open = open
 
-    real = atomic.write_text_atomic
+    class FullDisk:
+        """A file whose writes fail as on a full disk."""
 
-    def enospc(path, text, encoding="utf-8"):
-        if str(path).endswith(".csv"):
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, _text):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, text, encoding)
 
-    monkeypatch.setattr(atomic, "write_text_atomic", enospc)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def enospc_open(path, mode="r", *args, **kwargs):  # the scores' write hits a full disk
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDisk(f) if "w" in mode and str(path).endswith(".csv") else f
+
+    monkeypatch.setattr("builtins.open", enospc_open)
     out, scores = tmp_path / "o" / "x.nii.gz", tmp_path / "o" / "s.csv"
     out.parent.mkdir()
     rc, _, err = run_cli(segment_argv(data["query"], data["support"], data["labels"], out, "--scores", scores),
@@ -343,3 +360,208 @@ def test_batch_slice_range_outside_a_query_is_refused_with_the_manifest(data, tm
     assert rc == 2
     assert err.startswith(f"{ERROR}cohort.csv row 2: --slice-range 0:99 lies outside the query"), err
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+def _nrrd_with(path: Path, source: str, field_line: str) -> None:
+    """`source` (an image) as a NRRD whose geometry is the one `field_line` gives (spacings, no space)."""
+    sitk.WriteImage(sitk.ReadImage(source), str(path), useCompression=False)
+    data = path.read_bytes()
+    end = data.index(b"\n\n")
+    lines = [ln for ln in data[:end].decode().split("\n")
+             if not ln.startswith(("space directions", "space:", "space origin", "measurement frame"))]
+    path.write_bytes("\n".join(lines + [field_line]).encode() + data[end:])
+
+
+@pytest.mark.parametrize("value", ("nan", "inf", "-inf"))
+def test_nrrd_with_non_finite_spacing_is_refused(data, tmp_path, capsys, monkeypatch, no_engine, value):
+    """ITK reads `spacings: 3 3 nan` as 1 mm and would slice along the wrong axis: refused like zero spacing."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    query = folder / "query.nrrd"
+    _nrrd_with(query, data["query"], f"spacings: 0.8 0.8 {value}")
+    out = tmp_path / "o" / "x.nii.gz"
+    out.parent.mkdir()
+    refused(segment_argv(query, data["support"], data["labels"], out), capsys, monkeypatch,
+            f"query.nrrd: spacings '0.8 0.8 {value}' holds a value that is not a finite number", [folder])
+    assert _left(out.parent, keep=()) == []
+
+
+def test_seg_nrrd_with_a_zero_space_direction_is_refused(data, tmp_path, capsys, monkeypatch, no_engine):
+    import slicerio
+
+    support = read_volume(data["support"])
+    liver = (read_volume(data["labels"]).array == 5)
+    seg = slicerio.create_segmentation(support.shape[::-1], support.ijk_to_lps())
+    slicerio.add_segment(seg, liver.transpose(2, 1, 0), {"id": "a", "name": "liver", "color": [1.0, 0.0, 0.0]})
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "s.seg.nrrd"
+    slicerio.write_segmentation(str(path), seg)
+    raw = path.read_bytes()
+    end = raw.index(b"\n\n")
+    header = "\n".join(("space directions: (0,0,0) (0,0.8,0) (0,0,3)" if ln.startswith("space directions") else ln)
+                       for ln in raw[:end].decode().split("\n"))
+    path.write_bytes(header.encode() + raw[end:])
+    out = tmp_path / "x.nii.gz"
+    refused(segment_argv(data["query"], data["support"], path, out), capsys, monkeypatch,
+            "s.seg.nrrd: a space direction is zero or not a finite number", [folder])
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+@pytest.mark.parametrize("name,value,first_words", [
+    ("FEWSHOTSAM2_FEATURE_CACHE_MB", "nan", "$FEWSHOTSAM2_FEATURE_CACHE_MB must be a finite number of MB"),
+    ("FEWSHOTSAM2_FEATURE_CACHE_MB", "inf", "$FEWSHOTSAM2_FEATURE_CACHE_MB must be a finite number of MB"),
+    ("FEWSHOTSAM2_SAMPLE_URL", "not a url", "$FEWSHOTSAM2_SAMPLE_URL must be the http(s):// or file://"),
+    ("FEWSHOTSAM2_LPIPS_WEIGHTS", "{tmp}", "$FEWSHOTSAM2_LPIPS_WEIGHTS {tmp} is a folder"),
+    ("FEWSHOTSAM2_CACHE", "{data}", "$FEWSHOTSAM2_CACHE {data} is a file"),
+    ("FEWSHOTSAM2_PARENT_PID", "{dead}", "$FEWSHOTSAM2_PARENT_PID names process {dead}, which is not running"),
+    ("FEWSHOTSAM2_PARENT_PID", "slicer", "$FEWSHOTSAM2_PARENT_PID must be a process id"),
+])
+def test_environment_variables_are_checked_before_any_work(data, tmp_path, capsys, monkeypatch, no_engine, name,
+                                                            value, first_words):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fill = dict(tmp=tmp_path, data=data["query"], dead=dead.pid)
+    monkeypatch.setenv(name, value.format(**fill))
+    out = tmp_path / "o" / "x.nii.gz"
+    out.parent.mkdir()
+    refused(segment_argv(data["query"], data["support"], data["labels"], out, "--progress", "json"), capsys,
+            monkeypatch, first_words.format(**fill), [data["dir"], out.parent])
+
+
+# ------------------------------------------------------------------------------------------------ unclear or late
+
+@pytest.mark.parametrize("spec,first_words", [
+    ("liver=1:2,liver=3:4", "--slice-range 'liver=1:2,liver=3:4': 'liver' given twice"),
+    ("0:2,1:3", "--slice-range '0:2,1:3': several ranges without structure names"),
+])
+def test_slice_range_errors_keep_their_precise_words(data, tmp_path, capsys, monkeypatch, no_engine, spec,
+                                                     first_words):
+    refused(segment_argv(data["query"], data["support"], data["labels"], tmp_path / "x.nii.gz", "--slice-range",
+                         spec), capsys, monkeypatch, first_words, [data["dir"], tmp_path])
+
+
+def test_two_segments_of_one_name_get_advice_that_works(data, tmp_path, capsys, monkeypatch, no_engine):
+    import slicerio
+
+    support = read_volume(data["support"])
+    liver = read_volume(data["labels"]).array == 5
+    half = liver.copy()
+    half[:, :, : liver.shape[2] // 2] = False
+    seg = slicerio.create_segmentation(support.shape[::-1], support.ijk_to_lps())
+    slicerio.add_segment(seg, (liver & ~half).transpose(2, 1, 0), {"id": "a", "name": "liver", "color": [1, 0, 0]})
+    slicerio.add_segment(seg, half.transpose(2, 1, 0), {"id": "b", "name": "liver", "color": [0, 1, 0]})
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "two.seg.nrrd"
+    slicerio.write_segmentation(str(path), seg)
+    argv = segment_argv(data["query"], data["support"], path, tmp_path / "x.nii.gz")
+    argv[argv.index("--labels") + 1] = "liver"
+    line = refused(argv, capsys, monkeypatch, "--labels 'liver' is ambiguous in", [folder])
+    assert "select one by its label value (value:N)" in line and "exact case" not in line
+    # the advice works: value:N picks one of them (refused only later, by the engine stand-in)
+    value = slicerio.read_segmentation(str(path))["segments"][0]["labelValue"]
+    argv[argv.index("--labels") + 1] = f"value:{value}"
+    with pytest.raises(AssertionError, match="SAM2 was built"):
+        run_cli(argv, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("content,first_words", [
+    (b"not a torch file at all", "cannot read LPIPS backbone weights '{path}': not a PyTorch state dict of tensors"),
+    (None, "LPIPS backbone weights '{path}' is a folder; give the weights file"),
+])
+def test_bad_lpips_weights_are_an_error_not_a_silent_full_run(data, tmp_path, capsys, monkeypatch, no_engine,
+                                                              content, first_words):
+    path = tmp_path / "w" / "alexnet.pth"
+    path.parent.mkdir()
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    out = tmp_path / "o" / "x.nii.gz"
+    out.parent.mkdir()
+    line = refused(segment_argv(data["query"], data["support"], data["labels"], out, "--slice-range", "auto",
+                                "--lpips-weights", path), capsys, monkeypatch, first_words.format(path=path),
+                   [data["dir"], out.parent])
+    assert len(line) < 400 and "weights_only" not in line
+
+
+def test_a_query_path_starting_with_a_dash_gets_the_hint(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("-scan.nii.gz").write_bytes(Path(data["query"]).read_bytes())
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(segment_argv("-scan.nii.gz", data["support"], data["labels"], "x.nii.gz"), capsys, monkeypatch)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.strip().splitlines()[-1] == ("fewshotsam2 segment: error: argument --query: expected one argument "
+                                            "(the path -scan.nii.gz starts with '-', which reads as an option: "
+                                            "write ./-scan.nii.gz)")
+    assert sorted(os.listdir(tmp_path)) == ["-scan.nii.gz"]
+
+
+def test_extent_refuses_a_constant_query(data, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    air = sitk.ReadImage(data["query"]) * 0 - 1000
+    sitk.WriteImage(air, str(folder / "air.nii.gz"))
+    refused(["extent", "--query", folder / "air.nii.gz", "--support", data["support"], data["labels"], "--labels",
+             "5"], capsys, monkeypatch, "the query is constant (every voxel is -1000)", [folder])
+
+
+def test_extent_warns_on_another_modality_naming_the_image(shared_dir, data, tmp_path, capsys, monkeypatch):
+    from conftest import crop_slices
+
+    mr = read_volume(shared_dir / "data" / "abdomen-mr" / "image.nii.gz")
+    sitk.WriteImage(crop_slices(mr, 8, 11).to_sitk(), str(tmp_path / "mr.nii.gz"))
+    rc, out, err = run_cli(["extent", "--query", tmp_path / "mr.nii.gz", "--support", data["support"],
+                            data["labels"], "--labels", "5", "--lpips-weights",
+                            shared_dir / "weights" / "lpips" / "alexnet_features.pth"], capsys, monkeypatch)
+    assert rc == 0, err
+    assert f"warning: {data['support']} and the query look like different modalities" in err, err
+
+
+def test_oblique_query_is_warned_once(data, tmp_path, capsys, monkeypatch, real_engine):
+    q = sitk.ReadImage(data["query"])
+    a = np.deg2rad(25)
+    rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    q.SetDirection(tuple((rot @ np.array(q.GetDirection()).reshape(3, 3)).ravel()))
+    sitk.WriteImage(q, str(tmp_path / "oblique.nii.gz"))
+    rc, _, err = run_cli(segment_argv(tmp_path / "oblique.nii.gz", data["support"], data["labels"],
+                                      tmp_path / "x.nii.gz", "--slice-range", "0:2"), capsys, monkeypatch)
+    assert rc == 0, err
+    assert err.count("is oblique") == 1, err
+
+
+def test_bench_refusals_come_without_the_untrained_banner(data, tmp_path, capsys, monkeypatch, no_engine):
+    rc, out, err = run_cli(["bench", "--query", data["query"], "--support", data["support"], "--support-labels",
+                            data["labels"], "--max-slices", "-5", "--untrained", "--image-size", "64", "--device",
+                            "cpu"], capsys, monkeypatch)
+    assert_refused(rc, err, "--max-slices must be 0 (every slice) or more, got -5")
+    assert "UNTRAINED" not in out + err
+
+
+def test_bench_claims_no_crop_it_did_not_make(data, tmp_path, capsys, monkeypatch, real_engine):
+    report = tmp_path / "bench.md"
+    rc, out, err = run_cli(["bench", "--query", data["query"], "--support", data["support"], "--support-labels",
+                            data["labels"], "--structures", "5", "--methods", "propagate", "--max-slices", "99",
+                            "--untrained", "--image-size", "64", "--device", "cpu", "-o", report], capsys,
+                           monkeypatch)
+    assert rc == 0, err
+    assert "cropped" not in report.read_text() and "4 slices along array axis" in report.read_text()
+    assert err.index("UNTRAINED") >= 0
+
+
+def test_evaluate_structure_no_case_holds_is_refused(data, tmp_path, capsys, monkeypatch, no_engine):
+    for name in ("case1", "case2"):
+        case = tmp_path / name
+        case.mkdir()
+        (case / "image.nii.gz").write_bytes(Path(data["support"]).read_bytes())
+        (case / "labels.nii.gz").write_bytes(Path(data["labels"]).read_bytes())
+    refused(["evaluate", tmp_path / "case1", tmp_path / "case2", "-o", tmp_path / "results", "--structures", "5,77",
+             "--untrained", "--image-size", "64", "--device", "cpu"], capsys, monkeypatch,
+            "--structures: Label 77 (77) is in no case's labels (case1, case2)", [tmp_path])
+    assert not (tmp_path / "results").exists()

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
+from .errors import InputError
+
 PathLike = Union[str, "os.PathLike[str]"]
 TMP_PREFIX = ".tmp-"  # every temporary name starts so: `stale_temporaries` finds a killed process's leftovers
 
@@ -32,6 +34,15 @@ _held: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("fewshots
 
 class IncompleteWrite(OSError):
     """A written file is shorter than what was written (a full disk the writer did not report)."""
+
+
+class CannotWrite(InputError):
+    """A file could not be written (full disk, read-only folder); nothing was published. One line, exit code 2."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        super().__init__(f"{os.fspath(path)}: cannot write ({reason}); nothing was written")
+        self.path = os.fspath(path)
+        self.reason = reason
 
 
 def write_target(path: PathLike) -> Path:
@@ -140,16 +151,20 @@ def publish_together() -> Iterator[None]:
 
 
 def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> None:
-    """Write `text` to `path` atomically (flushed to disk before the rename); the file follows the umask."""
+    """Write `text` to `path` atomically (flushed to disk and its size checked before the rename); the file follows
+    the umask. Raises CannotWrite (an InputError: exit code 2) when it cannot be written."""
     def complete(tmp: Path) -> None:
         if tmp.stat().st_size != len(text.encode(encoding)):
             raise IncompleteWrite(errno.EIO, f"{tmp.stat().st_size} of {len(text.encode(encoding))} bytes written")
 
-    with atomic_path(path, verify=complete, allow_empty=not text) as tmp:
-        with open(tmp, "w", encoding=encoding, newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+    try:
+        with atomic_path(path, verify=complete, allow_empty=not text) as tmp:
+            with open(tmp, "w", encoding=encoding, newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:  # a full disk or a read-only folder: one line (CannotWrite), not a traceback
+        raise CannotWrite(path, disk_problem(e, write_target(path).parent)) from None
 
 
 _TMP_NAME = re.compile(r"^\.tmp-[0-9a-f]{8}(\.[a-z0-9]+){0,2}$|^\.batch-summary-[A-Za-z0-9_]{8}\.csv$")

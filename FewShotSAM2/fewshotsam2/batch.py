@@ -541,7 +541,7 @@ def write_summary(path: str, results: list[CaseResult]) -> None:
     follows the umask like every other output. A failed write (a full disk) is an InputError: exit code 2."""
     import io
 
-    from .atomic import disk_problem, write_text_atomic
+    from .atomic import CannotWrite, disk_problem, write_text_atomic
 
     f = io.StringIO(newline="")
     w = csv.writer(f)
@@ -553,11 +553,14 @@ def write_summary(path: str, results: list[CaseResult]) -> None:
         w.writerow([d[c] for c in SUMMARY_COLUMNS])
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise CannotWrite(path, disk_problem(e, folder)) from None
         write_text_atomic(path, f.getvalue())
-    except OSError as e:
+    except CannotWrite as e:
         done = sum(r.status == "ok" for r in results)
-        raise InputError(f"cannot write the batch summary {path} ({disk_problem(e, folder)}); the batch stopped; "
+        raise InputError(f"cannot write the batch summary {path} ({e.reason}); the batch stopped; "
                          f"the {done} output(s) written so far are complete and resume") from None
 
 
@@ -722,13 +725,14 @@ def run(args: argparse.Namespace) -> int:
         def record(r: CaseResult) -> None:
             results[r.row] = r
             if r.status == "ok":
+                from .atomic import CannotWrite
+
                 try:
                     write_record(by_row[r.row], keys[r.row])
-                except OSError as e:  # the output is complete; without its record the next run redoes it
-                    from .atomic import disk_problem
-
-                    raise InputError(f"cannot write the completion record of {r.output} "
-                                     f"({disk_problem(e, os.path.dirname(r.output))}); the batch stopped") from None
+                except (CannotWrite, OSError) as e:  # the output is complete; without its record a re-run redoes it
+                    reason = e.reason if isinstance(e, CannotWrite) else e.strerror
+                    raise InputError(f"cannot write the completion record of {r.output} ({reason}); the batch "
+                                     "stopped") from None
             write_summary(summary_path, list(results.values()))
 
         run_cases(todo, options, record=record, quiet=args.quiet, **kwargs)

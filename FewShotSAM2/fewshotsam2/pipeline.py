@@ -356,7 +356,7 @@ def write_scores(path: str, scores: list[SliceScore],
 
     import io
 
-    from .atomic import disk_problem, write_target, write_text_atomic
+    from .atomic import write_text_atomic
 
     f = io.StringIO(newline="")
     w = csv.writer(f)
@@ -369,8 +369,5 @@ def write_scores(path: str, scores: list[SliceScore],
     for st in structures or []:
         if slice_ranges is not None and st.value not in scored:
             w.writerow([st.name, st.value] + [""] * (len(SCORE_COLUMNS) - 2) + bounds(st.value))
-    try:
-        write_text_atomic(path, f.getvalue())
-    except OSError as e:  # a full disk: one line, exit 2 (inside publish_together the --out file is not kept)
-        raise InputError(f"{path}: cannot write ({disk_problem(e, write_target(path).parent)}); nothing was "
-                         "written") from None
+    # a full disk: CannotWrite, one line and exit 2 (inside publish_together the --out file is not kept either)
+    write_text_atomic(path, f.getvalue())
