@@ -565,3 +565,18 @@ def test_evaluate_structure_no_case_holds_is_refused(data, tmp_path, capsys, mon
              "--untrained", "--image-size", "64", "--device", "cpu"], capsys, monkeypatch,
             "--structures: Label 77 (77) is in no case's labels (case1, case2)", [tmp_path])
     assert not (tmp_path / "results").exists()
+
+
+def test_checkpoint_that_is_a_folder_says_so(data, tmp_path, capsys, monkeypatch):
+    argv = segment_argv(data["query"], data["support"], data["labels"], tmp_path / "x.nii.gz")
+    argv.remove("--untrained")
+    refused(argv + ["--checkpoint", tmp_path], capsys, monkeypatch, f"checkpoint {tmp_path} is a folder; give the "
+            "checkpoint file", [data["dir"], tmp_path])
+
+
+def test_sample_data_names_its_folder_on_the_same_line(shared_dir, capsys, monkeypatch):
+    """The demo shows stderr and reads stdout's last line: 'verified in' must carry the folder itself."""
+    rc, out, err = run_cli(["sample-data", "--check", "--dest", shared_dir / "data"], capsys, monkeypatch)
+    assert rc == 0, err
+    assert f"23 sample files verified (SHA256) in {shared_dir / 'data'}\n" in err
+    assert out.strip().splitlines()[-1] == str(shared_dir / "data")

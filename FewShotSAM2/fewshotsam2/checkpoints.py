@@ -182,6 +182,8 @@ def resolve_checkpoint(
     """The checkpoint file to load: an explicit path, else the cached official one, else download it."""
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
+        if path.is_dir():
+            raise InputError(f"checkpoint {path} is a folder; give the checkpoint file (.pt)")
         if not path.is_file():
             raise InputError(f"checkpoint file not found: {path}")
         return path
@@ -224,6 +226,8 @@ def import_checkpoint(
 
     info = checkpoint_info(model, version)
     src = Path(path).expanduser()
+    if src.is_dir():
+        raise InputError(f"checkpoint {src} is a folder; give the checkpoint file (.pt)")
     if not src.is_file():
         raise InputError(f"checkpoint file not found: {src}")
     # the weights do not depend on the input size (position embeddings are interpolated): the smallest model checks them
