@@ -119,10 +119,17 @@ def download_checkpoint(
         return target
     _ensure_cache_folder(folder)
     bar = None
+    announced = {}  # the server's Content-Length: a shorter file (a cut connection, a full disk) is not published
+
+    def complete(tmp: Path) -> None:
+        size = tmp.stat().st_size
+        if announced.get("total") and size != announced["total"]:
+            raise OSError(f"downloaded {size} of {announced['total']} bytes")
+
     try:
-        with atomic_path(target) as tmp, open(tmp, "wb") as out, \
+        with atomic_path(target, verify=complete) as tmp, open(tmp, "wb") as out, \
                 urllib.request.urlopen(info.url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0)
+            total = announced["total"] = int(response.headers.get("Content-Length") or 0)
             if progress is None:
                 from tqdm import tqdm
 
