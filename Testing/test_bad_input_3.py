@@ -436,7 +436,7 @@ def test_environment_variables_are_checked_before_any_work(data, tmp_path, capsy
 # ------------------------------------------------------------------------------------------------ unclear or late
 
 @pytest.mark.parametrize("spec,first_words", [
-    ("liver=1:2,liver=3:4", "--slice-range 'liver=1:2,liver=3:4': 'liver' given twice"),
+    ("liver=1:2,liver=3:4", "--slice-range 'liver=1:2,liver=3:4': 'liver' is given twice"),
     ("0:2,1:3", "--slice-range '0:2,1:3': several ranges without structure names"),
 ])
 def test_slice_range_errors_keep_their_precise_words(data, tmp_path, capsys, monkeypatch, no_engine, spec,
@@ -463,7 +463,7 @@ def test_two_segments_of_one_name_get_advice_that_works(data, tmp_path, capsys, 
     argv[argv.index("--labels") + 1] = "liver"
     line = refused(argv, capsys, monkeypatch, "--labels 'liver' is ambiguous in", [folder])
     assert "select one by its label value (value:N)" in line and "exact case" not in line
-    # the advice works: value:N picks one of them (refused only later, by the engine stand-in)
+    # the advice works: value:N picks one of them (past the labels, only the engine stand-in stops the run)
     value = slicerio.read_segmentation(str(path))["segments"][0]["labelValue"]
     argv[argv.index("--labels") + 1] = f"value:{value}"
     with pytest.raises(AssertionError, match="SAM2 was built"):

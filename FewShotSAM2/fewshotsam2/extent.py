@@ -210,9 +210,9 @@ class ExtentEstimator:
     def __init__(self, net: str = "alex", weights: Optional[str] = None, device: str = "cpu",
                  size: int = LPIPS_SIZE, margin_mm: float = MARGIN_MM,
                  outside_quantile: float = OUTSIDE_QUANTILE) -> None:
-        from .backends.lpips_matching import shared_matcher
+        from .lpips_distance import shared_lpips
 
-        self.matcher = shared_matcher(net, weights, device, size)
+        self.matcher = shared_lpips(net, weights, device, size)
         self.margin_mm = float(margin_mm)
         self.outside_quantile = float(outside_quantile)
 
@@ -275,11 +275,11 @@ def check_named_weights(options) -> None:
     then off with a warning. Loaded once: the run reuses them."""
     import os
 
-    from .engine import pick_device
+    from .device import pick_device
     from .lpips_distance import LPIPS_WEIGHTS_ENV
-    from .slice_range import parse_slice_ranges
+    from .slice_range import AUTO, parse_slice_ranges
 
-    if None not in parse_slice_ranges(options.slice_range).values():
+    if AUTO not in parse_slice_ranges(options.slice_range).values():
         return
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
                or os.environ.get(LPIPS_WEIGHTS_ENV))

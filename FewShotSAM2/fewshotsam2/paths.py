@@ -10,6 +10,7 @@ from each other.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from .errors import InputError
@@ -89,3 +90,21 @@ def dash_path_hint(argv: Iterable[str]) -> str:
         if a.startswith("-") and a != "-" and os.path.lexists(input_path(a)):
             return f" (the path {a} starts with '-', which reads as an option: write ./{a})"
     return ""
+
+
+def check_output_file(path: PathLike, suffix: str) -> None:
+    """A file output with a fixed suffix (`--scores x.csv`) can be written: right suffix, not a folder, its folder
+    exists and is writable. Checked before any work."""
+    from .volume import check_name_length
+
+    p = Path(path)
+    check_name_length(p)
+    if p.is_dir():
+        raise InputError(f"{path}: is a folder; give a {suffix} file name")
+    if p.suffix.lower() != suffix:
+        raise InputError(f"{path}: expected a {suffix} file name")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write {path}: folder {folder} is not writable")
