@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from fewshotsam2 import cli
-from fewshotsam2.batch import SUMMARY_NAME, read_summary
+from fewshotsam2.batch import SUMMARY_NAME, read_summary, record_path
 from test_batch import MODEL, OUTPUTS, cohort, local_run  # noqa: F401  (module fixtures shared with the local tests)
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra [ray]; scripts/setup_env.sh installs it")
@@ -60,7 +60,8 @@ def test_ray_workers_give_the_local_outputs(cohort, local_run, ray_cluster, tmp_
     assert [r["status"] for r in summary] == ["ok"] * 3
     # each worker encodes the supports for its own first case only
     assert all(int(r["encoder_calls"]) > 0 for r in summary)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(o.split("/")[1] for o in OUTPUTS)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [o.split("/")[1] for o in OUTPUTS] + [record_path(o).name for o in OUTPUTS])  # outputs, completion records
 
 
 def _worker_running_a_case() -> int | None:
@@ -98,4 +99,5 @@ def test_a_worker_killed_mid_case_is_restarted_and_the_case_redone(cohort, local
     assert "3 cases: 3 ok, 0 skipped, 0 failed" in result["out"]
     for mine, local in zip(_labels(tmp_path), local_run[3]):
         np.testing.assert_array_equal(mine, local)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(o.split("/")[1] for o in OUTPUTS)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [o.split("/")[1] for o in OUTPUTS] + [record_path(o).name for o in OUTPUTS])  # outputs, completion records

@@ -62,3 +62,31 @@ def test_failed_demo_leaves_no_empty_output_folder(new_user):
     run = _demo(clone, env, "--untrained", "--top-k", "0")  # refused before SAM2 is built
     assert run.returncode == 2 and "fewshotsam2: error:" in run.stderr
     assert not (clone / "out").exists()
+
+
+def test_demo_without_the_sample_data_stops_before_the_set_up(tmp_path):
+    """No data and no network: the demo stops in seconds with the workable message (every file, the mirror
+    variable, --dest / FEWSHOTSAM2_DATA), before it builds the environment (no FEWSHOTSAM2_PYTHON here: the set-up
+    would run next and take minutes)."""
+    import socket
+    import time
+
+    from fewshotsam2 import sample_data as sd
+
+    clone, env = make_fresh_clone(tmp_path, with_scripts=True)
+    with socket.socket() as s:  # a port nobody listens on: the download fails at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.pop("FEWSHOTSAM2_PYTHON", None)
+    env["FEWSHOTSAM2_SAMPLE_URL"] = f"http://127.0.0.1:{port}"
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}"  # python3: a Python without torch works too
+    t0 = time.monotonic()
+    run = _demo(clone, env, "--untrained")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert time.monotonic() - t0 < 60
+    assert "building a Python environment" not in run.stderr and not (clone.parent / "home" / ".cache" /
+                                                                        "fewshotsam2" / "venv").exists()
+    assert "fewshotsam2: cannot download the sample data" in run.stderr
+    assert "FEWSHOTSAM2_SAMPLE_URL=" in run.stderr and "FEWSHOTSAM2_DATA=DIR" in run.stderr
+    assert all(f"{sd.BASE_URL}/{f.filename}" in run.stderr for f in sd.DEMO_FILES)
+    assert not (clone / "out").exists()

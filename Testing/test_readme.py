@@ -42,3 +42,12 @@ def test_python_snippet_runs_as_written(tmp_path, sample_data_dir):
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 3 and all(len(line.split()) == 3 for line in lines)
     assert "Forward and reverse prediction" in run.stderr and "Propagating slice" in run.stderr  # the default bar
+
+
+def test_anchor_links_name_a_heading():
+    """`[text](#anchor)` links go to a heading of the README (GitHub's slugs: lower case, spaces to '-',
+    punctuation dropped)."""
+    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.+)$", README, flags=re.M)}
+    for anchor in re.findall(r"\]\(#([^)]+)\)", README):
+        assert anchor in slugs, anchor

@@ -109,12 +109,38 @@ def test_offline_says_what_to_download_and_where(tmp_path, monkeypatch):
         sd.locate(dest)  # the real table
     message = str(err.value)
     assert message.startswith("cannot download the sample data")
-    for f in sd.DEMO_FILES[:3]:  # single files: their address and their place
-        assert f.url in message and str(dest / f.path) in message
-    dicom_folder = f"https://github.com/wasserth/TotalSegmentator/tree/{sd.SOURCE_COMMIT}/tests/reference_files/" \
-                   "example_ct_dicom"
-    assert f"{dicom_folder}  (20 files)\n    -> {dest / sd.DEMO_QUERY}/" in message  # the series: one line
+    # the ways out: a mirror, a folder that holds the files, and every file by hand (the 20 DICOM slices too)
+    assert f"set {sd.URL_ENV}=<address of tests/reference_files/>" in message
+    assert f"--dest DIR or {sd.DATA_ENV}=DIR" in message
+    for f in sd.DEMO_FILES:  # every file: its source address (not the dead mirror's) and its place
+        assert f"      {sd.BASE_URL}/{f.filename}\n        -> {dest / f.path}\n" in message
+    assert message.endswith(f"then run `fewshotsam2 sample-data --dest {dest}` to check them (SHA256).")
     assert not dest.exists()
+
+
+def test_dest_that_is_a_file_is_one_clear_error(tmp_path, capsys):
+    """`sample-data --dest FILE`: exit 2 with a line that can be acted on (was: "Not a directory" and download
+    instructions into the file), the file untouched; also through the torch-free entry the demo uses."""
+    from fewshotsam2 import cli
+
+    dest = tmp_path / "notes.txt"
+    dest.write_text("mine")
+    for main in (lambda argv: cli.main(["sample-data", *argv]), sd.main):
+        rc = main(["--dest", str(dest)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"fewshotsam2: error: --dest {dest} is a file; give a folder"), err
+        assert dest.read_text() == "mine" and sorted(tmp_path.iterdir()) == [dest]
+
+
+def test_bad_sample_url_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from fewshotsam2 import cli
+
+    monkeypatch.setenv(sd.URL_ENV, "not a url")
+    for main in (lambda argv: cli.main(["sample-data", *argv]), sd.main):
+        rc = main(["--dest", str(tmp_path / "d")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"fewshotsam2: error: ${sd.URL_ENV} must be the http(s):// or file://"), err
+        assert not (tmp_path / "d").exists()
 
 
 def test_check_only_never_downloads(tmp_path, monkeypatch):
@@ -176,3 +202,38 @@ def test_fresh_clone_skips_real_data_tests_once_with_the_reason(tmp_path):
     # under CI the same absence is a failure
     run = subprocess.run(cmd, cwd=clone, env=dict(env, CI="true"), capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert run.returncode == 1 and "6 errors" in run.stdout and "CI=true: the data must be there" in run.stdout
+
+
+def test_alexnet_backbone_is_fetched_once_and_checked(server, tmp_path):
+    """`sample-data --lpips`: the backbone goes to torch.hub's folder under its own name, checked as torch.hub
+    checks it (the SHA256 starts with the name's 8 hex digits); a wrong file is refused and nothing kept; a
+    second call does not download again."""
+    import hashlib
+
+    served, url = server
+    content = b"alexnet weights stand-in " * 100
+    prefix = hashlib.sha256(content).hexdigest()[:8]
+    (served / f"alexnet-owt-{prefix}.pth").write_bytes(content)
+    (served / "alexnet-owt-00000000.pth").write_bytes(content)
+    folder = tmp_path / "hub" / "checkpoints"
+    lines = []
+    got = sd.fetch_alexnet(f"{url}/alexnet-owt-{prefix}.pth", folder, report=lines.append)
+    assert got == folder / f"alexnet-owt-{prefix}.pth" and got.read_bytes() == content and len(lines) == 1
+    sd.fetch_alexnet(f"{url}/alexnet-owt-{prefix}.pth", folder, report=lines.append)
+    assert len(lines) == 1  # already there and checked: no download
+    with pytest.raises(sd.SampleDataUnavailable, match="did not give the expected file"):
+        sd.fetch_alexnet(f"{url}/alexnet-owt-00000000.pth", folder)
+    assert sorted(p.name for p in folder.iterdir()) == [f"alexnet-owt-{prefix}.pth"]
+    with pytest.raises(sd.SampleDataUnavailable, match="Offline: copy alexnet-owt-11111111.pth"):
+        sd.fetch_alexnet(f"http://127.0.0.1:{_closed_port()}/alexnet-owt-11111111.pth", folder)
+
+
+def test_torch_hub_folder_is_torchs_own(monkeypatch, tmp_path):
+    import torch
+
+    for env in ({}, {"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}):
+        for k in ("TORCH_HOME", "XDG_CACHE_HOME"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert sd.torch_hub_checkpoints() == Path(torch.hub.get_dir()) / "checkpoints"

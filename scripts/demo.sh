@@ -10,8 +10,8 @@
 #                                minute on a 2-core CPU (21 s measured, 101 s when it is busy with other jobs).
 #                                The masks mean nothing.
 #
-# The first run also builds the Python environment (scripts/setup_env.sh says what, how big and how long) and
-# fetches the sample data (3.8 MB, SHA256-checked) unless ../shared/data is beside the clone. Extra arguments go
+# The first run fetches the sample data (3.8 MB, SHA256-checked; also for --untrained) unless ../shared/data is
+# beside the clone, then builds the Python environment (scripts/setup_env.sh says what, how big and how long). Extra arguments go
 # to `fewshotsam2 segment` (e.g. --model small, --image-size 512, --method lpips).
 # Environment: FEWSHOTSAM2_OUT (output folder, default <repo>/out), FEWSHOTSAM2_DATA (data folder),
 # FEWSHOTSAM2_PYTHON (a Python that already has the dependencies: skips the set-up).
@@ -41,15 +41,27 @@ else
        "(first use downloads ~150 MB; offline check: scripts/demo.sh --untrained)" >&2
 fi
 
+export PYTHONPATH="$repo/FewShotSAM2${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever the venv holds
+
+# the sample data first: it needs no torch (the standard library only), so a missing download stops the demo in
+# seconds, before minutes of set-up; the message names every file, a mirror ($FEWSHOTSAM2_SAMPLE_URL) and
+# $FEWSHOTSAM2_DATA / --dest
+first_python="${FEWSHOTSAM2_PYTHON:-$(command -v python3 || true)}"
+if [ -n "$first_python" ] && "$first_python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+  data="$("$first_python" -m fewshotsam2.sample_data | tail -n 1)"
+fi
+
 if [ -n "${FEWSHOTSAM2_PYTHON:-}" ]; then
   python="$FEWSHOTSAM2_PYTHON"
 else
-  python="$("$repo/scripts/setup_env.sh" | tail -n 1)/bin/python"
+  venv="$("$repo/scripts/setup_env.sh" | tail -n 1)"  # pipefail: a failed set-up stops here, with its own message
+  python="$venv/bin/python"
 fi
-export PYTHONPATH="$repo/FewShotSAM2${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever the venv holds
 fs() { "$python" -m fewshotsam2.cli "$@"; }
 
-data="$(fs sample-data | tail -n 1)"
+if [ -z "${data:-}" ]; then
+  data="$(fs sample-data | tail -n 1)"
+fi
 
 # a failed run leaves no empty output folder behind
 made_out=0

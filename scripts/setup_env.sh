@@ -56,6 +56,8 @@ else
   say "  lpips 0.1.4, SimpleITK, slicerio, slicer-core, hydra-core, iopath, scipy, matplotlib, pytest, ray 2.60.0"
   say "  (optional, for batch --ray), then this checkout"
   say "  disk: $size; time: about 5-10 minutes on a fast connection (mostly the torch download)"
+  say "  later, once: the LPIPS AlexNet backbone (233 MB, torch's cache) for --slice-range auto"
+  say "  (fewshotsam2 sample-data --lpips fetches it ahead)"
   say "  afterwards, activate it with: source $venv/bin/activate   (fewshotsam2 is not on PATH until then)"
   if [ "$dry_run" = 1 ]; then
     [ "$remove" = 1 ] && say "dry run: would remove $venv first"
@@ -70,16 +72,17 @@ else
   pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
   say "1/4 pip, setuptools, wheel"
   "${pip[@]}" --upgrade pip setuptools wheel >&2
-  say "2/4 torch and torchvision (the big download)"
-  # torch and torchvision must be a matched pair
-  "${pip[@]}" ${torch_index:+--index-url "$torch_index"} torch==2.14.1 torchvision==0.29.1 >&2
+  say "2/4 torch and torchvision (the big download: minutes; pip shows its progress)"
+  # torch and torchvision must be a matched pair; no -q here: minutes without a word look like a hang
+  "$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar on \
+      ${torch_index:+--index-url "$torch_index"} torch==2.14.1 torchvision==0.29.1 >&2
   say "3/4 sam2 (its setup would build a CUDA extension against GBs of CUDA packages: skipped, its needs installed here)"
   # sam2's setup would build its CUDA extension against GBs of CUDA packages: skip it, install its needs ourselves.
   # sam2 1.1.0 on PyPI is a third-party upload whose sam2/ is byte-identical to facebookresearch/sam2 at 2b90b9f:
   # pinned by the sdist's SHA256 (pip refuses any other file)
   SAM2_BUILD_CUDA=0 "${pip[@]}" --no-build-isolation --no-deps --require-hashes \
       -r <(echo "sam2==1.1.0 --hash=sha256:7e0ea252d43c10d853e3acfce0b5770ac683c30481bd6de311300e9d44f45b74") >&2
-  say "4/4 lpips, SimpleITK, slicer-core, ray and the rest"
+  say "4/4 lpips, SimpleITK, slicer-core, ray and the rest (a minute or two; pip prints nothing until done)"
   "${pip[@]}" "hydra-core>=1.3.2" "iopath>=0.1.10" pillow tqdm lpips==0.1.4 SimpleITK slicerio \
       "slicer-core==5.13.31053.0" pytest matplotlib scipy >&2
   # optional extra [ray] (`batch --ray`), installed here so that its tests run

@@ -9,20 +9,31 @@ supports in one row: `;`-separated paths in both support columns, pairwise. Rela
 manifest's folder (`output`: to --out-dir when given). Everything checkable is checked before any work: columns,
 files, labels (supports are read), outputs; one bad row stops the batch with exit code 2 and a line naming it.
 
-Resumable: an output that exists and reads as an image is complete (outputs are written atomically: temporary
-name, then rename), so its case is skipped unless --force. A case that fails (unreadable query, out of memory)
-is recorded with its error and the batch goes on. Exit code 0: every case ok or skipped; 1: some failed.
+Resumable: each output this tool completes gets a hidden record beside it (`.NAME.fewshotsam2.json`: a hash of
+the row's inputs (path, size, modification time) and options, and the output's size and SHA-256). A case is
+skipped only when its output still matches the record made for this row with these inputs and options; any other
+file at the output path (cut, foreign, older settings) is redone, with a note. --force redoes everything.
+A case that fails (unreadable query, out of memory) is recorded with its error and the batch goes on. Exit code
+0: every case ok or skipped; 1: some failed; 2: bad input (nothing done) or the summary cannot be written.
+
+The summary (`batch_summary.csv`) goes to --out-dir, else the folder the outputs share (when that is one of the
+outputs' folders or the manifest's); it is checked with the outputs before any work: never an input (the
+manifest), never a folder the user did not name. Before the first case, temporaries that a killed run left in the
+output folders (this package's `.tmp-XXXXXXXX` names, older than the run) are removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import os
 import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -36,6 +47,10 @@ if TYPE_CHECKING:  # imported when the command runs (SimpleITK), so that `batch 
 
 MANIFEST_COLUMNS = ("query", "support_image", "support_labels", "labels", "output")
 SUMMARY_NAME = "batch_summary.csv"
+RECORD_SUFFIX = ".fewshotsam2.json"  # the completion record beside each output: .NAME.fewshotsam2.json
+# options that change how a run goes, not what it writes: a resumed batch may change them
+RUN_ONLY_OPTIONS = ("device", "batch_size", "cache_dir", "feature_storage")
+STALE_AFTER_S = 60.0  # a temporary file untouched this long before the run started is a killed run's leftover
 SUMMARY_COLUMNS = ("row", "case", "query", "output", "status", "seconds", "encoder_calls", "peak_memory_mb", "error")
 # what --queries picks up in a folder besides DICOM series sub-folders
 QUERY_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -84,6 +99,9 @@ def read_manifest(path: str, out_dir: Optional[str], default_labels: Optional[st
     from .label_selection import parse_label_selection
 
     manifest = Path(path)
+    if manifest.is_dir():
+        raise InputError(f"--manifest {manifest}: is a folder; give the manifest CSV file (for every scan in a "
+                         "folder use --queries DIR)")
     if not manifest.is_file():
         raise InputError(f"{manifest}: manifest not found")
     base = manifest.resolve().parent
@@ -134,7 +152,7 @@ def read_manifest(path: str, out_dir: Optional[str], default_labels: Optional[st
             output=str(_resolve(cell["output"], out_base)),
             where=where,
         ))
-    _check_paths(cases)
+    _check_paths(cases, extra_inputs=[str(manifest)])
     return cases
 
 
@@ -159,13 +177,34 @@ def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str,
     if out_format not in OUTPUT_FORMATS:
         raise InputError(f"--out-format {out_format}: choose one of {', '.join(OUTPUT_FORMATS)}")
     support_paths = {Path(p).resolve() for pair in supports for p in pair}
-    queries = sorted(p for p in d.iterdir()
-                     if p.resolve() not in support_paths
-                     and (_is_query_file(p) or (p.is_dir() and not p.name.startswith("."))))
+    out = Path(out_dir).resolve()
+    queries, ours, not_dicom = [], [], []
+    for p in sorted(d.iterdir()):
+        if p.resolve() in support_paths or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            real = p.resolve()
+            if real == out or _inside(str(out), str(real)):
+                ours.append(p.name + "/")  # the output folder (or one holding it): this tool's own files
+            elif not _holds_dicom(p):
+                not_dicom.append(p.name + "/")
+            else:
+                queries.append(p)
+        elif _is_query_file(p):
+            if record_path(p).is_file():
+                ours.append(p.name)  # written by this tool (an earlier run with --out-dir inside DIR)
+            else:
+                queries.append(p)
+    if ours or not_dicom:
+        skipped = ([f"this tool's own outputs {', '.join(ours[:5])}"] if ours else []) + (
+            [f"folders without DICOM files {', '.join(not_dicom[:5])}"] if not_dicom else [])
+        warnings.warn(f"--queries {folder}: skipped {' and '.join(skipped)}", stacklevel=2)
     if not queries:
+        if _holds_dicom(d):
+            raise InputError(f"--queries {folder}: is itself a DICOM series folder; --queries takes the folder that "
+                             "holds the scans (files or one folder per series); for one series use segment --query")
         raise InputError(f"--queries {folder}: no scans found ({', '.join(QUERY_EXTENSIONS)} files or DICOM folders)")
     parse_label_selection(labels)
-    out = Path(out_dir).resolve()
     cases = []
     for i, q in enumerate(queries, start=1):
         stem = q.name
@@ -180,14 +219,32 @@ def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str,
     return cases
 
 
-def _check_paths(cases: list[BatchCase]) -> None:
-    """Inputs exist; outputs have a known format, a folder that exists or can be made, one case each, and are
-    none of the inputs (the row's own, by `paths.refuse_overwriting_inputs`; every row's, by resolved path: one
-    set, so that a thousand-row manifest is not checked pairwise)."""
-    from .paths import input_path, refuse_overwriting_inputs
-    from .volume import _output_extension
+def _inside(child: str, folder: str) -> bool:
+    return child != folder and os.path.commonpath([child, folder]) == folder
 
-    inputs = {}
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether GDCM finds a DICOM series in `folder` (a notes or results folder holds none)."""
+    import SimpleITK as sitk
+
+    from .volume import _stderr_captured
+
+    with _stderr_captured():  # GDCM complains on stderr about every file that is not DICOM
+        try:
+            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        except RuntimeError:
+            return False
+
+
+def _check_paths(cases: list[BatchCase], extra_inputs: Optional[list[str]] = None) -> None:
+    """Inputs exist; outputs have a known format, a name the file system takes, a folder that exists or can be
+    made, one case each, and are none of the inputs (the row's own, by `paths.refuse_overwriting_inputs`; every
+    row's and the manifest's, by resolved path: one set, so that a thousand-row manifest is not checked
+    pairwise)."""
+    from .paths import input_path, refuse_overwriting_inputs
+    from .volume import _output_extension, check_name_length
+
+    inputs = {os.path.realpath(p): f"the manifest {p}" for p in extra_inputs or []}
     for c in cases:
         for p in [c.query] + [p for pair in c.supports for p in pair]:
             inputs.setdefault(os.path.realpath(input_path(p)), c.where)
@@ -200,6 +257,10 @@ def _check_paths(cases: list[BatchCase]) -> None:
                 raise InputError(f"{where}: {what} {p} does not exist")
         if _output_extension(c.output) is None:
             raise InputError(f"{where}: output {c.output}: unknown format; use one of {', '.join(OUTPUT_FORMATS)}")
+        try:
+            check_name_length(c.output)
+        except InputError as e:
+            raise InputError(f"{where}: output {e}") from None
         try:
             refuse_overwriting_inputs([("output", c.output)], [c.query, *(p for pair in c.supports for p in pair)])
         except InputError as e:
@@ -238,17 +299,97 @@ def check_supports(cases: list[BatchCase]) -> "SupportReader":
     return reader
 
 
-def output_complete(path: str) -> bool:
-    """True when `path` exists and reads as a whole image (our outputs are renamed into place when complete)."""
-    if not os.path.isfile(path):
-        return False
-    import SimpleITK as sitk
+def check_slice_ranges(cases: list[BatchCase], slice_range: str, axis: str) -> None:
+    """A FIRST:LAST --slice-range must fit every query (read from its header): checked with the manifest, not
+    after the model is built."""
+    import warnings as _warnings
 
+    from .slice_range import check_slice_range, parse_slice_ranges
+    from .slices import SlicePlan
+    from .volume import read_volume_header
+
+    given = [(r.first, r.last) for r in parse_slice_ranges(slice_range).values() if r.kind == "range"]
+    if not given:
+        return
+    for c in cases:
+        try:
+            with _warnings.catch_warnings():
+                _warnings.simplefilter("ignore")  # the oblique warning comes again, once, when the case runs
+                plan = SlicePlan.for_volume(read_volume_header(c.query), axis)
+            for first, last in given:
+                check_slice_range(first, last, plan.n_slices, plan.array_axis)
+        except InputError as e:
+            raise InputError(f"{c.where}: {e}") from None
+
+
+def record_path(output) -> Path:
+    """The hidden completion record beside an output: `.NAME.fewshotsam2.json`."""
+    p = Path(output)
+    return p.with_name(f".{p.name}{RECORD_SUFFIX}")
+
+
+def _fingerprint(path: str) -> list:
+    """What identifies an input without reading it: its resolved path, size and modification time (every file of
+    a DICOM folder)."""
+    from .paths import input_path
+
+    real = os.path.realpath(input_path(path))
     try:
-        sitk.ReadImage(path)
-    except RuntimeError:
-        return False
-    return True
+        if os.path.isdir(real):
+            entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(real) if e.is_file())
+        else:
+            st = os.stat(real)
+            entries = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        entries = []
+    return [os.fspath(path), real, entries]
+
+
+def case_key(case: BatchCase, options) -> str:
+    """A hash of what decides a case's output: its inputs, its labels and the options that change the result."""
+    flat = {k: v for k, v in options.to_flat().items() if k not in RUN_ONLY_OPTIONS}
+    text = json.dumps({"query": _fingerprint(case.query),
+                       "supports": [[_fingerprint(a), _fingerprint(b)] for a, b in case.supports],
+                       "labels": case.labels, "options": flat}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_record(case: BatchCase, key: str) -> None:
+    """Record that this tool completed `case`'s output for these inputs and options (after the output's rename)."""
+    from .atomic import write_text_atomic
+
+    record = {"tool": "fewshotsam2", "row": case.where, "key": key, "size": os.path.getsize(case.output),
+              "sha256": _sha256(case.output)}
+    write_text_atomic(record_path(case.output), json.dumps(record) + "\n")
+
+
+def resume_state(case: BatchCase, key: str) -> tuple[bool, str]:
+    """(done, why not): done when the output exists and matches this tool's record for these inputs and options;
+    `why not` is said only when a file is at the output path (it is redone)."""
+    out = case.output
+    if not os.path.lexists(out):
+        return False, ""
+    try:
+        with open(record_path(out), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False, f"{out} exists but was not completed by this tool (no record)"
+    if not isinstance(record, dict) or record.get("key") != key:
+        return False, f"{out} was made from other inputs or options"
+    try:
+        if os.path.getsize(out) != record.get("size") or _sha256(out) != record.get("sha256"):
+            return False, f"{out} changed since this tool wrote it (size or checksum)"
+    except OSError as e:
+        return False, f"{out} cannot be read ({e.strerror})"
+    return True, ""
 
 
 # ---------------------------------------------------------------------------------------------- running one case
@@ -361,26 +502,68 @@ class CaseRunner:
 
 
 def write_summary(path: str, results: list[CaseResult]) -> None:
-    """The per-case summary CSV, atomically (rewritten after every case, so a crash keeps what was done)."""
-    import tempfile
+    """The per-case summary CSV, atomically (rewritten after every case, so a crash keeps what was done); it
+    follows the umask like every other output. A failed write (a full disk) is an InputError: exit code 2."""
+    import io
 
+    from .atomic import CannotWrite, disk_problem, write_text_atomic
+
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(SUMMARY_COLUMNS)
+    for r in sorted(results, key=lambda r: r.row):
+        d = asdict(r)
+        d["seconds"] = f"{r.seconds:.2f}"
+        d["peak_memory_mb"] = f"{r.peak_memory_mb:.0f}"
+        w.writerow([d[c] for c in SUMMARY_COLUMNS])
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".batch-summary-", suffix=".csv", dir=folder)
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(SUMMARY_COLUMNS)
-            for r in sorted(results, key=lambda r: r.row):
-                d = asdict(r)
-                d["seconds"] = f"{r.seconds:.2f}"
-                d["peak_memory_mb"] = f"{r.peak_memory_mb:.0f}"
-                w.writerow([d[c] for c in SUMMARY_COLUMNS])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise CannotWrite(path, disk_problem(e, folder)) from None
+        write_text_atomic(path, f.getvalue())
+    except CannotWrite as e:
+        done = sum(r.status == "ok" for r in results)
+        raise InputError(f"cannot write the batch summary {path} ({e.reason}); the batch stopped; "
+                         f"the {done} output(s) written so far are complete and resume") from None
+
+
+def summary_location(cases: list[BatchCase], out_dir: Optional[str], manifest: Optional[str]) -> str:
+    """Where the summary goes, checked before any work: --out-dir, else the folder the outputs share when the user
+    named it (one of the outputs' folders, or the manifest's folder or one inside it); never an input, never a
+    case's output, never a folder that cannot be written."""
+    if out_dir:
+        folder = os.path.abspath(out_dir)
+    else:
+        parents = {os.path.realpath(os.path.dirname(c.output)) for c in cases}
+        folder = os.path.commonpath(sorted(parents))
+        base = os.path.realpath(os.path.dirname(os.path.abspath(manifest))) if manifest else None
+        if folder not in parents and not (base and (folder == base or _inside(folder, base))):
+            shown = ", ".join(sorted(parents)[:2])
+            raise InputError(f"the outputs lie in different folders ({shown}, ...) whose only common folder is "
+                             f"{folder}; give --out-dir DIR for the batch summary ({SUMMARY_NAME})")
+    path = os.path.join(folder, SUMMARY_NAME)
+    real = os.path.realpath(path)
+    inputs = ([manifest] if manifest else []) + [p for c in cases for p in [c.query, *(q for s in c.supports
+                                                                                      for q in s)]]
+    from .paths import input_path
+
+    for p in inputs:
+        if os.path.realpath(input_path(p)) == real:
+            raise InputError(f"the batch summary {path} would replace the input {p}; give --out-dir another folder "
+                             "(or rename the input)")
+    if real in {os.path.realpath(c.output) for c in cases}:
+        raise InputError(f"{path}: the summary would overwrite a case's output")
+    if os.path.isdir(path):
+        raise InputError(f"the batch summary {path} is a folder; give --out-dir another folder")
+    existing = Path(folder)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write the batch summary {path}: {existing} is not a writable folder; "
+                         "give --out-dir another folder")
+    return path
 
 
 def read_summary(path: str) -> list[dict]:
@@ -433,15 +616,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _cases(args: argparse.Namespace) -> tuple[list[BatchCase], str]:
-    """(cases, where the summary goes)."""
+def _cases(args: argparse.Namespace) -> tuple[list[BatchCase], Optional[str]]:
+    """(cases, --out-dir: where the summary goes, None for a manifest without one)."""
     if args.manifest:
         if args.support:
             raise InputError("--support belongs to --queries; a manifest names its supports in its rows")
-        cases = read_manifest(args.manifest, args.out_dir, args.labels)
-        # the summary goes next to the outputs: --out-dir, else the folder all outputs share
-        out_dir = args.out_dir or os.path.commonpath([str(Path(c.output).parent) for c in cases])
-        return cases, out_dir
+        # the summary goes to --out-dir, else next to the outputs (`summary_location`)
+        return read_manifest(args.manifest, args.out_dir, args.labels), args.out_dir
     if not args.support:
         raise InputError("--queries needs at least one --support IMAGE LABELS")
     if not args.labels:
@@ -466,18 +647,24 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--ray needs Ray, which is not installed: pip install 'fewshotsam2[ray]' "
                              "(or pip install ray)") from None
     cases, out_dir = _cases(args)
-    summary_path = str(Path(out_dir) / SUMMARY_NAME)
-    if os.path.realpath(summary_path) in {os.path.realpath(c.output) for c in cases}:
-        raise InputError(f"{summary_path}: the summary would overwrite a case's output")
+    summary_path = summary_location(cases, out_dir, args.manifest)
+    check_slice_ranges(cases, options.slice_range, options.axis)
     supports = check_supports(cases)
     options = _check_model_files(options)
     # checked: from here on, work (folders are made when the first file goes into them)
+    started = time.time()
+    _remove_stale_temporaries([os.path.dirname(c.output) for c in cases] + [os.path.dirname(summary_path)],
+                              started - STALE_AFTER_S)
     results: dict[int, CaseResult] = {}
     todo = []
+    keys = {c.row: case_key(c, options) for c in cases}
     for c in cases:
-        if not args.force and output_complete(c.output):
+        done, why = (False, "") if args.force else resume_state(c, keys[c.row])
+        if done:
             results[c.row] = CaseResult(c.row, c.name, c.query, c.output, "skipped")
         else:
+            if why:
+                print(f"fewshotsam2: {c.where}: {why}; it is redone", file=sys.stderr)
             todo.append(c)
     t0 = time.perf_counter()
     if todo:
@@ -490,8 +677,19 @@ def run(args: argparse.Namespace) -> int:
             run_cases = run_cases_locally
             kwargs = dict(supports=supports, engine_factory=getattr(args, "engine_factory", None))
 
+        by_row = {c.row: c for c in todo}
+
         def record(r: CaseResult) -> None:
             results[r.row] = r
+            if r.status == "ok":
+                from .atomic import CannotWrite
+
+                try:
+                    write_record(by_row[r.row], keys[r.row])
+                except (CannotWrite, OSError) as e:  # the output is complete; without its record a re-run redoes it
+                    reason = e.reason if isinstance(e, CannotWrite) else e.strerror
+                    raise InputError(f"cannot write the completion record of {r.output} ({reason}); the batch "
+                                     "stopped") from None
             write_summary(summary_path, list(results.values()))
 
         run_cases(todo, options, record=record, quiet=args.quiet, **kwargs)
@@ -505,6 +703,24 @@ def run(args: argparse.Namespace) -> int:
         if r.status == "failed":
             print(f"fewshotsam2: case {r.case} (row {r.row}) failed: {r.error}", file=sys.stderr)
     return EXIT_SOME_FAILED if counts["failed"] else EXIT_OK
+
+
+def _remove_stale_temporaries(folders: list[str], older_than: float) -> None:
+    """Remove what a killed run left in the output folders (this package's temporary names only), and say so."""
+    from .atomic import stale_temporaries
+
+    for folder in sorted(set(folders)):
+        stale = stale_temporaries(folder, older_than)
+        removed = 0
+        for p in stale:
+            try:
+                p.unlink()
+                removed += 1
+            except OSError:
+                pass
+        if removed:
+            print(f"fewshotsam2: removed {removed} temporary file(s) an interrupted run left in {folder}",
+                  file=sys.stderr)
 
 
 def _check_model_files(options):
@@ -525,6 +741,8 @@ def _check_model_files(options):
         try:
             shared_lpips("alex", weights, str(pick_device(options.device)))  # loaded once, shared by the cases
         except InputError as exc:
+            if weights:  # weights the user named must work
+                raise
             warnings.warn(f"slice range estimation is off for the whole batch, every slice is segmented: {exc}",
                           stacklevel=2)
             options = dataclasses.replace(options, slice_range="off")

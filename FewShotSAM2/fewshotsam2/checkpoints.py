@@ -119,10 +119,17 @@ def download_checkpoint(
         return target
     _ensure_cache_folder(folder)
     bar = None
+    announced = {}  # the server's Content-Length: a shorter file (a cut connection, a full disk) is not published
+
+    def complete(tmp: Path) -> None:
+        size = tmp.stat().st_size
+        if announced.get("total") and size != announced["total"]:
+            raise OSError(f"downloaded {size} of {announced['total']} bytes")
+
     try:
-        with atomic_path(target) as tmp, open(tmp, "wb") as out, \
+        with atomic_path(target, verify=complete) as tmp, open(tmp, "wb") as out, \
                 urllib.request.urlopen(info.url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0)
+            total = announced["total"] = int(response.headers.get("Content-Length") or 0)
             if progress is None:
                 from tqdm import tqdm
 
@@ -182,6 +189,8 @@ def resolve_checkpoint(
     """The checkpoint file to load: an explicit path, else the cached official one, else download it."""
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
+        if path.is_dir():
+            raise InputError(f"checkpoint {path} is a folder; give the checkpoint file (.pt)")
         if not path.is_file():
             raise InputError(f"checkpoint file not found: {path}")
         return path
@@ -224,6 +233,8 @@ def import_checkpoint(
 
     info = checkpoint_info(model, version)
     src = Path(path).expanduser()
+    if src.is_dir():
+        raise InputError(f"checkpoint {src} is a folder; give the checkpoint file (.pt)")
     if not src.is_file():
         raise InputError(f"checkpoint file not found: {src}")
     # the weights do not depend on the input size (position embeddings are interpolated): the smallest model checks them

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from . import __version__
 from . import settings
+from .environment import check_environment
 from .errors import Cancelled, InputError
 from .label_selection import SYNTAX_HELP as _LABELS_HELP
 from .options import OptionError
@@ -129,6 +130,17 @@ def _run_output(args: argparse.Namespace) -> Iterator[tuple[Optional[JsonEvents]
             yield None, bar
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; its usage errors also say how to give a path that starts with '-'."""
+
+    argv: Optional[Sequence[str]] = None
+
+    def error(self, message: str):  # type: ignore[override]
+        from .paths import dash_path_hint
+
+        super().error(message + dash_path_hint(sys.argv[1:] if _Parser.argv is None else _Parser.argv))
+
+
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The command's parser. With `argv`, only the command named in it gets its options (the others only their
     one-line help): the parser is built without importing what the other commands need."""
@@ -142,7 +154,8 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     parser.add_argument("--version", action="version", version=f"fewshotsam2 {__version__}",
                         help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _Parser.argv = argv
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     chosen = None if argv is None else next((a for a in argv if a in COMMANDS), None)
     for name, (module_name, help_text, example) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
@@ -210,6 +223,7 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    check_environment()  # every environment variable the tool reads, before any work
     if args.command != "segment" and all(hasattr(args, k) for k in ("image_size", "batch_size", "device")):
         from .errors import out_of_memory_as_input_error
 

@@ -266,3 +266,22 @@ def stack_info(image, labels=None, axis: str = "auto", preset: str = "auto") -> 
     info = StackInfo(SliceStack.of(image, plan, kind), plan.in_plane_spacing, plan.slice_spacing,
                      None if labels is None else plan.stack(labels.array))
     return info, plan
+
+
+def check_named_weights(options) -> None:
+    """Before any work: with an automatic slice range, AlexNet weights the user named (--lpips-weights,
+    --extent-weights, $FEWSHOTSAM2_LPIPS_WEIGHTS) must load; a bad file is an error (exit 2), never a silent
+    fall-back to every slice. Weights nobody named (torchvision's download) may still be missing: the range is
+    then off with a warning. Loaded once: the run reuses them."""
+    import os
+
+    from .device import pick_device
+    from .lpips_distance import LPIPS_WEIGHTS_ENV
+    from .slice_range import AUTO, parse_slice_ranges
+
+    if AUTO not in parse_slice_ranges(options.slice_range).values():
+        return
+    weights = (options.extent_weights or getattr(options.method_options, "weights", None)
+               or os.environ.get(LPIPS_WEIGHTS_ENV))
+    if weights:
+        ExtentEstimator("alex", weights, str(pick_device(options.device)))

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     # torch and SimpleITK come in when the command runs, so that `extent --help` answers at once
     from .device import pick_device
     from .extent import ExtentEstimator, stack_info
-    from .pipeline import check_query
+    from .intensity import choose_preset
+    from .pipeline import check_query, warn_if_other_modality
     from .slice_range import to_array_range
     from .support_loader import SupportReader
     from .volume import read_volume
@@ -41,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
     query = read_volume(args.query)
     check_query(query)
     qinfo, qplan = stack_info(query, None, options.axis, options.preset)
+    query_kind = choose_preset(query)
     supports, structures = SupportReader().load([tuple(p) for p in args.support], args.labels)
     infos = []
     for (image_path, _), support in zip(args.support, supports):
+        warn_if_other_modality(support.image, query_kind, image_path)  # as segment warns
         info, plan = stack_info(support.image, None, options.axis, options.preset)
         if plan.plane != qplan.plane:
             raise InputError(f"{image_path} is sliced {plan.plane} but the query {qplan.plane}: give --axis")

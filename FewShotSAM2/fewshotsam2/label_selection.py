@@ -141,6 +141,20 @@ def _is_value(key: str) -> bool:
     return key.isascii() and key.isdigit()
 
 
+def _how_to_choose(choice: LabelChoice, candidates: Sequence) -> str:
+    """Advice that can work: what tells the matching segments apart (never advice that matches them all again)."""
+    names = {s.name for s in candidates}
+    values = {s.value for s in candidates}
+    if len(names) == len(candidates) and choice.kind != "value":
+        return "write the name with its exact case"
+    if len(names) == len(candidates):
+        return "select it by name:NAME"
+    if len(values) == len(candidates):
+        return "select one by its label value (value:N)"
+    return ("they share both name and label value (in different layers), so nothing here tells them apart: rename "
+            "one in Slicer's Segment Editor and save the segmentation again")
+
+
 def resolve_structures(choices: Sequence[LabelChoice], available: Sequence, source: str) -> list:
     """The structures of `available` the choices select, in the order given, renamed where asked.
 
@@ -170,8 +184,8 @@ def resolve_structures(choices: Sequence[LabelChoice], available: Sequence, sour
                              f"(present: {_describe(available)})")
         if len(candidates) > 1:
             names = ", ".join(f"'{s.name}' (value {s.value})" for s in candidates)
-            how = "write the name with its exact case" if choice.kind != "value" else "select it by name:NAME"
-            raise InputError(f"--labels '{choice.text}' is ambiguous in {source}: it matches {names}; {how}")
+            raise InputError(f"--labels '{choice.text}' is ambiguous in {source}: it matches {names}; "
+                             f"{_how_to_choose(choice, candidates)}")
         s = candidates[0]
         if id(s) in picked_by:
             raise InputError(f"--labels chooses '{s.name}' (value {s.value}) twice ('{picked_by[id(s)]}' and "

@@ -52,6 +52,21 @@ def _torchvision_state_dict(net: str) -> dict:
     return torchvision.models.get_weight(_TORCHVISION_WEIGHTS[net]).get_state_dict(progress=False)
 
 
+def _load_failure(exc: BaseException) -> str:
+    """torch.load's reason in a few words: its weights_only text is a paragraph of advice (re-run with
+    weights_only=False, file an issue) that must not be followed for a file of unknown origin; the cause is the
+    line after "WeightsUnpickler error:" (e.g. "Unsupported operand 110"), else the first line."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "WeightsUnpickler error" in text:
+        after = text.split("WeightsUnpickler error:", 1)[1]
+        cause = next((ln.strip() for ln in after.splitlines() if ln.strip()), "")
+        return f"{type(exc).__name__}: {cause}"[:160] if cause else type(exc).__name__
+    if "Weights only load failed" in text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:160]
+
+
 def _torchvision_url(net: str) -> str:
     try:
         import torchvision
@@ -145,12 +160,15 @@ class LPIPSDistance:
         path = backbone_weights or os.environ.get(LPIPS_WEIGHTS_ENV) or None
         if path is not None:
             source = f"'{path}'"
+            if os.path.isdir(path):
+                raise InputError(f"LPIPS backbone weights {source} is a folder; give the weights file (.pth)")
             if not os.path.isfile(path):
                 raise InputError(f"LPIPS backbone weights file {source} does not exist")
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise InputError(f"cannot read LPIPS backbone weights {source}: {exc}".replace("\n", " ")) from exc
+                raise InputError(f"cannot read LPIPS backbone weights {source}: not a PyTorch state dict of "
+                                 f"tensors ({_load_failure(exc)})") from None
         else:
             source = "from torchvision"
             try:

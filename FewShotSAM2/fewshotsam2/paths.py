@@ -84,6 +84,14 @@ def refuse_overwriting_inputs(
 
 
 
+def dash_path_hint(argv: Iterable[str]) -> str:
+    """For a command-line error: a path that starts with '-' reads as an option; say to write it ./-name."""
+    for a in argv:
+        if a.startswith("-") and a != "-" and os.path.lexists(input_path(a)):
+            return f" (the path {a} starts with '-', which reads as an option: write ./{a})"
+    return ""
+
+
 def check_output_file(path: PathLike, suffix: str) -> None:
     """A file output with a fixed suffix (`--scores x.csv`) can be written: right suffix, not a folder, its folder
     exists and is writable. Checked before any work."""

@@ -17,7 +17,6 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from . import constants
-from .atomic import atomic_path
 from .backends import get_backend
 from .backends.base import Backend, QueryContext, StageClock, SupportSlice
 from .device import pick_device
@@ -284,9 +283,7 @@ def _prepare_support(case: SupportCase, qplan: SlicePlan, query_kind: str, optio
     if not case.labels.same_grid(case.image):
         raise InputError(f"{case.name}: the label map is not on its image's grid (read it with read_labels)")
     support_kind = choose_preset(case.image)
-    if support_kind != query_kind:
-        warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
-                      "cross-modality support is allowed but less reliable", stacklevel=3)
+    warn_if_other_modality(case.image, query_kind, f"the support image of {case.name}", support_kind)
     plan = SlicePlan(case.image, qplan.plane)
     with warnings.catch_warnings():  # the oblique warning, if any, was just given by the plan above
         warnings.simplefilter("ignore")
@@ -359,6 +356,8 @@ def estimated_ranges(run: Run, structures: list[Structure]) -> dict[int, StackRa
     try:
         estimator = ExtentEstimator("alex", weights, str(pick_device(options.device)), margin_mm=options.extent_margin)
     except InputError as exc:
+        if weights:  # weights the user named must work: a bad file is an error, not a silent full run
+            raise
         # the range only saves time: without the AlexNet weights, segment every slice rather than nothing
         warnings.warn(f"slice range estimation is off, every slice is segmented: {exc}", stacklevel=3)
         return {s.value: (0, run.n - 1) for s in structures}
@@ -385,6 +384,14 @@ def estimated_ranges(run: Run, structures: list[Structure]) -> dict[int, StackRa
 SCORE_COLUMNS = ("structure", "value", "slice_index", "score", "higher_is_better", "selected", "matched_support",
                  "matched_slice")
 RANGE_COLUMNS = ("range_first", "range_last")
+
+
+def warn_if_other_modality(image: Volume, query_kind: str, name: str, kind: Optional[str] = None) -> None:
+    """Warn when a support image looks like another modality than the query (CT windows vs percentiles);
+    `kind`: the image's `choose_preset`, when already known."""
+    if (kind or choose_preset(image)) != query_kind:
+        warnings.warn(f"{name} and the query look like different modalities (CT vs other); cross-modality support "
+                      "is allowed but less reliable", stacklevel=3)
 
 
 def check_query(query: Volume) -> None:
@@ -420,15 +427,20 @@ def write_scores(path: str, scores: list[SliceScore],
         r = slice_ranges.get(value)
         return ["", ""] if r is None else [r[0], r[1]]
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(SCORE_COLUMNS + (RANGE_COLUMNS if slice_ranges is not None else ()))
-            for s in scores:
-                w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.higher_is_better),
-                            int(s.selected), "" if s.match is None else str(s.match),
-                            "" if s.match is None else s.match.array_index] + bounds(s.value))
-            scored = {s.value for s in scores}
-            for st in structures or []:
-                if slice_ranges is not None and st.value not in scored:
-                    w.writerow([st.name, st.value] + [""] * (len(SCORE_COLUMNS) - 2) + bounds(st.value))
+    import io
+
+    from .atomic import write_text_atomic
+
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(SCORE_COLUMNS + (RANGE_COLUMNS if slice_ranges is not None else ()))
+    for s in scores:
+        w.writerow([s.structure, s.value, s.slice_index, f"{s.score:.6f}", int(s.higher_is_better),
+                    int(s.selected), "" if s.match is None else str(s.match),
+                    "" if s.match is None else s.match.array_index] + bounds(s.value))
+    scored = {s.value for s in scores}
+    for st in structures or []:
+        if slice_ranges is not None and st.value not in scored:
+            w.writerow([st.name, st.value] + [""] * (len(SCORE_COLUMNS) - 2) + bounds(st.value))
+    # a full disk: CannotWrite, one line and exit 2 (inside publish_together the --out file is not kept either)
+    write_text_atomic(path, f.getvalue())

@@ -102,13 +102,9 @@ def cpu_feature_cache_bytes() -> int:
     value = os.environ.get(FEATURE_CACHE_ENV, "").strip()
     if not value:
         return CPU_FEATURE_CACHE_BYTES
-    try:
-        mb = float(value)
-    except ValueError:
-        raise InputError(f"${FEATURE_CACHE_ENV} must be a number of MB, got '{value}'") from None
-    if mb < 0:
-        raise InputError(f"${FEATURE_CACHE_ENV} must be 0 or more MB, got '{value}'")
-    return int(mb * 2**20)
+    from .environment import feature_cache_mb
+
+    return int(feature_cache_mb(value) * 2**20)  # NaN and inf refused too (int() of them is a traceback)
 
 
 def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, frame_shape: tuple,

@@ -168,21 +168,20 @@ def download_file(item: SampleFile, root: Path, timeout: float = 60) -> Path:
 
 
 def offline_message(root: Path, headline: str, files: Sequence[SampleFile] = DEMO_FILES) -> str:
-    """`headline`, then what to download and where to put it."""
-    groups: dict[tuple[str, str], int] = {}  # (source, destination) -> number of files; a folder counts as one line
-    for f in files:
-        in_folder = "/" in f.filename
-        # a folder: its page on GitHub (download every file in it); a file: its raw address
-        source = (f"https://github.com/{SOURCE_REPO}/tree/{SOURCE_COMMIT}/{SOURCE_FOLDER}/{f.filename.rsplit('/', 1)[0]}"
-                  if in_folder else f.url)
-        where = str(root / f.path.rsplit("/", 1)[0]) + "/" if in_folder else str(root / f.path)
-        groups[(source, where)] = groups.get((source, where), 0) + 1
+    """`headline`, then every file to download (its address and where it goes, one pair per file) and the three
+    ways out: a mirror, a folder that holds the files already, or copying them in by hand."""
     lines = [headline,
-             f"Download these files and put them at the paths shown (they are in https://github.com/{SOURCE_REPO} "
-             f"at commit {SOURCE_COMMIT[:12]}, folder {SOURCE_FOLDER}):"]
-    for (source, where), count in groups.items():
-        lines.append(f"  {source}{f'  ({count} files)' if count > 1 else ''}\n    -> {where}")
-    lines.append(f"then run `fewshotsam2 sample-data --dest {root}` to check them.")
+             "Ways to get it:",
+             f"  - a mirror of the files (a web or file:// folder with the source's layout): set "
+             f"{URL_ENV}=<address of {SOURCE_FOLDER}/> and run again;",
+             f"  - a folder that already holds them (same layout as ../shared/data): give it with --dest DIR or "
+             f"{DATA_ENV}=DIR;",
+             f"  - by hand: download these {len(files)} files ({sum(f.size for f in files) / 1e6:.1f} MB; "
+             f"https://github.com/{SOURCE_REPO} at commit {SOURCE_COMMIT[:12]}, folder {SOURCE_FOLDER}) to the "
+             "paths shown:"]
+    for f in files:
+        lines.append(f"      {BASE_URL}/{f.filename}\n        -> {root / f.path}")
+    lines.append(f"    then run `fewshotsam2 sample-data --dest {root}` to check them (SHA256).")
     return "\n".join(lines)
 
 
@@ -236,6 +235,10 @@ def locate(dest: Optional[str | Path] = None, download: bool = True,
                 raise SampleDataUnavailable(f"{shared} does not hold the expected sample data: " + "; ".join(problems))
             return shared
     root = Path(explicit).expanduser() if explicit is not None else default_cache_dir()
+    if root.exists() and not root.is_dir():
+        what = "--dest" if dest is not None else f"${DATA_ENV}"
+        raise InputError(f"{what} {root} is a file; give a folder to hold the sample data (it is created if "
+                         "missing)")
     if not download:
         problems = check_folder(root, files)
         if problems:
@@ -244,6 +247,60 @@ def locate(dest: Optional[str | Path] = None, download: bool = True,
                       f"(first: {problems[0]}). `fewshotsam2 sample-data` downloads them; offline:", files))
         return root
     return fetch(root, files, report)
+
+
+# torchvision's ImageNet AlexNet: the LPIPS backbone `--slice-range auto` needs (torchvision downloads it on first
+# use; `sample-data --lpips` fetches it ahead, checked as torch.hub checks it: the file name's hash prefix)
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+ALEXNET_SIZE_MB = 233
+
+
+def torch_hub_checkpoints() -> Path:
+    """Where torch.hub (and so torchvision) keeps downloaded weights, found without importing torch."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch")
+    return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
+
+
+def fetch_alexnet(url: str = ALEXNET_URL, folder: Optional[Path] = None,
+                  report: Optional[Callable[[str], None]] = None, timeout: float = 60) -> Path:
+    """The AlexNet weights in torch.hub's folder, downloaded once and checked: the SHA256 must start with the
+    8 hex digits in the file name (torch.hub's own check). Raises SampleDataUnavailable saying how offline."""
+    folder = torch_hub_checkpoints() if folder is None else Path(folder)
+    name = url.rsplit("/", 1)[-1]
+    prefix = name.rsplit("-", 1)[-1].split(".", 1)[0]
+    target = folder / name
+    if target.is_file() and sha256_of(target).startswith(prefix):
+        return target
+    if report:
+        report(f"downloading the LPIPS AlexNet backbone ({ALEXNET_SIZE_MB} MB) from {url} into {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise SampleDataUnavailable(
+                f"cannot download the LPIPS AlexNet backbone ({url}: {reason}). Offline: copy {name} "
+                f"({ALEXNET_SIZE_MB} MB) into {folder}/, or give any torchvision-layout AlexNet state dict with "
+                "--lpips-weights PATH or FEWSHOTSAM2_LPIPS_WEIGHTS; without it --slice-range auto is off (every "
+                "slice is segmented)") from None
+        if not digest.hexdigest().startswith(prefix):
+            raise SampleDataUnavailable(f"{url} did not give the expected file (SHA256 {digest.hexdigest()[:16]}..., "
+                                        f"expected {prefix}...); nothing was kept")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def demo_paths(root: Path) -> dict[str, Path]:
@@ -278,6 +335,9 @@ def add_arguments(parser) -> None:
                         help=f"data folder to fill or check (default: ${DATA_ENV}, else ../shared/data beside the "
                              "clone when present, else ~/.cache/fewshotsam2/sample-data)")
     parser.add_argument("--check", action="store_true", help="only check the files, download nothing")
+    parser.add_argument("--lpips", action="store_true",
+                        help=f"also fetch and check the LPIPS AlexNet backbone ({ALEXNET_SIZE_MB} MB, into torch's "
+                             "cache) that --slice-range auto needs; once, so later runs need no network")
 
 
 def run(args) -> int:
@@ -289,6 +349,42 @@ def run(args) -> int:
     except SampleDataUnavailable as exc:
         print(f"fewshotsam2: {exc}", file=sys.stderr)
         return 1
-    report(f"{len(DEMO_FILES)} sample files verified (SHA256) in:")
-    print(root)
+    report(f"{len(DEMO_FILES)} sample files verified (SHA256) in {root}")
+    if getattr(args, "lpips", False):
+        try:
+            weights = fetch_alexnet(report=report) if not args.check else torch_hub_checkpoints() / \
+                ALEXNET_URL.rsplit("/", 1)[-1]
+        except SampleDataUnavailable as exc:
+            print(f"fewshotsam2: {exc}", file=sys.stderr)
+            return 1
+        if not weights.is_file():
+            print(f"fewshotsam2: the LPIPS AlexNet backbone is not in {weights.parent} (sample-data --lpips "
+                  "fetches it)", file=sys.stderr)
+            return 1
+        report(f"LPIPS AlexNet backbone verified: {weights}")
+    print(root)  # the last line of stdout: what scripts read (`data="$(fewshotsam2 sample-data | tail -n 1)"`)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m fewshotsam2.sample_data`: the same command without torch, numpy or anything beyond the standard
+    library (the demo checks the data this way before it builds the environment)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="fewshotsam2 sample-data", formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        if os.environ.get(URL_ENV, "").strip():
+            from .environment import check_sample_url
+
+            check_sample_url(os.environ[URL_ENV].strip())
+        return run(args)
+    except InputError as exc:
+        print(f"fewshotsam2: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
+from .atomic import publish_together
 from .checkpoints import cached_checkpoint, check_cache_folder
 from .errors import InputError, out_of_memory_as_input_error
+from .extent import check_named_weights
 from .label_selection import LabelChoice
 from .options import SegmentOptions
 from .paths import check_output_file, refuse_overwriting_inputs
@@ -90,6 +92,7 @@ class Segmenter:
 
             o = options.method_options
             shared_lpips(o.net, o.weights, str(pick_device(options.device)))
+        check_named_weights(options)  # AlexNet weights the user named for the slice range must load
 
     # ------------------------------------------------------------------------------------------ volumes
 
@@ -126,8 +129,9 @@ class Segmenter:
             progress("Reading the volumes", 0, 0)
         volume, typed, structures = self.read_inputs(query, supports, labels, reader)
         result = self.segment(volume, typed, structures, progress)
-        if out is not None:
-            write_labels(out, result.labels, result.structures)
-        if scores is not None:
-            write_scores(scores, result.scores, result.slice_ranges, result.structures)
+        with publish_together():  # both outputs or neither (a full disk while writing the scores keeps no `out`)
+            if out is not None:
+                write_labels(out, result.labels, result.structures)
+            if scores is not None:
+                write_scores(scores, result.scores, result.slice_ranges, result.structures)
         return result

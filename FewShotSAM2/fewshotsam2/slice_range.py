@@ -48,6 +48,9 @@ def parse_slice_ranges(text: str) -> dict[Optional[str], SliceRangeSpec]:
     in `parse_slice_range`). The key None holds the range of every structure not named (default auto)."""
     text = str(text).strip()
     if "=" not in text:
+        if "," in text:
+            raise InputError(f"'{text}': several ranges without structure names; give one range for "
+                             "every structure, or one per structure as STRUCTURE=RANGE (e.g. 5=10:40,spleen=off)")
         return {None: parse_slice_range(text)}
     out: dict[Optional[str], SliceRangeSpec] = {}
     for item in text.split(","):

@@ -8,6 +8,7 @@ GetArrayFromImage order); `spacing` and `origin` are in (i, j, k) order, millime
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import struct
@@ -21,7 +22,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path
+from .atomic import IncompleteWrite, atomic_path, disk_problem, write_target
 from .errors import InputError
 
 PathLike = Union[str, Path]
@@ -199,6 +200,38 @@ def _check_image(img: sitk.Image, path: PathLike) -> None:
         raise InputError(f"{name}: is a 2D image (size {img.GetSize()}); expected a 3D scan with several slices (for DICOM, give the series folder)")
     if dim != 3:
         raise InputError(f"{name}: is a {dim}D image (size {img.GetSize()}); expected a single 3D scan")
+    check_geometry(img.GetSpacing(), img.GetDirection(), name)
+
+
+def check_geometry(spacing, direction, name: str) -> None:
+    """Spacing finite and positive, direction finite: else slices would be cut along the wrong axis."""
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise InputError(f"{name}: voxel spacing {tuple(float(s) for s in spacing)} is not a positive finite "
+                         "number on every axis; fix the file's header")
+    if not np.all(np.isfinite(np.asarray(direction, dtype=float))):
+        raise InputError(f"{name}: the orientation (direction) holds NaN or infinite values; fix the file's header")
+
+
+_NRRD_GEOMETRY_FIELDS = (b"spacings", b"space directions", b"thicknesses")
+
+
+def _check_nrrd_raw(p: Path) -> None:
+    """ITK reads a NaN in a NRRD `spacings` field as 1 mm (inf and 0 it refuses): refuse every non-finite value in
+    the header's geometry fields before ITK reads the file."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return  # the reader reports it
+    for raw in head.split(b"\n\n", 1)[0].splitlines():
+        key, sep, value = raw.partition(b":")
+        if not sep or key.strip().lower() not in _NRRD_GEOMETRY_FIELDS:
+            continue
+        for token in value.replace(b"(", b" ").replace(b")", b" ").replace(b",", b" ").split():
+            if token.lower().lstrip(b"+-") in (b"nan", b"inf", b"infinity"):
+                raise InputError(f"{p.name}: {key.decode(errors='replace').strip()} "
+                                 f"'{value.decode(errors='replace').strip()}' holds a value that is not a finite "
+                                 "number (voxel spacing must be positive and finite); fix the file's header")
 
 
 def _series_tags(files: tuple[str, ...]) -> dict[str, str]:
@@ -358,6 +391,8 @@ def _read_image(path: PathLike) -> sitk.Image:
     else:
         if p.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_raw(p)
+        elif p.name.lower().endswith((".nrrd", ".nhdr")):
+            _check_nrrd_raw(p)
         with _stderr_captured() as said:
             try:
                 img = sitk.ReadImage(str(p))
@@ -391,6 +426,29 @@ def read_volume(path: PathLike) -> Volume:
     if np.issubdtype(vol.array.dtype, np.floating) and not np.all(np.isfinite(vol.array)):
         raise InputError(f"{name}: contains NaN or infinite intensities")
     return vol
+
+
+def read_volume_header(path: PathLike) -> Volume:
+    """A scan's shape and geometry without its voxels (the array is a zero-size broadcast of the right shape):
+    what a batch checks every query's `--slice-range` with before any work. DICOM folders are read whole."""
+    p, _ = _split_series(path)
+    if p.is_dir() or not p.is_file():
+        return read_volume(path)
+    if p.name.lower().endswith((".nrrd", ".nhdr")):
+        _check_nrrd_raw(p)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    with _stderr_captured():
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise InputError(f"{p.name}: cannot read as an image ({_first_line(e)})") from None
+    size = reader.GetSize()
+    if len(size) != 3:
+        return read_volume(path)  # the full reader says what is wrong (or reads a 4D one-time-point file)
+    check_geometry(reader.GetSpacing(), reader.GetDirection(), p.name)
+    return Volume(np.broadcast_to(np.uint8(0), size[::-1]), reader.GetSpacing(), reader.GetOrigin(),
+                  np.array(reader.GetDirection()).reshape(3, 3))
 
 
 # Label values are kept exact up to this (int32); larger ones are refused rather than wrapped.
@@ -470,6 +528,9 @@ def _read_seg_nrrd(path: Path) -> tuple[Volume, list[Structure]]:
         flat[layer > 0] = layer[layer > 0]
     m = np.asarray(seg["ijkToLPS"], dtype=float)
     spacing = np.linalg.norm(m[:3, :3], axis=0)
+    if not np.all(np.isfinite(m)) or not np.all(spacing > 0):
+        raise InputError(f"{path.name}: a space direction is zero or not a finite number "
+                         f"(spacing {tuple(round(float(x), 4) for x in spacing)}); fix the segmentation's header")
     vol = Volume(flat, tuple(spacing), tuple(m[:3, 3]), m[:3, :3] / spacing,
                  layers=layers if layers.shape[0] > 1 else None)
     return vol, structures
@@ -585,6 +646,7 @@ def check_output_path(path: PathLike) -> None:
     p = Path(path)
     if _output_extension(p) is None:
         raise InputError(f"{p.name}: unknown output format; use one of {', '.join(OUTPUT_EXTENSIONS)}")
+    p = write_target(p)  # a symlink is written through: its target's folder must take the file
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"{p}: output folder {folder} does not exist")
@@ -682,10 +744,27 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) ->
 
     try:
         # ITK's writers also print their complaints on stderr: the error below is the one line
-        with _stderr_captured(), atomic_path(p) as tmp:  # same extension, lower case: ITK picks the writer by it
+        expected = arr if out.layers is None else out.layers  # a layered .seg.nrrd holds (layer, k, j, i)
+        with _stderr_captured(), atomic_path(p, verify=lambda tmp: _check_written(tmp, expected)) as tmp:
+            # same extension, lower case: ITK picks the writer by it
             if ext == ".seg.nrrd":
                 _write_seg_nrrd(str(tmp), out, all_structures, arr)
             else:
                 sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=(ext != ".nii"))
     except (OSError, RuntimeError, ValueError) as e:
-        raise InputError(f"{p}: cannot write ({_first_line(e)})") from None
+        raise InputError(f"{p}: cannot write ({disk_problem(e, write_target(p).parent)}); nothing was written") \
+            from None
+
+
+def _check_written(tmp: Path, expected: np.ndarray) -> None:
+    """Read a written label map back: ITK does not report a full disk, it leaves a short file (a 0-byte .nrrd, a
+    cut .nii, a .nii.gz that fails its CRC). The voxels must be the ones written."""
+    try:
+        image = sitk.ReadImage(str(tmp))  # kept alive: the view below is into its buffer
+        back = sitk.GetArrayViewFromImage(image)
+    except RuntimeError as e:
+        raise IncompleteWrite(errno.EIO, f"the written file does not read back ({_first_line(e)})") from None
+    if expected.ndim == 4 and back.ndim == 4:  # layers: ITK reads them as the components of each voxel
+        back = np.moveaxis(back, -1, 0)
+    if back.shape != expected.shape or not np.array_equal(back, expected):
+        raise IncompleteWrite(errno.EIO, "the written file does not read back as the labels written")

@@ -135,8 +135,10 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
     if not cfg["values"] and present.size == 0:
         raise InputError(f"{cfg['support']}: the support labels are empty")
     values = cfg["values"] or [int(present[0])]
+    uncropped = None
     if cfg.get("max_slices"):
         axis = SlicePlan.for_volume(query, options.axis).array_axis
+        uncropped = int(query.array.shape[axis])
         query, query_labels = crop_slices(query, query_labels, axis, cfg["max_slices"], values[0])
     loading = time.perf_counter() - t0
 
@@ -171,6 +173,7 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
         query_shape=list(query.array.shape),
         slice_axis=int(result.slice_axis),
         n_slices=int(query.array.shape[result.slice_axis]),
+        cropped_from=uncropped if uncropped is not None and uncropped > query.array.shape[result.slice_axis] else None,
     )
     if cuda:
         import torch
@@ -337,6 +340,11 @@ def _structure_values(text: Optional[str]) -> list[int]:
     return values
 
 
+def _cropped_note(run: dict) -> str:
+    """Say a crop only where one happened (--max-slices at or above the query's slice count crops nothing)."""
+    return f", cropped from {run['cropped_from']} by --max-slices" if run.get("cropped_from") else ""
+
+
 def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
     """The bench command. `segment` and `engine_factory(options)` default to `pipeline.segment` and
     `pipeline.make_engine` (tests hand in their own; --isolate always uses the defaults)."""
@@ -357,6 +365,8 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
                                args.checkpoint, args.lpips_weights])
     if args.repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {args.repeat}")
+    if args.max_slices < 0:
+        raise InputError(f"--max-slices must be 0 (every slice) or more, got {args.max_slices}")
     load_before = _load_average()
     values = _structure_values(args.structures)
     engine_options = {f: getattr(args, f) for f in SegmentOptions.flat_names() if hasattr(args, f) and f != "method"}
@@ -370,9 +380,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
                support_labels=args.support_labels, values=values, max_slices=args.max_slices,
                tracemalloc=not args.no_tracemalloc, warmup=args.warmup, options_factory=options_factory,
                segment=segment)
-    untrained = bool(args.untrained)
-    if untrained:
-        print(UNTRAINED_BANNER, file=sys.stderr)
+    untrained = bool(args.untrained)  # the banner comes with the numbers, after the run: never before an error
     warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
 
     results = []
@@ -406,7 +414,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
     r0 = results[0]
     settings = {
         "query": f"{args.query} (array {tuple(r0['query_shape'])}, {r0['n_slices']} slices along array axis "
-                 f"{r0['slice_axis']}{', cropped by --max-slices' if args.max_slices else ''})",
+                 f"{r0['slice_axis']}{_cropped_note(r0)})",
         "support": args.support or args.query,
         "structures": ", ".join(str(v) for v in values) or "first label value of the support",
         "model": f"SAM2 {args.version} {args.model}" + (" (RANDOM WEIGHTS)" if untrained else ""),
@@ -419,6 +427,8 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
         "load average (1 min) before / after": f"{load_before} / {_load_average()}",
         "python / torch": f"{platform.python_version()} / {__import__('torch').__version__}",
     }
+    if untrained:
+        print(UNTRAINED_BANNER, file=sys.stderr)
     _write_or_print(bench_markdown(results, settings, untrained), args.output)
     return 0
 

@@ -243,6 +243,19 @@ def parse_structures(spec: Optional[str], available: Sequence) -> list:
     return [replace(s, layer=0) for s in chosen]
 
 
+def check_structures_present(structures: Sequence, names: Sequence[str], case_structures: Callable) -> None:
+    """Every --structures value must be in some case's labels: else every run is skipped and the summary has no
+    numbers. Reads cases only until each value is found (usually the first case holds them all)."""
+    missing = {s.value for s in structures}
+    for name in names:
+        missing -= {s.value for s in case_structures(name)}
+        if not missing:
+            return
+    shown = ", ".join(f"{s.name} ({s.value})" for s in structures if s.value in missing)
+    raise InputError(f"--structures: {shown} is in no case's labels ({', '.join(names[:5])}"
+                     f"{', ...' if len(names) > 5 else ''}); nothing would be evaluated; check the label values")
+
+
 def parse_methods(spec: str) -> list[str]:
     methods = [m.strip() for m in spec.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHOD_NAMES]
@@ -637,6 +650,7 @@ def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None,
         ev.options(m)
     _, _, first_structures = ev.load(pairs[0][0])
     structures = parse_structures(cfg.structures, first_structures)
+    check_structures_present(structures, names, lambda n: ev.load(n)[2])
     settings = _run_settings(cfg)
     ev.build_engine(methods[0])  # a missing checkpoint fails here, before the output folder is touched
     _prepare_folder(cfg, settings, ev.untrained)
