@@ -24,7 +24,8 @@ from .resources import check_resources, estimate_resources
 from .intensity import choose_preset
 from .lpips_distance import body_box
 from .options import LpipsOptions, PropagateOptions, ReverseOptions, SegmentOptions  # noqa: F401  (re-exported)
-from .results import LpipsMatch, SegmentationResult, SliceScore, UsedSupportSlice  # noqa: F401  (re-exported)
+from .range_ends import extend_past_range_ends, range_report
+from .results import LpipsMatch, RangeReport, SegmentationResult, SliceScore, UsedSupportSlice  # noqa: F401  (re-exported)
 from .slice_stack import SliceStack
 from .slices import SlicePlan
 from .support import select_support_slices
@@ -189,10 +190,14 @@ def _segment_structures(query, qplan, query_info, prepared, support_plans, suppo
     used: list[UsedSupportSlice] = []
     forward_masks: dict[int, np.ndarray] = {}
     slice_ranges: dict[int, Optional[tuple[int, int]]] = {}
+    reports: dict[int, RangeReport] = {}
+    kinds = range_kinds(options, structures)
     for structure in structures:
         r = ranges[structure.value]
         slice_ranges[structure.value] = None if r is None else to_array_range(qplan, *r)
         if r is None:
+            reports[structure.value] = range_report(structure.name, structure.value, kinds[structure.value], None,
+                                                    None, [])
             continue
         first, last = r
         uses[first : last + 1] -= 1
@@ -228,8 +233,16 @@ def _segment_structures(query, qplan, query_info, prepared, support_plans, suppo
             engine.use_once(last_use)  # these read each query slice once: drop its features right after
         result = backend.run(engine, context, support_slices, options.method_options, stage_progress, clock)
         engine.release(last_use)  # reverse reads them again (forward, p_i prompts, self-propagation): dropped now
-        part = out_stack[first : last + 1]
-        part[result.masks & (part == 0)] = structure.value
+        # a range end the prediction still touches: continued past (estimated) or warned about (range_ends.py)
+        seg_first, seg_last, range_masks, ends = extend_past_range_ends(
+            engine, result, query_keys, qstack, first, last, kinds[structure.value] == "auto", structure.name,
+            qplan.slice_index_to_array_index, stage_progress)
+        engine.release(query_keys[i] for i in range(seg_first, seg_last + 1) if uses[i] == 0 and not first <= i <= last)
+        slice_ranges[structure.value] = to_array_range(qplan, seg_first, seg_last)
+        reports[structure.value] = range_report(structure.name, structure.value, kinds[structure.value],
+                                                to_array_range(qplan, first, last), slice_ranges[structure.value], ends)
+        part = out_stack[seg_first : seg_last + 1]
+        part[range_masks & (part == 0)] = structure.value
         used += [UsedSupportSlice(structure.value, s.support, s.slice_index, s.array_index) for s in result.supports]
         if result.scores is not None:
             selected = set(result.selected)
@@ -245,7 +258,16 @@ def _segment_structures(query, qplan, query_info, prepared, support_plans, suppo
     labels = query.with_array(qplan.unstack(out_stack))
     timings["total"] = time.perf_counter() - t0
     return SegmentationResult(labels, list(structures), scores, engine.encoder_calls, timings,
-                              qplan.array_axis, forward_masks, used, qplan, support_plans, slice_ranges, estimate)
+                              qplan.array_axis, forward_masks, used, qplan, support_plans, slice_ranges, estimate,
+                              reports)
+
+
+def range_kinds(options: SegmentOptions, structures: list[Structure]) -> dict[int, str]:
+    """Per structure value: "auto" (estimated), "off" or "given" (FIRST:LAST), as --slice-range says."""
+    from .slice_range import resolve_slice_ranges
+
+    specs = resolve_slice_ranges(options.slice_range, structures)
+    return {v: "auto" if g is None else "off" if g == (0, -1) else "given" for v, g in specs.items()}
 
 
 def structure_ranges(qplan: SlicePlan, query_info: StackInfo, prepared: list, structures: list[Structure],
