@@ -17,7 +17,7 @@ from .atomic import atomic_path
 from .backends import get_backend
 from .backends.base import QueryContext, StageClock, SupportSlice
 from .engine import SAM2Engine, pick_device
-from .extent import StackInfo
+from .extent import StackInfo, slice_tilt_degrees
 from .errors import InputError
 from .slice_range import to_array_range
 from .resources import check_resources, estimate_resources
@@ -130,7 +130,7 @@ def segment(
 
     t_range = time.perf_counter()
     # the query's stack with its geometry: the range estimate and the LPIPS backend share its body box
-    query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
+    query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing, tilt=slice_tilt_degrees(query, qplan))
     ranges = structure_ranges(qplan, query_info, prepared, structures, options)
     timings["extent"] = time.perf_counter() - t_range
     n = qstack.shape[0]
@@ -316,7 +316,7 @@ def estimated_ranges(query_info: StackInfo, prepared: list, structures: list[Str
         present = {st.value: plan.stack(case.mask(st.value)).reshape(image_stack.shape[0], -1).any(axis=1)
                    for st in structures}
         support_infos.append(StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, present=present,
-                                       box=box))
+                                       box=box, tilt=slice_tilt_degrees(case.image, plan)))
     found = estimator.estimate(query_info, support_infos, [(s.value, s.name) for s in structures])
     ranges: dict[int, Optional[tuple[int, int]]] = {}
     for r in found:
