@@ -165,3 +165,29 @@ def test_lpips_continued_equals_the_two_frame_step(engine, stacks, monkeypatch, 
         cmp.add(p["logits"], masks[i - seg_first], *sam[1])
     assert cmp.frames == (first - seg_first) + (seg_last - last)
     cmp.check()
+
+
+def test_user_range_end_touched_is_reported_in_the_done_line(shared_dir, tmp_path, capsys):
+    """`segment --slice-range FIRST:LAST --progress json`: a structure still present on an end of the user's range
+    is kept to it, and the warning and the done line's `range_reports` say which slice."""
+    import json
+
+    from fewshotsam2.cli import main
+
+    d = shared_dir / "data" / "abdomen-ct"
+    out = tmp_path / "out.nii.gz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the JSON lines carry them
+        rc = main(["segment", "--query", str(d / "ct-b" / "dicom"), "--support", str(d / "ct-a" / "image.nii.gz"),
+                   str(d / "ct-a" / "labels.nii.gz"), "--labels", "5", "--out", str(out), "--untrained",
+                   "--image-size", "64", "--device", "cpu", "--method", "propagate", "--slice-range", "5:12",
+                   "--progress", "json"])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    done = [e for e in events if e["event"] == "done"][-1]
+    (report,) = done["range_reports"]
+    assert report["kind"] == "given" and report["planned"] == [5, 12] and report["segmented"] == [5, 12]
+    # random weights predict the liver on every slice here: both ends are touched, neither is continued
+    assert sorted(e["end"] for e in report["ends"]) == [5, 12] and not any(e["continued"] for e in report["ends"])
+    said = [e["message"] for e in events if e["event"] == "warning" and "an end of its slice range" in e["message"]]
+    assert len(said) == 2 and all("present on slice" in m for m in said)
