@@ -191,3 +191,37 @@ def test_user_range_end_touched_is_reported_in_the_done_line(shared_dir, tmp_pat
     assert sorted(e["end"] for e in report["ends"]) == [5, 12] and not any(e["continued"] for e in report["ends"])
     said = [e["message"] for e in events if e["event"] == "warning" and "an end of its slice range" in e["message"]]
     assert len(said) == 2 and all("present on slice" in m for m in said)
+
+
+@pytest.mark.slow  # a real-data pipeline: 128 IBSR slices, LPIPS range estimate, SAM2 at 64 px
+def test_segment_auto_continues_past_an_estimated_end(shared_dir, monkeypatch):
+    """`segment` with the default `auto` on an IBSR brain (CSF, estimated range shorter than the volume): where the
+    random-weight prediction is still present on an estimated end, the range grows past it and says so."""
+    from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
+    from fewshotsam2.research.extent_eval import load_case
+    from fewshotsam2.volume import Structure
+
+    monkeypatch.setenv("FEWSHOTSAM2_LPIPS_WEIGHTS", str(shared_dir / "weights" / "lpips" / "alexnet_features.pth"))
+    q_image, _, plane = load_case(shared_dir / "data" / "brain-mr" / "ibsr-01", 4)
+    s_image, s_labels, _ = load_case(shared_dir / "data" / "brain-mr" / "ibsr-04", 4)
+    options = SegmentOptions.from_flat(image_size=64, device="cpu", untrained=True, method="propagate", axis=plane,
+                                       slice_range="auto")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = segment(q_image, [SupportCase(s_image, s_labels, "ibsr-04")], [Structure(1, "CSF", (1.0, 1.0, 0.0))], options,
+                         progress=None)
+    report = result.range_reports[1]
+    print(f"RANGE {report.summary()}")
+    plan = result.query_plan
+    assert report.kind == "auto" and report.planned != (0, plan.n_slices - 1), "the estimate must not be the volume"
+    continued = [e for e in report.ends if e.continued]
+    assert continued, f"no estimated end was touched: {report}"
+    lo, hi = report.segmented
+    assert lo <= report.planned[0] and report.planned[1] <= hi and (lo, hi) != report.planned
+    assert result.slice_ranges[1] == report.segmented
+    has = np.moveaxis(result.labels.array == 1, plan.array_axis, 0).reshape(plan.n_slices, -1).any(axis=1)
+    outside = np.ones(plan.n_slices, bool)
+    outside[lo : hi + 1] = False
+    assert not has[outside].any() and has[lo : hi + 1].any()
+    for e in continued:
+        assert any(m.startswith("CSF: present on slice") and f"slice {e.end}," in m for m in map(str, (w.message for w in said)))
