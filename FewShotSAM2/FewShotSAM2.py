@@ -1602,6 +1602,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             status = _("Done in {seconds:.0f} s on {device} (segmentation {run:.0f} s): '{name}'.").format(
                 seconds=time.time() - job.startTime, device=result.device or "?", run=result.seconds,
                 name=outputNode.GetName())
+            if getattr(result, "range_notes", None):  # a structure reached an end of its slice range
+                status += "\n" + _("Slice ranges:") + " " + "; ".join(result.range_notes)
             if result.warnings:
                 status += "\n" + _("Warnings:") + "\n" + "\n".join(f"- {w}" for w in result.warnings)
             self._setStatus(status, warning=bool(result.warnings))

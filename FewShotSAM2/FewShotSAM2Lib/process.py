@@ -211,6 +211,9 @@ class ProcessResult:
     device: str = ""
     seconds: float = 0.0
     warnings: list = field(default_factory=list)
+    # per structure, one line on its slice range when the prediction touched a range end ("liver 12-47 (auto
+    # 12-40; continued to 47)"): the core's `range_reports` of its done line
+    range_notes: list = field(default_factory=list)
 
     @property
     def timings(self) -> dict:
@@ -431,6 +434,8 @@ class SegmentationProcess:
             device=str(self.done.get("device", "")),
             seconds=float(self.done.get("seconds", 0.0)),
             warnings=list(self.warnings),
+            range_notes=[str(r.get("summary", "")) for r in self.done.get("range_reports", [])
+                         if isinstance(r, dict) and r.get("ends")],
         )
 
     def readExtent(self) -> dict:

@@ -51,7 +51,8 @@ RECORD_SUFFIX = ".fewshotsam2.json"  # the completion record beside each output:
 # options that change how a run goes, not what it writes: a resumed batch may change them
 RUN_ONLY_OPTIONS = ("device", "batch_size", "cache_dir", "feature_storage")
 STALE_AFTER_S = 60.0  # a temporary file untouched this long before the run started is a killed run's leftover
-SUMMARY_COLUMNS = ("row", "case", "query", "output", "status", "seconds", "encoder_calls", "peak_memory_mb", "error")
+SUMMARY_COLUMNS = ("row", "case", "query", "output", "status", "seconds", "encoder_calls", "peak_memory_mb", "error",
+                   "slice_ranges", "range_ends")
 # what --queries picks up in a folder besides DICOM series sub-folders
 QUERY_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")  # longest first: ".seg.nrrd" before ".nrrd"
@@ -89,6 +90,10 @@ class CaseResult:
     encoder_calls: int = 0
     peak_memory_mb: float = 0.0
     error: str = ""
+    # per structure its segmented range ("liver 12-47 (auto 12-40; continued to 47)", '; ' between structures),
+    # and the range ends a prediction touched, as the warnings said them
+    slice_ranges: str = ""
+    range_ends: str = ""
 
 
 # ---------------------------------------------------------------------------------------------- the cases
@@ -484,6 +489,9 @@ class CaseRunner:
                 write_labels(case.output, seg.labels, seg.structures)
             result.status = "ok"
             result.encoder_calls = seg.encoder_calls
+            reports = seg.range_reports.values()
+            result.slice_ranges = "; ".join(r.summary() for r in reports)
+            result.range_ends = "; ".join(f"{r.structure}: {e.describe()}" for r in reports for e in r.ends)
         except (Cancelled, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001  one case's failure must not stop the cohort

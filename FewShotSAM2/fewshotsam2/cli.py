@@ -102,11 +102,14 @@ def run_segment(args: argparse.Namespace) -> int:
             events.done(out=str(args.out), device=str(getattr(segmenter.engine, "device", "")),
                         seconds=result.timings["total"], slice_axis=int(result.slice_axis),
                         encoder_calls=int(result.encoder_calls), voxels=voxels,
-                        slice_ranges={s.name: result.slice_ranges.get(s.value) for s in result.structures})
+                        slice_ranges={s.name: result.slice_ranges.get(s.value) for s in result.structures},
+                        range_reports=[r.to_json() for r in result.range_reports.values()])
             return 0
     for s in result.structures:
         r = result.slice_ranges.get(s.value)
-        print(f"{s.name}: segmented slices {r[0]}-{r[1]} along array axis {result.slice_axis}" if r is not None
+        report = result.range_reports.get(s.value)
+        ends = "".join(f"; {e.describe()}" for e in report.ends) if report is not None else ""
+        print(f"{s.name}: segmented slices {r[0]}-{r[1]} along array axis {result.slice_axis}{ends}" if r is not None
               else f"{s.name}: empty slice range, not segmented")
     counts = ", ".join(f"{name}: {n} voxels" for name, n in voxels.items())
     print(f"wrote {args.out} ({counts}; {result.encoder_calls} slices encoded, {result.timings['total']:.1f} s)")

@@ -46,6 +46,12 @@ MARGIN_MM = 15.0
 # give 0.98; IBSR is the same for all three.
 OUTSIDE_QUANTILE = 0.5
 LPIPS_SIZE = 224
+# Oblique slices (issue 21): a query slice tilted by t from the anatomical plane cuts through levels spread over
+# its in-plane extent x sin t, so a structure appears on more slices than its height says. Up to this tilt the
+# range is widened by that spread (half the body's in-plane extent x tan t at each end); beyond it the estimate
+# is not trusted at all (LPIPS compares slices tilted that much with upright support slices; ct-a resampled at
+# 25 degrees gave recall 0.29) and every slice is segmented, with a warning. Scanner gantry tilts stay under it.
+OBLIQUE_RANGE_DEGREES = 15.0
 
 
 @dataclass
@@ -59,6 +65,7 @@ class StackInfo:
     # supports, instead of `labels`: label value -> bool (n,) which slices hold it (all the estimate reads)
     present: Optional[dict] = None
     box: Optional[tuple] = None  # lpips_distance.body_box of the stack, if already known (computed once otherwise)
+    tilt: float = 0.0  # degrees between the slice normal and the nearest anatomical axis (`slice_tilt_degrees`)
 
     def body_box(self) -> tuple:
         """(centre row, centre column, extent mm) of the body, computed on first use and kept: a query is
@@ -235,8 +242,21 @@ class ExtentEstimator:
 
     def estimate(self, query: StackInfo, supports: Sequence[StackInfo], structures: Sequence[tuple[int, str]],
                  ) -> list[SliceRange]:
-        """One `SliceRange` per (value, name) in `structures`, in the query's stack indices."""
+        """One `SliceRange` per (value, name) in `structures`, in the query's stack indices.
+
+        An oblique query gets each end widened by the levels its slices spread over; past OBLIQUE_RANGE_DEGREES
+        (query or support) every slice is returned, with a warning."""
+        import warnings
+
         n_q = query.images.shape[0]
+        tilt = max([query.tilt] + [s.tilt for s in supports])
+        if tilt > OBLIQUE_RANGE_DEGREES:
+            which = "the query" if query.tilt > OBLIQUE_RANGE_DEGREES else "a support"
+            warnings.warn(f"{which} is cut {tilt:.0f} degrees oblique to the anatomical axes (over "
+                          f"{OBLIQUE_RANGE_DEGREES:.0f}): the slice range cannot be estimated reliably; every slice is "
+                          "segmented (give --slice-range FIRST:LAST to narrow it)", stacklevel=2)
+            return [SliceRange(int(value), name, 0, n_q - 1) for value, name in structures]
+        margin = self.margin_mm + oblique_spread_mm(query)
         per_support: list[list[Optional[tuple[int, int]]]] = [[] for _ in structures]
         for support in supports:
             alignment = align(self.cost_matrix(query, support), query.slice_spacing, support.slice_spacing,
@@ -244,13 +264,31 @@ class ExtentEstimator:
             for s, (value, _) in enumerate(structures):
                 extent = extent_mm_of_slices(support.slices_with(value), support.slice_spacing)
                 per_support[s].append(None if extent is None else
-                                      map_extent(alignment, extent, query.slice_spacing, n_q, self.margin_mm))
+                                      map_extent(alignment, extent, query.slice_spacing, n_q, margin))
         ranges = []
         for (value, name), found in zip(structures, per_support):
             got = [r for r in found if r is not None]
             first, last = (min(r[0] for r in got), max(r[1] for r in got)) if got else (0, -1)
             ranges.append(SliceRange(int(value), name, first, last, found))
         return ranges
+
+
+def oblique_spread_mm(info: StackInfo) -> float:
+    """How far (mm along the slice normal) a structure reaches beyond its level band in a stack tilted by
+    `info.tilt`: half the body's in-plane extent x tan(tilt); 0 for upright slices (up to 1 degree, as the
+    oblique warning of slices.py)."""
+    if info.tilt <= 1.0:
+        return 0.0
+    return 0.5 * info.body_box()[2] * math.tan(math.radians(info.tilt))
+
+
+def slice_tilt_degrees(volume, plan) -> float:
+    """Degrees between the normal of `plan`'s slices (the volume's array axis it cuts along) and the nearest
+    anatomical axis. In-plane rotation does not count: it moves no slice to other levels."""
+    ijk = 2 - plan.array_axis  # array is [k, j, i]
+    normal = np.asarray(volume.direction, float)[:, ijk]
+    cos = float(np.max(np.abs(normal)) / np.linalg.norm(normal))
+    return math.degrees(math.acos(min(1.0, cos)))
 
 
 # ---------------------------------------------------------------- volumes -> stacks
@@ -264,7 +302,7 @@ def stack_info(image, labels=None, axis: str = "auto", preset: str = "auto") -> 
     plan = SlicePlan.for_volume(image, axis)
     kind = choose_preset(image) if preset == "auto" else preset
     info = StackInfo(SliceStack.of(image, plan, kind), plan.in_plane_spacing, plan.slice_spacing,
-                     None if labels is None else plan.stack(labels.array))
+                     None if labels is None else plan.stack(labels.array), tilt=slice_tilt_degrees(image, plan))
     return info, plan
 
 

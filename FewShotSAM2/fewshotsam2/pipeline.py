@@ -22,12 +22,13 @@ from .backends.base import Backend, QueryContext, StageClock, SupportSlice
 from .device import pick_device
 from .engine import SAM2Engine
 from .errors import InputError
-from .extent import ExtentEstimator, StackInfo
+from .extent import ExtentEstimator, StackInfo, slice_tilt_degrees
 from .intensity import choose_preset
 from .lpips_distance import body_box
 from .options import LpipsOptions, PropagateOptions, ReverseOptions, SegmentOptions  # noqa: F401  (re-exported)
 from .resources import ResourceEstimate, check_resources, estimate_resources
-from .results import LpipsMatch, SegmentationResult, SliceScore, UsedSupportSlice  # noqa: F401  (re-exported)
+from .range_ends import extend_past_range_ends, range_report
+from .results import LpipsMatch, RangeReport, SegmentationResult, SliceScore, UsedSupportSlice  # noqa: F401  (re-exported)
 from .settings import LPIPS_WEIGHTS_ENV
 from .slice_range import check_slice_range, resolve_slice_ranges, to_array_range, to_stack_range
 from .slice_stack import SliceStack
@@ -147,9 +148,12 @@ class Run:
         if self.backend.needs_body_box:
             shared_cache["body_box"] = self.info.body_box()  # of the whole query, not the range
         out = _Outputs(self)
+        kinds = range_kinds(self.options, self.structures)
         for structure in self.structures:
             r = self.ranges[structure.value]
             if r is None:
+                out.reports[structure.value] = range_report(structure.name, structure.value, kinds[structure.value],
+                                                            None, None, [])
                 continue
             first, last = r
             uses[first : last + 1] -= 1
@@ -170,6 +174,17 @@ class Run:
                                       stage_progress, clock)
             engine.release(last_use)  # a backend that reads them again is done with them now
             out.add(structure, first, result)
+            # a range end the prediction still touches: continued past (estimated) or warned about (range_ends.py)
+            seg_first, seg_last, masks, ends = extend_past_range_ends(
+                engine, result, keys, self.info.images, first, last, kinds[structure.value] == "auto",
+                structure.name, self.plan.slice_index_to_array_index, stage_progress)
+            engine.release(keys[i] for i in range(seg_first, seg_last + 1) if uses[i] == 0 and not first <= i <= last)
+            part = out.stack[seg_first : seg_last + 1]
+            part[masks & (part == 0)] = structure.value
+            self.ranges[structure.value] = (seg_first, seg_last)  # the result reports the range segmented
+            out.reports[structure.value] = range_report(structure.name, structure.value, kinds[structure.value],
+                                                        to_array_range(self.plan, first, last),
+                                                        self.array_range(structure.value), ends)
         self.timings["total"] = time.perf_counter() - self.started
         return out.result(engine.encoder_calls, estimate)
 
@@ -203,6 +218,7 @@ class _Outputs:
         self.scores: list[SliceScore] = []
         self.used: list[UsedSupportSlice] = []
         self.forward_masks: dict[int, np.ndarray] = {}
+        self.reports: dict[int, RangeReport] = {}
 
     def add(self, structure: Structure, first: int, result) -> None:
         plan = self.run.plan
@@ -228,7 +244,13 @@ class _Outputs:
         ranges = {s.value: run.array_range(s.value) for s in run.structures}
         return SegmentationResult(labels, list(run.structures), self.scores, encoder_calls, run.timings,
                                   run.plan.array_axis, self.forward_masks, self.used, run.plan,
-                                  [s.plan for s in run.supports], ranges, estimate)
+                                  [s.plan for s in run.supports], ranges, estimate, self.reports)
+
+
+def range_kinds(options: SegmentOptions, structures: list[Structure]) -> dict[int, str]:
+    """Per structure value: "auto" (estimated), "off" (every slice) or "given" (FIRST:LAST), as --slice-range says."""
+    specs = resolve_slice_ranges(options.slice_range, structures)
+    return {v: {"whole": "off", "range": "given"}.get(spec.kind, "auto") for v, spec in specs.items()}
 
 
 @contextmanager
@@ -271,7 +293,7 @@ def prepare(query: Volume, supports: list[SupportCase], structures: list[Structu
         if not any(case.mask(structure.value).any() for case in supports):
             where = supports[0].name if len(supports) == 1 else "every support"
             raise InputError(f"structure {structure.value} ({structure.name}) is absent from {where}")
-    info = StackInfo(stack, plan.in_plane_spacing, plan.slice_spacing)
+    info = StackInfo(stack, plan.in_plane_spacing, plan.slice_spacing, tilt=slice_tilt_degrees(query, plan))
     run = Run(query, plan, info, prepared, list(structures), options, backend, started=t0)
     run.ranges, run.to_estimate = given_ranges(run)
     run.timings["prepare"] = time.perf_counter() - t0
@@ -367,7 +389,8 @@ def estimated_ranges(run: Run, structures: list[Structure]) -> dict[int, StackRa
         present = {st.value: support.plan.stack(support.case.mask(st.value)).reshape(support.stack.shape[0], -1)
                    .any(axis=1) for st in structures}
         support_infos.append(StackInfo(support.stack, support.plan.in_plane_spacing, support.plan.slice_spacing,
-                                       present=present, box=support.body_box))
+                                       present=present, box=support.body_box,
+                                       tilt=slice_tilt_degrees(support.case.image, support.plan)))
     found = estimator.estimate(run.info, support_infos, [(s.value, s.name) for s in structures])
     ranges: dict[int, StackRange] = {}
     for r in found:

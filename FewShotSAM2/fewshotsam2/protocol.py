@@ -5,7 +5,7 @@ process runner (FewShotSAM2Lib/process.py) reads it. Pure Python: the Slicer sid
 Event lines (one JSON object per line on stdout, flushed at once):
     {"event": "progress", "stage": str, "done": int, "total": int}
     {"event": "warning", "message": str}
-    {"event": "done", ...}   the run's summary (device, seconds, encoder_calls, slice_axis, voxels, slice_ranges)
+    {"event": "done", ...}   the run's summary (device, seconds, encoder_calls, slice_axis, voxels, slice_ranges, range_reports)
 """
 
 from __future__ import annotations

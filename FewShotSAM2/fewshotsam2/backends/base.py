@@ -69,6 +69,9 @@ class StructureResult:
     selected: list[int] = field(default_factory=list)  # reverse: the conditional slices, best first
     matches: Optional[list[LpipsMatch]] = None  # lpips: per slice, the support image it matched
     forward_masks: Optional[np.ndarray] = None  # reverse: p_i for every slice
+    # per range end ("below": before slice 0 of the range, "above": after its last), how to go on predicting past
+    # it (backends/continuation.py); a backend that cannot leaves it out
+    edges: dict = field(default_factory=dict)
 
 
 class Backend(abc.ABC):

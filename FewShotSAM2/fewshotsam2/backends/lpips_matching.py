@@ -24,6 +24,7 @@ from ..augment import augment_support
 from ..lpips_distance import QUERY_CHUNK, body_box, resample_to_fov, shared_lpips
 from ..options import LpipsOptions
 from ..results import LpipsMatch
+from .continuation import SliceEdge
 from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
 
 
@@ -94,5 +95,19 @@ class LpipsBackend(Backend):
                 done += len(slices)
                 progress(f"Segmenting slice {done}/{len(query.keys)}", done, len(query.keys))
 
+        def segment_slices(engine: Engine, keys, images) -> list:
+            # slices beyond the range: matched and segmented one by one, exactly as inside it
+            feats = matcher.features(resample_to_fov(np.asarray(images), query.spacing, fov, matcher.size,
+                                                     center=qbox[:2]))
+            out = []
+            for key, j in zip(keys, matcher.match(feats, support_feats)[0]):
+                match, _, image, mask = candidates[int(j)]
+                support_key = ("lpips-support", match)
+                engine.add_frames({support_key: image})
+                memory = engine.memorize([support_key], [mask])
+                out.append(engine.predict([key], 1, {0: memory}, num_frames=2).masks[0])
+            return out
+
+        edge = SliceEdge(segment_slices)
         return StructureResult(np.stack(masks), list(supports), np.asarray(distances, float), higher_is_better=False,
-                               matches=[candidates[int(j)][0] for j in best])
+                               matches=[candidates[int(j)][0] for j in best], edges={"below": edge, "above": edge})

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..options import PropagateOptions
 from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
+from .continuation import PropagationEdge
 from .memory_bank import propagate_sequence
 
 
@@ -32,12 +33,18 @@ class PropagateBackend(Backend):
             # supports are frames 0..k-1 (conditioning), query slices follow as frames k..k+n-1
             cond = {j: memory.select(j) for j in range(k)}
             progress(f"Propagating slice 0/{n}", 0, n)  # the bar shows before the first slice is encoded
+            recent: dict = {}
             masks = propagate_sequence(
                 engine,
                 query_keys,
                 positions=list(range(k, k + n)),
                 cond=cond,
                 num_frames=k + n,
+                recent=recent,
                 on_slice=lambda done, total: progress(f"Propagating slice {done}/{total}", done, total),
             )
-        return StructureResult(masks=np.stack(masks), supports=list(supports))
+        # above: the same pass, further; below: the same method on the slices below, outward ([supports, q_first-1,
+        # q_first-2, ...]: plain propagation only runs one way)
+        edges = {"above": PropagationEdge(cond, recent, k + n - 1, +1, False, k + n),
+                 "below": PropagationEdge(cond, {}, k - 1, +1, False, k)}
+        return StructureResult(masks=np.stack(masks), supports=list(supports), edges=edges)

@@ -26,6 +26,7 @@ import numpy as np
 from ..engine import Memory
 from ..options import ReverseOptions
 from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
+from .continuation import PropagationEdge
 from .memory_bank import memorize_in_batches, propagate_sequence
 
 
@@ -76,10 +77,11 @@ def _self_propagate(
     conditional: Sequence[int],
     support_memory: Memory | None,
     progress: StageProgress,
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], dict[str, PropagationEdge]]:
     """Query slice i sits at frame i. Forward from the first conditional slice to the end, then backward from it
     to slice 0, so every other slice is predicted once, with all conditional slices (their p_i as mask prompts,
-    as sam2's `add_new_mask`) in memory."""
+    as sam2's `add_new_mask`) in memory. Also returns where each pass stopped (`continuation.PropagationEdge`):
+    continuing past the range is more steps of the same two passes."""
     n = len(query_keys)
     prompts = memorize_in_batches(engine, [query_keys[c] for c in conditional], [forward_masks[c] for c in conditional])
     cond: dict[int, Memory] = {c: prompts.select(j) for j, c in enumerate(conditional)}
@@ -105,8 +107,9 @@ def _self_propagate(
     def report(offset: int):
         return lambda done, _: progress(f"Propagating slice {offset + done}/{total}", offset + done, total)
 
+    up_recent: dict[int, Memory] = {}
     if up:
-        up_masks = propagate_sequence(engine, [query_keys[i] for i in up], up, cond, n, False, {}, report(0),
+        up_masks = propagate_sequence(engine, [query_keys[i] for i in up], up, cond, n, False, up_recent, report(0),
                                       keep_near_first)
         for i, m in zip(up, up_masks):
             masks[i] = m
@@ -115,7 +118,12 @@ def _self_propagate(
                                         report(len(up)))
         for i, m in zip(down, down_masks):
             masks[i] = m
-    return masks
+    # below the range the supports (keep_supports) would sit where the continuation goes: they move just before it
+    query_cond = {t: m for t, m in cond.items() if t >= 0}
+    supports_below = [cond[t] for t in sorted((t for t in cond if t < 0), reverse=True)]
+    edges = {"above": PropagationEdge(cond, up_recent, n - 1, +1, False, n),
+             "below": PropagationEdge(query_cond, near_first, 0, -1, True, n, supports_below)}
+    return masks, edges
 
 
 class ReverseBackend(Backend):
@@ -164,8 +172,8 @@ class ReverseBackend(Backend):
 
         engine.keep_if_room(query_keys)  # self-propagation reads each slice once more
         with clock.stage("self_propagation"):
-            masks = _self_propagate(engine, query_keys, forward_masks, selection.selected,
-                                    support_memory if keep_supports else None, progress)
+            masks, edges = _self_propagate(engine, query_keys, forward_masks, selection.selected,
+                                           support_memory if keep_supports else None, progress)
         return StructureResult(np.stack(masks), list(supports), np.asarray(scores, float), selected=selection.selected,
-                               forward_masks=np.stack(forward_masks))
+                               forward_masks=np.stack(forward_masks), edges=edges)
 
