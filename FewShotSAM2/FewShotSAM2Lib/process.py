@@ -43,6 +43,7 @@ OPTION_FLAGS = {
     "slice_range": "--slice-range",
     "extent_margin": "--extent-margin",
     "feature_storage": "--feature-storage",
+    "overlap": "--overlap",
     "top_k": "--top-k",
     "min_score": "--min-score",
     "keep_supports": "--keep-supports",

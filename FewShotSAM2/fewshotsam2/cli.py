@@ -103,6 +103,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="cached image features: auto (default) = bfloat16 on CUDA, float32 on the CPU unless the "
                         "features kept between passes would pass 256 MiB (past that budget slices are encoded "
                         "again); bfloat16 halves the memory at a small cost in exactness")
+    g.add_argument("--overlap", default=d["overlap"], choices=C.OVERLAP_RULES,
+                   help="who keeps a voxel two structures claim: logits (default) = the structure with the higher "
+                        "SAM2 logit there, as sam2's video predictor with several objects; order = the one listed "
+                        "first in --labels")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,13 +15,14 @@ import numpy as np
 from . import constants
 from .atomic import atomic_path
 from .backends import get_backend
-from .backends.base import QueryContext, StageClock, SupportSlice
+from .backends.base import QueryContext, StageClock, StructureJob, SupportSlice
 from .engine import SAM2Engine, pick_device
 from .extent import StackInfo
 from .errors import InputError
 from .slice_range import to_array_range
 from .resources import check_resources, estimate_resources
 from .intensity import choose_preset
+from .non_overlap import LabelComposer
 from .lpips_distance import body_box
 from .options import LpipsOptions, PropagateOptions, ReverseOptions, SegmentOptions  # noqa: F401  (re-exported)
 from .results import LpipsMatch, SegmentationResult, SliceScore, UsedSupportSlice  # noqa: F401  (re-exported)
@@ -71,8 +72,10 @@ def segment(
 ) -> SegmentationResult:
     """Segment `structures` (by label value) in `query` from the labeled `supports`.
 
-    Every structure is segmented on its own, on the query slices of its range (`options.slice_range`; outside
-    it the output is background); where two structures claim a voxel, the one listed first keeps it.
+    Every structure is segmented on the query slices of its range (`options.slice_range`; outside it the output
+    is background), with its own memory bank (propagate: all in one pass, batched over structures); where two
+    structures claim a voxel, `options.overlap` decides: "logits" (default: the higher SAM2 logit, as sam2's
+    video predictor with `non_overlap_masks=True`) or "order" (the one listed first).
     `progress`: True (default) shows a progress bar on stderr; None or False: silent; or a callback
     `progress(stage, done, total)`. Raise `errors.Cancelled` from it to stop: nothing is returned or written.
     `notify(text)` receives the slice ranges and the memory/time estimate before the work starts.
@@ -184,11 +187,14 @@ def _segment_structures(query, qplan, query_info, prepared, support_plans, suppo
         shared_cache["body_box"] = query_info.body_box()  # of the whole query, not the range
 
     top = max(s.value for s in structures)
-    out_stack = np.zeros(qstack.shape, dtype=np.min_scalar_type(top) if top < 65536 else np.int32)
+    # the label stack; where two structures claim a voxel, options.overlap decides (non_overlap.py)
+    composer = LabelComposer(qstack.shape, np.min_scalar_type(top) if top < 65536 else np.int32,
+                             options.overlap if len(structures) > 1 else "order")
     scores: list[SliceScore] = []
     used: list[UsedSupportSlice] = []
     forward_masks: dict[int, np.ndarray] = {}
     slice_ranges: dict[int, Optional[tuple[int, int]]] = {}
+    jobs: list[StructureJob] = []
     for structure in structures:
         r = ranges[structure.value]
         slice_ranges[structure.value] = None if r is None else to_array_range(qplan, *r)
@@ -196,9 +202,6 @@ def _segment_structures(query, qplan, query_info, prepared, support_plans, suppo
             continue
         first, last = r
         uses[first : last + 1] -= 1
-        last_use = [query_keys[i] for i in range(first, last + 1) if uses[i] == 0]
-        # read again by a later structure: kept while the engine's feature budget allows, else encoded again
-        engine.keep_if_room(query_keys[i] for i in range(first, last + 1) if uses[i] > 0)
         support_slices = []
         for s_idx, (plan, image_stack, case, box) in enumerate(prepared):
             mask_stack = plan.stack(case.mask(structure.value))
@@ -217,19 +220,18 @@ def _segment_structures(query, qplan, query_info, prepared, support_plans, suppo
                                                    plan.in_plane_spacing, box))
         if not support_slices:
             raise InputError(f"structure {structure.value} ({structure.name}) is absent from every support")
-
-        def stage_progress(stage: str, done: int, total: int, _name=structure.name) -> None:
-            progress(f"{_name}: {stage}", done, total)
-
         # the backend sees only the slices of the range
         context = QueryContext(keys=query_keys[first : last + 1], images=qstack[first : last + 1],
-                               spacing=qplan.in_plane_spacing, cache=shared_cache)
-        if options.method in ("propagate", "lpips"):
-            engine.use_once(last_use)  # these read each query slice once: drop its features right after
-        result = backend.run(engine, context, support_slices, options.method_options, stage_progress, clock)
-        engine.release(last_use)  # reverse reads them again (forward, p_i prompts, self-propagation): dropped now
-        part = out_stack[first : last + 1]
-        part[result.masks & (part == 0)] = structure.value
+                               spacing=qplan.in_plane_spacing, cache=shared_cache,
+                               keep_logits=composer.rule == "logits")
+        jobs.append(StructureJob(structure.value, structure.name, support_slices, context, first,
+                                 last_use=[query_keys[i] for i in range(first, last + 1) if uses[i] == 0],
+                                 read_again=[query_keys[i] for i in range(first, last + 1) if uses[i] > 0]))
+
+    by_value = {s.value: s for s in structures}
+    for job, result in backend.run_many(engine, jobs, options.method_options, progress, clock):
+        structure, first = by_value[job.value], job.first
+        composer.add(structure.value, first, result.masks, result.logits)
         used += [UsedSupportSlice(structure.value, s.support, s.slice_index, s.array_index) for s in result.supports]
         if result.scores is not None:
             selected = set(result.selected)
@@ -239,8 +241,9 @@ def _segment_structures(query, qplan, query_info, prepared, support_plans, suppo
                                          None if result.matches is None else result.matches[i]))
         if result.forward_masks is not None:
             full = np.zeros(qstack.shape, dtype=bool)
-            full[first : last + 1] = result.forward_masks
+            full[first : first + len(result.forward_masks)] = result.forward_masks
             forward_masks[structure.value] = qplan.unstack(full)
+    out_stack = composer.labels
 
     labels = query.with_array(qplan.unstack(out_stack))
     timings["total"] = time.perf_counter() - t0
