@@ -413,7 +413,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                     color = tuple(float(c) for c in segment.GetColor())
                     structuresByName[name] = volume.Structure(len(structuresByName) + 1, name, color)
                     metadata[name] = segment
-                # overlapping segments: the first listed keeps the voxel, as the core does for its output
+                # overlapping support segments: the first listed keeps the voxel (the core's --overlap order rule)
                 labels[mask & (labels == 0)] = structuresByName[name].value
             if empty:
                 names = ", ".join(f"'{n}'" for n in empty)

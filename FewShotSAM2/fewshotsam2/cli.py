@@ -103,10 +103,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="cached image features: auto (default) = bfloat16 on CUDA, float32 on the CPU unless the "
                         "features kept between passes would pass 256 MiB (past that budget slices are encoded "
                         "again); bfloat16 halves the memory at a small cost in exactness")
-    g.add_argument("--overlap", default=d["overlap"], choices=C.OVERLAP_RULES,
-                   help="who keeps a voxel two structures claim: logits (default) = the structure with the higher "
-                        "SAM2 logit there, as sam2's video predictor with several objects; order = the one listed "
-                        "first in --labels")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +128,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shots", type=int, default=d["shots"], metavar="K",
                    help="support slices per support volume and structure: 1 = the middle labeled slice, "
                         f"K = K evenly spaced labeled slices (default {d['shots']})")
+    g.add_argument("--overlap", default=d["overlap"], choices=C.OVERLAP_RULES,
+                   help="who keeps a voxel two structures claim: logits (default) = the structure with the higher "
+                        "SAM2 logit there, as sam2's video predictor with several objects; order = the one listed "
+                        "first in --labels")
     r = parser.add_argument_group("reverse propagation (--method reverse)")
     r.add_argument("--top-k", type=int, default=d["top_k"], metavar="K",
                    help=f"query slices kept as conditional slices, best reverse score first (default {d['top_k']})")

@@ -147,7 +147,8 @@ def segment(
     engine.reset()
     engine.set_feature_storage(options.feature_storage)
     estimate = estimate_resources(engine, options.method, int(uses.sum()), int((uses > 0).sum()),
-                                  qstack.shape[1:], len(structures), options.feature_storage)
+                                  qstack.shape[1:], len(structures), options.feature_storage,
+                                  int(uses.sum()) if options.overlap == "logits" and len(structures) > 1 else 0)
     if notify is not None:
         for st in structures:
             r = ranges[st.value]
