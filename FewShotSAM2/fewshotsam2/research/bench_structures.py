@@ -10,7 +10,8 @@ first structure alone:
 - `sequential`: one `segment` call, the structures one after another (the base `Backend.run_many`, the code path
   before the one-pass work; features a later structure reads are kept within the feature budget);
 - `separate`: one `segment` call per structure (times and encoder calls summed).
-Random weights (the work per stage does not depend on them). The median of `--repeat` timed runs is reported.
+Random weights (the work per stage does not depend on them). The median of `--repeat` timed runs is reported, with
+its CPU time (user + system), steadier than wall time on a shared machine.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _inputs(args):
     return query, image, labels, chosen
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (user + system): steadier than wall time on a machine others load too."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _worker(args) -> dict:
     from ..backends.base import Backend
     from ..backends.propagate import PropagateBackend
@@ -63,18 +70,61 @@ def _worker(args) -> dict:
         segment(query, [support], structures[:1], options, progress=None, engine=engine)  # warm-up
         runs = []
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             calls = 0
             stage = 0.0
             for part in ([[s] for s in structures] if args.mode == "separate" else [structures]):
                 result = segment(query, [support], part, options, progress=None, engine=engine)
                 calls += result.encoder_calls
                 stage += result.timings.get(args.method, result.timings.get("propagate", 0.0))
-            runs.append((time.perf_counter() - t0, calls, stage))
-    total, calls, stage = sorted(runs)[len(runs) // 2]
+            runs.append((time.perf_counter() - t0, calls, stage, _cpu_seconds() - c0))
+    total, calls, stage, cpu = sorted(runs)[len(runs) // 2]
     return dict(count=args.count, mode=args.mode, seconds=total, all_seconds=[r[0] for r in runs],
-                encoder_calls=calls, stage_seconds=stage,
+                encoder_calls=calls, stage_seconds=stage, cpu_seconds=cpu,
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _interleaved(args) -> None:
+    """Every (count, mode) in one process, in rounds: config after config, `--repeat` rounds, so each sees the
+    same machine load on average (on a shared machine the load drifts over minutes). Median wall per config."""
+    from ..backends.base import Backend
+    from ..backends.propagate import PropagateBackend
+    from ..engine import SAM2Engine
+    from ..options import SegmentOptions
+    from ..pipeline import SupportCase, segment
+
+    query, image, labels, chosen = _inputs(args)
+    support = SupportCase(image, labels, "support")
+    options = SegmentOptions.from_flat(method=args.method, image_size=args.image_size, device="cpu", untrained=True,
+                                       slice_range=args.slice_range, extent_weights=args.lpips_weights,
+                                       overlap=args.overlap)
+    batched = PropagateBackend.run_many
+    configs = [(c, m) for c in (int(x) for x in args.counts.split(",")) for m in args.modes.split(",")
+               if c > 1 or m == "one-pass"]
+    times: dict = {c: [] for c in configs}
+    calls: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = SAM2Engine.with_random_weights("tiny", image_size=args.image_size, device="cpu")
+        segment(query, [support], chosen[:1], options, progress=None, engine=engine)  # warm-up
+        for _ in range(args.repeat):
+            for count, mode in configs:
+                PropagateBackend.run_many = Backend.run_many if mode == "sequential" else batched
+                structures = chosen[:count]
+                t0, n = time.perf_counter(), 0
+                for part in ([[s] for s in structures] if mode == "separate" else [structures]):
+                    n += segment(query, [support], part, options, progress=None, engine=engine).encoder_calls
+                times[(count, mode)].append(time.perf_counter() - t0)
+                calls[(count, mode)] = n
+    PropagateBackend.run_many = batched
+    one = statistics.median(times[configs[0]])
+    print(f"load average: {os.getloadavg()[0]:.1f}\n")
+    print("| structures | mode | median wall (s) | runs (s) | x one structure | encoder calls |")
+    print("| ---: | --- | ---: | --- | ---: | ---: |")
+    for c in configs:
+        med = statistics.median(times[c])
+        print(f"| {c[0]} | {c[1]} | {med:.2f} | {', '.join(f'{t:.2f}' for t in times[c])} | {med / one:.2f} "
+              f"| {calls[c]} |")
 
 
 def main(argv=None) -> None:
@@ -93,7 +143,12 @@ def main(argv=None) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--interleave", action="store_true",
+                   help="all configurations in one process, in rounds (times comparable on a loaded machine)")
     args = p.parse_args(argv)
+    if args.interleave:
+        _interleaved(args)
+        return
     if args.worker:
         print("RESULT " + json.dumps(_worker(args)))
         return
@@ -112,11 +167,13 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), flush=True)
     one = next(r["seconds"] for r in rows if r["count"] == 1)
     print(f"\nload average: {os.getloadavg()[0]:.1f}\n")
-    print("| structures | mode | total (s) | runs (s) | x one structure | encoder calls | peak RSS (MiB) |")
-    print("| ---: | --- | ---: | --- | ---: | ---: | ---: |")
+    one_cpu = next(r["cpu_seconds"] for r in rows if r["count"] == 1)
+    print("| structures | mode | wall (s) | x one structure | CPU time (s) | x one structure | encoder calls "
+          "| peak RSS (MiB) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['count']} | {r['mode']} | {r['seconds']:.2f} | {', '.join(f'{s:.2f}' for s in r['all_seconds'])} "
-              f"| {r['seconds'] / one:.2f} | {r['encoder_calls']} | {r['peak_rss_mib']:.0f} |")
+        print(f"| {r['count']} | {r['mode']} | {r['seconds']:.1f} | {r['seconds'] / one:.2f} | {r['cpu_seconds']:.1f} "
+              f"| {r['cpu_seconds'] / one_cpu:.2f} | {r['encoder_calls']} | {r['peak_rss_mib']:.0f} |")
 
 
 if __name__ == "__main__":
