@@ -20,7 +20,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden"
 METHODS = ("propagate", "reverse", "lpips")
-VALUES = (1, 5)  # spleen, liver (spleen listed first: it keeps the voxels both claim)
+VALUES = (1, 5)  # spleen, liver (overlap "order": spleen, listed first, keeps the voxels both claim)
 QUERY_SLICES = (6, 12)  # abdomen-mr array slices k: both organs present
 # Floating-point sums may round differently on another CPU or BLAS build (here the output is bit-identical with 1
 # and 2 threads); a few flipped boundary voxels are still the same answer. With random weights the first structure
@@ -49,7 +49,10 @@ def run_method(method: str, shared: Path, engine):
     query, s_image, s_labels, chosen = _inputs(shared)
     options = SegmentOptions.from_flat(
         method=method, image_size=64, device="cpu", untrained=True, top_k=2, augmentations=2,
-        lpips_weights=str(shared / "weights" / "lpips" / "alexnet_features.pth"))
+        lpips_weights=str(shared / "weights" / "lpips" / "alexnet_features.pth"),
+        # the stored maps were made with the listing-order overlap rule (spleen keeps what both claim); the logits
+        # rule (the default since issue 23) is checked against sam2's predictor in test_multi_structure_oracle.py
+        overlap="order")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = segment(query, [SupportCase(s_image, s_labels, "ct-a")], chosen, options, engine=engine)

@@ -182,8 +182,8 @@ def test_progress_json_and_supports_with_different_structures(tmp_path, capsys):
     assert None not in events  # nothing but JSON objects on stdout
     progress = [e for e in events if e["event"] == "progress"]
     assert [(e["stage"], e["total"]) for e in progress[:2]] == [("Reading the volumes", 0), ("Loading SAM2 tiny", 0)]
-    # the first structure's bar, at 0 before its first slice
-    assert progress[2]["stage"] == "Label 2: Propagating slice 0/6" and progress[2]["done"] == 0
+    # the bar of the one pass over both structures (propagate), at 0 before its first slice
+    assert progress[2]["stage"] == "Label 2, Label 1: Propagating slice 0/6" and progress[2]["done"] == 0
     assert progress[2]["total"] == 6
     done = events[-1]
     assert done["event"] == "done" and done["device"] == "cpu" and done["seconds"] > 0

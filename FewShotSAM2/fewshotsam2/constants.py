@@ -22,6 +22,8 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 PRESETS: tuple[str, ...] = ("auto",) + tuple(CT_WINDOWS) + ("percentile", "minmax")
 LPIPS_NETS: tuple[str, ...] = ("alex", "vgg", "squeeze")
+# who keeps a voxel two structures claim (non_overlap.py): the higher SAM2 logit, or the structure listed first
+OVERLAP_RULES: tuple[str, ...] = ("logits", "order")
 
 # SAM2 input size in pixels. SAM2 was trained at 1024: larger inputs are outside what it has seen (its position
 # embeddings are interpolated), and memory attention costs grow with the square of the token count
@@ -68,6 +70,9 @@ DISPLAY_NAMES: dict[str, str] = {
     "alex": "AlexNet",
     "vgg": "VGG16",
     "squeeze": "SqueezeNet",
+    # overlap rules
+    "logits": "Higher SAM2 logit",
+    "order": "First listed",
 }
 
 

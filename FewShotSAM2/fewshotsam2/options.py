@@ -149,6 +149,8 @@ class SegmentOptions:
         estimate (None: the LPIPS weights of an lpips run, then $FEWSHOTSAM2_LPIPS_WEIGHTS, then torchvision).
     feature_storage: the engine's image-feature cache: "auto", "float32" or "bfloat16" (`SAM2Engine.
         set_feature_storage`).
+    overlap: who keeps a voxel two structures claim: "logits" (the structure with the higher SAM2 logit, as
+        sam2's video predictor with non_overlap_masks=True) or "order" (the one listed first). `non_overlap.py`.
     """
 
     method: str = _D["method"]
@@ -167,6 +169,7 @@ class SegmentOptions:
     extent_margin: float = _D["extent_margin"]
     extent_weights: Optional[str] = None  # no setting of its own: the command line passes --lpips-weights
     feature_storage: str = _D["feature_storage"]
+    overlap: str = _D["overlap"]
     method_options: Optional[MethodOptions] = field(default=None)
 
     # the settings that decide which SAM2 engine is built (a run can reuse an engine when these agree)
@@ -209,6 +212,7 @@ class SegmentOptions:
         _set(self, "extent_weights", None if self.extent_weights in (None, "") else str(self.extent_weights))
         _set(self, "feature_storage", _choice("feature_storage", self.feature_storage,
                                               ("auto", "float32", "bfloat16")))
+        _set(self, "overlap", _choice("overlap", self.overlap, C.OVERLAP_RULES))
         expected = METHOD_OPTIONS[method]
         if self.method_options is None:
             _set(self, "method_options", expected())

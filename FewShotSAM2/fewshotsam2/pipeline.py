@@ -18,12 +18,13 @@ import numpy as np
 
 from . import constants
 from .backends import get_backend
-from .backends.base import Backend, QueryContext, StageClock, SupportSlice
+from .backends.base import Backend, QueryContext, StageClock, StructureJob, SupportSlice
 from .device import pick_device
 from .engine import SAM2Engine
 from .errors import InputError
 from .extent import ExtentEstimator, StackInfo, slice_tilt_degrees
 from .intensity import choose_preset
+from .non_overlap import LabelComposer
 from .lpips_distance import body_box
 from .options import LpipsOptions, PropagateOptions, ReverseOptions, SegmentOptions  # noqa: F401  (re-exported)
 from .resources import ResourceEstimate, check_resources, estimate_resources
@@ -81,6 +82,11 @@ class Run:
         return self.info.images.shape[0]
 
     @property
+    def overlap_rule(self) -> str:
+        """Who keeps a voxel two structures claim (`options.overlap`; one structure: nothing to decide)."""
+        return self.options.overlap if len(self.structures) > 1 else "order"
+
+    @property
     def keys(self) -> list:
         return [("query", i) for i in range(self.n)]
 
@@ -122,7 +128,8 @@ class Run:
         engine.set_feature_storage(self.options.feature_storage)
         uses = self.uses()
         estimate = estimate_resources(engine, self.options.method, int(uses.sum()), int((uses > 0).sum()),
-                                      self.info.images.shape[1:], len(self.structures), self.options.feature_storage)
+                                      self.info.images.shape[1:], len(self.structures), self.options.feature_storage,
+                                      int(uses.sum()) if self.overlap_rule == "logits" else 0)
         if notify is not None:
             for line in self.describe_ranges():
                 notify(line)
@@ -149,6 +156,7 @@ class Run:
             shared_cache["body_box"] = self.info.body_box()  # of the whole query, not the range
         out = _Outputs(self)
         kinds = range_kinds(self.options, self.structures)
+        jobs = []
         for structure in self.structures:
             r = self.ranges[structure.value]
             if r is None:
@@ -157,30 +165,31 @@ class Run:
                 continue
             first, last = r
             uses[first : last + 1] -= 1
-            last_use = [keys[i] for i in range(first, last + 1) if uses[i] == 0]
-            # read again by a later structure: kept while the engine's feature budget allows, else encoded again
-            engine.keep_if_room(keys[i] for i in range(first, last + 1) if uses[i] > 0)
-            support_slices = self._support_slices(structure, engine)
+            # the backend sees only the slices of the range
+            context = QueryContext(keys=keys[first : last + 1], images=self.info.images[first : last + 1],
+                                   spacing=self.plan.in_plane_spacing, cache=shared_cache,
+                                   keep_logits=self.overlap_rule == "logits")
+            jobs.append(StructureJob(structure.value, structure.name, self._support_slices(structure, engine),
+                                     context, first,
+                                     last_use=[keys[i] for i in range(first, last + 1) if uses[i] == 0],
+                                     read_again=[keys[i] for i in range(first, last + 1) if uses[i] > 0]))
+        # every structure (propagate: in one pass, batched over structures), in listing order
+        by_value = {s.value: s for s in self.structures}
+        for job, result in self.backend.run_many(engine, jobs, self.options.method_options, progress, clock):
+            structure = by_value[job.value]
+            out.add(structure, job.first, result)
+            first, last = job.first, job.first + len(job.query.keys) - 1
 
             def stage_progress(stage: str, done: int, total: int, _name=structure.name) -> None:
                 progress(f"{_name}: {stage}", done, total)
 
-            # the backend sees only the slices of the range
-            context = QueryContext(keys=keys[first : last + 1], images=self.info.images[first : last + 1],
-                                   spacing=self.plan.in_plane_spacing, cache=shared_cache)
-            if self.backend.reads_query_once:
-                engine.use_once(last_use)  # drop a query slice's features right after its one read
-            result = self.backend.run(engine, context, support_slices, self.options.method_options,
-                                      stage_progress, clock)
-            engine.release(last_use)  # a backend that reads them again is done with them now
-            out.add(structure, first, result)
             # a range end the prediction still touches: continued past (estimated) or warned about (range_ends.py)
             seg_first, seg_last, masks, ends = extend_past_range_ends(
                 engine, result, keys, self.info.images, first, last, kinds[structure.value] == "auto",
                 structure.name, self.plan.slice_index_to_array_index, stage_progress)
             engine.release(keys[i] for i in range(seg_first, seg_last + 1) if uses[i] == 0 and not first <= i <= last)
             part = out.stack[seg_first : seg_last + 1]
-            part[masks & (part == 0)] = structure.value
+            part[masks & (part == 0)] = structure.value  # continued slices: the structure listed first keeps a voxel
             self.ranges[structure.value] = (seg_first, seg_last)  # the result reports the range segmented
             out.reports[structure.value] = range_report(structure.name, structure.value, kinds[structure.value],
                                                         to_array_range(self.plan, first, last),
@@ -214,7 +223,9 @@ class _Outputs:
         self.run = run
         top = max(s.value for s in run.structures)
         shape = run.info.images.shape
-        self.stack = np.zeros(shape, dtype=np.min_scalar_type(top) if top < 65536 else np.int32)
+        # where two structures claim a voxel, the overlap rule decides (non_overlap.py)
+        self.composer = LabelComposer(shape, np.min_scalar_type(top) if top < 65536 else np.int32, run.overlap_rule)
+        self.stack = self.composer.labels
         self.scores: list[SliceScore] = []
         self.used: list[UsedSupportSlice] = []
         self.forward_masks: dict[int, np.ndarray] = {}
@@ -222,8 +233,7 @@ class _Outputs:
 
     def add(self, structure: Structure, first: int, result) -> None:
         plan = self.run.plan
-        part = self.stack[first : first + result.masks.shape[0]]
-        part[result.masks & (part == 0)] = structure.value  # the structure listed first keeps a shared voxel
+        self.composer.add(structure.value, first, result.masks, result.logits)
         self.used += [UsedSupportSlice(structure.value, s.support, s.stack_index, s.array_index)
                       for s in result.supports]
         if result.scores is not None:
@@ -330,8 +340,10 @@ def segment(
 ) -> SegmentationResult:
     """Segment `structures` (by label value) in `query` from the labeled `supports` (see `support_loader`).
 
-    Every structure is segmented on its own, on the query slices of its range (`options.slice_range`; outside
-    it the output is background); where two structures claim a voxel, the one listed first keeps it.
+    Every structure is segmented on the query slices of its range (`options.slice_range`; outside it the output
+    is background), with its own memory bank (propagate: all in one pass, batched over structures); where two
+    structures claim a voxel, `options.overlap` decides: "logits" (default: the higher SAM2 logit, as sam2's
+    video predictor with `non_overlap_masks=True`) or "order" (the one listed first).
     `progress`: True (default) shows a progress bar on stderr; None or False: silent; or a callback
     `progress(stage, done, total)`. Raise `errors.Cancelled` from it to stop: nothing is returned or written.
     `notify(text)` receives the slice ranges and the memory/time estimate before the work starts.

@@ -108,10 +108,14 @@ def cpu_feature_cache_bytes() -> int:
 
 
 def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, frame_shape: tuple,
-                       n_structures: int = 1, storage: str = "auto") -> ResourceEstimate:
+                       n_structures: int = 1, storage: str = "auto", logit_maps: int = 0) -> ResourceEstimate:
     """Estimate a run of `method` over `n_slices` query slices (`feature_uses` slice visits over structures), and
     choose how the run holds its features: storage dtype (when `storage` is "auto") and device, the prediction
-    batch, what is kept."""
+    batch, what is kept.
+
+    Several structures: predictions batched over structures (propagate's one pass) run in chunks of the batch
+    chosen here, so they stay within the same activation budget; `logit_maps` low-resolution logit maps (one per
+    structure and slice, for the overlap rule) and every structure's memory FIFO are held at once."""
     s = engine.image_size
     cuda = engine.device.type == "cuda"
     half = 2 if getattr(engine, "_autocast", False) else 1
@@ -123,7 +127,9 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
     attention = int(ATTENTION_BYTES_1024 * (s / 1024) ** 4) // half
     per_frame32 = engine.feature_bytes_per_frame(torch.float32)
     # slices read again after a pass: every slice of a range for reverse, else those a later structure reads
-    again = n_slices if method == "reverse" else min(max(0, feature_uses - n_slices), n_slices)
+    # (propagate: none; its one pass reads each slice once for every structure with the same number of supports)
+    again = (n_slices if method == "reverse" else 0 if method == "propagate"
+             else min(max(0, feature_uses - n_slices), n_slices))
     chosen_storage = None
     budget = None
     dtype_bytes = engine.feature_bytes_per_frame()
@@ -143,9 +149,15 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
     # unstacked copy (uint8), per-structure masks, and for reverse the forward masks
     per_slice_arrays = h * w * (2 + 2 + n_structures * (3 if method == "reverse" else 2))
     mem_bytes = (engine.model.mem_dim * 2 * (s // 16) ** 2 + (s // 4) ** 2) * 4 if method == "reverse" else 0
+    # the overlap rule's low-resolution logits (float32), and one pass's FIFOs beyond the first structure's (each
+    # memory: bf16 mask-memory features plus float32 low-resolution logits)
+    held = logit_maps * (s // 4) ** 2 * 4
+    if method == "propagate" and n_structures > 1:
+        held += ((n_structures - 1) * getattr(engine, "memory_reach", 15)
+                 * (engine.model.mem_dim * 2 * (s // 16) ** 2 + (s // 4) ** 2 * 4))
     params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     base = max(_process_rss_bytes(), PROCESS_BASE_BYTES)
-    ram = base + n_slices * per_slice_arrays
+    ram = base + n_slices * per_slice_arrays + held
     gpu = 0
     upfront = False
     if cuda:
@@ -164,7 +176,7 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
         ram += act + attention + cache  # the model's weights are already in the process's RSS
     if method == "lpips":
         ram += LPIPS_BYTES
-    calls = (feature_uses if method != "reverse" else n_slices) + reencoded
+    calls = (feature_uses if method == "lpips" else n_slices) + reencoded
     seconds = (calls * ENCODE_SECONDS_1024 * (s / 1024) ** ENCODE_SIZE_EXPONENT
                + feature_uses * PREDICT_SECONDS_1024.get(method, 5.0) * (s / 1024) ** PREDICT_SIZE_EXPONENT)
     seconds *= MODEL_COST.get(getattr(engine.info, "model", "tiny"), 1.0)

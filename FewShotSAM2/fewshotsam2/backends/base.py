@@ -56,6 +56,7 @@ class QueryContext:
     images: np.ndarray  # float [0, 1] (n, h, w)
     spacing: tuple = (1.0, 1.0)  # in-plane (row, column) mm
     cache: dict = field(default_factory=dict)  # per-run results reused across structures (the query's body box)
+    keep_logits: bool = False  # return each slice's low-resolution logits (overlaps decided by logits)
 
 
 @dataclass
@@ -72,6 +73,22 @@ class StructureResult:
     # per range end ("below": before slice 0 of the range, "above": after its last), how to go on predicting past
     # it (backends/continuation.py); a backend that cannot leaves it out
     edges: dict = field(default_factory=dict)
+    # with QueryContext.keep_logits: per slice the low-resolution logits (S/4, S/4) float32 the mask comes from
+    logits: Optional[np.ndarray] = None
+
+
+@dataclass
+class StructureJob:
+    """One structure of a run: its support slices and its range of the query, plus what the pipeline's feature
+    cache needs to know (which of its query slices no later structure reads, which a later one reads again)."""
+
+    value: int
+    name: str
+    supports: list[SupportSlice]
+    query: QueryContext  # the slices of the structure's range
+    first: int  # stack index of query.keys[0]
+    last_use: list = field(default_factory=list)  # query keys read by no later structure
+    read_again: list = field(default_factory=list)  # query keys a later structure reads
 
 
 class Backend(abc.ABC):
@@ -99,6 +116,22 @@ class Backend(abc.ABC):
         progress: StageProgress,
         clock: "StageClock",
     ) -> StructureResult: ...
+
+    def run_many(self, engine: Engine, jobs: Sequence[StructureJob], options: Any, progress: StageProgress,
+                 clock: "StageClock") -> Iterator[tuple[StructureJob, StructureResult]]:
+        """Every structure, in listing order: one `run` each (a backend with a batched pass overrides this).
+        `progress` gets the structure's name before the stage. Yields (job, result) as each is done."""
+        for job in jobs:
+            engine.keep_if_room(job.read_again)  # kept while the feature budget allows, else encoded again
+            if self.reads_query_once:
+                engine.use_once(job.last_use)  # dropped right after their one read
+            result = self.run(engine, job.query, job.supports, options, _named(progress, job.name), clock)
+            engine.release(job.last_use)
+            yield job, result
+
+
+def _named(progress: StageProgress, name: str) -> StageProgress:
+    return lambda stage, done, total: progress(f"{name}: {stage}", done, total)
 
 
 class StageClock:

@@ -36,6 +36,7 @@ def _matcher(engine: Engine, options: LpipsOptions):
 class LpipsBackend(Backend):
     name = "lpips"
     options_type = LpipsOptions
+    reads_query_once = True
     needs_body_box = True
 
     def run(
@@ -82,6 +83,7 @@ class LpipsBackend(Backend):
             for i, j in enumerate(best):
                 by_candidate[int(j)].append(i)
             masks: list[np.ndarray | None] = [None] * len(query.keys)
+            logits: list[np.ndarray | None] = [None] * len(query.keys)
             done = 0
             progress(f"Segmenting slice 0/{len(query.keys)}", 0, len(query.keys))
             for j, slices in sorted(by_candidate.items()):
@@ -90,8 +92,11 @@ class LpipsBackend(Backend):
                 engine.add_frames({key: image})  # encoded only now, because some slice matched it
                 memory = engine.memorize([key], [mask])
                 pred = engine.predict_batched([query.keys[i] for i in slices], 1, {0: memory}, num_frames=2)
-                for i, m in zip(slices, pred.masks):
+                low_res = pred.memory.pred_masks[:, 0].cpu().numpy() if query.keep_logits else None
+                for b, (i, m) in enumerate(zip(slices, pred.masks)):
                     masks[i] = m
+                    if low_res is not None:
+                        logits[i] = low_res[b]
                 done += len(slices)
                 progress(f"Segmenting slice {done}/{len(query.keys)}", done, len(query.keys))
 
@@ -110,4 +115,5 @@ class LpipsBackend(Backend):
 
         edge = SliceEdge(segment_slices)
         return StructureResult(np.stack(masks), list(supports), np.asarray(distances, float), higher_is_better=False,
-                               matches=[candidates[int(j)][0] for j in best], edges={"below": edge, "above": edge})
+                               matches=[candidates[int(j)][0] for j in best], edges={"below": edge, "above": edge},
+                               logits=np.stack(logits) if query.keep_logits else None)

@@ -1,20 +1,27 @@
-"""Plain SAM2 propagation, the baseline: [support slices with their masks, query slices...] as one video."""
+"""Plain SAM2 propagation, the baseline: [support slices with their masks, query slices...] as one video.
+
+Several structures run in one pass (`run_many`): each is an object of the same video with its own memory bank, as
+in sam2's video predictor with several object ids; predictions are batched over structures (`structure_batch`).
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from ..options import PropagateOptions
-from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
+from .base import (Backend, Engine, QueryContext, StageClock, StageProgress, StructureJob, StructureResult,
+                   SupportSlice)
 from .continuation import PropagationEdge
 from .memory_bank import propagate_sequence
+from .structure_batch import Track, propagate_tracks
 
 
 class PropagateBackend(Backend):
     name = "propagate"
     options_type = PropagateOptions
+    reads_query_once = True
 
     def run(
         self,
@@ -28,6 +35,7 @@ class PropagateBackend(Backend):
         query_keys = query.keys
         k = len(supports)
         n = len(query_keys)
+        logits = []
         with clock.stage("propagate"):
             memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
             # supports are frames 0..k-1 (conditioning), query slices follow as frames k..k+n-1
@@ -42,9 +50,56 @@ class PropagateBackend(Backend):
                 num_frames=k + n,
                 recent=recent,
                 on_slice=lambda done, total: progress(f"Propagating slice {done}/{total}", done, total),
+                on_memory=(lambda pos, m: logits.append(m.pred_masks[0, 0].cpu().numpy())) if query.keep_logits
+                else None,
             )
         # above: the same pass, further; below: the same method on the slices below, outward ([supports, q_first-1,
         # q_first-2, ...]: plain propagation only runs one way)
         edges = {"above": PropagationEdge(cond, recent, k + n - 1, +1, False, k + n),
                  "below": PropagationEdge(cond, {}, k - 1, +1, False, k)}
-        return StructureResult(masks=np.stack(masks), supports=list(supports), edges=edges)
+        return StructureResult(masks=np.stack(masks), supports=list(supports), edges=edges,
+                               logits=np.stack(logits) if query.keep_logits else None)
+
+
+    def run_many(self, engine: Engine, jobs: Sequence[StructureJob], options: Any, progress: StageProgress,
+                 clock: StageClock) -> Iterator[tuple[StructureJob, StructureResult]]:
+        """One pass over the query for all structures with the same number of support slices (one timeline);
+        a structure alone in its group runs as `run` does (one structure: exactly today's result)."""
+        by_shots: dict[int, list[StructureJob]] = {}
+        for job in jobs:
+            by_shots.setdefault(len(job.supports), []).append(job)
+        if len(by_shots) == 1 and len(jobs) == 1:
+            yield from super().run_many(engine, jobs, options, progress, clock)
+            return
+        results: dict[int, StructureResult] = {}
+        for shots, group in by_shots.items():
+            if len(group) == 1:
+                for job, result in super().run_many(engine, group, options, progress, clock):
+                    results[id(job)] = result
+                continue
+            results.update(self._one_pass(engine, group, shots, progress, clock))
+        for job in jobs:  # in listing order (the overlap rule's tie-break)
+            yield job, results.pop(id(job))
+
+    def _one_pass(self, engine: Engine, group: Sequence[StructureJob], shots: int, progress: StageProgress,
+                  clock: StageClock) -> dict[int, StructureResult]:
+        names = ", ".join(job.name for job in group)
+        start = min(job.first for job in group)
+        stop = max(job.first + len(job.query.keys) - 1 for job in group)
+        keys: dict[int, object] = {}
+        for job in group:
+            keys.update({job.first + i: key for i, key in enumerate(job.query.keys)})
+        with clock.stage("propagate"):
+            tracks = []
+            for job in group:
+                memory = engine.memorize([s.key for s in job.supports], [s.mask for s in job.supports])
+                tracks.append(Track({j: memory.select(j) for j in range(shots)}, job.first,
+                                    job.first + len(job.query.keys) - 1))
+            total = stop - start + 1
+            progress(f"{names}: Propagating slice 0/{total}", 0, total)
+            propagate_tracks(engine, keys, tracks, shots,
+                             on_slice=lambda done, total: progress(f"{names}: Propagating slice {done}/{total}",
+                                                                   done, total))
+        return {id(job): StructureResult(np.stack(t.masks), list(job.supports),
+                                         logits=np.stack(t.logits) if job.query.keep_logits else None)
+                for job, t in zip(group, tracks)}

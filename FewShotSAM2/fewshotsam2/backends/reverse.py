@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
-from ..engine import Memory
+from ..engine import Memory, Prediction
 from ..options import ReverseOptions
 from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
 from .continuation import PropagationEdge
@@ -52,9 +52,9 @@ def select_conditional(scores: Sequence[float], top_k: int, min_score: float) ->
     return Selection(s, order[:1], True)
 
 
-def _forward(engine: Engine, query_keys, cond: dict[int, Memory], k: int) -> list[np.ndarray]:
+def _forward(engine: Engine, query_keys, cond: dict[int, Memory], k: int) -> Prediction:
     # supports at frames 0..k-1, the query slice right after them, as in [supports, query]
-    return engine.predict(list(query_keys), k, cond, num_frames=k + 1).masks
+    return engine.predict(list(query_keys), k, cond, num_frames=k + 1)
 
 
 def _reverse_scores(engine: Engine, query_keys, forward_masks, supports: Sequence[SupportSlice]) -> np.ndarray:
@@ -77,6 +77,7 @@ def _self_propagate(
     conditional: Sequence[int],
     support_memory: Memory | None,
     progress: StageProgress,
+    logits: Optional[list] = None,
 ) -> tuple[list[np.ndarray], dict[str, PropagationEdge]]:
     """Query slice i sits at frame i. Forward from the first conditional slice to the end, then backward from it
     to slice 0, so every other slice is predicted once, with all conditional slices (their p_i as mask prompts,
@@ -103,6 +104,11 @@ def _self_propagate(
     def keep_near_first(pos: int, memory: Memory) -> None:
         if pos - first < engine.memory_reach:
             near_first[pos] = memory
+        keep_logits(pos, memory)
+
+    def keep_logits(pos: int, memory: Memory) -> None:
+        if logits is not None:  # slice pos's low-resolution logits (a conditional slice keeps its forward ones)
+            logits[pos] = memory.pred_masks[0, 0].cpu().numpy()
 
     def report(offset: int):
         return lambda done, _: progress(f"Propagating slice {offset + done}/{total}", offset + done, total)
@@ -115,7 +121,7 @@ def _self_propagate(
             masks[i] = m
     if down:
         down_masks = propagate_sequence(engine, [query_keys[i] for i in down], down, cond, n, True, near_first,
-                                        report(len(up)))
+                                        report(len(up)), keep_logits)
         for i, m in zip(down, down_masks):
             masks[i] = m
     # below the range the supports (keep_supports) would sit where the continuation goes: they move just before it
@@ -142,6 +148,7 @@ class ReverseBackend(Backend):
             support_memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
         cond = {j: support_memory.select(j) for j in range(k)}
         forward_masks: list[np.ndarray] = []
+        forward_logits: list[np.ndarray] = []
         scores = np.zeros(n)
         bs = engine.batch_size
         progress(f"Forward and reverse prediction 0/{n}", 0, n)  # the bar shows before the first batch (seconds)
@@ -150,7 +157,10 @@ class ReverseBackend(Backend):
         for start in range(0, n, bs):
             keys = query_keys[start : start + bs]
             with clock.stage("forward"):
-                masks = _forward(engine, keys, cond, k)
+                pred = _forward(engine, keys, cond, k)
+                masks = pred.masks
+                if query.keep_logits:
+                    forward_logits += list(pred.memory.pred_masks[:, 0].cpu().numpy())
             with clock.stage("reverse"):
                 scores[start : start + len(keys)] = _reverse_scores(engine, keys, masks, supports)
             forward_masks += masks
@@ -162,7 +172,8 @@ class ReverseBackend(Backend):
         if not selection.selected:
             warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=2)
             empty = np.zeros((n,) + forward_masks[0].shape, bool)
-            return StructureResult(empty, list(supports), np.zeros(n), forward_masks=np.stack(forward_masks))
+            return StructureResult(empty, list(supports), np.zeros(n), forward_masks=np.stack(forward_masks),
+                                   logits=np.stack(forward_logits) if query.keep_logits else None)
         if selection.fallback:
             warnings.warn(
                 f"no query slice reached min_score {min_score:.2f} (best pi = {scores.max():.3f}); "
@@ -171,9 +182,12 @@ class ReverseBackend(Backend):
             )
 
         engine.keep_if_room(query_keys)  # self-propagation reads each slice once more
+        # a conditional slice's output is its forward prediction, with its logits; the others get theirs below
+        logits = list(forward_logits) if query.keep_logits else None
         with clock.stage("self_propagation"):
             masks, edges = _self_propagate(engine, query_keys, forward_masks, selection.selected,
-                                           support_memory if keep_supports else None, progress)
+                                           support_memory if keep_supports else None, progress, logits)
         return StructureResult(np.stack(masks), list(supports), np.asarray(scores, float), selected=selection.selected,
-                               forward_masks=np.stack(forward_masks), edges=edges)
+                               forward_masks=np.stack(forward_masks), edges=edges,
+                               logits=np.stack(logits) if logits is not None else None)
 

@@ -1,0 +1,83 @@
+"""Several structures propagated through the query in one pass, batched over structures.
+
+Each structure keeps its own memory bank (its conditioning memories and its own FIFO of recent predictions) and its
+own range of query slices, as sam2's `SAM2VideoPredictor` keeps one output dict per object and tracks each object
+on its own (`propagate_in_video` loops over `obj_idx`). All structures share one timeline, as the objects of one
+sam2 video share its frame indices: conditioning memories at 0 .. s-1, query slice i at s + i - first slice of the
+pass. At each slice, the structures whose range holds it and whose memory banks have the same layout (the same
+conditioning and recent positions: the memory attention then reads the same number of tokens at the same
+temporal positions for each) are predicted as one batch: the slice's features are read once for all of them, and
+memory attention and the mask decoder run batched. A slice outside a structure's range costs nothing for it.
+
+The batch over structures is capped by the engine's prediction batch (`engine.batch_size`, which the resource
+estimate caps on a CPU by its activation budget).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..engine import Memory
+from .base import Engine
+
+
+@dataclass
+class Track:
+    """One structure's state in a pass: its conditioning memories, its range (stack indices), its FIFO."""
+
+    cond: dict[int, Memory]
+    first: int
+    last: int
+    recent: dict[int, Memory] = field(default_factory=dict)
+    masks: list = field(default_factory=list)  # bool (h, w) per slice of the range, in order
+    logits: list = field(default_factory=list)  # low-resolution logits (S/4, S/4) per slice of the range
+
+
+def propagate_tracks(
+    engine: Engine,
+    keys: Mapping[int, Hashable] | Sequence[Hashable],
+    tracks: Sequence[Track],
+    offset: int,
+    on_slice: Optional[Callable[[int, int], None]] = None,
+) -> None:
+    """Predict every track on every slice of its range, slice after slice (stack order), batched over tracks.
+
+    `keys[i]`: the engine key of query stack slice i (a list or a dict by stack index); `offset`: the timeline position of the pass's first slice
+    (after the conditioning memories). Each slice's features are dropped after its last read (nothing reads
+    them again in a propagation). Fills each track's `masks` and `logits`.
+    """
+    start = min(t.first for t in tracks)
+    stop = max(t.last for t in tracks)
+    num_frames = offset + stop - start + 1
+    reach = engine.memory_reach
+    for i in range(start, stop + 1):
+        pos = offset + i - start
+        groups: dict[tuple, list[Track]] = defaultdict(list)
+        for t in tracks:
+            if t.first <= i <= t.last:
+                groups[(tuple(sorted(t.cond)), tuple(sorted(t.recent)))].append(t)
+        for (cond_at, recent_at), members in groups.items():
+            for s in range(0, len(members), engine.batch_size):
+                chunk = members[s : s + engine.batch_size]
+                cond = {p: _stack([t.cond[p] for t in chunk]) for p in cond_at}
+                recent = {p: _stack([t.recent[p] for t in chunk]) for p in recent_at}
+                pred = engine.predict([keys[i]] * len(chunk), pos, cond, recent=recent, num_frames=num_frames)
+                for b, t in enumerate(chunk):
+                    memory = pred.memory if len(chunk) == 1 else pred.memory.select(b)
+                    t.masks.append(pred.masks[b])
+                    t.logits.append(memory.pred_masks[0, 0].cpu().numpy())
+                    t.recent[pos] = memory
+                    # bounded FIFO, as memory_bank.propagate_sequence: what the next prediction can still read
+                    for old in [p for p in t.recent if abs(p - pos) >= reach]:
+                        del t.recent[old]
+        engine.release([keys[i]])
+        if on_slice is not None:
+            on_slice(i - start + 1, stop - start + 1)
+
+
+def _stack(memories: list[Memory]) -> Memory:
+    return memories[0] if len(memories) == 1 else Memory.cat(memories)
