@@ -34,7 +34,9 @@ SUMMARY_NAME = "batch_summary.csv"
 SUMMARY_COLUMNS = ("row", "case", "query", "output", "status", "seconds", "encoder_calls", "peak_memory_mb", "error")
 # what --queries picks up in a folder besides DICOM series sub-folders
 QUERY_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")  # longest first: ".seg.nrrd" before ".nrrd"
+OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".dcm")  # longest first: ".seg.nrrd" before ".nrrd"
+# --out-format names besides the extensions: dicom-seg = .dcm (a DICOM SEG per DICOM query)
+FORMAT_ALIASES = {"dicom-seg": ".dcm"}
 
 EXIT_OK, EXIT_SOME_FAILED = 0, 1
 
@@ -153,6 +155,7 @@ def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str,
     d = Path(folder)
     if not d.is_dir():
         raise InputError(f"--queries {folder}: no such folder")
+    out_format = FORMAT_ALIASES.get(out_format, out_format)
     if out_format not in OUTPUT_FORMATS:
         raise InputError(f"--out-format {out_format}: choose one of {', '.join(OUTPUT_FORMATS)}")
     support_paths = {Path(p).resolve() for pair in supports for p in pair}
@@ -348,6 +351,10 @@ class CaseRunner:
         peak = PeakMemory(self.engine.device)
         try:
             with peak, out_of_memory_as_input_error(self.options):
+                if case.output.lower().endswith(".dcm"):  # DICOM SEG: the query must be a DICOM series
+                    from .dicom_seg import check_query as check_seg_query
+
+                    check_seg_query(case.query)
                 query = read_volume(case.query)
                 check_query(query)
                 supports, structures = [], None
@@ -358,7 +365,8 @@ class CaseRunner:
                     supports.append(SupportCase(support[0], support[1], name=Path(labels_path).name, masks=masks))
                 seg = segment(query, supports, structures, self.options, progress=progress, engine=self.engine)
                 os.makedirs(Path(case.output).parent, exist_ok=True)
-                write_labels(case.output, seg.labels, seg.structures)
+                write_labels(case.output, seg.labels, seg.structures, source=case.query,
+                             method=self.options.method, model=self.options.model)
             result.status = "ok"
             result.encoder_calls = seg.encoder_calls
         except (Cancelled, KeyboardInterrupt):
@@ -455,8 +463,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--out-dir", metavar="DIR",
                      help="where outputs with relative paths and the summary go (default: outputs relative to the "
                           "manifest, summary in their common folder; required with --queries); created if missing")
-    src.add_argument("--out-format", default=".nii.gz", choices=OUTPUT_FORMATS[::-1],
-                     help="with --queries: output format (default .nii.gz)")
+    src.add_argument("--out-format", default=".nii.gz", choices=OUTPUT_FORMATS[::-1] + tuple(FORMAT_ALIASES),
+                     help="with --queries: output format (default .nii.gz); .dcm or dicom-seg = a DICOM SEG per "
+                          "DICOM series query (needs highdicom)")
     src.add_argument("--force", action="store_true", help="redo cases whose output already exists")
     method = SegmentOptions.flat_defaults()["method"]
     parser.add_argument("--method", default=method, choices=C.METHODS, help=f"as for segment (default {method})")

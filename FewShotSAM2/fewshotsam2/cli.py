@@ -65,8 +65,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 _MODEL_HELP = (
-    "SAM2 size: tiny (default, fastest), small, base_plus, large (most accurate). The official checkpoint is "
-    f"downloaded on first use into the cache (--cache-dir or ${CACHE_ENV}; default ~/.cache/fewshotsam2/checkpoints)"
+    "SAM2 size: tiny (default, fastest), small, base_plus, large (most accurate), or medsam2 (MedSAM2: SAM2.1 tiny "
+    "fine-tuned on medical 3D images, 512 px; its weights are for research and education, see the README). The "
+    "official checkpoint is downloaded on first use into the cache (--cache-dir or "
+    f"${CACHE_ENV}; default ~/.cache/fewshotsam2/checkpoints); MedSAM2's is checked against its published SHA256"
 )
 
 
@@ -82,14 +84,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=d["model"], help=_MODEL_HELP)
     g.add_argument("--version", default=d["version"], choices=C.VERSIONS,
                    help=f"SAM2 release: {' or '.join(C.VERSIONS)} (default {d['version']})")
-    g.add_argument("--image-size", type=int, default=d["image_size"], metavar="N",
-                   help=f"SAM2 input size in pixels (default {d['image_size']}, what SAM2 was trained at and the "
-                        f"largest allowed; smaller is faster and less accurate; a multiple of {C.IMAGE_SIZE_STEP}, "
-                        f"at least {C.MIN_IMAGE_SIZE})")
+    g.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help=f"SAM2 input size in pixels (default: the model's own, {d['image_size']} for the SAM2 sizes, "
+                        f"512 for medsam2; {C.MAX_IMAGE_SIZE} is the largest allowed; smaller is faster and less "
+                        f"accurate; a multiple of {C.IMAGE_SIZE_STEP}, at least {C.MIN_IMAGE_SIZE})")
     g.add_argument("--device", default=d["device"], choices=C.DEVICES,
                    help="where SAM2 runs (default auto: cuda, then mps, then cpu)")
     g.add_argument("--checkpoint", metavar="PATH",
-                   help="a local SAM2 checkpoint (.pt) matching --model/--version, instead of the cached download")
+                   help="a local SAM2 checkpoint (.pt) matching --model/--version (or --config), instead of the "
+                        "cached download; loaded with weights_only and a strict key and shape check")
+    g.add_argument("--config", metavar="NAME[,KEY=VALUE...]",
+                   help="with --checkpoint: build the model from one of sam2's configs (sam2.1_hiera_t, _s, _b+, _l; "
+                        "sam2.1_hiera_t512 = MedSAM2's) plus overrides under model. (e.g. image_size=512), for any "
+                        "SAM2.1-architecture fine-tune; the keys and shapes are checked strictly. The weights cannot "
+                        "say which model they are (tiny at 1024 px and MedSAM2 at 512 px have the same tensors): this "
+                        "choice, or --model, sets the config")
     g.add_argument("--cache-dir", metavar="DIR", help=f"checkpoint cache folder (default ${CACHE_ENV} or "
                                                       "~/.cache/fewshotsam2/checkpoints)")
     g.add_argument("--untrained", action="store_true",
@@ -171,7 +180,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="structures to segment: " + _LABELS_HELP.replace("%", "%%")
                         + "; a digit-only name that is also another segment's value is refused as ambiguous")
     p.add_argument("--out", required=True, metavar="OUT",
-                   help="output label map: .nii.gz, .nii, .nrrd or .seg.nrrd (segment names and colours)")
+                   help="output label map: .nii.gz, .nii, .nrrd or .seg.nrrd (segment names and colours), or .dcm: a DICOM "
+                        "SEG referencing the query's DICOM series (for PACS; needs highdicom)")
     p.add_argument("--method", default=SegmentOptions.flat_defaults()["method"], choices=C.METHODS,
                    help="reverse = reverse propagation (RevSAM2, default); lpips = LPIPS matching (Zu et al.); "
                         "propagate = plain SAM2 propagation (baseline)")
@@ -211,6 +221,10 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
                               [args.query, *(p for pair in args.support for p in pair), args.checkpoint,
                                args.lpips_weights])
     check_output_path(args.out)
+    if args.out.lower().endswith(".dcm"):  # DICOM SEG: the query must be a DICOM series, highdicom installed
+        from .dicom_seg import check_query as check_seg_query
+
+        check_seg_query(args.query)
     if args.scores:
         if options.method == "propagate":
             raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
@@ -270,7 +284,8 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
     finally:
         if isinstance(bar, _ProgressBar):
             bar.close()
-    write_labels(args.out, result.labels, result.structures)
+    write_labels(args.out, result.labels, result.structures, source=args.query, method=options.method,
+                 model=options.model)
     if args.scores:
         write_scores(args.scores, result.scores, result.slice_ranges, result.structures)
     voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}

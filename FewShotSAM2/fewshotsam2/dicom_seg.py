@@ -167,6 +167,17 @@ def _check_geometry(labels: "Volume", datasets: list, files: Sequence[str]) -> N
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def check_query(query: str | Path) -> None:
+    """Before any work: a DICOM SEG output needs a DICOM series as the query, and highdicom."""
+    from .volume import _split_series
+
+    folder, _choice = _split_series(query)
+    if not folder.is_dir():
+        raise InputError(f"a DICOM SEG output (.dcm) needs a DICOM series as the query (it references the source "
+                         f"images); {query} is not a DICOM folder: write .nii.gz, .nrrd or .seg.nrrd instead")
+    _modules()
+
+
 def write_dicom_seg(
     path: str | Path,
     labels: "Volume",
@@ -184,9 +195,7 @@ def write_dicom_seg(
     highdicom, pydicom = _modules()
     from pydicom.sr.codedict import codes
 
-    if not Path(str(query).split("#")[0]).is_dir():
-        raise InputError(f"a DICOM SEG output needs a DICOM series as the query (it references the source images); "
-                         f"{query} is not a DICOM folder: write .nii.gz, .nrrd or .seg.nrrd instead")
+    check_query(query)
     files = dicom_series_files(query)
     datasets = read_sources(files)
     _check_geometry(labels, datasets, files)

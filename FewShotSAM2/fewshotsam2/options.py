@@ -138,6 +138,8 @@ class SegmentOptions:
         are `method_options` (a ReverseOptions, LpipsOptions or PropagateOptions; None: that method's defaults).
     model, version, image_size, device, checkpoint, untrained, cache_dir, batch_size: which SAM2, where it runs
         (see `engine.SAM2Engine.from_pretrained`); `untrained` uses random weights (tests of the plumbing only).
+        image_size None: the model's own (`models.default_image_size`). config: `NAME[,KEY=VALUE...]`, one of
+        sam2's configs plus overrides, for a fine-tune given as `checkpoint` (`models.parse_config`).
     axis: slice direction ("auto" = the acquisition axis). preset: intensity window ("auto" = CT window for CT,
         percentiles otherwise). shots: support slices per support volume and structure.
     slice_range: which query slices are segmented: "off" (every slice; the default here, so scripted runs keep
@@ -152,9 +154,10 @@ class SegmentOptions:
     method: str = "reverse"
     model: str = "tiny"
     version: str = "2.1"
-    image_size: int = C.DEFAULT_IMAGE_SIZE
+    image_size: Optional[int] = None  # None: the model's own (1024; MedSAM2 512; --config's image_size)
     device: str = "auto"
     checkpoint: Optional[str] = None
+    config: Optional[str] = None
     untrained: bool = False
     cache_dir: Optional[str] = None
     batch_size: int = 8
@@ -169,7 +172,7 @@ class SegmentOptions:
 
     # the settings that decide which SAM2 engine is built (a run can reuse an engine when these agree)
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("model", "version", "image_size", "device", "checkpoint",
-                                                "untrained", "cache_dir", "batch_size")
+                                                "config", "untrained", "cache_dir", "batch_size")
 
     def __post_init__(self) -> None:
         from .checkpoints import normalise_model_name
@@ -181,6 +184,26 @@ class SegmentOptions:
         except InputError:
             raise OptionError("model", f"must be one of {', '.join(C.MODELS)}, got {self.model!r}") from None
         _set(self, "version", _choice("version", self.version, C.VERSIONS))
+        _set(self, "config", None if self.config in (None, "") else str(self.config))
+        from .models import CARDS, parse_config
+
+        if self.version not in CARDS[self.model].versions:  # MedSAM2 is SAM2.1 only
+            raise OptionError("version", f"must be {' or '.join(CARDS[self.model].versions)} for model "
+                                         f"{self.model}, got {self.version!r}")
+        if self.config is not None:
+            try:
+                parse_config(self.config)
+            except InputError as exc:
+                raise OptionError("config", str(exc).removeprefix("--config").lstrip(": ")) from None
+            if not self.untrained and self.checkpoint in (None, ""):
+                raise OptionError("config", "builds a fine-tune from its own weights: give them as a checkpoint file")
+        if self.image_size in (None, ""):  # the model's own input size
+            from .models import default_image_size
+
+            try:
+                _set(self, "image_size", default_image_size(self.model, self.config))
+            except InputError as exc:
+                raise OptionError("config", str(exc).removeprefix("--config").lstrip(": ")) from None
         size = _int("image_size", self.image_size)
         if size % C.IMAGE_SIZE_STEP or not C.MIN_IMAGE_SIZE <= size <= C.MAX_IMAGE_SIZE:
             raise OptionError("image_size", f"must be a multiple of {C.IMAGE_SIZE_STEP} from {C.MIN_IMAGE_SIZE} "
@@ -225,8 +248,10 @@ class SegmentOptions:
 
     @classmethod
     def flat_defaults(cls) -> dict[str, Any]:
-        """Default of every flat setting (the command line's and the GUI's defaults)."""
+        """Default of every flat setting (the command line's and the GUI's defaults; image_size: the default
+        model's)."""
         out = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "method_options"}
+        out["image_size"] = cls().image_size
         for options_cls in METHOD_OPTIONS.values():
             defaults = options_cls()
             out.update({flat: getattr(defaults, name) for flat, name in options_cls.FLAT.items()})
