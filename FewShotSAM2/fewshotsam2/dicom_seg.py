@@ -84,9 +84,11 @@ def coded_property(name: str):
 # ---------------------------------------------------------------------------------------------- the sources
 
 
-def _derived_uid(pydicom, what: str, instance_uids: Sequence[str]) -> str:
-    # the same series always gets the same made-up UID (2.25 form, from a hash of its instances' UIDs)
-    return pydicom.uid.generate_uid(prefix=None, entropy_srcs=["fewshotsam2", what, *instance_uids])
+def _derived_uid(what: str, instance_uids: Sequence[str]) -> str:
+    # the same series always gets the same made-up UID: 2.25 + a name-based (version 5) UUID of its instances' UIDs
+    import uuid
+
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(92).join(['fewshotsam2', what, *instance_uids])).int}"
 
 
 def read_sources(files: Sequence[str]) -> list:
@@ -117,7 +119,7 @@ def read_sources(files: Sequence[str]) -> list:
         if len(present) > 1:
             raise InputError(f"{Path(files[0]).parent}: the files of this series name {len(present)} different "
                              f"{tag}s; give one series (FOLDER#N)")
-        value = present.pop() if present else _derived_uid(pydicom, what, uids)
+        value = present.pop() if present else _derived_uid(what, uids)
         if any(str(ds.get(tag, "") or "").strip() != value for ds in datasets):
             done.append(tag)
         for ds in datasets:
