@@ -671,7 +671,8 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         path = checkpoints.cached_checkpoint(model, version, cache_dir)
         key = checkpoints.checkpoint_key(model, version)
         if path is None:
-            return False, f"{key}: not downloaded"
+            note = choices.MODEL_NOTES.get(checkpoints.normalise_model_name(model))
+            return False, f"{key}: not downloaded" + (f" ({note})" if note else "")
         return True, f"{key}: ready ({path.stat().st_size / 1e6:.0f} MB, {path})"
 
     @staticmethod

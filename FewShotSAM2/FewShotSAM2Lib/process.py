@@ -34,6 +34,7 @@ OPTION_FLAGS = {
     "image_size": "--image-size",
     "device": "--device",
     "checkpoint": "--checkpoint",
+    "config": "--config",
     "untrained": "--untrained",
     "cache_dir": "--cache-dir",
     "batch_size": "--batch-size",
