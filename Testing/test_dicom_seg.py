@@ -306,6 +306,16 @@ def test_a_non_dicom_query_asked_for_dicom_seg_is_one_clear_error(tmp_path, ct_a
     assert list(tmp_path.iterdir()) == []
 
 
+def test_batch_refuses_a_seg_for_a_non_dicom_query_before_any_work(tmp_path, ct_a_paths, capsys, monkeypatch):
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text("query,support_image,support_labels,labels,output\n"
+                        f"{ct_a_paths[0]},{ct_a_paths[0]},{ct_a_paths[1]},5,out/a.dcm\n")
+    rc = _main(["batch", "--manifest", str(manifest), *MODEL], monkeypatch)
+    err = capsys.readouterr().err
+    assert rc == 2 and "a DICOM SEG needs a DICOM series as the query" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort.csv"]
+
+
 def test_a_seg_as_support_labels_on_the_flipped_y_grid(ct_b, seg_file):
     """The SEG read against labels.nii.gz's own grid (y the other way): resampled by physical geometry, it gives
     back that file's liver and spleen voxels."""

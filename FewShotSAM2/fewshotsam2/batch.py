@@ -200,6 +200,9 @@ def _check_paths(cases: list[BatchCase]) -> None:
                 raise InputError(f"{where}: {what} {p} does not exist")
         if _output_extension(c.output) is None:
             raise InputError(f"{where}: output {c.output}: unknown format; use one of {', '.join(OUTPUT_FORMATS)}")
+        if _output_extension(c.output) == ".dcm" and not os.path.isdir(input_path(c.query)):
+            raise InputError(f"{where}: output {c.output}: a DICOM SEG needs a DICOM series as the query; {c.query} "
+                             "is not a DICOM folder")
         try:
             refuse_overwriting_inputs([("output", c.output)], [c.query, *(p for pair in c.supports for p in pair)])
         except InputError as e:
