@@ -79,7 +79,13 @@ def default_image_size(model: str, config: Optional[str] = None) -> int:
     """The input size a model was trained at: the default when --image-size is not given."""
     if config:
         return parse_config(config).image_size
-    return CARDS[model].image_size if model in CARDS else 1024
+    from .checkpoints import normalise_model_name  # aliases: "MedSAM", "b+"
+
+    try:
+        model = normalise_model_name(model)
+    except InputError:
+        return 1024  # refused with its own message where the model is checked
+    return CARDS[model].image_size
 
 
 @dataclass(frozen=True)
