@@ -116,8 +116,14 @@ def test_segments_carry_names_codes_colours_and_the_algorithm(seg_file):
 
 
 @pytest.mark.slow  # runs dciodvfy
-def test_dciodvfy_finds_no_error(seg_file):
+def test_dciodvfy_finds_no_error(seg_file, ct_b, tmp_path):
     assert _errors(seg_file[0]) == []
+    empty = tmp_path / "empty.dcm"  # an empty result: every frame kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_dicom_seg(empty, ct_b["labels"].with_array(np.zeros(ct_b["labels"].shape, np.uint8)),
+                        ct_b["structures"], ct_b["dicom"])
+    assert _errors(empty) == []
 
 
 def test_round_trip_equals_the_seg_nrrd_output_on_the_same_physical_grid(ct_b, seg_file, tmp_path):
@@ -269,7 +275,8 @@ def test_a_query_with_several_series_references_the_chosen_one(ct_b, two_series,
 
 
 @pytest.mark.slow  # SAM2 runs (64 px), dciodvfy
-def test_segment_writes_a_valid_seg_for_folder_hash_n(ct_b, two_series, tmp_path, capsys, monkeypatch, ct_a_paths):
+def test_segment_writes_a_valid_seg_for_folder_hash_n(ct_b, two_series, tmp_path, capsys, monkeypatch, ct_a_paths,
+                                                      seg_file):
     folder, uid = two_series
     out = tmp_path / "seg.dcm"
     rc = _main(["segment", "--query", f"{folder}#{uid}", "--support", *ct_a_paths, "--labels", "liver=5,spleen=1",
@@ -279,6 +286,13 @@ def test_segment_writes_a_valid_seg_for_folder_hash_n(ct_b, two_series, tmp_path
     seg = pydicom.dcmread(out)
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver", "spleen"]
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    # a DICOM SEG as the support's labels, its segments chosen by name
+    out2 = tmp_path / "from-seg.seg.nrrd"
+    rc = _main(["segment", "--query", f"{folder}#{uid}", "--support", str(ct_b["dicom"]), str(seg_file[0]),
+                "--labels", "spleen,liver", "--out", str(out2), *MODEL], monkeypatch)
+    assert rc == 0
+    _labels, structures = read_labels(out2, read_volume(f"{folder}#{uid}"))
+    assert sorted(s.name for s in structures) == ["liver", "spleen"]
 
 
 @pytest.mark.slow  # SAM2 runs (64 px), dciodvfy
@@ -324,6 +338,27 @@ def test_a_seg_as_support_labels_on_the_flipped_y_grid(ct_b, seg_file):
     assert labels.same_grid(raw) and [s.name for s in structures] == ["liver", "spleen"]
     for s, value in zip(structures, (LIVER, SPLEEN)):
         np.testing.assert_array_equal(structure_mask(labels, s), raw.array == value)
+
+
+def test_empty_segments_are_written_and_left_out_when_read(ct_b, tmp_path):
+    """An empty result is still a valid SEG (every frame kept); reading it as labels is one clear error. An empty
+    segment beside a labeled one is left out with a warning, as an empty .seg.nrrd segment is."""
+    labels = ct_b["labels"]
+    liver_only = labels.with_array(np.where(labels.array == LIVER, LIVER, 0).astype(np.uint8))
+    empty = labels.with_array(np.zeros(labels.shape, np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_dicom_seg(tmp_path / "one.dcm", liver_only, ct_b["structures"], ct_b["dicom"])
+        write_dicom_seg(tmp_path / "none.dcm", empty, ct_b["structures"], ct_b["dicom"])
+    with pytest.warns(UserWarning, match="segment 'spleen' is empty; ignored"):
+        back, structures = read_labels(tmp_path / "one.dcm", ct_b["image"])
+    assert [s.name for s in structures] == ["liver"]
+    np.testing.assert_array_equal(structure_mask(back, structures[0]), labels.array == LIVER)
+    with pytest.raises(InputError, match="none.dcm: the DICOM SEG has no labeled voxel"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read_labels(tmp_path / "none.dcm", ct_b["image"])
+    assert len(pydicom.dcmread(tmp_path / "none.dcm").PerFrameFunctionalGroupsSequence) == 2 * labels.shape[0]
 
 
 def test_a_file_that_is_no_seg_is_refused(tmp_path, ct_b):

@@ -306,15 +306,22 @@ def read_dicom_seg(path: str | Path) -> tuple["Volume", list["Structure"]]:
             rgb = highdicom.color.CIELabColor.from_dicom_value(list(d.RecommendedDisplayCIELabValue)).to_rgb()
             color = tuple(float(c) / 255.0 for c in rgb)
         structures.append(Structure(n, str(getattr(d, "SegmentLabel", "") or f"Segment {n}"), color))
+    # empty segments are left out with a warning, as for a .seg.nrrd
+    for n in range(len(structures) - 1, -1, -1):
+        if not masks[n].any():
+            warnings.warn(f"{p.name}: segment '{structures[n].name}' is empty; ignored", stacklevel=3)
+            del masks[n], structures[n]
+    if not structures:
+        raise InputError(f"{p.name}: the DICOM SEG has no labeled voxel")
     overlap = np.sum(masks, axis=0) > 1 if masks else None
     flat = np.zeros(array.shape[:3], dtype=np.uint16 if len(masks) > 255 else np.uint8)
     layers = None
     if overlap is not None and overlap.any():
-        layers = np.stack([np.where(m, n, 0) for n, m in enumerate(masks, 1)]).astype(flat.dtype)
+        layers = np.stack([np.where(m, s.value, 0) for s, m in zip(structures, masks)]).astype(flat.dtype)
         for i in range(len(structures)):
             structures[i] = Structure(structures[i].value, structures[i].name, structures[i].color, layer=i)
-    for n, m in enumerate(masks, 1):
-        flat[m] = n  # later segments on top, as .seg.nrrd layers flatten
+    for s, m in zip(structures, masks):
+        flat[m] = s.value  # later segments on top, as .seg.nrrd layers flatten
     out = Volume(flat, tuple(spacing), tuple(affine[:3, 3]), direction, layers=layers)
     return out, structures
 
