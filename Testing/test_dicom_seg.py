@@ -23,7 +23,7 @@ from fewshotsam2.dicom_seg import coded_property, read_dicom_seg, write_dicom_se
 from fewshotsam2.errors import InputError
 from fewshotsam2.volume import Structure, read_labels, read_volume, structure_mask, write_labels
 
-highdicom = pytest.importorskip("highdicom", reason="DICOM SEG needs highdicom (the test extra installs it)")
+import highdicom  # noqa: E402  (the test extra and scripts/setup_env.sh install it)
 import pydicom  # noqa: E402  (highdicom's dependency)
 
 LIVER, SPLEEN = 5, 1
@@ -317,6 +317,16 @@ def test_a_non_dicom_query_asked_for_dicom_seg_is_one_clear_error(tmp_path, ct_a
                 *MODEL], monkeypatch)
     err = capsys.readouterr().err
     assert rc == 2 and "needs a DICOM series as the query" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_highdicom_a_seg_output_says_how_to_install_it(ct_b, tmp_path, ct_a_paths, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # as if not installed: importing it raises ImportError
+    out = tmp_path / "x.dcm"
+    rc = _main(["segment", "--query", str(ct_b["dicom"]), "--support", *ct_a_paths, "--labels", "5", "--out",
+                str(out), *MODEL], monkeypatch)
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install highdicom" in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
 
 
