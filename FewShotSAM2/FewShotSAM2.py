@@ -245,7 +245,7 @@ def _parameterNodeClass():
     for row in settings.gui_settings():
         limit = WithinRange(*row.gui_range) if row.gui_range else Choice(row.gui_choices or row.choices)
         annotations[row.gui] = Annotated[row.kind, limit]
-        defaults[row.gui] = row.front_end_default
+        defaults[row.gui] = row.gui_default
     annotations.update(sliceRangeMode=Annotated[str, Choice(choices.SLICE_RANGE_MODES)], sliceRanges=str,
                        sliceRangesVolume=vtkMRMLScalarVolumeNode, outputSegmentation=vtkMRMLSegmentationNode)
     defaults.update(sliceRangeMode="auto", sliceRanges="")
@@ -775,7 +775,8 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         path = checkpoints.cached_checkpoint(model, version, cache_dir)
         key = checkpoints.checkpoint_key(model, version)
         if path is None:
-            return False, f"{key}: not downloaded"
+            note = choices.MODEL_NOTES.get(checkpoints.normalise_model_name(model))
+            return False, f"{key}: not downloaded" + (f" ({note})" if note else "")
         return True, f"{key}: ready ({path.stat().st_size / 1e6:.0f} MB, {path})"
 
     @staticmethod

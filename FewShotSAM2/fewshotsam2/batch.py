@@ -55,7 +55,9 @@ SUMMARY_COLUMNS = ("row", "case", "query", "output", "status", "seconds", "encod
                    "slice_ranges", "range_ends")
 # what --queries picks up in a folder besides DICOM series sub-folders
 QUERY_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")  # longest first: ".seg.nrrd" before ".nrrd"
+OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".dcm")  # longest first: ".seg.nrrd" before ".nrrd"
+# --out-format names besides the extensions: dicom-seg = .dcm (a DICOM SEG per DICOM query)
+FORMAT_ALIASES = {"dicom-seg": ".dcm"}
 
 
 @dataclass
@@ -179,6 +181,7 @@ def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str,
     d = Path(folder)
     if not d.is_dir():
         raise InputError(f"--queries {folder}: no such folder")
+    out_format = FORMAT_ALIASES.get(out_format, out_format)
     if out_format not in OUTPUT_FORMATS:
         raise InputError(f"--out-format {out_format}: choose one of {', '.join(OUTPUT_FORMATS)}")
     support_paths = {Path(p).resolve() for pair in supports for p in pair}
@@ -262,6 +265,9 @@ def _check_paths(cases: list[BatchCase], extra_inputs: Optional[list[str]] = Non
                 raise InputError(f"{where}: {what} {p} does not exist")
         if _output_extension(c.output) is None:
             raise InputError(f"{where}: output {c.output}: unknown format; use one of {', '.join(OUTPUT_FORMATS)}")
+        if _output_extension(c.output) == ".dcm" and not os.path.isdir(input_path(c.query)):
+            raise InputError(f"{where}: output {c.output}: a DICOM SEG needs a DICOM series as the query; {c.query} "
+                             "is not a DICOM folder")
         try:
             check_name_length(c.output)
         except InputError as e:
@@ -482,11 +488,16 @@ class CaseRunner:
         peak = PeakMemory(self.engine.device)
         try:
             with peak, out_of_memory_as_input_error(self.options):
+                if case.output.lower().endswith(".dcm"):  # DICOM SEG: the query must be a DICOM series
+                    from .dicom_seg import check_query as check_seg_query
+
+                    check_seg_query(case.query)
                 query, supports, structures = self.segmenter.read_inputs(case.query, case.supports, case.labels,
                                                                          self.supports)
                 seg = self.segmenter.segment(query, supports, structures, progress)
                 os.makedirs(Path(case.output).parent, exist_ok=True)
-                write_labels(case.output, seg.labels, seg.structures)
+                write_labels(case.output, seg.labels, seg.structures, source=case.query,
+                             method=self.options.method, model=self.options.model)
             result.status = "ok"
             result.encoder_calls = seg.encoder_calls
             reports = seg.range_reports.values()
@@ -607,8 +618,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--out-dir", metavar="DIR",
                      help="where outputs with relative paths and the summary go (default: outputs relative to the "
                           "manifest, summary in their common folder; required with --queries); created if missing")
-    src.add_argument("--out-format", default=".nii.gz", choices=OUTPUT_FORMATS[::-1],
-                     help="with --queries: output format (default .nii.gz)")
+    src.add_argument("--out-format", default=".nii.gz", choices=OUTPUT_FORMATS[::-1] + tuple(FORMAT_ALIASES),
+                     help="with --queries: output format (default .nii.gz); .dcm or dicom-seg = a DICOM SEG per "
+                          "DICOM series query (needs highdicom)")
     src.add_argument("--force", action="store_true", help="redo cases whose output already exists")
     settings.add_arguments(parser, only=("method",))
     settings.add_arguments(parser, groups=("slices", "reverse", "lpips", "model"))

@@ -7,8 +7,10 @@ silently bad masks.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import warnings
 import tempfile
 import urllib.error
 import urllib.request
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import constants
+from . import constants, models
 from .atomic import atomic_path
 from .errors import InputError
 
@@ -38,6 +40,10 @@ class CheckpointInfo:
     config: str  # hydra config name inside the sam2 package
     filename: str
     url: str
+    overrides: tuple[str, ...] = ()  # hydra overrides on top of the config ("model.KEY=VALUE")
+    rope_follows_image_size: bool = False  # memory attention RoPE feat_sizes = image_size / 16 (MedSAM2's config)
+    sha256: Optional[str] = None  # published by the checkpoint's publisher (models.ModelCard.sha256_source)
+    image_size: int = 1024  # the size the model was trained at
 
     @property
     def key(self) -> str:
@@ -49,6 +55,9 @@ def _registry() -> dict[str, CheckpointInfo]:
     for version in VERSIONS:
         prefix = "sam2" if version == "2" else "sam2.1"
         for model in MODELS:
+            card = models.CARDS[model]
+            if card.filename is not None:  # not one of Meta's sizes: its own file (below)
+                continue
             filename = f"{prefix}_hiera_{model}.pt"
             info = CheckpointInfo(
                 model=model,
@@ -58,12 +67,18 @@ def _registry() -> dict[str, CheckpointInfo]:
                 url=f"{_BASE_URLS[version]}/{filename}",
             )
             out[info.key] = info
+    for card in models.CARDS.values():
+        if card.filename is not None:
+            info = CheckpointInfo(card.name, card.versions[0], card.config, card.filename, card.url,
+                                  rope_follows_image_size=card.rope_follows_image_size, sha256=card.sha256,
+                                  image_size=card.image_size)
+            out[info.key] = info
     return out
 
 
 CHECKPOINTS: dict[str, CheckpointInfo] = _registry()
 
-_MODEL_ALIASES = {"t": "tiny", "s": "small", "b+": "base_plus", "base+": "base_plus", "baseplus": "base_plus",
+_MODEL_ALIASES = {"medsam": "medsam2", "medsam-2": "medsam2", "medsam_2": "medsam2", "t": "tiny", "s": "small", "b+": "base_plus", "base+": "base_plus", "baseplus": "base_plus",
                   "base-plus": "base_plus", "b": "base_plus", "l": "large"}
 
 
@@ -74,16 +89,32 @@ def normalise_model_name(model: str) -> str:
     return name
 
 
-def checkpoint_info(model: str, version: str = "2.1") -> CheckpointInfo:
+def checkpoint_info(model: str, version: str = "2.1", config: Optional[str] = None,
+                    checkpoint: Optional[str | Path] = None) -> CheckpointInfo:
+    """The model to build and its official file. `config` (`--config NAME[,KEY=VALUE...]`, with a local
+    `checkpoint`) builds any SAM2-architecture fine-tune from one of sam2's configs instead of `model`'s."""
     version = str(version)
     if version not in VERSIONS:
         raise InputError(f"unknown SAM2 version '{version}': choose one of {', '.join(VERSIONS)}")
+    if config:
+        custom = models.parse_config(config)
+        name = Path(checkpoint).name if checkpoint else f"{custom.name}.pt"
+        return CheckpointInfo(f"config {custom.name}", "2.1" if "sam2.1" in custom.config else "2", custom.config,
+                              name, "", overrides=custom.overrides,
+                              rope_follows_image_size=custom.rope_follows_image_size, image_size=custom.image_size)
     return CHECKPOINTS[checkpoint_key(model, version)]
 
 
 def checkpoint_key(model: str, version: str = "2.1") -> str:
+    name = normalise_model_name(model)
+    card = models.CARDS[name]
+    if card.filename is not None:
+        if str(version) not in card.versions:
+            raise InputError(f"model '{name}' ({card.title}) is a SAM{'/'.join(card.versions)} model; "
+                             f"--version {version} does not apply to it")
+        return card.filename[: -len(".pt")]
     prefix = "sam2" if str(version) == "2" else "sam2.1"
-    return f"{prefix}_hiera_{normalise_model_name(model)}"
+    return f"{prefix}_hiera_{name}"
 
 
 def default_cache_dir() -> Path:
@@ -126,6 +157,7 @@ def download_checkpoint(
         if announced.get("total") and size != announced["total"]:
             raise OSError(f"downloaded {size} of {announced['total']} bytes")
 
+    digest = hashlib.sha256()
     try:
         with atomic_path(target, verify=complete) as tmp, open(tmp, "wb") as out, \
                 urllib.request.urlopen(info.url, timeout=60) as response:
@@ -140,6 +172,7 @@ def download_checkpoint(
                 if not chunk:
                     break
                 out.write(chunk)
+                digest.update(chunk)
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)
@@ -148,6 +181,9 @@ def download_checkpoint(
             out.flush()
             if total and done != total:
                 raise InputError(f"download of {info.url} was incomplete ({done} of {total} bytes)")
+            if info.sha256 and digest.hexdigest() != info.sha256:  # the temporary file is removed
+                raise InputError(f"download of {info.url} has SHA256 {digest.hexdigest()}, not the published "
+                                 f"{info.sha256}: damaged or replaced; nothing was kept")
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise InputError(
             f"cannot download the {info.key} checkpoint ({exc}). Download {info.url} yourself and put it at "
@@ -218,11 +254,40 @@ def load_state_dict(model: "object", path: str | Path, key: str) -> None:
         state = state["model"]
     if not isinstance(state, dict):
         raise InputError(f"checkpoint {path} holds no state dict")
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise InputError(f"checkpoint {path} does not match the {key} model: {problem}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "state dict mismatch"
         raise InputError(f"checkpoint {path} does not match the {key} model: {first}") from None
+
+
+def state_dict_mismatch(expected: dict, given: dict) -> str:
+    """'' when `given` has exactly `expected`'s keys with the same shapes; else what differs, naming the first key."""
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    shapes = [k for k in expected if k in given and hasattr(given[k], "shape")
+              and tuple(given[k].shape) != tuple(expected[k].shape)]
+    more = lambda n: f" (and {n - 1} more)" if n > 1 else ""  # noqa: E731
+    if missing:
+        return f"missing key '{missing[0]}'{more(len(missing))}"
+    if extra:
+        return f"unexpected key '{extra[0]}'{more(len(extra))}"
+    if shapes:
+        k = shapes[0]
+        return (f"tensor '{k}' has shape {tuple(given[k].shape)} in the file, {tuple(expected[k].shape)} in the "
+                f"model{more(len(shapes))} (another model size?)")
+    return ""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def import_checkpoint(
@@ -240,6 +305,10 @@ def import_checkpoint(
     # the weights do not depend on the input size (position embeddings are interpolated): the smallest model checks them
     net = build_sam2_model(info, image_size=constants.MIN_IMAGE_SIZE, device="cpu")
     load_state_dict(net, src, info.key)
+    if info.sha256 and file_sha256(src) != info.sha256:
+        # the same architecture fits (another MedSAM2 file, a fine-tune): used as this model, said once
+        warnings.warn(f"{src.name} is not the published {info.filename} (its SHA256 differs); it fits the {info.key} "
+                      f"architecture and is imported as {info.filename}", stacklevel=2)
     folder = _cache(cache_dir)
     _ensure_cache_folder(folder)
     with atomic_path(folder / info.filename) as tmp:

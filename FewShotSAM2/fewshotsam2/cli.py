@@ -76,7 +76,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="structures to segment: " + _LABELS_HELP.replace("%", "%%")
                         + "; a digit-only name that is also another segment's value is refused as ambiguous")
     p.add_argument("--out", required=True, metavar="OUT",
-                   help="output label map: .nii.gz, .nii, .nrrd or .seg.nrrd (segment names and colours)")
+                   help="output label map: .nii.gz, .nii, .nrrd or .seg.nrrd (segment names and colours), or .dcm: a "
+                        "DICOM SEG referencing the query's DICOM series (for PACS; needs highdicom)")
     settings.add_arguments(p, only=("method",))
     p.add_argument("--scores", metavar="FILE.csv",
                    help="write per-slice scores (structure, slice index, score, selected, matched support)")

@@ -8,7 +8,7 @@ names in the order a menu shows them (the default first); `DISPLAY_NAMES` gives 
 from __future__ import annotations
 
 METHODS: tuple[str, ...] = ("reverse", "lpips", "propagate")
-MODELS: tuple[str, ...] = ("tiny", "small", "base_plus", "large")
+MODELS: tuple[str, ...] = ("tiny", "small", "base_plus", "large", "medsam2")  # cards: models.py
 VERSIONS: tuple[str, ...] = ("2.1", "2")
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
 AXES: tuple[str, ...] = ("auto", "axial", "coronal", "sagittal")
@@ -46,6 +46,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "small": "Small",
     "base_plus": "Base+",
     "large": "Large (most accurate)",
+    "medsam2": "MedSAM2 (medical fine-tune of tiny, 512 px)",
     # versions
     "2.1": "SAM2.1",
     "2": "SAM2",

@@ -70,7 +70,16 @@ def build_sam2_model(info: CheckpointInfo, image_size: int = 1024, device: str |
         "++model.binarize_mask_from_pts_for_mem_enc=true",
         "++model.fill_hole_area=0",  # done by this engine, with a CPU fallback
     ]
-    cfg = compose(config_name=info.config, overrides=overrides)
+    if info.rope_follows_image_size:  # MedSAM2's config: the RoPE grid is the stride-16 feature grid
+        side = image_size // 16
+        overrides += [f"model.memory_attention.layer.{a}.feat_sizes=[{side},{side}]"
+                      for a in ("self_attention", "cross_attention")]
+    overrides += list(info.overrides)
+    try:
+        cfg = compose(config_name=info.config, overrides=overrides)
+    except Exception as exc:  # hydra: an override naming a key the config lacks, a bad value
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise InputError(f"--config {info.config}: {text[:300]}") from None
     OmegaConf.resolve(cfg)
     model = instantiate(cfg.model, _recursive_=True)
     return model.to(device).eval()
@@ -234,10 +243,11 @@ class SAM2Engine:
         device: str = "auto",
         batch_size: int = 8,
         fill_hole_area: int = FILL_HOLE_AREA,
+        config: Optional[str] = None,
     ) -> "SAM2Engine":
         """SAM2 with random weights drawn from a fixed seed, so untrained runs (tests, benchmarks) are
         reproducible. Warns: the masks are meaningless."""
-        info = checkpoint_info(model, version)
+        info = checkpoint_info(model, version, config)
         torch_device = pick_device(device)
         warnings.warn(
             "SAM2 runs with RANDOM WEIGHTS (--untrained): masks are meaningless; use this only to test plumbing",
@@ -257,10 +267,14 @@ class SAM2Engine:
         batch_size: int = 8,
         download: bool = True,
         fill_hole_area: int = FILL_HOLE_AREA,
+        config: Optional[str] = None,
     ) -> "SAM2Engine":
         """SAM2 with trained weights: `checkpoint` if given, else the official checkpoint from the cache,
-        downloaded first when missing (unless `download=False`, which raises `InputError` instead)."""
-        info = checkpoint_info(model, version)
+        downloaded first when missing (unless `download=False`, which raises `InputError` instead).
+        `config` (`NAME[,KEY=VALUE...]`, see `models.parse_config`) builds a fine-tune given as `checkpoint`."""
+        if config and checkpoint is None:
+            raise InputError("--config builds a fine-tune from its own file: give it with --checkpoint FILE")
+        info = checkpoint_info(model, version, config, checkpoint)
         torch_device = pick_device(device)  # a wrong device fails before a download
         path = resolve_checkpoint(model, version, checkpoint, cache_dir, download=download)
         net = build_sam2_model(info, image_size, "cpu")
@@ -272,9 +286,9 @@ class SAM2Engine:
         """The engine a `SegmentOptions` asks for (random weights when `options.untrained`)."""
         if options.untrained:
             return cls.with_random_weights(options.model, options.version, options.image_size, options.device,
-                                           options.batch_size)
+                                           options.batch_size, config=options.config)
         return cls.from_pretrained(options.model, options.version, options.image_size, options.device,
-                                   options.checkpoint, options.cache_dir, options.batch_size)
+                                   options.checkpoint, options.cache_dir, options.batch_size, config=options.config)
 
     # ---------------------------------------------------------------- frames and features
     def reset(self) -> None:

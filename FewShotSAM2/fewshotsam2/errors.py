@@ -46,6 +46,7 @@ def out_of_memory_as_input_error(settings: Any, written: str = "nothing was writ
             torch.cuda.empty_cache()
         cpu = "" if settings.device == "cpu" else ", or --device cpu"
         raise InputError(
-            f"out of {where} (--image-size {settings.image_size}, --batch-size {settings.batch_size}, "
+            f"out of {where} (--image-size {settings.image_size or 'the model default'}, --batch-size "
+            f"{settings.batch_size}, "
             f"--device {settings.device}); try a smaller --image-size or --batch-size, a --slice-range of the "
             f"query{cpu}{'; ' + written if written else ''}") from None

@@ -140,6 +140,8 @@ class SegmentOptions:
         are `method_options` (a ReverseOptions, LpipsOptions or PropagateOptions; None: that method's defaults).
     model, version, image_size, device, checkpoint, untrained, cache_dir, batch_size: which SAM2, where it runs
         (see `engine.SAM2Engine.from_pretrained`); `untrained` uses random weights (tests of the plumbing only).
+        image_size None: the model's own (`models.default_image_size`). config: `NAME[,KEY=VALUE...]`, one of
+        sam2's configs plus overrides, for a fine-tune given as `checkpoint` (`models.parse_config`).
     axis: slice direction ("auto" = the acquisition axis). preset: intensity window ("auto" = CT window for CT,
         percentiles otherwise). shots: support slices per support volume and structure.
     slice_range: which query slices are segmented: "off" (every slice; the default here, so scripted runs keep
@@ -156,9 +158,10 @@ class SegmentOptions:
     method: str = _D["method"]
     model: str = _D["model"]
     version: str = _D["version"]
-    image_size: int = _D["image_size"]
+    image_size: Optional[int] = _D["image_size"]  # None: the model's own (1024; MedSAM2 512; --config's)
     device: str = _D["device"]
     checkpoint: Optional[str] = _D["checkpoint"]
+    config: Optional[str] = _D["config"]
     untrained: bool = _D["untrained"]
     cache_dir: Optional[str] = _D["cache_dir"]
     batch_size: int = _D["batch_size"]
@@ -174,7 +177,7 @@ class SegmentOptions:
 
     # the settings that decide which SAM2 engine is built (a run can reuse an engine when these agree)
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("model", "version", "image_size", "device", "checkpoint",
-                                                "untrained", "cache_dir", "batch_size")
+                                                "config", "untrained", "cache_dir", "batch_size")
 
     def __post_init__(self) -> None:
         from .checkpoints import normalise_model_name
@@ -186,6 +189,26 @@ class SegmentOptions:
         except InputError:
             raise OptionError("model", f"must be one of {', '.join(C.MODELS)}, got {self.model!r}") from None
         _set(self, "version", _choice("version", self.version, C.VERSIONS))
+        _set(self, "config", None if self.config in (None, "") else str(self.config))
+        from .models import CARDS, parse_config
+
+        if self.version not in CARDS[self.model].versions:  # MedSAM2 is SAM2.1 only
+            raise OptionError("version", f"must be {' or '.join(CARDS[self.model].versions)} for model "
+                                         f"{self.model}, got {self.version!r}")
+        if self.config is not None:
+            try:
+                parse_config(self.config)
+            except InputError as exc:
+                raise OptionError("config", str(exc).removeprefix("--config").lstrip(": ")) from None
+            if not self.untrained and self.checkpoint in (None, ""):
+                raise OptionError("config", "builds a fine-tune from its own weights: give them as a checkpoint file")
+        if self.image_size in (None, ""):  # the model's own input size
+            from .models import default_image_size
+
+            try:
+                _set(self, "image_size", default_image_size(self.model, self.config))
+            except InputError as exc:
+                raise OptionError("config", str(exc).removeprefix("--config").lstrip(": ")) from None
         size = _int("image_size", self.image_size)
         if size % C.IMAGE_SIZE_STEP or not C.MIN_IMAGE_SIZE <= size <= C.MAX_IMAGE_SIZE:
             raise OptionError("image_size", f"must be a multiple of {C.IMAGE_SIZE_STEP} from {C.MIN_IMAGE_SIZE} "
@@ -230,7 +253,8 @@ class SegmentOptions:
 
     @classmethod
     def flat_defaults(cls) -> dict[str, Any]:
-        """Default of every flat setting (the command line's and the GUI's defaults)."""
+        """Default of every flat setting (the Python API's: the settings table's; image_size None is the model's
+        own size)."""
         out = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "method_options"}
         for options_cls in METHOD_OPTIONS.values():
             defaults = options_cls()

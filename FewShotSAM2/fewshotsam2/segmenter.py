@@ -125,13 +125,18 @@ class Segmenter:
         """Check, read, segment and (when `out` / `scores` are given) write, atomically: an output is complete or
         absent. `supports`: (image, labels) path pairs; `labels`: a `--labels` text."""
         self.check_ready(out, scores, inputs=[query, *(p for pair in supports for p in pair)])
+        if out is not None and str(out).lower().endswith(".dcm"):  # DICOM SEG: a DICOM series query, highdicom
+            from .dicom_seg import check_query as check_seg_query
+
+            check_seg_query(query)
         if progress is not None:  # reading a DICOM series takes seconds: say what happens until the first slice
             progress("Reading the volumes", 0, 0)
         volume, typed, structures = self.read_inputs(query, supports, labels, reader)
         result = self.segment(volume, typed, structures, progress)
         with publish_together():  # both outputs or neither (a full disk while writing the scores keeps no `out`)
             if out is not None:
-                write_labels(out, result.labels, result.structures)
+                write_labels(out, result.labels, result.structures, source=query, method=self.options.method,
+                             model=self.options.model)
             if scores is not None:
                 write_scores(scores, result.scores, result.slice_ranges, result.structures)
         return result

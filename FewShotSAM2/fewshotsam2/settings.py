@@ -56,6 +56,14 @@ class Setting:
     def front_end_default(self) -> Any:
         return self.default if self.user_default is None else self.user_default
 
+    @property
+    def gui_default(self) -> Any:
+        """The Slicer parameter's default: the front ends' one, else (None: image_size's "the model's own") the
+        first entry of its menu."""
+        value = self.front_end_default
+        return value if value is not None or not (self.gui_choices or self.choices) else \
+            (self.gui_choices or self.choices)[0]
+
 
 def flag(name: str) -> str:
     """The command-line flag of a flat setting name (`top_k` -> `--top-k`)."""
@@ -74,19 +82,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("method", str, "reverse", "reverse = reverse propagation (RevSAM2, default); lpips = LPIPS matching "
             "(Zu et al.); propagate = plain SAM2 propagation (baseline)", "method", C.METHODS, gui="method"),
     # ---- model
-    Setting("model", str, "tiny", "SAM2 size: tiny (default, fastest), small, base_plus, large (most accurate). The "
-            f"official checkpoint is downloaded on first use into the cache (--cache-dir or ${CACHE_ENV}; default "
-            "~/.cache/fewshotsam2/checkpoints)", "model", gui="modelSize", gui_choices=C.MODELS),
+    Setting("model", str, "tiny", "SAM2 size: tiny (default, fastest), small, base_plus, large (most accurate), or "
+            "medsam2 (MedSAM2: SAM2.1 tiny fine-tuned on medical 3D images, 512 px; its weights are for research "
+            "and education, see the README). The official checkpoint is downloaded on first use into the cache "
+            f"(--cache-dir or ${CACHE_ENV}; default ~/.cache/fewshotsam2/checkpoints); MedSAM2's is checked against "
+            "its published SHA256", "model", gui="modelSize", gui_choices=C.MODELS),
     Setting("version", str, "2.1", f"SAM2 release: {' or '.join(C.VERSIONS)} (default 2.1)", "model", C.VERSIONS,
             gui="modelVersion"),
-    Setting("image_size", int, C.DEFAULT_IMAGE_SIZE,
-            f"SAM2 input size in pixels (default {C.DEFAULT_IMAGE_SIZE}, what SAM2 was trained at and the largest "
-            f"allowed; smaller is faster and less accurate; a multiple of {C.IMAGE_SIZE_STEP}, at least "
-            f"{C.MIN_IMAGE_SIZE})", "model", metavar="N", gui="imageSize", gui_choices=C.IMAGE_SIZES),
+    # None: the model's own size (models.default_image_size); the GUI starts from its first menu entry (1024)
+    Setting("image_size", int, None,
+            f"SAM2 input size in pixels (default: the model's own, {C.DEFAULT_IMAGE_SIZE} for the SAM2 sizes, 512 for "
+            f"medsam2; {C.MAX_IMAGE_SIZE} is the largest allowed; smaller is faster and less accurate; a multiple of "
+            f"{C.IMAGE_SIZE_STEP}, at least {C.MIN_IMAGE_SIZE})", "model", metavar="N", gui="imageSize",
+            gui_choices=C.IMAGE_SIZES),
     Setting("device", str, "auto", "where SAM2 runs (default auto: cuda, then mps, then cpu)", "model", C.DEVICES,
             gui="device"),
-    Setting("checkpoint", str, None, "a local SAM2 checkpoint (.pt) matching --model/--version, instead of the "
-            "cached download", "model", metavar="PATH"),
+    Setting("checkpoint", str, None, "a local SAM2 checkpoint (.pt) matching --model/--version (or --config), "
+            "instead of the cached download; loaded with weights_only and a strict key and shape check", "model",
+            metavar="PATH"),
+    Setting("config", str, None, "with --checkpoint: build the model from one of sam2's configs (sam2.1_hiera_t, "
+            "_s, _b+, _l; sam2.1_hiera_t512 = MedSAM2's) plus overrides under model. (e.g. image_size=512), for any "
+            "SAM2.1-architecture fine-tune; keys and shapes are checked strictly. The weights cannot say which "
+            "model they are (tiny at 1024 px and MedSAM2 at 512 px have the same tensors): this choice, or "
+            "--model, sets the config", "model", metavar="NAME[,KEY=VALUE...]"),
     Setting("cache_dir", str, None, f"checkpoint cache folder (default ${CACHE_ENV} or "
             "~/.cache/fewshotsam2/checkpoints)", "model", metavar="DIR"),
     Setting("untrained", bool, False, "use RANDOM weights instead of a checkpoint: for testing the plumbing only, "

@@ -28,7 +28,7 @@ from .errors import InputError
 PathLike = Union[str, Path]
 
 # Output formats, longest first so ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".nii".
-OUTPUT_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
+OUTPUT_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".dcm")  # .dcm: DICOM SEG (dicom_seg.py)
 
 # Distinct colours (RGB 0..1) for label values without a colour of their own; value v gets PALETTE[(v-1) % len].
 # Taken from 3D Slicer's GenericAnatomyColors first entries so results look familiar in Slicer.
@@ -250,6 +250,28 @@ def _read_dicom_folder(folder: Path, choice: Optional[str] = None) -> sitk.Image
     """One DICOM series of `folder`: `choice` is its SeriesInstanceUID or its number N in the listing (1 = first);
     without a choice the largest series, with a warning listing them all and how to choose (FOLDER#N)."""
     reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(_dicom_series_files(folder, choice))
+    with _stderr_captured():  # GDCM's complaints about odd files would break the one-line error
+        try:
+            return reader.Execute()
+        except RuntimeError as e:
+            failure = _first_line(e)
+    raise InputError(f"{folder}: cannot read the DICOM series: {failure}")
+
+
+def dicom_series_files(path: PathLike) -> list[str]:
+    """The files of the DICOM series `path` names (FOLDER, FOLDER#N or FOLDER#SERIES_UID), in the order
+    `read_volume` stacks them: file k is slice k of the volume's array (`dicom_seg` references them)."""
+    folder, choice = _split_series(path)
+    if not folder.is_dir():
+        raise InputError(f"{path}: not a DICOM series folder")
+    with warnings.catch_warnings():  # read_volume already said which series a folder of several gives
+        warnings.simplefilter("ignore")
+        return list(_dicom_series_files(folder, choice))
+
+
+def _dicom_series_files(folder: Path, choice: Optional[str] = None) -> tuple[str, ...]:
+    reader = sitk.ImageSeriesReader()
     with _stderr_captured():  # GDCM complains on stderr about every file that is not DICOM
         try:
             series = reader.GetGDCMSeriesIDs(str(folder))
@@ -281,15 +303,9 @@ def _read_dicom_folder(folder: Path, choice: Optional[str] = None) -> sitk.Image
             warnings.warn(
                 f"{folder}: {len(series)} DICOM series found ({listing}); using the largest, "
                 f"#{series.index(chosen) + 1}; choose one with {folder}#N or {folder}#SERIES_UID",
-                stacklevel=3,
+                stacklevel=4,
             )
-    reader.SetFileNames(files_per_series[chosen])
-    with _stderr_captured():  # GDCM's complaints about odd files would break the one-line error
-        try:
-            return reader.Execute()
-        except RuntimeError as e:
-            failure = _first_line(e)
-    raise InputError(f"{folder}: cannot read the DICOM series: {failure}")
+    return files_per_series[chosen]
 
 
 def _first_line(e: BaseException) -> str:
@@ -588,17 +604,22 @@ def _resample_to(labels: Volume, reference: Volume) -> Volume:
 def read_labels(
     path: PathLike, reference: Volume, names: Optional[dict[int, str]] = None
 ) -> LabelMap:
-    """Read a label map (any integer-valued image, or a Slicer .seg.nrrd) aligned to `reference`'s grid.
+    """Read a label map (any integer-valued image, a Slicer .seg.nrrd or a DICOM SEG .dcm) aligned to `reference`'s
+    grid.
 
     A label grid that differs from the reference is resampled onto it by physical geometry (nearest
     neighbour, outside = 0); arrays are never matched by index. Structures: the segment names and colours
-    of a .seg.nrrd; otherwise `names[value]` if given, else "Label N", and a palette colour.
+    of a .seg.nrrd or DICOM SEG; otherwise `names[value]` if given, else "Label N", and a palette colour.
     """
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or folder")
     if p.name.lower().endswith(".seg.nrrd"):
         labels, structures = _read_seg_nrrd(p)
+    elif p.is_file() and p.name.lower().endswith(".dcm"):  # a DICOM SEG: segments with their names
+        from .dicom_seg import read_dicom_seg
+
+        labels, structures = read_dicom_seg(p)
     else:
         img = _read_image(p)
         labels = Volume.from_sitk(img)
@@ -711,9 +732,11 @@ def _write_seg_nrrd(path: str, labels: Volume, structures: list[Structure], arra
         f.write(header + data[end:])
 
 
-def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) -> None:
+def write_labels(path: PathLike, labels: Volume, structures: list[Structure], source: Optional[PathLike] = None,
+                 **seg_info: str) -> None:
     """Write a label map as .nii.gz / .nii / .nrrd (uint8, uint16 or int32: the smallest that holds the values)
-    or Slicer .seg.nrrd (segment names in UTF-8).
+    or Slicer .seg.nrrd (segment names in UTF-8), or a DICOM SEG (.dcm) referencing `source`, the DICOM series
+    the labels lie on (`dicom_seg.write_dicom_seg`; `seg_info`: its method and model).
 
     Atomic: writes a short temporary name in the target folder (lower-case extension, so ITK picks the writer
     whatever the case of `path`) and renames it over `path`; on failure or interruption the temporary file is
@@ -723,6 +746,13 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) ->
     check_output_path(path)
     p = Path(path)
     ext = _output_extension(p)
+    if ext == ".dcm":
+        from .dicom_seg import write_dicom_seg
+
+        if source is None:
+            raise InputError(f"{p.name}: a DICOM SEG output needs the DICOM series it segments (the query)")
+        write_dicom_seg(p, labels, structures, source, **seg_info)
+        return
     arr = np.asarray(labels.array)
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         arr = _as_label_array(arr, p.name)

@@ -418,7 +418,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
         "support": args.support or args.query,
         "structures": ", ".join(str(v) for v in values) or "first label value of the support",
         "model": f"SAM2 {args.version} {args.model}" + (" (RANDOM WEIGHTS)" if untrained else ""),
-        "image size": args.image_size,
+        "image size": options_factory(methods[0]).image_size,
         "device": f"{device} ({_cpu_name()}, {os.cpu_count()} cores, torch threads {_torch_threads()})",
         "model build (s)": _f(build_s),
         "process per method": "yes (--isolate)" if args.isolate else "no (RSS peak is the process peak so far)",

@@ -865,6 +865,10 @@ def config_from_args(args: argparse.Namespace) -> EvaluationConfig:
     # every SegmentOptions setting except those evaluate decides per run (method) or holds itself (shots)
     options = {k: getattr(args, k) for k in SegmentOptions.flat_names()
                if k not in ("method", "shots") and hasattr(args, k)}
+    if options.get("image_size") is None:  # not given: the model's own, written as a number in the results
+        from ..models import default_image_size
+
+        options["image_size"] = default_image_size(options.get("model") or "tiny", options.get("config"))
     return EvaluationConfig(
         cases=resolve_cases(args.cases), output=Path(args.output), methods=parse_methods(args.methods),
         structures=args.structures, protocol=args.protocol, support=args.support, shots=args.shots,
