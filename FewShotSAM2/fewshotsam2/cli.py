@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
       --support $d/abdomen-ct/ct-a/image.nii.gz $d/abdomen-ct/ct-a/labels.nii.gz \\
       --labels liver=5,spleen=1 --out ct-b.seg.nrrd --scores ct-b_scores.csv \\
       --untrained --image-size 128 --device cpu"""),
+    "refine": (
+        "fewshotsam2.refine_command", "refine a segmentation from the slices the user corrected (re-propagate)", ""),
     "extent": (
         "fewshotsam2.extent_command", "print each structure's slice range in the query, estimated from supports",
         f"""example (where ct-a's liver and spleen are in the ct-b series):
@@ -179,6 +181,9 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    help="write per-slice scores (structure, slice index, score, selected, matched support)")
     add_method_arguments(p)
     add_model_arguments(p)
+    from .refine_command import add_cache_arguments  # the features a later `refine` reads
+
+    add_cache_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress", default="bar", choices=("bar", "json"),
                    help="bar = a progress bar on stderr (default); json = machine-readable lines on stdout, one "
@@ -258,6 +263,9 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
 
         # load (and so check) the LPIPS weights now, not after every slice is encoded
         _matcher(None, options.method_options)
+    from .refine_command import feature_cache_of
+
+    cache = feature_cache_of(args)  # a bad --feature-cache folder fails here, before any work
     bar = _json_progress if json_lines else None if args.quiet else _ProgressBar()
     if json_lines:
         _json_progress(f"Loading SAM2 {options.model}", 0, 0)
@@ -266,7 +274,11 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
             # after the inputs are known good: building SAM2 takes seconds
             engine = (getattr(args, "engine_factory", None) or make_engine)(options)
             notify = None if json_lines or args.quiet else (lambda text: print(text, file=sys.stderr))
-            result = segment(query, supports, structures, options, progress=bar, engine=engine, notify=notify)
+            kept_cache, engine.feature_cache = getattr(engine, "feature_cache", None), cache  # for this run only
+            try:
+                result = segment(query, supports, structures, options, progress=bar, engine=engine, notify=notify)
+            finally:
+                engine.feature_cache = kept_cache
     finally:
         if isinstance(bar, _ProgressBar):
             bar.close()
@@ -277,7 +289,8 @@ def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
     if json_lines:
         _json_line(event="done", out=str(args.out), device=str(getattr(engine, "device", "")),
                    seconds=result.timings["total"], slice_axis=int(result.slice_axis),
-                   encoder_calls=int(result.encoder_calls), voxels=voxels,
+                   encoder_calls=int(result.encoder_calls), cache_hits=int(getattr(engine, "cache_hits", 0)),
+                   voxels=voxels,
                    slice_ranges={s.name: result.slice_ranges.get(s.value) for s in result.structures})
         return 0
     for s in result.structures:
