@@ -91,7 +91,7 @@ except ImportError:  # slicer-core (pip): MRML and slicer.util only. The Logic w
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402  (MRML, also in slicer-core)
 
-from FewShotSAM2Lib import choices, dependencies, mrml_io, process, review, slice_ranges  # noqa: E402
+from FewShotSAM2Lib import choices, dependencies, mrml_io, process, refining, review, slice_ranges  # noqa: E402
 from FewShotSAM2Lib.choices import (  # noqa: E402  (re-exported: the GUI's choices)
     DEVICES,
     IMAGE_SIZES,
@@ -297,6 +297,9 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastResult = None
         self.python = None  # the interpreter of the segmentation process; None: process.pythonExecutable()
+        # refine from the user's edits (FewShotSAM2Lib.refining): per output node, its run as produced; undo backups
+        self._refineStates = {}
+        self._refineUndo = {}
 
     def getParameterNode(self):
         return FewShotSAM2ParameterNode(super().getParameterNode())
@@ -592,9 +595,51 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             result = job.process.readResult(job.prepared.structures)
             if not result.labels.same_grid(job.prepared.query):
                 raise RuntimeError("the segmentation process wrote a result that is not on the query's voxel grid")
-            return self.apply(job.prepared, result)
+            node = self.apply(job.prepared, result)
+            refining.remember(self._refineStates, node, job.prepared, result, job.process.done)  # for refine
+            return node
         finally:
             job.process.cleanup()
+
+    # ------------------------------------------------------------------------------------------ refine
+
+    def refine(self, outputSegmentationNode, progressCallback: Optional[Callable[[str, int, int], None]] = None):
+        """Refine the result of the last run in `outputSegmentationNode` from the slices the user changed in it since
+        (Segment Editor); blocks, returns the node. Each changed slice becomes a SAM2 prompt and prediction re-runs
+        from it (fewshotsam2 refine); the node's segments are replaced in one step, `undoRefine` puts them back.
+        Raises InputError when no slice was changed. `refineCorrections` says which slices will be taken."""
+        job = self.startRefine(outputSegmentationNode)
+        try:
+            while True:
+                finished = job.finished
+                for event in job.poll():
+                    if event["event"] == "progress" and progressCallback is not None:
+                        progressCallback(str(event.get("stage", "")), int(event.get("done", 0)), int(event.get("total", 0)))
+                if finished:
+                    break
+                time.sleep(0.1)
+        except BaseException:
+            self.cancel(job)
+            raise
+        return self.finishRefine(job)
+
+    def refineCorrections(self, outputSegmentationNode) -> dict:
+        """{segment name: [slice indices along the run's slice axis]} changed since the run (what refine takes)."""
+        return refining.corrections(self._refineStates, outputSegmentationNode)
+
+    def startRefine(self, outputSegmentationNode) -> refining.RefineJob:
+        """Start the refine process; returns at once (poll the job, then `finishRefine`, or `cancel`)."""
+        return refining.startRefine(self._refineStates, outputSegmentationNode, self.python)
+
+    def finishRefine(self, job: refining.RefineJob):
+        return refining.finishRefine(self, self._refineStates, self._refineUndo, job)
+
+    def canUndoRefine(self, outputSegmentationNode) -> bool:
+        return outputSegmentationNode is not None and outputSegmentationNode.GetID() in self._refineUndo
+
+    def undoRefine(self, outputSegmentationNode) -> None:
+        """Put back the segments the node had before its last refine."""
+        refining.undoRefine(self._refineStates, self._refineUndo, outputSegmentationNode)
 
     # ------------------------------------------------------------------------------------------ apply
 
