@@ -634,6 +634,10 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     def finishRefine(self, job: refining.RefineJob):
         return refining.finishRefine(self, self._refineStates, self._refineUndo, job)
 
+    def lastRefinableNode(self):
+        """The output segmentation of the most recent run of this Logic that is still in the scene (or None)."""
+        return refining.lastNode(self._refineStates)
+
     def canUndoRefine(self, outputSegmentationNode) -> bool:
         return outputSegmentationNode is not None and outputSegmentationNode.GetID() in self._refineUndo
 
@@ -830,6 +834,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._onPoll)
+        self._setupRefine()
 
         self.initializeParameterNode()
 
@@ -1175,6 +1180,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._processingState = state
         self._updateSegmentButton()
         self._updateModelStatus()
+        self._updateRefineButtons()
 
     def _setStatus(self, text, warning=False):
         self.ui.statusLabel.text = text
@@ -1427,7 +1433,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._pollTimer.stop()
         self._job = None
-        self._onRunFinished(job)
+        (self._onRefineFinished if isinstance(job, refining.RefineJob) else self._onRunFinished)(job)
 
     def _onRunFinished(self, job):
         prepared = job.prepared
@@ -1456,6 +1462,76 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self.ui.progressBar.hide()
             self._setProcessingState(ProcessingState.IDLE)
+
+    # ------------------------------------------------------------------------------------------ refine
+    # "Refine from my edits" and "Undo refine" under Results: made here (not in the .ui) to stay one block; the
+    # Logic does the work (FewShotSAM2Lib/refining.py), the run is polled and cancelled as a segmentation is.
+
+    def _setupRefine(self) -> None:
+        self.refineButton = qt.QPushButton(_("Refine from my edits"))
+        self.refineButton.toolTip = _("Correct slices of the result with Segment Editor, then re-propagate from them: "
+                                      "each changed slice becomes a prompt, the structure is predicted again from it "
+                                      "in both directions. Structures you did not edit stay as they are.")
+        self.undoRefineButton = qt.QPushButton(_("Undo refine"))
+        self.undoRefineButton.toolTip = _("Put back the segmentation as it was before the last refine.")
+        row = qt.QHBoxLayout()
+        row.addWidget(self.refineButton)
+        row.addWidget(self.undoRefineButton)
+        self.ui.resultsCollapsibleButton.layout().addLayout(row)
+        self.refineButton.connect("clicked(bool)", self.onRefine)
+        self.undoRefineButton.connect("clicked(bool)", self.onUndoRefine)
+        self._updateRefineButtons()
+
+    def _updateRefineButtons(self) -> None:
+        if not hasattr(self, "refineButton"):
+            return
+        node = self.logic.lastRefinableNode()
+        idle = self._processingState == ProcessingState.IDLE
+        self.refineButton.enabled = idle and node is not None
+        self.undoRefineButton.enabled = idle and self.logic.canUndoRefine(node)
+
+    def onRefine(self) -> None:
+        node = self.logic.lastRefinableNode()
+        try:
+            corrections = self.logic.refineCorrections(node)
+            if not corrections:
+                self._setStatus(_("No slice of '{name}' was changed since the run: nothing to refine.").format(
+                    name=node.GetName()))
+                return
+            taken = "; ".join(f"{name}: {', '.join(map(str, s))}" for name, s in corrections.items())
+            with slicer.util.WaitCursor():
+                self._job = self.logic.startRefine(node)
+        except Exception as exc:
+            self._reportError(exc, _("Refine failed"))
+            return
+        self._shownWarnings = 0
+        self._startPolling(_("Refining '{name}' from your corrected slices ({taken}).").format(name=node.GetName(),
+                                                                                                taken=taken),
+                           _("Starting the refine"), ProcessingState.RUNNING)
+
+    def _onRefineFinished(self, job) -> None:
+        self._setProcessingState(ProcessingState.APPLYING)
+        try:
+            try:
+                with slicer.util.WaitCursor():
+                    node = self.logic.finishRefine(job)
+            except Exception as exc:
+                self._setStatus(_("The refine failed; nothing was changed."), warning=True)
+                self._reportError(exc, _("Refine failed"))
+                return
+            taken = "; ".join(f"{name}: {', '.join(map(str, s))}" for name, s in job.corrections.items())
+            self._setStatus(_("Refined '{name}' from slices {taken}. Undo refine puts the previous version back.")
+                            .format(name=node.GetName(), taken=taken))
+        finally:
+            self.ui.progressBar.hide()
+            self._setProcessingState(ProcessingState.IDLE)
+
+    def onUndoRefine(self) -> None:
+        node = self.logic.lastRefinableNode()
+        with slicer.util.tryWithErrorDisplay(_("Undo refine failed."), waitCursor=True):
+            self.logic.undoRefine(node)
+            self._setStatus(_("The segmentation is back to its version before the refine."))
+        self._updateRefineButtons()
 
     # ------------------------------------------------------------------------------------------ results
 

@@ -67,9 +67,19 @@ class RefineJob:
 
 def remember(states: dict, node, prepared, result, done: Optional[dict]) -> None:
     """Keep what a later refine of `node` needs (called when a run's result is written into it)."""
+    states.pop(node.GetID(), None)  # the most recent run comes last
     states[node.GetID()] = RefineState(
         dataclasses.replace(prepared, outputSegmentationNode=node), np.array(result.labels.array, copy=True),
         list(result.scores), dict((done or {}).get("slice_ranges") or {}), int(result.slice_axis))
+
+
+def lastNode(states: dict):
+    """The output node of the most recent run (or refine) that is still in its scene; None if there is none."""
+    for state in reversed(list(states.values())):
+        node = state.prepared.outputSegmentationNode
+        if node is not None and node.GetScene() is not None:
+            return node
+    return None
 
 
 def _state(states: dict, node) -> RefineState:
