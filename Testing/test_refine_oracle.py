@@ -154,3 +154,24 @@ def test_corrected_slice_is_byte_identical_and_no_change_changes_nothing(engine6
     view[plan.array_axis] = 8
     assert result.labels.array[tuple(view)].tobytes() == corrected.array[tuple(view)].tobytes()
     assert result.labels.array.dtype == first.labels.array.dtype
+
+
+def test_a_correction_past_the_range_grows_it(engine64, pair, ct_b, ct_b_truth, monkeypatch):
+    _, support, liver = pair
+    plan = SlicePlan.for_volume(ct_b)
+    opts = SegmentOptions.from_flat(method="propagate", image_size=64, device="cpu", untrained=True,
+                                    slice_range="6:9")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = segment(ct_b, [support], [liver], opts, progress=None, engine=engine64)
+    assert first.slice_ranges[LIVER] == (6, 9)
+    corrected = _corrected(first.labels, ct_b_truth, plan, [12])  # the liver goes on past the range's end
+    recorder = Recorder(engine64, monkeypatch)
+    result = refine(ct_b, [support], [liver], opts, first.labels, corrected, engine=engine64, previous=first)
+    assert result.slice_ranges[LIVER] == (6, 12)
+    predicted = sorted(plan.slice_index_to_array_index(p["key"][1]) for p in recorder.predictions
+                       if p["key"][0] == "query")
+    assert predicted == [6, 7, 8, 9, 10, 11]  # every slice of the grown range but the corrected one
+    outside = [i for i in range(plan.n_slices) if not 6 <= i <= 12]
+    view = np.moveaxis(result.labels.array, plan.array_axis, 0)
+    assert not (view[outside] == LIVER).any()  # outside the range: background, as before

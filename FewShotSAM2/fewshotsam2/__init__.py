@@ -25,6 +25,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "segment": "pipeline",
+    "refine": "refine",
+    "PreviousRun": "refine",
+    "RefineResult": "refine",
+    "FeatureCache": "feature_cache",
     "SupportCase": "pipeline",
     "SegmentOptions": "options",
     "ReverseOptions": "options",
