@@ -155,11 +155,8 @@ def refine(
             return refine(query, supports, structures, options, previous_labels, corrections, bar, engine, slices,
                           previous, notify)
     progress = progress or (lambda stage, done, total: None)
-    from .intensity import choose_preset
     from .options import SegmentOptions
-    from .pipeline import check_query, make_engine, structure_ranges
-    from .extent import StackInfo
-    from .slice_stack import SliceStack
+    from .pipeline import check_query, make_engine, prepare
     from .slices import SlicePlan
     from .slice_range import to_array_range, to_stack_range
 
@@ -206,27 +203,17 @@ def refine(
                 notify(f"{s.name}: corrected slices {', '.join(map(str, result_slices[s.value]))} along array "
                        f"axis {qplan.array_axis}")
 
-    # the slice stacks, windowed as the first run did
-    query_kind = choose_preset(query)
-    qstack = SliceStack.of(query, qplan, query_kind if options.preset == "auto" else options.preset)
-    prepared = []
-    for case in supports:
-        if not case.labels.same_grid(case.image):
-            raise InputError(f"{case.name}: the label map is not on its image's grid (read it with read_labels)")
-        plan = SlicePlan(case.image, qplan.plane, warn_oblique=False)
-        kind = choose_preset(case.image)
-        prepared.append((plan, SliceStack.of(case.image, plan, kind if options.preset == "auto" else options.preset),
-                         case, None))
+    # the first run's slice plans, windowed stacks and input checks (pipeline.prepare), for the corrected structures
     todo = [s for s in structures if s.value in corrected]
-    ranges: dict[int, Optional[tuple[int, int]]] = {}
-    unknown_range = [s for s in todo if s.value not in previous.ranges]
-    if unknown_range:  # estimated as the first run did (deterministic)
-        query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
-        ranges.update(structure_ranges(qplan, query_info, prepared, unknown_range, options))
-    for s in todo:
+    run = prepare(query, supports, todo, options)
+    qstack = run.info.images
+    for s in todo:  # the first run's ranges where known; the others as the first run decided them
         if s.value in previous.ranges:
             r = previous.ranges[s.value]
-            ranges[s.value] = None if r is None else to_stack_range(qplan, *r)
+            run.ranges[s.value] = None if r is None else to_stack_range(qplan, *r)
+            run.to_estimate = [t for t in run.to_estimate if t.value != s.value]
+    run.estimate_ranges()
+    ranges = run.ranges
 
     if engine is None:
         engine = make_engine(options)
@@ -247,7 +234,7 @@ def refine(
         r = ranges.get(s.value)
         first, last = (min(cs), max(cs)) if r is None else (min(r[0], cs[0]), max(r[1], cs[-1]))
         final_ranges[s.value] = to_array_range(qplan, first, last)
-        masks = _refine_structure(engine, s, options, prepared, query_keys[first : last + 1],
+        masks = _refine_structure(engine, s, options, run, query_keys[first : last + 1],
                                   [c - first for c in cs], [(corr_stack[c] == s.value) for c in cs],
                                   [qplan.array_index_to_slice_index(i) - first
                                    for i in previous.selected.get(s.value, [])
@@ -268,25 +255,14 @@ def refine(
                         cache_hits=int(getattr(engine, "cache_hits", 0)))
 
 
-def _refine_structure(engine, structure: Structure, options, prepared: list, keys: list, corrected: list[int],
+def _refine_structure(engine, structure: Structure, options, run, keys: list, corrected: list[int],
                       corrected_masks: list[np.ndarray], selected: list[int], previous: np.ndarray,
                       progress: ProgressCallback) -> np.ndarray:
     """One structure on its (grown) range: the masks of every slice of `keys` (range-local indices)."""
-    from .backends.base import SupportSlice
     from .backends.memory_bank import memorize_in_batches
-    from .support import select_support_slices
 
     n = len(keys)
-    support_slices = []
-    for s_idx, (plan, image_stack, case, _) in enumerate(prepared):
-        mask_stack = plan.stack(case.mask(structure.value))
-        if not mask_stack.any():
-            continue
-        label_stack = mask_stack.astype(np.min_scalar_type(structure.value)) * structure.value
-        for idx in select_support_slices(label_stack, structure.value, options.shots):
-            key = ("support", s_idx, idx)
-            engine.add_frames({key: image_stack[idx]})
-            support_slices.append(SupportSlice(key, mask_stack[idx].copy(), s_idx, idx))
+    support_slices = run._support_slices(structure, engine)  # the first run's, registered with the engine
     if not support_slices:
         raise InputError(f"structure {structure.value} ({structure.name}) is absent from every support")
     k = len(support_slices)

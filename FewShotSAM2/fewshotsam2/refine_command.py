@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -39,9 +38,7 @@ def feature_cache_of(args: argparse.Namespace):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import constants as C
-    from .cli import add_method_arguments, add_model_arguments
-    from .options import SegmentOptions
+    from . import settings
 
     p.description = ("Refine a segmentation from the slices the user corrected: each corrected slice becomes a "
                      "SAM2 prompt next to the method's own, and prediction re-runs from it in both directions "
@@ -63,10 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the first run's --scores CSV: its slice ranges and, for --method reverse (required "
                         "there), its conditional slices; without it ranges are estimated again as the first run did")
     p.add_argument("--out", required=True, metavar="OUT", help="the refined label map (.nii.gz, .nrrd, .seg.nrrd)")
-    p.add_argument("--method", default=SegmentOptions.flat_defaults()["method"], choices=C.METHODS,
-                   help="the first run's method")
-    add_method_arguments(p)
-    add_model_arguments(p)
+    settings.add_arguments(p, only=("method",))  # the first run's method and settings
+    settings.add_arguments(p, groups=("slices", "reverse", "lpips", "model"))
     add_cache_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress", default="bar", choices=("bar", "json"),
@@ -131,22 +126,15 @@ def _match(structure, candidates):
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cli import _run_output
+
+    with _run_output(args) as (events, progress):  # as segment: JSON event lines, a bar, or nothing
+        return _run(args, events, progress)
+
+
+def _run(args: argparse.Namespace, events, bar) -> int:
     from . import cli
-
-    json_lines = args.progress == "json"
-    if json_lines:  # as segment: stdout carries the JSON lines only
-        previous, warnings.showwarning = warnings.showwarning, cli._json_warning
-        cli._json_out, sys.stdout = sys.stdout, sys.stderr
-        try:
-            return _run(args, json_lines)
-        finally:
-            warnings.showwarning = previous
-            sys.stdout, cli._json_out = cli._json_out, None
-    return _run(args, json_lines)
-
-
-def _run(args: argparse.Namespace, json_lines: bool) -> int:
-    from . import cli
+    from .errors import out_of_memory_as_input_error
     from .paths import refuse_overwriting_inputs
     from .pipeline import SupportCase, check_query, make_engine
     from .refine import PreviousRun, changed_slices, check_refine_inputs, refine
@@ -160,8 +148,9 @@ def _run(args: argparse.Namespace, json_lines: bool) -> int:
     check_output_path(args.out)
     wanted_slices = parse_slice_list(args.slices)
     cache = feature_cache_of(args)
-    if json_lines:
-        cli._json_progress("Reading the volumes", 0, 0)
+    json_lines = events is not None
+    if bar is not None:
+        bar("Reading the volumes", 0, 0)
     query = read_volume(args.query)
     check_query(query)
     _grid_of(args.previous, "the previous result", query)
@@ -198,8 +187,7 @@ def _run(args: argparse.Namespace, json_lines: bool) -> int:
         message = "no corrected slice: the edited map equals the previous result" + (
             " on --slices" if wanted_slices is not None else "") + "; nothing to refine, nothing written"
         if json_lines:
-            cli._json_line(event="done", out=None, changed=False, message=message, encoder_calls=0, cache_hits=0,
-                           corrected_slices={})
+            events.done(out=None, changed=False, message=message, encoder_calls=0, cache_hits=0, corrected_slices={})
         else:
             print(message)
         return 0
@@ -221,28 +209,23 @@ def _run(args: argparse.Namespace, json_lines: bool) -> int:
         if changed.get(s.value) and not any(c.masks.get(s.value) is not None and c.masks[s.value].any()
                                             for c in supports):
             raise InputError(f"structure '{s.name}' (value {s.value}) is in no support (matched by name, then value)")
-    bar = cli._json_progress if json_lines else None if args.quiet else cli._ProgressBar()
-    if json_lines:
-        cli._json_progress(f"Loading SAM2 {options.model}", 0, 0)
-    try:
-        with cli.out_of_memory_as_input_error(options):
-            engine = (getattr(args, "engine_factory", None) or make_engine)(options)
-            kept_cache = getattr(engine, "feature_cache", None)
-            engine.feature_cache = cache
-            try:
-                notify = None if json_lines or args.quiet else (lambda text: print(text, file=sys.stderr))
-                result = refine(query, supports, structures, options, previous_volume, corrected_volume,
-                                progress=bar, engine=engine, slices=changed, previous=previous_run, notify=notify)
-            finally:
-                engine.feature_cache = kept_cache
-    finally:
-        if isinstance(bar, cli._ProgressBar):
-            bar.close()
+    if bar is not None:
+        bar(f"Loading SAM2 {options.model}", 0, 0)
+    with out_of_memory_as_input_error(options):
+        engine = (getattr(args, "engine_factory", None) or make_engine)(options)
+        kept_cache = getattr(engine, "feature_cache", None)
+        engine.feature_cache = cache
+        try:
+            notify = None if json_lines or args.quiet else (lambda text: print(text, file=sys.stderr))
+            result = refine(query, supports, structures, options, previous_volume, corrected_volume,
+                            progress=bar, engine=engine, slices=changed, previous=previous_run, notify=notify)
+        finally:
+            engine.feature_cache = kept_cache
     write_labels(args.out, result.labels, result.structures)
     names = {s.value: s.name for s in structures}
     corrected = {names[v]: idx for v, idx in result.corrected_slices.items()}
     if json_lines:
-        cli._json_line(event="done", out=str(args.out), changed=True, device=str(getattr(engine, "device", "")),
+        events.done(out=str(args.out), changed=True, device=str(getattr(engine, "device", "")),
                        seconds=result.timings["total"], slice_axis=int(result.slice_axis),
                        encoder_calls=int(result.encoder_calls), cache_hits=int(result.cache_hits),
                        corrected_slices=corrected,
