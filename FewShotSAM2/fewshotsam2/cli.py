@@ -95,19 +95,11 @@ def run_segment(args: argparse.Namespace) -> int:
     """`segment`: the Segmenter on the given files; the result summary on stdout (or as the JSON `done` line)."""
     from .segmenter import Segmenter
 
-    from .pipeline import make_engine
-    from .refine_command import feature_cache_of
+    from .refine_command import CachedEngineFactory, feature_cache_of
 
     options = options_from_args(args)
-    cache = feature_cache_of(args)  # a bad --feature-cache folder fails here, before any work
-    factory, kept = getattr(args, "engine_factory", None) or make_engine, []
-
-    def with_cache(options):  # the engine fills the feature cache during this run only (a shared engine too)
-        engine = factory(options)
-        kept.append(getattr(engine, "feature_cache", None))
-        engine.feature_cache = cache
-        return engine
-
+    # the engine fills the feature cache during this run only; a bad --feature-cache folder fails here
+    with_cache = CachedEngineFactory(getattr(args, "engine_factory", None), feature_cache_of(args))
     with _run_output(args) as (events, progress):
         notify = None if events is not None or args.quiet else (lambda text: print(text, file=sys.stderr))
         segmenter = Segmenter(options, engine_factory=with_cache, notify=notify)
@@ -115,8 +107,7 @@ def run_segment(args: argparse.Namespace) -> int:
             result = segmenter.segment_files(args.query, [tuple(p) for p in args.support], args.labels, out=args.out,
                                              scores=args.scores, progress=progress)
         finally:
-            if segmenter.built:
-                segmenter.engine.feature_cache = kept[0] if kept else None
+            with_cache.restore()
         voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
         if events is not None:
             events.done(out=str(args.out), device=str(getattr(segmenter.engine, "device", "")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +36,52 @@ def feature_cache_of(args: argparse.Namespace):
     from .feature_cache import FeatureCache
 
     return FeatureCache.from_settings(getattr(args, "feature_cache", None), getattr(args, "feature_cache_size", None))
+
+
+class CachedEngineFactory:
+    """An engine factory (`factory`, default `pipeline.make_engine`) whose engine uses `cache` until `restore()`
+    (a shared engine, as tests and embedding programs hand in, gets its own cache setting back)."""
+
+    def __init__(self, factory, cache) -> None:
+        self.factory, self.cache = factory, cache
+        self.engine, self.kept = None, None
+
+    def __call__(self, options):
+        if self.factory is None:
+            from .pipeline import make_engine
+
+            self.factory = make_engine
+        self.engine = self.factory(options)
+        self.kept = getattr(self.engine, "feature_cache", None)
+        self.engine.feature_cache = self.cache
+        return self.engine
+
+    def restore(self) -> None:
+        if self.engine is not None:
+            self.engine.feature_cache = self.kept
+
+
+def _run_output(args: argparse.Namespace):
+    """As segment's (cli._run_output; the command line's module is not imported by a core module)."""
+    import contextlib
+
+    from .progress import ProgressBar
+    from .protocol import JsonEvents
+
+    @contextlib.contextmanager
+    def output():
+        if args.progress == "json":
+            events = JsonEvents(sys.stdout)
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+                warnings.showwarning = events.showwarning
+                yield events, events
+        elif args.quiet:
+            yield None, None
+        else:
+            with ProgressBar() as bar:
+                yield None, bar
+
+    return output()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,22 +173,20 @@ def _match(structure, candidates):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import _run_output
-
     with _run_output(args) as (events, progress):  # as segment: JSON event lines, a bar, or nothing
         return _run(args, events, progress)
 
 
 def _run(args: argparse.Namespace, events, bar) -> int:
-    from . import cli
     from .errors import out_of_memory_as_input_error
+    from .settings import options_from_args
     from .paths import refuse_overwriting_inputs
     from .pipeline import SupportCase, check_query, make_engine
     from .refine import PreviousRun, changed_slices, check_refine_inputs, refine
     from .slices import SlicePlan
     from .volume import check_output_path, read_labels, read_volume, structure_mask, write_labels
 
-    options = cli.options_from_args(args)
+    options = options_from_args(args)
     refuse_overwriting_inputs([("--out", args.out)],
                               [args.query, *(p for pair in args.support for p in pair), args.previous, args.corrected,
                                args.previous_scores, args.checkpoint, args.lpips_weights])
@@ -212,15 +257,14 @@ def _run(args: argparse.Namespace, events, bar) -> int:
     if bar is not None:
         bar(f"Loading SAM2 {options.model}", 0, 0)
     with out_of_memory_as_input_error(options):
-        engine = (getattr(args, "engine_factory", None) or make_engine)(options)
-        kept_cache = getattr(engine, "feature_cache", None)
-        engine.feature_cache = cache
+        factory = CachedEngineFactory(getattr(args, "engine_factory", None) or make_engine, cache)
+        engine = factory(options)
         try:
             notify = None if json_lines or args.quiet else (lambda text: print(text, file=sys.stderr))
             result = refine(query, supports, structures, options, previous_volume, corrected_volume,
                             progress=bar, engine=engine, slices=changed, previous=previous_run, notify=notify)
         finally:
-            engine.feature_cache = kept_cache
+            factory.restore()
     write_labels(args.out, result.labels, result.structures)
     names = {s.value: s.name for s in structures}
     corrected = {names[v]: idx for v, idx in result.corrected_slices.items()}
