@@ -91,7 +91,7 @@ except ImportError:  # slicer-core (pip): MRML and slicer.util only. The Logic w
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402  (MRML, also in slicer-core)
 
-from FewShotSAM2Lib import choices, dependencies, mrml_io, process, review, slice_ranges  # noqa: E402
+from FewShotSAM2Lib import choices, dependencies, mrml_io, process, refining, review, slice_ranges  # noqa: E402
 from FewShotSAM2Lib.choices import (  # noqa: E402  (re-exported: the GUI's choices)
     DEVICES,
     IMAGE_SIZES,
@@ -354,6 +354,9 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         # where job folders are made; the widget sets Slicer's temporary folder (the application's temporaryPath, which
         # the user chooses in Application Settings); None: the system's temporary folder
         self.temporaryFolder = None
+        # refine from the user's edits (FewShotSAM2Lib.refining): per output node, its run as produced; undo backups
+        self._refineStates = {}
+        self._refineUndo = {}
 
     def getParameterNode(self):
         return FewShotSAM2ParameterNode(super().getParameterNode())
@@ -673,9 +676,55 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             result = job.process.readResult(job.prepared.structures)
             if not result.labels.same_grid(job.prepared.query):
                 raise RuntimeError("the segmentation process wrote a result that is not on the query's voxel grid")
-            return self.apply(job.prepared, result)
+            node = self.apply(job.prepared, result)
+            refining.remember(self._refineStates, node, job.prepared, result, job.process.done)  # for refine
+            return node
         finally:
             job.process.cleanup()
+
+    # ------------------------------------------------------------------------------------------ refine
+
+    def refine(self, outputSegmentationNode, progressCallback: Optional[Callable[[str, int, int], None]] = None):
+        """Refine the result of the last run in `outputSegmentationNode` from the slices the user changed in it since
+        (Segment Editor); blocks, returns the node. Each changed slice becomes a SAM2 prompt and prediction re-runs
+        from it (fewshotsam2 refine); the node's segments are replaced in one step, `undoRefine` puts them back.
+        Raises InputError when no slice was changed. `refineCorrections` says which slices will be taken."""
+        job = self.startRefine(outputSegmentationNode)
+        try:
+            while True:
+                finished = job.finished
+                for event in job.poll():
+                    if event["event"] == "progress" and progressCallback is not None:
+                        progressCallback(str(event.get("stage", "")), int(event.get("done", 0)), int(event.get("total", 0)))
+                if finished:
+                    break
+                time.sleep(0.1)
+        except BaseException:
+            self.cancel(job)
+            raise
+        return self.finishRefine(job)
+
+    def refineCorrections(self, outputSegmentationNode) -> dict:
+        """{segment name: [slice indices along the run's slice axis]} changed since the run (what refine takes)."""
+        return refining.corrections(self._refineStates, outputSegmentationNode)
+
+    def startRefine(self, outputSegmentationNode) -> refining.RefineJob:
+        """Start the refine process; returns at once (poll the job, then `finishRefine`, or `cancel`)."""
+        return refining.startRefine(self._refineStates, outputSegmentationNode, self.python)
+
+    def finishRefine(self, job: refining.RefineJob):
+        return refining.finishRefine(self, self._refineStates, self._refineUndo, job)
+
+    def lastRefinableNode(self):
+        """The output segmentation of the most recent run of this Logic that is still in the scene (or None)."""
+        return refining.lastNode(self._refineStates)
+
+    def canUndoRefine(self, outputSegmentationNode) -> bool:
+        return outputSegmentationNode is not None and outputSegmentationNode.GetID() in self._refineUndo
+
+    def undoRefine(self, outputSegmentationNode) -> None:
+        """Put back the segments the node had before its last refine."""
+        refining.undoRefine(self._refineStates, self._refineUndo, outputSegmentationNode)
 
     # ------------------------------------------------------------------------------------------ apply
 
@@ -928,6 +977,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self._onPoll)
+        self._setupRefine()
 
         self.initializeParameterNode()
         self._showCoreMismatch()
@@ -1304,6 +1354,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._processingState = state
         self._updateSegmentButton()
         self._updateModelStatus()
+        self._updateRefineButtons()
 
     def _setStatus(self, text, warning=False):
         self.ui.statusLabel.text = text
@@ -1579,7 +1630,7 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._pollTimer.stop()
         self._job = None
-        self._onRunFinished(job)
+        (self._onRefineFinished if isinstance(job, refining.RefineJob) else self._onRunFinished)(job)
 
     def _onRunFinished(self, job):
         prepared = job.prepared
@@ -1612,6 +1663,76 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self.ui.progressBar.hide()
             self._setProcessingState(ProcessingState.IDLE)
+
+    # ------------------------------------------------------------------------------------------ refine
+    # "Refine from my edits" and "Undo refine" under Results: made here (not in the .ui) to stay one block; the
+    # Logic does the work (FewShotSAM2Lib/refining.py), the run is polled and cancelled as a segmentation is.
+
+    def _setupRefine(self) -> None:
+        self.refineButton = qt.QPushButton(_("Refine from my edits"))
+        self.refineButton.toolTip = _("Correct slices of the result with Segment Editor, then re-propagate from them: "
+                                      "each changed slice becomes a prompt, the structure is predicted again from it "
+                                      "in both directions. Structures you did not edit stay as they are.")
+        self.undoRefineButton = qt.QPushButton(_("Undo refine"))
+        self.undoRefineButton.toolTip = _("Put back the segmentation as it was before the last refine.")
+        row = qt.QHBoxLayout()
+        row.addWidget(self.refineButton)
+        row.addWidget(self.undoRefineButton)
+        self.ui.resultsCollapsibleButton.layout().addLayout(row)
+        self.refineButton.connect("clicked(bool)", self.onRefine)
+        self.undoRefineButton.connect("clicked(bool)", self.onUndoRefine)
+        self._updateRefineButtons()
+
+    def _updateRefineButtons(self) -> None:
+        if not hasattr(self, "refineButton"):
+            return
+        node = self.logic.lastRefinableNode()
+        idle = self._processingState == ProcessingState.IDLE
+        self.refineButton.enabled = idle and node is not None
+        self.undoRefineButton.enabled = idle and self.logic.canUndoRefine(node)
+
+    def onRefine(self) -> None:
+        node = self.logic.lastRefinableNode()
+        try:
+            corrections = self.logic.refineCorrections(node)
+            if not corrections:
+                self._setStatus(_("No slice of '{name}' was changed since the run: nothing to refine.").format(
+                    name=node.GetName()))
+                return
+            taken = "; ".join(f"{name}: {', '.join(map(str, s))}" for name, s in corrections.items())
+            with slicer.util.WaitCursor():
+                self._job = self.logic.startRefine(node)
+        except Exception as exc:
+            self._reportError(exc, _("Refine failed"))
+            return
+        self._shownWarnings = 0
+        self._startPolling(_("Refining '{name}' from your corrected slices ({taken}).").format(name=node.GetName(),
+                                                                                                taken=taken),
+                           _("Starting the refine"), ProcessingState.RUNNING)
+
+    def _onRefineFinished(self, job) -> None:
+        self._setProcessingState(ProcessingState.APPLYING)
+        try:
+            try:
+                with slicer.util.WaitCursor():
+                    node = self.logic.finishRefine(job)
+            except Exception as exc:
+                self._setStatus(_("The refine failed; nothing was changed."), warning=True)
+                self._reportError(exc, _("Refine failed"))
+                return
+            taken = "; ".join(f"{name}: {', '.join(map(str, s))}" for name, s in job.corrections.items())
+            self._setStatus(_("Refined '{name}' from slices {taken}. Undo refine puts the previous version back.")
+                            .format(name=node.GetName(), taken=taken))
+        finally:
+            self.ui.progressBar.hide()
+            self._setProcessingState(ProcessingState.IDLE)
+
+    def onUndoRefine(self) -> None:
+        node = self.logic.lastRefinableNode()
+        with slicer.util.tryWithErrorDisplay(_("Undo refine failed."), waitCursor=True):
+            self.logic.undoRefine(node)
+            self._setStatus(_("The segmentation is back to its version before the refine."))
+        self._updateRefineButtons()
 
     # ------------------------------------------------------------------------------------------ results
 

@@ -8,6 +8,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "FewShotSAM2"))
+# tests write no image features into the user's cache (~/.cache/fewshotsam2/features): the tests of the feature
+# cache name their own folder (--feature-cache / FeatureCache); subprocesses inherit this
+os.environ.setdefault("FEWSHOTSAM2_FEATURE_CACHE", "off")
 
 
 def pytest_terminal_summary(terminalreporter):

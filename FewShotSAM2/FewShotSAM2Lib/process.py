@@ -292,6 +292,12 @@ class SegmentationProcess:
             command += ["--scores", str(self.folder / SCORES_FILE)]
         return self._launch(command + ["--progress", "json"], "segmentation")
 
+    def startRefine(self, arguments: list[str]) -> "SegmentationProcess":
+        """Start the core's `refine` with `arguments` (inputs, --previous, --corrected, options; FewShotSAM2Lib.
+        refining); the refined label map goes where `readResult` reads it."""
+        return self._launch(["refine", *arguments, "--out", str(self.folder / RESULT_FILE), "--progress", "json"],
+                            "refine")
+
     def startExtent(self, arguments: list[str]) -> "SegmentationProcess":
         """Start the core's `extent --json` with `arguments` (from `extentArguments`); `readExtent` reads its answer."""
         return self._launch(["extent", *arguments, "--json"], "slice range")

@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
       --support $d/abdomen-ct/ct-a/image.nii.gz $d/abdomen-ct/ct-a/labels.nii.gz \\
       --labels liver=5,spleen=1 --out ct-b.seg.nrrd --scores ct-b_scores.csv \\
       --untrained --image-size 128 --device cpu"""),
+    "refine": (
+        "fewshotsam2.refine_command", "refine a segmentation from the slices the user corrected (re-propagate)", ""),
     "extent": (
         "fewshotsam2.extent_command", "print each structure's slice range in the query, estimated from supports",
         f"""example (where ct-a's liver and spleen are in the ct-b series):
@@ -82,6 +84,9 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", metavar="FILE.csv",
                    help="write per-slice scores (structure, slice index, score, selected, matched support)")
     settings.add_arguments(p, groups=("slices", "reverse", "lpips", "model"))
+    from .refine_command import add_cache_arguments  # the features a later `refine` reads
+
+    add_cache_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress", default="bar", choices=("bar", "json"),
                    help="bar = a progress bar on stderr (default); json = machine-readable lines on stdout, one "
@@ -92,17 +97,25 @@ def run_segment(args: argparse.Namespace) -> int:
     """`segment`: the Segmenter on the given files; the result summary on stdout (or as the JSON `done` line)."""
     from .segmenter import Segmenter
 
+    from .refine_command import CachedEngineFactory, feature_cache_of
+
     options = options_from_args(args)
+    # the engine fills the feature cache during this run only; a bad --feature-cache folder fails here
+    with_cache = CachedEngineFactory(getattr(args, "engine_factory", None), feature_cache_of(args))
     with _run_output(args) as (events, progress):
         notify = None if events is not None or args.quiet else (lambda text: print(text, file=sys.stderr))
-        segmenter = Segmenter(options, engine_factory=getattr(args, "engine_factory", None), notify=notify)
-        result = segmenter.segment_files(args.query, [tuple(p) for p in args.support], args.labels, out=args.out,
-                                         scores=args.scores, progress=progress)
+        segmenter = Segmenter(options, engine_factory=with_cache, notify=notify)
+        try:
+            result = segmenter.segment_files(args.query, [tuple(p) for p in args.support], args.labels, out=args.out,
+                                             scores=args.scores, progress=progress)
+        finally:
+            with_cache.restore()
         voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
         if events is not None:
             events.done(out=str(args.out), device=str(getattr(segmenter.engine, "device", "")),
                         seconds=result.timings["total"], slice_axis=int(result.slice_axis),
-                        encoder_calls=int(result.encoder_calls), voxels=voxels,
+                        encoder_calls=int(result.encoder_calls),
+                        cache_hits=int(getattr(segmenter.engine, "cache_hits", 0)), voxels=voxels,
                         slice_ranges={s.name: result.slice_ranges.get(s.value) for s in result.structures},
                         range_reports=[r.to_json() for r in result.range_reports.values()])
             return 0

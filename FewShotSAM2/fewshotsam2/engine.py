@@ -233,6 +233,9 @@ class SAM2Engine:
         self.set_feature_storage("auto")
         self._use_once: set[FrameKey] = set()
         self._keep_if_room: set[FrameKey] = set()
+        # features on disk across runs and processes (feature_cache.FeatureCache; None: off), and its hits this run
+        self.feature_cache = None
+        self.cache_hits = 0
 
     @classmethod
     def with_random_weights(
@@ -299,6 +302,7 @@ class SAM2Engine:
         self._keep_if_room.clear()
         self.encoder_calls = 0
         self.encode_seconds = 0.0
+        self.cache_hits = 0
 
     def set_feature_storage(self, storage: str = "auto", device: Optional[str | torch.device] = None) -> None:
         """How cached image features are stored: "float32", "bfloat16" or "auto"; on `device` (default: SAM2's).
@@ -418,6 +422,8 @@ class SAM2Engine:
                 if kept is not None:
                     self._features[k] = kept
             todo = [k for k in todo if k not in self._features]
+        if self.feature_cache is not None and todo:
+            todo = self.feature_cache.fill(self, todo)  # what an earlier run (or process) encoded
         step = min(self.encode_batch_size, self.batch_size)
         for start in range(0, len(todo), step):
             chunk = todo[start : start + step]
@@ -433,6 +439,8 @@ class SAM2Engine:
                 # a copy in the storage dtype: a view of the batch tensor would keep the whole batch alive
                 self._features[key] = [lvl[i : i + 1].to(self.feature_device, self.feature_dtype, copy=True)
                                        for lvl in levels]
+                if self.feature_cache is not None:  # stored on disk; the run uses what a later run will read
+                    self._features[key] = self.feature_cache.put(self, key, self._features[key])
                 if self._keep is not None and self._keep(key):
                     self._kept[self._content_digest(key)] = self._features[key]  # already a copy, never changed
             self.encoder_calls += len(chunk)

@@ -107,6 +107,17 @@ class Segmenter:
             engine = self.engine  # a checkpoint problem shows before the range estimate's seconds
             return run.execute(engine, progress, self.notify)
 
+    def refine(self, query: Volume, supports: list[SupportCase], structures: list[Structure],
+               previous_labels: Volume, corrections: Volume, progress: Optional[ProgressCallback] = None,
+               slices=None, previous=None):
+        """Refine a first run's label map from the user's corrected slices (refine.py): the same supports,
+        structures and settings as that run; returns a `RefineResult`."""
+        from .refine import refine
+
+        with out_of_memory_as_input_error(self.options):
+            return refine(query, supports, structures, self.options, previous_labels, corrections, progress,
+                          self.engine, slices, previous, self.notify)
+
     # ------------------------------------------------------------------------------------------ files
 
     def read_inputs(self, query: str, supports: Sequence[tuple[str, str]],

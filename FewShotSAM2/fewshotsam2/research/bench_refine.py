@@ -1,0 +1,97 @@
+"""Benchmark: a first run vs a refine after one corrected slice (time, encoder calls, peak RSS), each its own process.
+
+`python -m fewshotsam2.research.bench_refine OUT_DIR [--slices 300] [--image-size 512] [--methods propagate,reverse]
+[--device cpu] [--label 5]` builds the clinical-size CT of `clinical_ct` (ct-b stretched to N slices; it is its own
+support), runs `fewshotsam2 segment --slice-range off` with a fresh feature cache, draws the true structure on the
+middle slice of the first run's result (the correction), runs `fewshotsam2 refine` on it and prints one Markdown
+row per method. Random weights (`--untrained`): timings and counts are real, masks are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+# the command line in a process that reports its own peak RSS on its last stderr line
+_WRAPPER = ("import resource, sys; from fewshotsam2.cli import main; rc = main(sys.argv[1:]); "
+            "print('RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+
+
+def _run(argv: list[str], env: dict) -> dict:
+    """Run `fewshotsam2 ARGV --progress json` in its own process; its done line plus wall seconds and peak RSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *argv, "--progress", "json"], capture_output=True,
+                          text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    done = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")][-1]
+    done["wall"] = seconds
+    done["rss_mib"] = int(proc.stderr.strip().splitlines()[-1].split()[1]) / 1024
+    return done
+
+
+def main(argv=None) -> int:
+    from ..volume import read_volume, write_labels, default_structure
+    from .clinical_ct import build
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--methods", default="propagate,reverse")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--label", type=int, default=5, help="structure (ct-b label value; 5 = liver, on every slice)")
+    ap.add_argument("--data", default="../shared/data")
+    args = ap.parse_args(argv)
+    import SimpleITK as sitk
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image, labels = build(Path(args.data), args.slices)
+    sitk.WriteImage(image.to_sitk(), str(out / "image.nii.gz"))
+    sitk.WriteImage(labels.to_sitk(), str(out / "labels.nii.gz"))
+    env = dict(os.environ)
+    model = ["--untrained", "--image-size", str(args.image_size), "--device", args.device, "--slice-range", "off"]
+    rows = []
+    for method in args.methods.split(","):
+        cache = out / f"cache-{method}"
+        if cache.exists():
+            for p in cache.iterdir():
+                p.unlink()
+        first_path, scores = out / f"{method}-first.nii.gz", out / f"{method}-first.csv"
+        base = ["--query", str(out / "image.nii.gz"), "--support", str(out / "image.nii.gz"),
+                str(out / "labels.nii.gz"), "--method", method, *model, "--feature-cache", str(cache)]
+        first = _run(["segment", *base, "--labels", str(args.label), "--out", str(first_path)]
+                     + (["--scores", str(scores)] if method != "propagate" else []), env)
+        result = read_volume(first_path)
+        edited = result.array.copy()
+        k = args.slices // 2
+        edited[k] = np.where(labels.array[k] == args.label, args.label, 0)
+        write_labels(out / f"{method}-edited.nii.gz", result.with_array(edited), [default_structure(args.label)])
+        refined = _run(["refine", *base, "--previous", str(first_path), "--corrected", str(out / f"{method}-edited.nii.gz"),
+                        "--out", str(out / f"{method}-refined.nii.gz")]
+                       + (["--previous-scores", str(scores)] if method != "propagate" else []), env)
+        rows.append((method, first, refined))
+    # wall: the whole process (Python start, imports, building SAM2, reading, writing); run: the core's own seconds
+    print("| method | slices | size | first run: wall (run) s | encoder calls | peak RSS (MiB) | refine: wall (run) s | "
+          "encoder calls | cache hits | peak RSS (MiB) | refine / first: wall (run) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for method, first, refined in rows:
+        print(f"| {method} | {args.slices} | {args.image_size} | {first['wall']:.1f} ({first['seconds']:.1f}) | "
+              f"{first['encoder_calls']} | {first['rss_mib']:.0f} | {refined['wall']:.1f} ({refined['seconds']:.1f}) | "
+              f"{refined['encoder_calls']} | {refined['cache_hits']} | {refined['rss_mib']:.0f} | "
+              f"{refined['wall'] / first['wall']:.2f}x ({refined['seconds'] / first['seconds']:.2f}x) |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
