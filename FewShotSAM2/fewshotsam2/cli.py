@@ -46,6 +46,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
   d={_DEMO}
   fewshotsam2 extent --query $d/abdomen-ct/ct-b/dicom \\
       --support $d/abdomen-ct/ct-a/image.nii.gz $d/abdomen-ct/ct-a/labels.nii.gz --labels 5,1 --json"""),
+    "serve": (
+        "fewshotsam2.serve.command", "serve segmentations to other machines (Ray Serve; extra [serve])",
+        """example (this machine only; prints the token clients give with --token-file or in Slicer):
+  fewshotsam2 serve --port 8000
+then, on a client: fewshotsam2 segment --server http://127.0.0.1:8000 --token-file token.txt ..."""),
     "batch": (
         "fewshotsam2.batch", "segment a cohort (manifest CSV or folder): one model, supports encoded once", ""),
     "sample-data": (
@@ -183,21 +188,51 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", default="bar", choices=("bar", "json"),
                    help="bar = a progress bar on stderr (default); json = machine-readable lines on stdout, one "
                         "JSON object each: progress (stage, done, total), warning (message), done (device, seconds)")
+    s = p.add_argument_group("remote (a `fewshotsam2 serve` server)")
+    s.add_argument("--server", metavar="URL", help="run the job on this server (https://host:port) instead of here: "
+                   "the same outputs and exit codes; inputs are uploaded, the outputs downloaded")
+    s.add_argument("--token-file", metavar="F", help="with --server: the file holding this client's token "
+                   "(else $FEWSHOTSAM2_SERVER_TOKEN)")
 
 
 def run_segment(args: argparse.Namespace) -> int:
     global _json_out
+    if getattr(args, "server", None):  # the same job on a `fewshotsam2 serve` server
+        from .serve.client import run_remote
+
+        return run_remote(args)
     json_lines = getattr(args, "progress", "bar") == "json"
     if json_lines:
-        # stdout carries the JSON lines only: whatever else prints there (a library's download notice) goes to stderr
+        # stdout carries the JSON lines only: whatever else prints there (a library's download notice) goes to
+        # stderr. A program that runs segment in-process (the server's replica) takes the events in `args.events`.
+        events = getattr(args, "events", None)
         previous, warnings.showwarning = warnings.showwarning, _json_warning
-        _json_out, sys.stdout = sys.stdout, sys.stderr
+        stdout = sys.stdout
+        if events is None:
+            _json_out, sys.stdout = sys.stdout, sys.stderr
+        else:
+            _json_out = _EventWriter(events)
         try:
             return _run_segment(args, json_lines)
         finally:
             warnings.showwarning = previous
-            sys.stdout, _json_out = _json_out, None
+            sys.stdout, _json_out = stdout, None
     return _run_segment(args, json_lines)
+
+
+class _EventWriter:
+    """Hands each JSON line to a callable as a dict (see run_segment's `args.events`)."""
+
+    def __init__(self, events: Callable[[dict], None]) -> None:
+        self.events = events
+
+    def write(self, line: str) -> None:
+        import json
+
+        self.events(json.loads(line))
+
+    def flush(self) -> None:
+        pass
 
 
 def _run_segment(args: argparse.Namespace, json_lines: bool) -> int:
