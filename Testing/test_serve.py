@@ -345,6 +345,77 @@ def test_cancel_stops_the_job_within_a_second(server, cases):
     client.delete(job)
 
 
+def _slicer_run(tmp_path, name, case, server, options=None):
+    """Slicer's segmentation process (FewShotSAM2Lib.process), on job files written as the Logic writes them."""
+    from types import SimpleNamespace
+
+    from FewShotSAM2Lib import process
+    from fewshotsam2.volume import Structure, read_labels, read_volume
+
+    image = read_volume(case["support"][0])
+    labels, _ = read_labels(case["support"][1], image)
+    (tmp_path / name).mkdir()
+    job = process.SegmentationProcess(folder=tmp_path / name)
+    job.server = server
+    arguments = process.writeJobInputs(job.folder, read_volume(case["query"]), [SimpleNamespace(image=image,
+                                       labels=labels)], [Structure(3, "disc", (1.0, 0.0, 0.0))])
+    arguments += ["--method", "propagate"] + process.optionArguments(
+        options or {"untrained": True, "image_size": 64, "device": "cpu", "slice_range": "off"})
+    return job.start(arguments, scores=False)
+
+
+def _until_finished(job, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while not job.finished and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.1)
+    job.poll()
+    assert job.finished, "the segmentation process did not finish"
+
+
+def test_slicers_process_on_the_server_gives_the_local_result(server, cases, tmp_path):
+    pytest.importorskip("slicer", reason="the Slicer-side helpers need slicer-core")
+    from FewShotSAM2Lib import remote
+    from fewshotsam2.volume import Structure
+
+    case = {"query": cases["small"][0], "support": cases["support"]}
+    here = _slicer_run(tmp_path, "here", case, None)
+    there = _slicer_run(tmp_path, "there", case, remote.Server(server.url, server.tokens["client7"]))
+    for job in (here, there):
+        _until_finished(job)
+    assert "--server" in there.command and server.tokens["client7"] not in " ".join(there.command)
+    assert there.progress[0].startswith("disc: ") and there.done["device"] == "cpu"
+    structures = [Structure(3, "disc", (1.0, 0.0, 0.0))]
+    np.testing.assert_array_equal(there.readResult(structures).labels.array, here.readResult(structures).labels.array)
+    # a wrong token: one clear line, as Slicer shows it
+    wrong = _slicer_run(tmp_path, "wrong", case, remote.Server(server.url, "w" * 30))
+    _until_finished(wrong, timeout=120)
+    with pytest.raises(Exception, match="refused the token"):
+        wrong.readResult(structures)
+
+
+def test_slicers_cancel_cancels_the_job_on_the_server(server, cases, tmp_path):
+    pytest.importorskip("slicer", reason="the Slicer-side helpers need slicer-core")
+    from FewShotSAM2Lib import remote
+
+    client = server.client("client7")
+    job = _slicer_run(tmp_path, "long", {"query": cases["long"][0], "support": cases["support"]},
+                      remote.Server(server.url, server.tokens["client7"]))
+    deadline = time.monotonic() + 300
+    while not job.progress[0].startswith("disc: ") and not job.finished and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.05)
+    assert client.version()["running"] == 1
+    t0 = time.monotonic()
+    job.cancel()  # SIGTERM: the client deletes the job on its way out
+    assert job.finished and time.monotonic() - t0 < 5
+    deadline = time.monotonic() + 10
+    while client.version()["jobs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.version()["jobs"] == 0 and _jobs_in(server.jobs_dir) == []
+    job.cleanup()
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))

@@ -297,3 +297,17 @@ def test_client_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("fewshotsam2: error: ") and expect in err[-1], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["token"]
+
+
+# ---------------------------------------------------------------- Slicer's Run on choice (Qt-free part)
+
+def test_slicer_run_on_choice_needs_an_address_and_a_token():
+    from FewShotSAM2Lib import remote
+
+    assert remote.serverFromChoice("local", "", "") is None
+    server = remote.serverFromChoice("server", " https://gpu:8000 ", " tok ")
+    assert server.arguments() == ["--server", "https://gpu:8000"]
+    assert server.environment() == {auth.TOKEN_ENV: "tok"}  # the token goes by environment, never the command line
+    for url, token, expect in (("gpu:8000", "tok", "https://HOST:PORT"), ("https://gpu:8000", " ", "token")):
+        with pytest.raises(ValueError, match=expect):
+            remote.serverFromChoice("server", url, token)
