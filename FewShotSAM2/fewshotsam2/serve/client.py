@@ -136,7 +136,8 @@ def run_remote(args: argparse.Namespace) -> int:
         check_output_dir(args.scores, ".csv")
     json_lines = args.progress == "json"
     client = Client(args.server, client_token(args.token_file))
-    check_compatible(client.version(), client.url)
+    version = client.version()
+    check_compatible(version, client.url)
 
     parser = argparse.ArgumentParser(add_help=False)
     add_segment_arguments(parser)
@@ -154,17 +155,20 @@ def run_remote(args: argparse.Namespace) -> int:
             bar(stage, done, total)
 
     job = None
+    clock = {"start": time.monotonic()}  # where the time goes: upload, waiting for a replica, download
     try:
         with tempfile.TemporaryFile() as archive:
             progress("Uploading", 0, 0)
             pack_job(archive, inputs, manifest)
             length = archive.tell()
-            limit = client.version().get("max_upload_mb")
+            limit = version.get("max_upload_mb")
             if limit and length > limit * 2**20:
                 raise ServerError(f"the upload ({length / 2**20:.0f} MB) is over the server's limit ({limit:g} MB)")
             archive.seek(0)
             job = client.submit(archive, length)["id"]
-        done_event = _follow(client, job, progress, json_lines, bar, _stop_if_orphaned)
+        clock["uploaded"] = time.monotonic()
+        done_event = _follow(client, job, progress, json_lines, bar, _stop_if_orphaned, clock)
+        clock["finished"] = time.monotonic()
         from ..atomic import atomic_path
 
         # outputs are written only now, each atomically: a failed or cancelled job leaves nothing behind
@@ -181,6 +185,11 @@ def run_remote(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     _delete_quietly(client, job)
+    clock["end"] = time.monotonic()
+    done_event["transfer"] = {
+        "upload_mb": round(length / 2**20, 2), "upload_s": round(clock["uploaded"] - clock["start"], 3),
+        "until_started_s": round(clock.get("started", clock["finished"]) - clock["uploaded"], 3),
+        "download_s": round(clock["end"] - clock["finished"], 3), "total_s": round(clock["end"] - clock["start"], 3)}
     voxels, ranges = done_event.get("voxels", {}), done_event.get("slice_ranges", {})
     if json_lines:
         _json_line(**{**done_event, "out": str(args.out), "server": client.url})
@@ -195,7 +204,7 @@ def run_remote(args: argparse.Namespace) -> int:
     return 0
 
 
-def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wanted) -> dict:
+def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wanted, clock: dict) -> dict:
     """Poll the job until it ends; pass its events on. Returns the done event; raises for a failed job."""
     since, ahead, lost_since, done = 0, None, None, {}
     while True:
@@ -226,6 +235,8 @@ def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wan
                     print(f"warning: {event['message']}", file=sys.stderr)
             elif kind == "done":
                 done = event
+            elif kind == "started":
+                clock.setdefault("started", time.monotonic())
         since = status["next"]
         if status["state"] == "queued" and status["jobs_ahead"] != ahead:
             ahead = status["jobs_ahead"]
