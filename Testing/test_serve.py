@@ -158,7 +158,10 @@ def cases(tmp_path_factory):
             "long": write_case(d, 60, 2, 3, "long"), "dir": d}
 
 
-def _archive(query: str, support: tuple[str, str], options: list[str]) -> bytes:
+OPTIONS = {"untrained": True, "image_size": 64, "device": "cpu"}
+
+
+def _archive(query: str, support: tuple[str, str], options: dict) -> bytes:
     buf = io.BytesIO()
     pack_job(buf, [query, *support], {"query": 0, "supports": [[1, 2]], "labels": "3", "out_suffix": ".nii.gz",
                                       "scores": False, "options": options})
@@ -200,7 +203,7 @@ def test_health_version_and_tokens(server, cases):
     assert _raw(server, "GET", "/healthz", {})[0] == 200
     version = server.client().version()
     assert version["api"] == 1 and version["replicas"] == 1 and version["device"].startswith("cpu")
-    data = _archive(cases["small"][0], cases["support"], MODEL)
+    data = _archive(cases["small"][0], cases["support"], OPTIONS)
     for headers in ({}, {"Authorization": "Bearer " + server.tokens["client0"][:-1] + "x"},
                     {"Authorization": "Basic " + server.tokens["client0"]}):
         assert _raw(server, "GET", "/version", headers)[0] == 401
@@ -255,22 +258,24 @@ def test_bad_input_through_the_server_is_the_local_error(server, cases, tmp_path
     token = tmp_path / "token.txt"
     token.write_text(server.tokens["client1"])
     image, labels = cases["support"]
-    err = io.StringIO()
     import contextlib
 
-    with contextlib.redirect_stderr(err):
-        rc = _local(["--query", cases["small"][0], "--support", image, labels, "--labels", "9",
-                     "--out", str(tmp_path / "x.nii.gz"), "--server", server.url, "--token-file", str(token), *MODEL])
-    assert rc == 2
-    lines = [line for line in err.getvalue().splitlines() if line.startswith("fewshotsam2:")]
-    # the client's own path in the message, not the server's
-    assert lines == [f"fewshotsam2: error: label '9' is absent from the support labels {labels} (present: 3 (Label 3))"]
+    job = ["--query", cases["small"][0], "--support", image, labels, "--labels", "9", "--out",
+           str(tmp_path / "x.nii.gz"), *MODEL]
+    lines = {}
+    for where, extra in (("here", []), ("server", ["--server", server.url, "--token-file", str(token)])):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert _local([*job, *extra]) == 2
+        lines[where] = [line for line in err.getvalue().splitlines() if line.startswith("fewshotsam2:")]
+    # one line, the local one: the server puts the client's own file names back into its messages
+    assert lines["server"] == lines["here"] and len(lines["here"]) == 1 and "label '9' is absent" in lines["here"][0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["token.txt"]
 
 
 def test_another_clients_job_is_not_found(server, cases):
     alice, bob = server.client("client2"), server.client("client3")
-    job = _submit(alice, _archive(cases["small"][0], cases["support"], MODEL))
+    job = _submit(alice, _archive(cases["small"][0], cases["support"], OPTIONS))
     for call in (lambda: bob.status(job), lambda: bob.cancel(job), lambda: bob.fetch(job, "out"),
                  lambda: bob.delete(job)):
         with pytest.raises(ServerError) as exc:
@@ -307,7 +312,7 @@ def test_path_like_names_cannot_escape_the_job_folder(server, cases):
     image = Path(cases["small"][0]).read_bytes()
     support = [Path(p).read_bytes() for p in cases["support"]]
     manifest = {"api": 1, "query": 0, "supports": [[1, 2]], "labels": "3", "out_suffix": ".nii.gz",
-                "options": MODEL, "inputs": [{"kind": "file", "suffix": ".nii.gz"}] * 3}
+                "options": OPTIONS, "inputs": [{"kind": "file", "suffix": ".nii.gz"}] * 3}
     members = {"i0": image, "i1": support[0], "i2": support[1]}
     target = server.jobs_dir.parent / "escaped.nii.gz"
     for hostile in ({**members, "../escaped.nii.gz": image},  # an extra member with a path
@@ -319,7 +324,8 @@ def test_path_like_names_cannot_escape_the_job_folder(server, cases):
         assert not target.exists() and _jobs_in(server.jobs_dir) == []
     for bad in ({**manifest, "inputs": [{"kind": "file", "suffix": "/../../escaped.nii.gz"}] * 3},
                 {**manifest, "out_suffix": "/../../escaped.nii.gz"},
-                {**manifest, "options": [*MODEL, "--out", str(target)]}):
+                {**manifest, "options": {**OPTIONS, "out": str(target)}},
+                {**manifest, "options": {**OPTIONS, "checkpoint": str(target)}}):
         data = raw_archive(members, bad)
         status, body = _raw(server, "POST", "/jobs", {"Authorization": "Bearer " + server.tokens["client4"],
                                                       "Content-Length": str(len(data))}, data)
@@ -329,7 +335,7 @@ def test_path_like_names_cannot_escape_the_job_folder(server, cases):
 
 def test_cancel_stops_the_job_within_a_second(server, cases):
     client = server.client("client5")
-    job = _submit(client, _archive(cases["long"][0], cases["support"], [*MODEL, "--slice-range", "off"]))
+    job = _submit(client, _archive(cases["long"][0], cases["support"], {**OPTIONS, "slice_range": "off"}))
     _wait(client, job, lambda s: s["state"] == "running" and any(
         e["event"] == "progress" and "Label" in e["stage"] for e in s["events"]), every=0.02)
     t0 = time.monotonic()
@@ -422,7 +428,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_eight_clients_three_jobs_each_none_lost(server, cases):
-    data = _archive(cases["small"][0], cases["support"], [*MODEL, "--method", "propagate", "--slice-range", "off"])
+    data = _archive(cases["small"][0], cases["support"], {**OPTIONS, "method": "propagate", "slice_range": "off"})
     gateway = server.replica("Gateway")
     rss_before = _rss_kib(gateway)
     results: dict[str, list] = {name: [] for name in CLIENTS}
@@ -467,7 +473,7 @@ def test_eight_clients_three_jobs_each_none_lost(server, cases):
 
 def test_a_killed_replica_is_replaced_and_its_job_redone(server, cases):
     client = server.client("client6")
-    job = _submit(client, _archive(cases["long"][0], cases["support"], [*MODEL, "--slice-range", "off"]))
+    job = _submit(client, _archive(cases["long"][0], cases["support"], {**OPTIONS, "slice_range": "off"}))
     _wait(client, job, lambda s: s["state"] == "running" and any(e["event"] == "progress" for e in s["events"]),
           every=0.02)
     worker = server.replica("Worker")
@@ -483,7 +489,7 @@ def test_a_killed_replica_is_replaced_and_its_job_redone(server, cases):
         assert "the replica running this job stopped" in status["message"], status
     client.delete(job)
     # and the next job runs on the new replica
-    again = _submit(client, _archive(cases["small"][0], cases["support"], MODEL))
+    again = _submit(client, _archive(cases["small"][0], cases["support"], OPTIONS))
     assert _wait(client, again, lambda s: s["state"] in ("done", "failed"), timeout=400)["state"] == "done"
     client.delete(again)
     assert server.replica("Worker") not in (None, worker)

@@ -41,9 +41,9 @@ def test_archive_round_trip_uses_only_the_servers_names(case, tmp_path):
     job = tmp_path / "job"
     job.mkdir()
     manifest, paths = protocol.unpack_job(tmp_path / "job.tar", job)
-    assert paths == [f"{job}/in/0#2", f"{job}/in/1.nii.gz", f"{job}/in/2.nii.gz"]
-    assert sorted(p.name for p in (job / "in" / "0").iterdir()) == ["0", "1", "2"]
-    assert (job / "in" / "0" / "2").read_bytes() == bytes([2]) * 10
+    assert paths == [f"{job}/in/input0#2", f"{job}/in/input1.nii.gz", f"{job}/in/input2.nii.gz"]
+    assert sorted(p.name for p in (job / "in" / "input0").iterdir()) == ["0", "1", "2"]
+    assert (job / "in" / "input0" / "2").read_bytes() == bytes([2]) * 10
     assert Path(paths[1]).read_bytes() == Path(case["support"][0]).read_bytes()
     assert manifest["supports"] == [[1, 2]]
 
@@ -76,27 +76,28 @@ def test_links_in_an_archive_are_refused(tmp_path):
         protocol.unpack_job(tmp_path / "a.tar", tmp_path / "job")
 
 
-def test_options_travel_as_the_same_segment_options(case):
+def test_options_travel_as_the_same_segment_options():
+    from fewshotsam2.options import SegmentOptions
+    from fewshotsam2.settings import options_from_args
+
     argv = ["segment", "--query", "q.nii.gz", "--support", "s.nii.gz", "l.nii.gz", "--labels", "3", "--out",
             "o.nii.gz", "--method", "lpips", "--augmentations", "3", "--seed", "-4", "--keep-supports", "--version",
             "2", "--slice-range", "3=1:2", "--server", "https://h:1", "--token-file", "t", "--checkpoint", "c.pt"]
     args = cli.build_parser(argv).parse_args(argv)
-    parser = argparse.ArgumentParser()
-    cli.add_segment_arguments(parser)
-    tokens = protocol.option_tokens(args, parser._actions)
-    assert not set(tokens) & set(protocol.LOCAL_FLAGS) and "--keep-supports" in tokens and "--untrained" not in tokens
-    again = ["segment", "--query", "x", "--support", "y", "z", "--labels", "3", "--out", "o.nii.gz",
-             *protocol.check_option_tokens(tokens)]
-    assert (cli.options_from_args(cli.build_parser(again).parse_args(again))
-            == cli.options_from_args(args).__class__.from_flat(
-                **{**cli.options_from_args(args).to_flat(), "checkpoint": None}))
+    sent = protocol.job_options(args)
+    assert not set(sent) & set(protocol.LOCAL_SETTINGS) and sent["keep_supports"] is True
+    import json
+
+    received = protocol.check_job_options(json.loads(json.dumps(sent)))  # what crosses the wire
+    mine = options_from_args(args).to_flat()
+    assert SegmentOptions.from_flat(**received).to_flat() == {**mine, "checkpoint": None}
 
 
-@pytest.mark.parametrize("bad", [["--checkpoint", "x.pt"], ["--out=/etc/x.nii.gz"], ["-h"], ["--progress", "bar"],
-                                 "--untrained", [3]])
-def test_the_server_refuses_file_and_transport_options(bad):
+@pytest.mark.parametrize("bad", [{"checkpoint": "x.pt"}, {"out": "/etc/x.nii.gz"}, {"lpips_weights": "/w"},
+                                 {"top_k": [3]}, ["--untrained"]])
+def test_the_server_refuses_file_and_unknown_options(bad):
     with pytest.raises(InputError):
-        protocol.check_option_tokens(bad)
+        protocol.check_job_options(bad)
 
 
 # ---------------------------------------------------------------- tokens and where to listen
@@ -229,22 +230,32 @@ def test_events_stay_bounded_and_polls_resume(tmp_path):
 def test_messages_name_the_clients_files(tmp_path):
     store = _store(tmp_path)
     job = _add(store, "A")
-    job.names = {"/srv/job/in/2.nii.gz": "mine/labels.nii.gz", "/srv/job/out/labels.nii.gz": "--out"}
-    store.event(job, {"event": "warning", "message": "/srv/job/in/2.nii.gz: odd"})
+    job.names = {"/srv/job/in/input2.nii.gz": "mine/labels.nii.gz", "/srv/job/in/input12.nii.gz": "b.nii.gz",
+                 "/srv/job/out/labels.nii.gz": "--out"}
+    store.event(job, {"event": "warning", "message": "/srv/job/in/input2.nii.gz: odd; input2.nii.gz, input12.nii.gz"})
     store.finish(job, "failed", 2, "cannot write /srv/job/out/labels.nii.gz")
-    assert job.events[0][1]["message"] == "mine/labels.nii.gz: odd" and job.message == "cannot write --out"
+    assert job.events[0][1]["message"] == "mine/labels.nii.gz: odd; labels.nii.gz, b.nii.gz"
+    assert job.message == "cannot write --out"
 
 
 # ---------------------------------------------------------------- the runner (the real segment, 64 px)
 
-def _job_argv(case, out: Path, extra=()) -> list[str]:
+OPTIONS = {"untrained": True, "image_size": 64, "device": "cpu", "slice_range": "off"}
+
+
+def _spec(case, out: Path, **options) -> dict:
+    return {"query": case["query"][0], "supports": [list(case["support"])], "labels": "3", "out": str(out),
+            "scores": None, "options": {**OPTIONS, **options}}
+
+
+def _job_argv(case, out: Path) -> list[str]:
     return ["--query", case["query"][0], "--support", *case["support"], "--labels", "3", "--out", str(out),
-            "--slice-range", "off", *MODEL, *extra]
+            "--slice-range", "off", *MODEL]
 
 
 def test_runner_gives_the_events_and_output_of_segment(case, tmp_path, engine64):
     events = []
-    code, message = run_job(_job_argv(case, tmp_path / "o.nii.gz"), events.append, lambda: False,
+    code, message = run_job(_spec(case, tmp_path / "o.nii.gz"), events.append, lambda: False,
                             engine_factory=lambda options: engine64)
     assert (code, message) == (0, "")
     assert events[-1]["event"] == "done" and events[-1]["voxels"]["Label 3"] > 0
@@ -253,14 +264,16 @@ def test_runner_gives_the_events_and_output_of_segment(case, tmp_path, engine64)
 
 def test_runner_cancel_and_bad_input_write_nothing(case, tmp_path, engine64):
     seen = []
-    code, message = run_job(_job_argv(case, tmp_path / "o.nii.gz"), seen.append,
+    code, message = run_job(_spec(case, tmp_path / "o.nii.gz"), seen.append,
                             lambda: any(e["event"] == "progress" and "Label" in e["stage"] for e in seen),
                             engine_factory=lambda options: engine64)
     assert (code, message) == (130, "cancelled") and not any(e["event"] == "done" for e in seen)
-    code, message = run_job(_job_argv(case, tmp_path / "o.nii.gz", ["--top-k", "0"]), seen.append, lambda: False)
+    code, message = run_job(_spec(case, tmp_path / "o.nii.gz", top_k=0), seen.append, lambda: False)
     assert code == 2 and message.startswith("--top-k")
-    code, message = run_job(["--nonsense"], seen.append, lambda: False)
-    assert code == 2 and "required" in message
+    code, message = run_job(_spec(case, tmp_path / "o.nii.gz", nonsense=1), seen.append, lambda: False)
+    assert code == 2 and "nonsense" in message
+    code, message = run_job({**_spec(case, tmp_path / "o.nii.gz"), "labels": "9"}, seen.append, lambda: False)
+    assert code == 2 and "label '9' is absent" in message
     assert list(tmp_path.iterdir()) == []
 
 

@@ -32,7 +32,7 @@ from .. import __version__
 from ..errors import InputError
 from .auth import TokenCheck
 from .jobs import Busy, JobStore
-from .protocol import API_VERSION, check_option_tokens, file_suffix, unpack_job
+from .protocol import API_VERSION, check_job_options, file_suffix, unpack_job
 from .runner import EngineCache, run_job, volume_voxels
 
 MAX_ATTEMPTS = 2  # a job whose replica died is run once more, then reported failed
@@ -63,11 +63,11 @@ class Worker:
             device = f"cpu ({torch.get_num_threads()} threads)"
         return {"device": device, "torch": torch.__version__, "fewshotsam2": __version__}
 
-    async def run(self, folder: str, argv: list[str]):
+    async def run(self, folder: str, spec: dict[str, Any]):
         events: queue.SimpleQueue = queue.SimpleQueue()
         cancel = Path(folder) / "cancel"
         future = asyncio.get_running_loop().run_in_executor(
-            self.pool, run_job, argv, events.put, cancel.exists, self.engines)
+            self.pool, run_job, spec, events.put, cancel.exists, self.engines)
         yield {"event": "started"}
         while not future.done() or not events.empty():
             try:
@@ -147,7 +147,7 @@ class Gateway:
         store = self.store
         try:
             exit_event = None
-            stream = self.worker.options(stream=True).run.remote(str(job.folder), job.argv)
+            stream = self.worker.options(stream=True).run.remote(str(job.folder), job.spec)
             async for event in stream:
                 if event.get("event") == "exit":
                     exit_event = event
@@ -251,7 +251,7 @@ class Gateway:
                 raise InputError("the upload ended early")
             manifest, inputs = await asyncio.to_thread(unpack_job, archive, folder)
             archive.unlink()
-            argv, outputs = self._argv(manifest, inputs, folder)
+            spec, outputs = self._spec(manifest, inputs, folder)
             largest = max(await asyncio.to_thread(lambda: [volume_voxels(p) for p in inputs]))
             if largest > self.config["max_voxels"]:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -264,7 +264,7 @@ class Gateway:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        job = self.store.add(job_id, owner, folder, argv, outputs)
+        job = self.store.add(job_id, owner, folder, spec, outputs)
         names = manifest.get("names")
         if isinstance(names, list) and len(names) == len(inputs) and all(isinstance(n, str) for n in names):
             job.names = {p: n for p, n in zip(inputs, names)}
@@ -273,8 +273,8 @@ class Gateway:
         return JSONResponse({"id": job.id, "jobs_ahead": self.store.jobs_ahead(job)}, status_code=201)
 
     @staticmethod
-    def _argv(manifest: dict[str, Any], inputs: list[str], folder: Path) -> tuple[list[str], dict[str, str]]:
-        """segment's arguments for a job: the server's own paths, the client's options (checked)."""
+    def _spec(manifest: dict[str, Any], inputs: list[str], folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+        """What the replica runs: the server's own paths for every file, the client's settings (checked)."""
         def ref(value: Any) -> str:
             if not isinstance(value, int) or not 0 <= value < len(inputs):
                 raise InputError("job archive: bad input reference")
@@ -287,16 +287,14 @@ class Gateway:
         labels, out_suffix = manifest.get("labels"), manifest.get("out_suffix")
         if not isinstance(labels, str) or not isinstance(out_suffix, str) or file_suffix(out_suffix) != out_suffix:
             raise InputError("job archive: bad labels or output format")
+        options = check_job_options(manifest.get("options", {}))
         (folder / "out").mkdir()
         outputs = {"out": str(folder / "out" / f"labels{out_suffix}")}
-        argv = ["--query", ref(manifest.get("query"))]
-        for image, labels_ref in supports:
-            argv += ["--support", ref(image), ref(labels_ref)]
-        argv += ["--labels", labels, "--out", outputs["out"]]
         if manifest.get("scores"):
             outputs["scores"] = str(folder / "out" / "scores.csv")
-            argv += ["--scores", outputs["scores"]]
-        return argv + check_option_tokens(manifest.get("options", [])), outputs
+        spec = {"query": ref(manifest.get("query")), "supports": [[ref(a), ref(b)] for a, b in supports],
+                "labels": labels, "out": outputs["out"], "scores": outputs.get("scores"), "options": options}
+        return spec, outputs
 
 
 def build_app(config: dict[str, Any]):

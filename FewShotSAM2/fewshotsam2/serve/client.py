@@ -23,7 +23,7 @@ from typing import IO, Any, Optional
 from .. import __version__
 from ..errors import Cancelled, InputError
 from .auth import client_token
-from .protocol import API_VERSION, FILE_SUFFIXES, file_suffix, option_tokens, pack_job
+from .protocol import API_VERSION, FILE_SUFFIXES, file_suffix, job_options, pack_job
 
 POLL_S = 0.5
 RECONNECT_S = 120.0  # how long a lost server is retried before the client gives up (the job goes on there)
@@ -114,9 +114,10 @@ def check_compatible(version: dict, url: str) -> None:
 
 def run_remote(args: argparse.Namespace) -> int:
     """`segment --server`: check here, upload, follow the job, download the outputs. Returns the exit code."""
-    from ..cli import (_json_line, _ProgressBar, _stop_if_orphaned, add_segment_arguments, check_output_dir,
-                       options_from_args)
-    from ..paths import refuse_overwriting_inputs
+    from ..paths import check_output_file, refuse_overwriting_inputs
+    from ..progress import ProgressBar
+    from ..protocol import check_parent_alive
+    from ..settings import options_from_args
     from ..volume import check_output_path
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--cache-dir", args.cache_dir),
@@ -133,24 +134,23 @@ def run_remote(args: argparse.Namespace) -> int:
         if options.method == "propagate":
             raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
                              "leave --scores out or choose another method")
-        check_output_dir(args.scores, ".csv")
+        check_output_file(args.scores, ".csv")
     json_lines = args.progress == "json"
     client = Client(args.server, client_token(args.token_file))
     version = client.version()
     check_compatible(version, client.url)
 
-    parser = argparse.ArgumentParser(add_help=False)
-    add_segment_arguments(parser)
     inputs = [args.query, *(p for pair in args.support for p in pair)]
     manifest = {"query": 0, "supports": [[1 + 2 * n, 2 + 2 * n] for n in range(len(args.support))],
                 "labels": args.labels, "out_suffix": file_suffix(args.out), "scores": bool(args.scores),
-                "options": option_tokens(args, parser._actions),
+                "options": job_options(args),
                 "names": inputs}  # only for messages: the server never uses a client's name as a path
-    bar = None if json_lines or args.quiet else _ProgressBar()
+    bar = None if json_lines or args.quiet else ProgressBar()
+    events = _events()
 
     def progress(stage: str, done: int, total: int) -> None:
         if json_lines:
-            _json_line(event="progress", stage=stage, done=done, total=total)
+            events.line(event="progress", stage=stage, done=done, total=total)
         elif bar is not None:
             bar(stage, done, total)
 
@@ -167,7 +167,7 @@ def run_remote(args: argparse.Namespace) -> int:
             archive.seek(0)
             job = client.submit(archive, length)["id"]
         clock["uploaded"] = time.monotonic()
-        done_event = _follow(client, job, progress, json_lines, bar, _stop_if_orphaned, clock)
+        done_event = _follow(client, job, progress, json_lines, bar, check_parent_alive, clock)
         clock["finished"] = time.monotonic()
         from ..atomic import atomic_path
 
@@ -192,7 +192,7 @@ def run_remote(args: argparse.Namespace) -> int:
         "download_s": round(clock["end"] - clock["finished"], 3), "total_s": round(clock["end"] - clock["start"], 3)}
     voxels, ranges = done_event.get("voxels", {}), done_event.get("slice_ranges", {})
     if json_lines:
-        _json_line(**{**done_event, "out": str(args.out), "server": client.url})
+        events.line(**{**done_event, "out": str(args.out), "server": client.url})
         return 0
     for name in voxels:
         r = ranges.get(name)
@@ -226,9 +226,7 @@ def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wan
                 progress(event["stage"], event["done"], event["total"])
             elif kind == "warning":
                 if json_lines:
-                    from ..cli import _json_line
-
-                    _json_line(event="warning", message=event["message"])
+                    _events().warning(event["message"])
                 else:
                     if bar is not None:
                         bar.close()
@@ -252,6 +250,13 @@ def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wan
     if status["exit_code"] == 2:
         raise InputError(status["message"])
     raise ServerError(f"the job failed on the server: {status['message']}")
+
+
+def _events():
+    """The `--progress json` lines, written to stdout as a local run writes them (protocol.JsonEvents)."""
+    from ..protocol import JsonEvents
+
+    return JsonEvents(sys.stdout)
 
 
 def _cancel_quietly(client: Client, job: str) -> None:

@@ -8,6 +8,7 @@ owner, a submission is refused at once with the number of jobs ahead (never left
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import time
@@ -32,7 +33,7 @@ class Job:
     id: str
     owner: str
     folder: Path
-    argv: list[str]
+    spec: dict[str, Any]  # what the replica runs (runner.run_job): the server's paths and the options
     outputs: dict[str, str]  # name ("out", "scores") -> path in `folder`
     state: str = "queued"  # queued -> running -> done | failed | cancelled
     created: float = field(default_factory=time.monotonic)
@@ -47,9 +48,17 @@ class Job:
     names: dict[str, str] = field(default_factory=dict)  # server path -> the client's name of it (messages only)
 
     def own_words(self, text: str) -> str:
-        """A message with the server's paths put back as the client named them (its files, --out, --scores)."""
-        for path in sorted(self.names, key=len, reverse=True):
-            text = text.replace(path, self.names[path])
+        """A message with the server's paths put back as the client named them (its files, --out, --scores): full
+        paths, and file names alone (messages often name only the file)."""
+        pairs = dict(self.names)
+        for path, name in self.names.items():
+            if not name.startswith("--"):  # an input: its file name alone too
+                pairs.setdefault(Path(path.split("#", 1)[0]).name, Path(name.split("#", 1)[0]).name or name)
+        if not pairs:
+            return text
+        # one pass, longest first: a replaced name is never replaced again
+        pattern = "|".join(re.escape(p) for p in sorted(pairs, key=len, reverse=True))
+        text = re.sub(r"(?<![\w.-])(?:" + pattern + r")(?![\w-])", lambda m: pairs[m.group(0)], text)
         return text
 
     @property
@@ -89,8 +98,8 @@ class JobStore:
         folder.mkdir(mode=0o700)
         return job_id, folder
 
-    def add(self, job_id: str, owner: str, folder: Path, argv: list[str], outputs: dict[str, str]) -> Job:
-        job = Job(job_id, owner, folder, argv, outputs)
+    def add(self, job_id: str, owner: str, folder: Path, spec: dict[str, Any], outputs: dict[str, str]) -> Job:
+        job = Job(job_id, owner, folder, spec, outputs)
         self.jobs[job_id] = job
         self._enqueue(job, front=False)
         return job

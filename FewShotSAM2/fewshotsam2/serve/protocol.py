@@ -2,7 +2,7 @@
 
 A job is uploaded as one uncompressed tar: `job.json` (the manifest) and the input files under member names the
 client makes up (`i0`, `i1/3`, ...). The server never uses a member name, nor any name a client sends, as a path:
-it writes each input to a name of its own (`in/<n><suffix>` or `in/<n>/<m>`), with a suffix from a fixed list.
+it writes each input to a name of its own (`in/input<n><suffix>` or `in/input<n>/<m>`), with a suffix from a fixed list.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import re
 import tarfile
 from pathlib import Path
-from typing import IO, Any, Iterable, Optional
+from typing import IO, Any, Optional
 
 from ..errors import InputError
 
@@ -21,10 +21,8 @@ MANIFEST = "job.json"
 # the input and output formats a job may use; a DICOM series travels as a folder of files without names
 FILE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 SELECTOR = re.compile(r"#[A-Za-z0-9._-]{1,128}\Z")  # DICOM FOLDER#N or FOLDER#SERIES_UID
-# segment's flags that name files or belong to the transport: the client never sends them as options, the
-# server refuses them (it chooses every path itself and uses its own model files)
-LOCAL_FLAGS = ("--query", "--support", "--labels", "--out", "--scores", "--progress", "--quiet", "--server",
-               "--token-file", "--checkpoint", "--cache-dir", "--lpips-weights")
+# settings that name files of the client's machine: never sent, refused by the server (it uses its own model files)
+LOCAL_SETTINGS = ("checkpoint", "cache_dir", "lpips_weights", "extent_weights")
 MAX_DICOM_FILES = 5000
 
 
@@ -106,13 +104,13 @@ def unpack_job(archive: Path, folder: Path) -> tuple[dict[str, Any], list[str]]:
             if not isinstance(e, dict):
                 raise InputError("job archive: bad input entry")
             if e.get("kind") == "file" and e.get("suffix") in FILE_SUFFIXES:
-                names = [(f"i{n}", inputs / f"{n}{e['suffix']}")]
+                names = [(f"i{n}", inputs / f"input{n}{e['suffix']}")]
                 paths.append(str(names[0][1]))
             elif (e.get("kind") == "dir" and isinstance(e.get("files"), int) and 1 <= e["files"] <= MAX_DICOM_FILES
                   and (e.get("selector") == "" or SELECTOR.match(str(e.get("selector"))))):
-                (inputs / str(n)).mkdir()
-                names = [(f"i{n}/{m}", inputs / str(n) / str(m)) for m in range(e["files"])]
-                paths.append(str(inputs / str(n)) + e["selector"])
+                (inputs / f"input{n}").mkdir()
+                names = [(f"i{n}/{m}", inputs / f"input{n}" / str(m)) for m in range(e["files"])]
+                paths.append(str(inputs / f"input{n}") + e["selector"])
             else:
                 raise InputError(f"job archive: bad input entry {n}")
             for member, target in names:
@@ -128,36 +126,25 @@ def unpack_job(archive: Path, folder: Path) -> tuple[dict[str, Any], list[str]]:
     return manifest, paths
 
 
-def option_tokens(args: Any, actions: Iterable[Any]) -> list[str]:
-    """The segment options of parsed `args` as flags (for the server's parser): every option that is not a file
-    or transport flag, with its value (a store_true flag only when set). `actions`: the segment parser's."""
-    tokens: list[str] = []
-    for action in actions:
-        flags = [f for f in action.option_strings if f.startswith("--")]
-        if not flags or flags[0] in LOCAL_FLAGS or action.dest == "help":
-            continue
-        value = getattr(args, action.dest, None)
-        if action.nargs == 0:  # store_true / store_false
-            if value != action.default:
-                tokens.append(flags[0])
-        elif value is not None:
-            tokens += [flags[0], str(value)]
-    return tokens
+def job_options(args: Any) -> dict[str, Any]:
+    """The settings of parsed segment arguments that travel to a server (`settings.SETTINGS` by flat name),
+    without the ones that name this machine's files."""
+    from ..settings import SETTINGS
+
+    return {s.name: getattr(args, s.name) for s in SETTINGS if hasattr(args, s.name) and s.name not in LOCAL_SETTINGS}
 
 
-def check_option_tokens(tokens: Any) -> list[str]:
-    """The server's check of the options a client sent: strings only, and none of the LOCAL_FLAGS."""
-    if not isinstance(tokens, list) or not all(isinstance(t, str) and len(t) < 4096 for t in tokens):
-        raise InputError("job archive: options must be a list of strings")
-    for t in tokens:
-        if t.split("=", 1)[0] in LOCAL_FLAGS or (t.startswith("-") and not t.startswith("--") and not _number(t)):
-            raise InputError(f"{t.split('=', 1)[0]}: not accepted by a server")
-    return tokens
+def check_job_options(options: Any) -> dict[str, Any]:
+    """The server's check of the settings a client sent: known flat names with plain values, none that names a
+    file. The values themselves are checked by `SegmentOptions` when the job runs (the local messages)."""
+    from ..settings import SETTINGS
 
-
-def _number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    known = {s.name for s in SETTINGS} - set(LOCAL_SETTINGS)
+    if not isinstance(options, dict):
+        raise InputError("job archive: options must be an object")
+    for name, value in options.items():
+        if name not in known:
+            raise InputError(f"--{str(name).replace('_', '-')[:40]}: not accepted by a server")
+        if not (value is None or isinstance(value, (str, int, float, bool))) or len(str(value)) > 4096:
+            raise InputError(f"--{name.replace('_', '-')}: not a plain value")
+    return options

@@ -1,14 +1,11 @@
 """One job on a replica: the same code path as the command line's `segment`, with the events handed back.
 
-`run_job` is the one function the replica calls; it goes through `cli`'s segment command (argument check,
-reading, pipeline, atomic writes) so a remote job gives exactly the local outputs. When the core's `Segmenter`
-lands, only this function changes.
+`run_job` is the one function the replica calls: the core's `Segmenter` on the stored files with the client's
+settings, as `cli.run_segment` does, so a remote job gives exactly the local outputs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,44 +33,52 @@ class EngineCache:
         return self.engine
 
 
-def run_job(argv: list[str], emit: EventSink, stop: Callable[[], bool],
+def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
             engine_factory: Optional[Callable] = None) -> tuple[int, str]:
-    """Run `fewshotsam2 segment` with `argv` (the words after `segment`), in this process.
+    """Run one segmentation in this process through the core's `Segmenter`, as `fewshotsam2 segment` does (same
+    checks, reading, pipeline and atomic writes). `spec`: query, supports ([image, labels] pairs), labels (the
+    --labels text), out, scores (or None) and options (flat settings, checked here by SegmentOptions).
 
     Every event `--progress json` would print goes to `emit` (progress, warning, done); `stop()` is asked at every
-    event and True cancels the run (nothing is written). Returns (exit code, error message): 0 and "" on success,
-    2 and the one-line message for bad input, 130 when cancelled, 1 for anything else.
+    progress step and True cancels the run (nothing is written). Returns (exit code, error message): 0 and "" on
+    success, 2 and the one-line message for bad input, 130 when cancelled, 1 for anything else.
     """
-    from .. import cli
-    from ..options import OptionError
+    from ..options import OptionError, SegmentOptions
+    from ..protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
+    from ..segmenter import Segmenter
+    from ..settings import flag
 
-    def events(event: dict[str, Any]) -> None:
-        if event.get("event") != "done" and stop():
+    def progress(stage: str, done: int, total: int) -> None:
+        if stop():
             raise Cancelled()
-        emit(event)
+        emit({"event": PROGRESS, "stage": stage, "done": int(done), "total": int(total)})
 
-    argv = ["segment", *argv, "--progress", "json"]
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            args = cli.build_parser(argv).parse_args(argv)
-    except SystemExit:
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        return 2, (lines[-1].split("error: ", 1)[-1] if lines else "bad arguments")
-    args.engine_factory = engine_factory
-    args.events = events
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")  # every job reports its own warnings, not just the first job
-            return args.func(args), ""
+            warnings.showwarning = lambda message, *rest, **kw: emit({"event": WARNING, "message": str(message)})
+            try:
+                options = SegmentOptions.from_flat(**spec["options"])
+            except TypeError as exc:
+                raise InputError(f"unknown option: {exc}") from None
+            segmenter = Segmenter(options, engine_factory=engine_factory)
+            result = segmenter.segment_files(spec["query"], [tuple(p) for p in spec["supports"]], spec["labels"],
+                                             out=spec["out"], scores=spec.get("scores"), progress=progress)
     except OptionError as exc:
-        return 2, f"{cli.flag(exc.option)} {exc.problem}"
+        return EXIT_BAD_INPUT, f"{flag(exc.option)} {exc.problem}"
     except InputError as exc:
-        return 2, str(exc)
+        return EXIT_BAD_INPUT, str(exc)
     except Cancelled:
-        return 130, "cancelled"
+        return EXIT_CANCELLED, "cancelled"
     except Exception as exc:  # noqa: BLE001  the replica survives a failing job and says why it failed
         return 1, f"{exc.__class__.__name__}: {exc}"
+    # the done event of `segment --progress json`
+    emit({"event": DONE, "device": str(getattr(segmenter.engine, "device", "")),
+          "seconds": result.timings["total"], "slice_axis": int(result.slice_axis),
+          "encoder_calls": int(result.encoder_calls),
+          "voxels": {s.name: int((result.labels.array == s.value).sum()) for s in result.structures},
+          "slice_ranges": {s.name: result.slice_ranges.get(s.value) for s in result.structures}})
+    return 0, ""
 
 
 def volume_voxels(path: str) -> int:
