@@ -113,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
         # processes behind: take SIGTERM and SIGINT back so the `finally` below shuts Serve and Ray down
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, _stop)
-        gpus = float(ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        gpus = float(resources.get("GPU", 0))
+        if config["gpus_per_replica"] is not None and gpus < config["gpus_per_replica"]:
+            raise InputError(f"--gpus-per-replica {config['gpus_per_replica']:g}: the Ray cluster has {gpus:g} GPUs")
         if config["gpus_per_replica"] is not None:
             config["replicas"] = max(1, int(gpus // config["gpus_per_replica"]))
         elif config["replicas"] is None:
@@ -121,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
             config["gpus_per_replica"] = 1.0 if gpus >= 1 else 0.0
         if config["gpus_per_replica"] is None:
             config["gpus_per_replica"] = min(1.0, gpus / config["replicas"]) if gpus else 0.0
+        cpus = float(resources.get("CPU", 0))
+        if config["replicas"] * config["cpus_per_replica"] > cpus:  # Serve would wait for them for ever
+            raise InputError(f"{config['replicas']} replicas x --cpus-per-replica {config['cpus_per_replica']:g} is "
+                             f"more than the Ray cluster's {cpus:g} CPUs")
         serve.start(http_options=HTTPOptions(host=args.host, port=args.port, ssl_certfile=args.tls_cert,
                                              ssl_keyfile=args.tls_key))
         serve.run(build_app(config), name="fewshotsam2", route_prefix="/")
