@@ -324,3 +324,18 @@ def test_slicer_run_on_choice_needs_an_address_and_a_token():
     for url, token, expect in (("gpu:8000", "tok", "https://HOST:PORT"), ("https://gpu:8000", " ", "token")):
         with pytest.raises(ValueError, match=expect):
             remote.serverFromChoice("server", url, token)
+
+
+def test_versions_that_differ_are_refused_or_said():
+    from fewshotsam2 import __version__
+    from fewshotsam2.serve.client import ServerError, check_compatible
+
+    with pytest.raises(ServerError, match="server API 99"):
+        check_compatible({"api": 99, "fewshotsam2": "9.9"}, "https://h:1")
+    with pytest.warns(UserWarning, match="runs fewshotsam2 0.0.1, this client"):
+        check_compatible({"api": protocol.API_VERSION, "fewshotsam2": "0.0.1"}, "https://h:1")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_compatible({"api": protocol.API_VERSION, "fewshotsam2": __version__}, "https://h:1")

@@ -17,6 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import IO, Any, Optional
 
@@ -106,8 +107,6 @@ def check_compatible(version: dict, url: str) -> None:
                           f"{version.get('api', '?')}); this client is {__version__} (API {API_VERSION}): "
                           "update the older one")
     if version.get("fewshotsam2") != __version__:
-        import warnings
-
         warnings.warn(f"{url} runs fewshotsam2 {version.get('fewshotsam2')}, this client {__version__}: results "
                       "may differ from a local run")
 
@@ -138,7 +137,11 @@ def run_remote(args: argparse.Namespace) -> int:
     json_lines = args.progress == "json"
     client = Client(args.server, client_token(args.token_file))
     version = client.version()
-    check_compatible(version, client.url)
+    with warnings.catch_warnings(record=True) as caught:  # a version warning reaches Slicer as an event line
+        warnings.simplefilter("always")
+        check_compatible(version, client.url)
+    for w in caught:
+        _events().warning(str(w.message)) if json_lines else print(f"warning: {w.message}", file=sys.stderr)
 
     inputs = [args.query, *(p for pair in args.support for p in pair)]
     manifest = {"query": 0, "supports": [[1 + 2 * n, 2 + 2 * n] for n in range(len(args.support))],
