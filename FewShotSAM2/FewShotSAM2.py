@@ -91,7 +91,7 @@ except ImportError:  # slicer-core (pip): MRML and slicer.util only. The Logic w
 
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402  (MRML, also in slicer-core)
 
-from FewShotSAM2Lib import choices, dependencies, mrml_io, process, refining, review, slice_ranges  # noqa: E402
+from FewShotSAM2Lib import choices, dependencies, mrml_io, process, refining, remote, review, slice_ranges  # noqa: E402
 from FewShotSAM2Lib.choices import (  # noqa: E402  (re-exported: the GUI's choices)
     DEVICES,
     IMAGE_SIZES,
@@ -111,7 +111,8 @@ README_URL = "https://github.com/fewshotsam2/SlicerFewShotSAM2#readme"
 # Lib modules reloaded by the widget's Reload button, dependencies first
 _LIB_MODULES = ("FewShotSAM2Lib.choices", "FewShotSAM2Lib.mrml_io", "FewShotSAM2Lib.review", "FewShotSAM2Lib.windows_job",
                 "FewShotSAM2Lib.process",
-                "FewShotSAM2Lib.slice_ranges", "FewShotSAM2Lib.dependencies", "FewShotSAM2Lib.sample_data")
+                "FewShotSAM2Lib.slice_ranges", "FewShotSAM2Lib.dependencies", "FewShotSAM2Lib.sample_data",
+                "FewShotSAM2Lib.remote")
 
 
 #
@@ -626,16 +627,18 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------------------ the process
 
-    def start(self, prepared: FewShotSAM2Run) -> FewShotSAM2Job:
+    def start(self, prepared: FewShotSAM2Run, server=None) -> FewShotSAM2Job:
         """Write the inputs to a new temporary folder and start the segmentation process; returns at once.
 
         Raises InputError, before anything is written, when a Python package the run needs is missing.
+        `server`: a FewShotSAM2Lib.remote.Server to run on (the process is then its client), or None: here.
         """
         options = prepared.options
         sliceRange = self._estimatedSliceRange(options.get("slice_range"), prepared.structures)
         self.checkDependencies(prepared.method, sliceRange, options.get("lpips_net") or "alex",
                                options.get("lpips_weights"), ownProcessOnly=self.python is not None)
         segmentationProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
+        segmentationProcess.server = server
         try:
             arguments = process.writeJobInputs(segmentationProcess.folder, prepared.query, prepared.supports,
                                                prepared.structures)
@@ -900,6 +903,73 @@ class ProcessingState:
     ESTIMATING = 4  # a slice-range estimate runs (the Estimate button cancels it)
 
 
+class FewShotSAM2RemotePanel:
+    """The *Run on* section: this computer | server, with URL, token and a connection test (FewShotSAM2Lib.remote).
+    Built in code and added to the module's layout, so the .ui file stays as it is."""
+
+    def __init__(self, layout) -> None:
+        import ctk  # the Slicer application's CTK (the Widget is the only Qt user)
+
+        self._settings = slicer.app.userSettings()
+        box = ctk.ctkCollapsibleButton()
+        box.text = "Run on"
+        box.collapsed = self._value("RunOn", "local") != "server"
+        form = qt.QFormLayout(box)
+        self.runOn = qt.QComboBox()
+        self.runOn.addItem("this computer", "local")
+        self.runOn.addItem("server", "server")
+        self.runOn.toolTip = ("Where SAM2 runs: this computer, or a FewShotSAM2 server (`fewshotsam2 serve`, e.g. a "
+                              "GPU machine of the department). The scans are uploaded to the server for the run.")
+        self.url = qt.QLineEdit()
+        self.url.placeholderText = "https://gpu-server.hospital.local:8000"
+        self.token = qt.QLineEdit()
+        self.token.setEchoMode(qt.QLineEdit.Password)
+        self.token.toolTip = "Kept in Slicer's settings on this computer, never in the scene."
+        self.testButton = qt.QPushButton("Test connection")
+        self.status = qt.QLabel("")
+        self.status.wordWrap = True
+        form.addRow("Run on:", self.runOn)
+        form.addRow("Server:", self.url)
+        form.addRow("Token:", self.token)
+        form.addRow(self.testButton, self.status)
+        layout.addWidget(box)
+        self.box = box
+        self.runOn.currentIndex = max(0, self.runOn.findData(self._value("RunOn", "local")))
+        self.url.text = self._value("ServerURL", "")
+        self.token.text = self._value("ServerToken", "")
+        self._showServerRows()
+        self.runOn.connect("currentIndexChanged(int)", self._onChanged)
+        self.url.connect("editingFinished()", self._onChanged)
+        self.token.connect("editingFinished()", self._onChanged)
+        self.testButton.connect("clicked(bool)", self.onTest)
+
+    def _value(self, key: str, default: str) -> str:
+        value = self._settings.value(remote.SETTINGS_GROUP + key, default)
+        return str(value) if value is not None else default
+
+    def _onChanged(self, *_args) -> None:
+        self._settings.setValue(remote.SETTINGS_GROUP + "RunOn", self.runOn.currentData)
+        self._settings.setValue(remote.SETTINGS_GROUP + "ServerURL", self.url.text.strip())
+        self._settings.setValue(remote.SETTINGS_GROUP + "ServerToken", self.token.text.strip())
+        self._showServerRows()
+
+    def _showServerRows(self) -> None:
+        remote = self.runOn.currentData == "server"
+        for widget in (self.url, self.token, self.testButton, self.status):
+            widget.enabled = remote
+
+    def server(self) -> Optional[remote.Server]:
+        """The chosen server, None for this computer (ValueError: the choice is incomplete)."""
+        return remote.serverFromChoice(self.runOn.currentData, self.url.text, self.token.text)
+
+    def onTest(self) -> None:
+        try:
+            server = self.server()
+            self.status.text = "Runs here." if server is None else remote.checkServer(server)
+        except Exception as exc:  # noqa: BLE001  shown to the user: unreachable, token, versions
+            self.status.text = str(exc)
+
+
 class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The GUI. Uses ScriptedLoadableModuleWidget base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
@@ -968,6 +1038,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
         self.ui.estimateRangeButton.connect("clicked(bool)", self.onEstimateRanges)
         self.ui.show3DButton.connect("toggled(bool)", self.onShow3D)
+
+        self._remotePanel = FewShotSAM2RemotePanel(self.layout)  # Run on: this computer | server
 
         self.ui.progressBar.hide()
         self.ui.statusLabel.text = ""
@@ -1561,14 +1633,16 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setProcessingState(ProcessingState.STARTING)
         started = False
         try:
-            if not self._confirmReplacingOutput() or not self._ensureDependencies() or not self._ensureCheckpoint():
+            server = self._remotePanel.server()  # None: this computer (no model or torch needed here otherwise)
+            if not self._confirmReplacingOutput() or (
+                    server is None and (not self._ensureDependencies() or not self._ensureCheckpoint())):
                 return
             p = self._parameterNode
             with slicer.util.WaitCursor():
                 prepared = self.logic.prepare(
                     p.queryVolume, self._supportsFromParameterNode(), p.method, p.outputSegmentation, **self._runOptions()
                 )
-                self._job = self.logic.start(prepared)
+                self._job = self.logic.start(prepared, server=server)
             started = True
         except Exception as exc:
             self._reportError(exc, _("Segmentation could not start"))

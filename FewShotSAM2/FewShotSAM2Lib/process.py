@@ -37,6 +37,7 @@ RESULT_FILE = "result.nrrd"
 SCORES_FILE = "scores.csv"
 PROGRESS_FILE = "progress.jsonl"
 STDERR_FILE = "stderr.txt"
+REMOTE_CANCEL_S = 5.0  # how long Cancel waits for a remote run to cancel its server job before killing it
 EXIT_BAD_INPUT = protocol.EXIT_BAD_INPUT
 EXTENT_OPTIONS = settings.EXTENT_SETTINGS  # the Logic options `extent` takes
 KILL_WAIT_S = 10  # longest wait for a killed process to be gone
@@ -279,6 +280,7 @@ class SegmentationProcess:
         self._offset = 0
         self._partial = b""
         self._job = None  # Windows: the Job Object handle (kill on close)
+        self.server = None  # a remote.Server: the run goes to a `fewshotsam2 serve` server (see remote.py)
 
     # -------------------------------------------------------------------------- start / stop
 
@@ -288,6 +290,8 @@ class SegmentationProcess:
         scores: ask for the per-slice scores (reverse and LPIPS matching have them; propagation has none).
         """
         command = ["segment", *arguments, "--out", str(self.folder / RESULT_FILE)]
+        if self.server is not None:
+            command += self.server.arguments()
         if scores:
             command += ["--scores", str(self.folder / SCORES_FILE)]
         return self._launch(command + ["--progress", "json"], "segmentation")
@@ -310,6 +314,8 @@ class SegmentationProcess:
         # the fewshotsam2 shipped with the module comes first; -m also puts the working folder (core) on sys.path
         env = coreEnvironment()
         env[protocol.PARENT_PID_ENV] = str(os.getpid())  # the run stops if Slicer is killed (protocol.py)
+        if self.server is not None:
+            env.update(self.server.environment())  # the token: not on the command line (visible in `ps`)
         kwargs: dict = {}
         if os.name == "nt":
             kwargs.update(_windowsNoWindow())
@@ -332,6 +338,14 @@ class SegmentationProcess:
         process = self.process
         if process is None or process.poll() is not None:
             return
+        if self.server is not None and os.name != "nt":
+            # a remote run: SIGTERM first, so that the client cancels the job on the server before it exits
+            try:
+                process.terminate()
+                process.wait(timeout=REMOTE_CANCEL_S)
+                return
+            except (subprocess.TimeoutExpired, OSError):
+                pass
         try:
             if os.name == "nt":
                 subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,

@@ -47,6 +47,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
   d={_DEMO}
   fewshotsam2 extent --query $d/abdomen-ct/ct-b/dicom \\
       --support $d/abdomen-ct/ct-a/image.nii.gz $d/abdomen-ct/ct-a/labels.nii.gz --labels 5,1 --json"""),
+    "serve": (
+        "fewshotsam2.serve.command", "serve segmentations to other machines (Ray Serve; extra [serve])",
+        """example (this machine only; prints the token clients give with --token-file or in Slicer):
+  fewshotsam2 serve --port 8000
+then, on a client: fewshotsam2 segment --server http://127.0.0.1:8000 --token-file token.txt ..."""),
     "batch": (
         "fewshotsam2.batch", "segment a cohort (manifest CSV or folder): one model, supports encoded once", ""),
     "sample-data": (
@@ -91,10 +96,20 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", default="bar", choices=("bar", "json"),
                    help="bar = a progress bar on stderr (default); json = machine-readable lines on stdout, one "
                         "JSON object each: progress (stage, done, total), warning (message), done (device, seconds)")
+    s = p.add_argument_group("remote (a `fewshotsam2 serve` server)")
+    s.add_argument("--server", metavar="URL", help="run the job on this server (https://host:port) instead of here: "
+                   "the same outputs and exit codes; inputs are uploaded, the outputs downloaded")
+    s.add_argument("--token-file", metavar="F", help="with --server: the file holding this client's token "
+                   "(else $FEWSHOTSAM2_SERVER_TOKEN)")
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    """`segment`: the Segmenter on the given files; the result summary on stdout (or as the JSON `done` line)."""
+    """`segment`: the Segmenter on the given files; the result summary on stdout (or as the JSON `done` line).
+    With --server the same job runs on a `fewshotsam2 serve` server (serve/client.py)."""
+    if getattr(args, "server", None):
+        from .serve.client import run_remote
+
+        return run_remote(args)
     from .segmenter import Segmenter
 
     from .refine_command import CachedEngineFactory, feature_cache_of
