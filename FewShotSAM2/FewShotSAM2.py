@@ -103,6 +103,7 @@ from FewShotSAM2Lib.choices import (  # noqa: E402  (re-exported: the GUI's choi
     SLICE_AXES,
 )
 from FewShotSAM2Lib.mrml_io import RAS_TO_LPS, nodeName  # noqa: E402
+from fewshotsam2 import settings  # noqa: E402  (pure Python: the settings table)
 from FewShotSAM2Lib.review import LOW_CONFIDENCE_LPIPS_QUANTILE, LOW_CONFIDENCE_PI  # noqa: E402, F401
 
 README_URL = "https://github.com/fewshotsam2/SlicerFewShotSAM2#readme"
@@ -165,43 +166,40 @@ def _registerSampleData():
 #
 
 
-@parameterNodeWrapper
-class FewShotSAM2ParameterNode:
-    """Every setting of the module, saved with the scene.
+def _parameterNodeClass():
+    """The module's parameter node: every setting the GUI shows comes from the core's settings table
+    (fewshotsam2/settings.py: its `gui` name, type, choices or range, and the front ends' default), beside the
+    GUI's own members below. Saved with the scene.
 
     queryVolume - the volume to segment.
     supportVolumes, supportSegmentations, supportSegmentIds - the supports, one entry per row (same length);
         supportSegmentIds[n] is the list of segment IDs of supportSegmentations[n] the user checked.
-    method - "reverse" (RevSAM2), "lpips" (Zu et al.) or "propagate" (plain SAM2 propagation).
-    modelSize, modelVersion, device - which SAM2 checkpoint and where it runs.
-    imageSize, sliceAxis, intensityPreset, shots, topK, minScore, augmentations, lpipsNet - advanced settings.
     outputSegmentation - where the result goes (None: a new segmentation node per run).
     sliceRangeMode - "auto" (each structure's estimated slice range), "off" (every slice) or "manual" (the ranges
         of the Slice range table).
     sliceRanges, sliceRangesVolume - the Slice range table (JSON, see FewShotSAM2Lib/slice_ranges.py) and the query
         it belongs to; written and read through FewShotSAM2Logic.storeSliceRanges / storedSliceRanges.
     """
+    annotations = {
+        "queryVolume": vtkMRMLScalarVolumeNode,
+        "supportVolumes": list[vtkMRMLScalarVolumeNode],
+        "supportSegmentations": list[vtkMRMLSegmentationNode],
+        "supportSegmentIds": list[list[str]],
+    }
+    defaults = {}
+    for row in settings.gui_settings():
+        limit = WithinRange(*row.gui_range) if row.gui_range else Choice(row.gui_choices or row.choices)
+        annotations[row.gui] = Annotated[row.kind, limit]
+        defaults[row.gui] = row.front_end_default
+    annotations.update(sliceRangeMode=Annotated[str, Choice(choices.SLICE_RANGE_MODES)], sliceRanges=str,
+                       sliceRangesVolume=vtkMRMLScalarVolumeNode, outputSegmentation=vtkMRMLSegmentationNode)
+    defaults.update(sliceRangeMode="auto", sliceRanges="")
+    namespace = {"__annotations__": annotations, "__doc__": _parameterNodeClass.__doc__, "__module__": __name__,
+                 "__qualname__": "FewShotSAM2ParameterNode", **defaults}
+    return parameterNodeWrapper(type("FewShotSAM2ParameterNode", (), namespace))
 
-    queryVolume: vtkMRMLScalarVolumeNode
-    supportVolumes: list[vtkMRMLScalarVolumeNode]
-    supportSegmentations: list[vtkMRMLSegmentationNode]
-    supportSegmentIds: list[list[str]]
-    method: Annotated[str, Choice(METHODS)] = "reverse"
-    modelSize: Annotated[str, Choice(MODEL_SIZES)] = "tiny"
-    modelVersion: Annotated[str, Choice(MODEL_VERSIONS)] = "2.1"
-    device: Annotated[str, Choice(DEVICES)] = "auto"
-    imageSize: Annotated[int, Choice(IMAGE_SIZES)] = 1024
-    sliceAxis: Annotated[str, Choice(SLICE_AXES)] = "auto"
-    intensityPreset: Annotated[str, Choice(INTENSITY_PRESETS)] = "auto"
-    shots: Annotated[int, WithinRange(1, 50)] = 1
-    topK: Annotated[int, WithinRange(1, 100)] = 5
-    minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
-    augmentations: Annotated[int, WithinRange(0, 20)] = 3
-    lpipsNet: Annotated[str, Choice(LPIPS_NETS)] = "alex"
-    sliceRangeMode: Annotated[str, Choice(choices.SLICE_RANGE_MODES)] = "auto"
-    sliceRanges: str = ""
-    sliceRangesVolume: vtkMRMLScalarVolumeNode
-    outputSegmentation: vtkMRMLSegmentationNode
+
+FewShotSAM2ParameterNode = _parameterNodeClass()
 
 
 #
@@ -227,10 +225,11 @@ class FewShotSAM2Support:
 
 @dataclass
 class PreparedSupport:
-    """A support converted for the core: its image and a label map on the image's grid (structure values)."""
+    """A support converted for the core: its image and its segments as a label map on the image's grid (one value
+    per structure; overlapping segments in separate layers)."""
 
     image: Any  # fewshotsam2.volume.Volume
-    labels: Any  # fewshotsam2.volume.Volume
+    labels: Any  # fewshotsam2.volume.LabelMap
     name: str = "support"
 
 
@@ -398,7 +397,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             if not segmentIds:
                 raise _inputError(f"{where}: no segment selected. Check the segments of '{nodeName(segmentationNode)}' to copy.")
             image = mrml_io.volumeFromNode(volumeNode, f"{where} volume")
-            labels = np.zeros(image.array.shape, dtype=np.uint16)
+            masks = []  # (structure, mask): every segment keeps its own voxels (overlaps go to separate layers)
             empty = []
             for segmentId in segmentIds:
                 segment = segmentation.GetSegment(segmentId)
@@ -413,8 +412,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                     color = tuple(float(c) for c in segment.GetColor())
                     structuresByName[name] = volume.Structure(len(structuresByName) + 1, name, color)
                     metadata[name] = segment
-                # overlapping segments: the first listed keeps the voxel, as the core does for its output
-                labels[mask & (labels == 0)] = structuresByName[name].value
+                masks.append((structuresByName[name], mask))
             if empty:
                 names = ", ".join(f"'{n}'" for n in empty)
                 raise _inputError(
@@ -422,7 +420,9 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                     f"{'is' if len(empty) == 1 else 'are'} empty inside volume '{nodeName(volumeNode)}'. "
                     "Label at least one slice, or uncheck it."
                 )
-            cases.append(PreparedSupport(image=image, labels=image.with_array(labels), name=nodeName(volumeNode)))
+            # the core's one support rule (support_loader.py) reads each segment from its own layer
+            cases.append(PreparedSupport(image=image, labels=volume.LabelMap.from_masks(image, masks),
+                                         name=nodeName(volumeNode)))
 
         if sliceRanges:
             flat["slice_range"] = self._sliceRangeText(sliceRanges, structuresByName, flat.get("slice_range") or "auto")
@@ -1144,21 +1144,9 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._stopRun()  # kills the process at once
 
     def _runOptions(self):
-        p = self._parameterNode
-        return dict(
-            model=p.modelSize,
-            version=p.modelVersion,
-            device=p.device,
-            image_size=int(p.imageSize),
-            axis=p.sliceAxis,
-            preset=p.intensityPreset,
-            shots=int(p.shots),
-            top_k=int(p.topK),
-            min_score=float(p.minScore),
-            augmentations=int(p.augmentations),
-            lpips_net=p.lpipsNet,
-            **self._sliceRangeOptions(),
-        )
+        options = settings.from_gui(self._parameterNode)  # every GUI setting under the core's name
+        options.pop("method")  # the Logic takes it as its own argument
+        return dict(options, **self._sliceRangeOptions())
 
     # ------------------------------------------------------------------------------------------ slice range
 
@@ -1565,7 +1553,7 @@ class FewShotSAM2Test(ScriptedLoadableModuleTest):
         logic = FewShotSAM2Logic()
         prepared = logic.prepare(volumeNode, [(volumeNode, segmentationNode, [segmentId])], "propagate",
                                  image_size=64, untrained=True, device="cpu")
-        np.testing.assert_array_equal(prepared.supports[0].labels.array, labels)
+        np.testing.assert_array_equal(prepared.supports[0].labels.volume.array, labels)
         self.assertEqual(prepared.options["image_size"], 64)
         folder = Path(tempfile.mkdtemp(prefix="FewShotSAM2-selftest-"))
         try:

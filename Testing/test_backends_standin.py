@@ -160,7 +160,7 @@ def _setup(n=20, k=2, empty=(), seed=0, batch_size=4):
     for j in range(k):
         key = ("support", j)
         engine.add_frames({key: np.zeros((H, W), np.float32)})
-        supports.append(SupportSlice(key, supports_masks[j], support=j, slice_index=j))
+        supports.append(SupportSlice(key, supports_masks[j], support=j, stack_index=j))
     context = QueryContext(keys=qkeys, images=np.zeros((n, H, W), np.float32))
     expected_pi = np.array([
         0.0 if i in empty else np.mean([_dice(back[(i, j)], supports_masks[j]) for j in range(k)]) for i in range(n)

@@ -229,9 +229,10 @@ def _bad_manifests(support, folder):
                               "row 2: 2 support images for 1"),
         "unknown label": (HEADER + "\n" + good + "\n" + f"queries/mr.nii.gz,{img},{lab},250,out/b.nii.gz\n",
                           "row 3: label '250' is absent"),
-        "label missing from a second support": (
-            HEADER + "\n" + f'queries/mr.nii.gz,{img};{sp}/image.nii.gz,{lab};{sp}/labels.nii.gz,"1,5",out/a.nii.gz\n',
-            "row 2: label '5' is absent from the support labels"),
+        # the one support rule: a support may hold only some labels, but each label needs one support
+        "label missing from every support": (
+            HEADER + "\n" + f'queries/mr.nii.gz,{img};{sp}/image.nii.gz,{lab};{sp}/labels.nii.gz,"1,250",out/a.nii.gz\n',
+            "row 2: label '250' is absent from every support"),
         "empty labels": (HEADER + "\n" + f"queries/mr.nii.gz,{img},{lab},,out/a.nii.gz\n", "row 2: the labels cell"),
         "output format": (HEADER + "\n" + f"queries/mr.nii.gz,{img},{lab},1,out/a.png\n", "row 2: output"),
         "output is an input": (HEADER + "\n" + good + "\n" + f"queries/spleen.nii.gz,{img},{lab},1,{folder}/queries/mr.nii.gz\n",

@@ -7,20 +7,26 @@ import numpy as np
 import pytest
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.slice_range import check_slice_range, parse_slice_range, parse_slice_ranges, resolve_slice_ranges
+from fewshotsam2.slice_range import (AUTO, WHOLE, SliceRangeSpec, check_slice_range, parse_slice_range,
+                                     parse_slice_ranges, resolve_slice_ranges)
 from fewshotsam2.volume import Structure
 
 LIVER_SPLEEN = [Structure(1, "spleen", (0, 0, 1)), Structure(6, "liver", (1, 0, 0))]
 
 
-@pytest.mark.parametrize("text,expected", [("auto", None), ("off", (0, -1)), ("3:17", (3, 17))])
+def R(first, last):
+    return SliceRangeSpec("range", first, last)
+
+
+@pytest.mark.parametrize("text,expected", [("auto", AUTO), ("off", WHOLE), ("3:17", R(3, 17))])
 def test_parse_slice_range(text, expected):
     assert parse_slice_range(text) == expected
+    assert str(expected) == text  # the typed spec writes back as the user wrote it
 
 
 @pytest.mark.parametrize("text", ["", "3-17", "a:b", "3:", "all"])
 def test_parse_slice_range_refuses_bad_grammar(text):
-    with pytest.raises(InputError, match="--slice-range"):
+    with pytest.raises(InputError, match="is no slice range: write auto, off, FIRST:LAST"):
         parse_slice_range(text)
 
 
@@ -32,24 +38,35 @@ def test_check_slice_range_refuses(first, last, why):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("auto", {None: None}), ("off", {None: (0, -1)}), ("3:9", {None: (3, 9)}),
-    ("5=10:40,1=off,liver=auto", {"5": (10, 40), "1": (0, -1), "liver": None, None: None}),
-    ("1=2:4, off", {"1": (2, 4), None: (0, -1)}),
+    ("auto", {None: AUTO}), ("off", {None: WHOLE}), ("3:9", {None: R(3, 9)}),
+    ("5=10:40,1=off,liver=auto", {"5": R(10, 40), "1": WHOLE, "liver": AUTO, None: AUTO}),
+    ("1=2:4, off", {"1": R(2, 4), None: WHOLE}),
 ])
 def test_parse_slice_ranges(text, expected):
     assert parse_slice_ranges(text) == expected
 
 
-@pytest.mark.parametrize("text", ["1=2:4,1=off", "=3:4", "1=x", "1=2:4,off,auto", "1=2:4,"])
-def test_parse_slice_ranges_refuses(text):
-    with pytest.raises(InputError, match="--slice-range"):
+@pytest.mark.parametrize("text,why", [("1=2:4,1=off", "'1' is given twice"), ("=3:4", "an empty structure name"),
+                                      ("1=x", "'x' is no slice range"), ("1=2:4,off,auto", "default range' is given"),
+                                      ("1=2:4,", "'' is no slice range")])
+def test_parse_slice_ranges_refuses(text, why):
+    with pytest.raises(InputError, match=why):
         parse_slice_ranges(text)
 
 
+def test_options_keep_the_grammars_precise_message():
+    """A bad per-structure range names what is wrong (issue 21 item 13), not a generic line."""
+    from fewshotsam2.options import OptionError, SegmentOptions
+
+    with pytest.raises(OptionError, match="'liver' is given twice") as info:
+        SegmentOptions(slice_range="liver=1:2,liver=3:4")
+    assert info.value.option == "slice_range"
+
+
 def test_resolve_by_value_then_name_and_default():
-    assert resolve_slice_ranges("liver=3:5,1=off", LIVER_SPLEEN) == {6: (3, 5), 1: (0, -1)}
-    assert resolve_slice_ranges("liver=3:5", LIVER_SPLEEN) == {6: (3, 5), 1: None}  # unnamed: auto
-    assert resolve_slice_ranges("liver=3:5,off", LIVER_SPLEEN) == {6: (3, 5), 1: (0, -1)}
+    assert resolve_slice_ranges("liver=3:5,1=off", LIVER_SPLEEN) == {6: R(3, 5), 1: WHOLE}
+    assert resolve_slice_ranges("liver=3:5", LIVER_SPLEEN) == {6: R(3, 5), 1: AUTO}  # unnamed: auto
+    assert resolve_slice_ranges("liver=3:5,off", LIVER_SPLEEN) == {6: R(3, 5), 1: WHOLE}
     with pytest.raises(InputError, match="kidney.*not segmented"):
         resolve_slice_ranges("kidney=1:2", LIVER_SPLEEN)
 

@@ -203,7 +203,7 @@ def test_ct_inputs_match_the_core_reading_the_files(ct_run):
         np.testing.assert_allclose(mine.spacing, core.spacing, rtol=1e-6)
         np.testing.assert_allclose(mine.origin, core.origin, atol=1e-3)
         np.testing.assert_allclose(mine.direction, core.direction, atol=1e-6)
-    np.testing.assert_array_equal(prepared.supports[0].labels.array, ct_run["core_support_labels"].array)
+    np.testing.assert_array_equal(prepared.supports[0].labels.volume.array, ct_run["core_support_labels"].array)
     assert [(s.value, s.name) for s in prepared.structures] == [(1, "liver"), (2, "spleen")]
 
 
@@ -375,7 +375,7 @@ def test_brain_inputs_match_the_core_reading_the_files(brain_run):
         np.testing.assert_array_equal(mine.array, core.array)
         assert mine.same_grid(core)
         np.testing.assert_allclose(mine.direction, core.direction, atol=1e-6)
-    np.testing.assert_array_equal(prepared.supports[0].labels.array, core_support.labels.array)
+    np.testing.assert_array_equal(prepared.supports[0].labels.volume.array, core_support.labels.array)
     assert [(s.value, s.name) for s in prepared.structures] == [(1, "white matter")]
 
 
@@ -814,11 +814,14 @@ def test_supports_with_shared_segment_names_are_one_structure(mr_scene, data):
     assert scene_state(scene) == before
     assert [(s.value, s.name) for s in prepared.structures] == [(1, "liver"), (2, "kidney")]
     np.testing.assert_allclose(prepared.structures[0].color, LIVER_COLOR)
-    assert set(np.unique(prepared.supports[1].labels.array)) == {0, 1, 2}
-    # where the two segments overlap the first listed (liver) keeps the voxel, as the core does for its output
+    labels = prepared.supports[1].labels
+    assert [(st.value, st.name) for st in labels.structures] == [(1, "liver"), (2, "kidney")]
+    # overlapping segments keep their own voxels (separate layers): the core reads each from its layer, as it
+    # reads a .seg.nrrd on the command line (one support rule, support_loader.py)
     assert (kidney & labeled).any()
-    np.testing.assert_array_equal(prepared.supports[1].labels.array == 2, kidney & ~labeled)
-    np.testing.assert_array_equal(prepared.supports[1].labels.array == 1, labeled)
+    assert labels.volume.layers is not None and labels.volume.layers.shape[0] == 2
+    np.testing.assert_array_equal(labels.mask(labels.structures[1]), kidney)
+    np.testing.assert_array_equal(labels.mask(labels.structures[0]), labeled)
     assert other_id and kidney_id
     scene.RemoveNode(other)
 
@@ -831,8 +834,8 @@ def test_support_forms_accepted_by_the_logic(mr_scene):
     by_string = logic.prepare(v, [(v, seg, sid)], "propagate", **FAST)
     by_dataclass = logic.prepare(v, [module.FewShotSAM2Support(v, seg, [sid])], "propagate", **FAST)
     for prepared in (by_string, by_dataclass):
-        np.testing.assert_array_equal(prepared.supports[0].labels.array, by_list.supports[0].labels.array)
-    np.testing.assert_array_equal(by_list.supports[0].labels.array == 1, mr_scene["labeled"])
+        np.testing.assert_array_equal(prepared.supports[0].labels.volume.array, by_list.supports[0].labels.volume.array)
+    np.testing.assert_array_equal(by_list.supports[0].labels.volume.array == 1, mr_scene["labeled"])
     assert by_list.options["image_size"] == 256 and by_list.options["untrained"]
 
 
@@ -933,7 +936,7 @@ def test_single_support_without_list(mr_scene):
     v, seg, sid = mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
     prepared = module.FewShotSAM2Logic().prepare(v, (v, seg, [sid]), "propagate", **FAST)
     assert len(prepared.supports) == 1
-    np.testing.assert_array_equal(prepared.supports[0].labels.array == 1, mr_scene["labeled"])
+    np.testing.assert_array_equal(prepared.supports[0].labels.volume.array == 1, mr_scene["labeled"])
 
 
 def test_model_cache_status_import_and_clear(tmp_path, monkeypatch):

@@ -47,17 +47,19 @@ def test_error_line_from_stderr():
 
 
 def test_option_flags_match_the_command_line():
-    """Every option the Logic passes is an option of `fewshotsam2 segment`, with the same default."""
+    """Every setting the Logic passes (the settings table) is an option of `fewshotsam2 segment`, with the
+    table's default; every setting of the core has a row (extent_weights: the command line takes the LPIPS
+    weights for it)."""
+    from fewshotsam2 import settings
+    from fewshotsam2.options import SegmentOptions
+
     parser = cli.build_parser()
     segment = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "segment")[1]
     flags = {option: action for action in segment._actions for option in action.option_strings}
-    for name, flag in process.OPTION_FLAGS.items():
-        assert flag in flags, flag
-        assert flags[flag].dest == name
-    # every setting of the core can be passed (extent_weights: the command line takes the LPIPS weights for it)
-    from fewshotsam2.options import SegmentOptions
-
-    assert set(SegmentOptions.flat_names()) - {"method", "extent_weights"} == set(process.OPTION_FLAGS)
+    for row in settings.SETTINGS:
+        assert flags[row.flag].dest == row.name
+        assert flags[row.flag].default == (row.front_end_default if row.kind is not bool else False)
+    assert set(SegmentOptions.flat_names()) - {"extent_weights"} == set(settings.BY_NAME)
     assert process.unknownOptions({"extent_weights": None}) == []
     assert process.unknownOptions({"extent_weights": "w.pth"}) == ["extent_weights"]
     assert process.optionArguments({"image_size": 64, "untrained": True, "keep_supports": False, "checkpoint": None,
@@ -78,7 +80,7 @@ def test_job_files_keep_geometry_and_names(tmp_path):
     structures = [Structure(1, "liver", (1.0, 0.0, 0.0)), Structure(2, "spleen, left", (0.0, 1.0, 0.0))]
     support = type("Support", (), {"image": image, "labels": image.with_array(labels)})
     args = process.writeJobInputs(tmp_path, image, [support], structures)
-    assert args[-2:] == ["--labels", "1,2"]
+    assert args[-2:] == ["--labels", "value:1,value:2"]
     query = read_volume(tmp_path / process.QUERY_FILE)
     assert query.array.dtype == np.int16 and np.array_equal(query.array, image.array)
     assert query.spacing == image.spacing and query.origin == image.origin
@@ -94,14 +96,14 @@ def test_extent_arguments_are_those_of_the_extent_command(tmp_path):
     labels = np.zeros(image.shape, np.uint16)
     labels[1, 1:3, 1:3] = 1
     support = type("Support", (), {"image": image, "labels": image.with_array(labels)})
-    options = {"axis": "auto", "preset": "ct-abdomen", "extent_margin": 7.5, "lpips_weights": None}
+    options = {"axis": "auto", "preset": "ct-abdomen", "extent_margin": 7.5, "lpips_weights": None, "device": None}
     args = process.extentArguments(tmp_path, image, [support], [Structure(1, "liver", (1.0, 0.0, 0.0))], options)
     assert "--lpips-weights" not in args
     parsed = cli.build_parser().parse_args(["extent", *args, "--json"])
-    assert parsed.query == str(tmp_path / process.QUERY_FILE) and parsed.labels == "1" and parsed.json
+    assert parsed.query == str(tmp_path / process.QUERY_FILE) and parsed.labels == "value:1" and parsed.json
     assert (parsed.axis, parsed.preset, parsed.extent_margin) == ("auto", "ct-abdomen", 7.5)
     assert [Path(p).is_file() for p in parsed.support[0]] == [True, True]
-    assert set(process.EXTENT_OPTIONS) <= set(process.OPTION_FLAGS)
+    assert parsed.device == "auto"  # not given: the table's default, as for segment
 
 
 def test_error_line_names_the_process():

@@ -27,39 +27,15 @@ from typing import Any, Optional
 
 import numpy as np
 
-# Logic option name -> command-line flag of `fewshotsam2 segment` (True/False options are flags without a value).
-OPTION_FLAGS = {
-    "model": "--model",
-    "version": "--version",
-    "image_size": "--image-size",
-    "device": "--device",
-    "checkpoint": "--checkpoint",
-    "untrained": "--untrained",
-    "cache_dir": "--cache-dir",
-    "batch_size": "--batch-size",
-    "axis": "--axis",
-    "preset": "--preset",
-    "shots": "--shots",
-    "slice_range": "--slice-range",
-    "extent_margin": "--extent-margin",
-    "feature_storage": "--feature-storage",
-    "top_k": "--top-k",
-    "min_score": "--min-score",
-    "keep_supports": "--keep-supports",
-    "augmentations": "--augmentations",
-    "lpips_net": "--lpips-net",
-    "lpips_weights": "--lpips-weights",
-    "seed": "--seed",
-}
-FLAG_OPTIONS = ("untrained", "keep_supports")
+from fewshotsam2 import protocol, settings  # pure Python: the process table and the settings table
 
 QUERY_FILE = "query.nrrd"
 RESULT_FILE = "result.nrrd"
 SCORES_FILE = "scores.csv"
 PROGRESS_FILE = "progress.jsonl"
 STDERR_FILE = "stderr.txt"
-EXIT_BAD_INPUT = 2  # the core's exit code for bad input (fewshotsam2.cli.EXIT_BAD_INPUT)
-EXTENT_OPTIONS = ("axis", "preset", "extent_margin", "lpips_weights")  # the Logic options `extent` takes
+EXIT_BAD_INPUT = protocol.EXIT_BAD_INPUT
+EXTENT_OPTIONS = settings.EXTENT_SETTINGS  # the Logic options `extent` takes
 
 
 def coreFolder() -> Path:
@@ -116,21 +92,12 @@ def runCore(code: str, *arguments: str, python: Optional[str] = None) -> str:
 
 def unknownOptions(options: dict) -> list[str]:
     """Settings the command line cannot be given (a None value is left out, so it needs no flag)."""
-    return sorted(name for name, value in options.items() if name not in OPTION_FLAGS and value is not None)
+    return sorted(name for name, value in options.items() if name not in settings.BY_NAME and value is not None)
 
 
 def optionArguments(options: dict) -> list[str]:
-    """Command-line arguments for the Logic's option keywords (None values are left out)."""
-    args: list[str] = []
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name in FLAG_OPTIONS:
-            if value:
-                args.append(OPTION_FLAGS[name])
-        else:
-            args += [OPTION_FLAGS[name], str(value)]
-    return args
+    """Command-line arguments for the Logic's option keywords (the settings table's flags; None values left out)."""
+    return settings.command_arguments(options)
 
 
 # ---------------------------------------------------------------------------------------------- job files
@@ -150,19 +117,24 @@ def writeJobInputs(folder: Path, query, supports, structures) -> list[str]:
 
     Returns the command-line arguments that name them (--query, --support ..., --labels by value).
     """
-    from fewshotsam2.volume import write_labels
+    from fewshotsam2.volume import LabelMap, write_labels
 
     writeImage(folder / QUERY_FILE, query)
     args = ["--query", str(folder / QUERY_FILE)]
     for index, support in enumerate(supports, start=1):
         image, labels = folder / f"support-{index}.nrrd", folder / f"support-{index}-labels.seg.nrrd"
         writeImage(image, support.image)
-        # .seg.nrrd: the structures' names reach the core (its progress lines and warnings use them); only the
-        # structures this support has, or the core would warn about empty segments
-        present = set(np.unique(support.labels.array).tolist())
-        write_labels(labels, support.labels, [s for s in structures if s.value in present])
+        # .seg.nrrd: the structures' names reach the core (its progress lines and warnings use them), and
+        # overlapping segments keep their own layers; only the structures this support has, or the core would
+        # warn about empty segments
+        if isinstance(support.labels, LabelMap):
+            write_labels(labels, support.labels.volume, support.labels.structures)
+        else:
+            present = set(np.unique(support.labels.array).tolist())
+            write_labels(labels, support.labels, [s for s in structures if s.value in present])
         args += ["--support", str(image), str(labels)]
-    args += ["--labels", ",".join(str(s.value) for s in structures)]
+    # by value: the Logic numbers its structures 1..N, one value each (a digit-only segment name is no value)
+    args += ["--labels", ",".join(f"value:{s.value}" for s in structures)]
     return args
 
 
@@ -170,10 +142,7 @@ def extentArguments(folder: Path, query, supports, structures, options: dict) ->
     """Write the job files into `folder`; returns the arguments of `fewshotsam2 extent` for them (options: axis,
     preset, extent_margin, lpips_weights; None values are left out)."""
     arguments = writeJobInputs(folder, query, supports, structures)
-    for name in EXTENT_OPTIONS:
-        if options.get(name) is not None:
-            arguments += [OPTION_FLAGS[name], str(options[name])]
-    return arguments
+    return arguments + settings.command_arguments({name: options.get(name) for name in EXTENT_OPTIONS})
 
 
 @dataclass
@@ -225,26 +194,15 @@ def readScores(path: Path, structures) -> list[ScoreRow]:
 # ---------------------------------------------------------------------------------------------- progress lines
 
 
-def parseProgressLine(line: str) -> Optional[dict]:
-    """One line of `--progress json` output as a dict with an "event" key, or None for anything else."""
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(event, dict) or event.get("event") not in ("progress", "warning", "done"):
-        return None
-    return event
+parseProgressLine = protocol.parse_event  # one line of `--progress json` output as an event dict, or None
 
 
 def errorFromStderr(text: str, returncode: int, what: str = "segmentation") -> str:
     """One readable line for a failed run: the core's own error line, else the last line of a traceback."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
-        if line.startswith("fewshotsam2: error:"):
-            return line[len("fewshotsam2: error:"):].strip()
+        if line.startswith(protocol.ERROR_PREFIX):
+            return line[len(protocol.ERROR_PREFIX):].strip()
     if lines:
         return f"the {what} process stopped with exit code {returncode}: {lines[-1]}"
     return f"the {what} process stopped with exit code {returncode} and no message"
@@ -296,7 +254,7 @@ class SegmentationProcess:
         self.command = [self.python, "-m", "fewshotsam2.cli", *cliArguments]
         # the fewshotsam2 shipped with the module comes first; -m also puts the working folder (core) on sys.path
         env = coreEnvironment()
-        env["FEWSHOTSAM2_PARENT_PID"] = str(os.getpid())  # the run stops if Slicer is killed (fewshotsam2.cli)
+        env[protocol.PARENT_PID_ENV] = str(os.getpid())  # the run stops if Slicer is killed (protocol.py)
         kwargs: dict = {}
         if os.name == "nt":
             info = subprocess.STARTUPINFO()

@@ -25,9 +25,14 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from .errors import Cancelled, InputError
+from . import settings
+from .errors import Cancelled, InputError, out_of_memory_as_input_error
+from .protocol import EXIT_OK, EXIT_SOME_FAILED
+
+if TYPE_CHECKING:  # imported when the command runs (SimpleITK), so that `batch --help` answers at once
+    from .support_loader import SupportReader
 
 MANIFEST_COLUMNS = ("query", "support_image", "support_labels", "labels", "output")
 SUMMARY_NAME = "batch_summary.csv"
@@ -35,8 +40,6 @@ SUMMARY_COLUMNS = ("row", "case", "query", "output", "status", "seconds", "encod
 # what --queries picks up in a folder besides DICOM series sub-folders
 QUERY_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")  # longest first: ".seg.nrrd" before ".nrrd"
-
-EXIT_OK, EXIT_SOME_FAILED = 0, 1
 
 
 @dataclass
@@ -216,31 +219,23 @@ def _check_paths(cases: list[BatchCase]) -> None:
             raise InputError(f"{where}: cannot write {c.output}: {folder} is not a writable folder")
 
 
-SupportData = dict  # (image path, labels path) -> (image Volume, labels Volume, structures present)
+def check_supports(cases: list[BatchCase]) -> "SupportReader":
+    """Read every distinct support once and load each row's structures with the one support rule
+    (support_loader.py); an InputError names the row. Returns the reader, which keeps what it read."""
+    from .support_loader import SupportReader
 
-
-def check_supports(cases: list[BatchCase]) -> SupportData:
-    """Read every distinct support once and check that it has each case's labels (InputError naming the row)."""
-    from .volume import read_labels, read_volume
-
-    data: SupportData = {}
-    images: dict[str, object] = {}
-    checked: set[tuple[str, str, str]] = set()  # (image, labels, selection): a cohort repeats them
+    reader = SupportReader()
+    checked: set[tuple] = set()  # (supports, selection): a cohort repeats them
     for c in cases:
-        for image_path, labels_path in c.supports:
-            key = (image_path, labels_path)
-            try:
-                if key not in data:
-                    if image_path not in images:
-                        images[image_path] = read_volume(image_path)
-                    labels, available = read_labels(labels_path, images[image_path])
-                    data[key] = (images[image_path], labels, available)
-                if key + (c.labels,) not in checked:
-                    _structures(c.labels, data[key], labels_path)
-                    checked.add(key + (c.labels,))
-            except InputError as e:
-                raise InputError(f"{c.where}: {e}") from None
-    return data
+        key = (tuple(c.supports), c.labels)
+        if key in checked:
+            continue
+        try:
+            reader.load(c.supports, c.labels)
+        except InputError as e:
+            raise InputError(f"{c.where}: {e}") from None
+        checked.add(key)
+    return reader
 
 
 def output_complete(path: str) -> bool:
@@ -316,31 +311,24 @@ def _one_line(exc: BaseException) -> str:
 class CaseRunner:
     """One model and the supports read so far; runs cases one after the other (locally, or inside a Ray actor)."""
 
-    def __init__(self, options, supports: Optional[SupportData] = None, engine=None) -> None:
-        from .pipeline import make_engine
+    def __init__(self, options, supports: Optional["SupportReader"] = None, engine=None) -> None:
+        from .segmenter import Segmenter
+        from .support_loader import SupportReader
 
         self.options = options
-        self.engine = engine if engine is not None else make_engine(options)
+        self.segmenter = Segmenter(options, engine=engine)
         # the batch's reason to exist: support slices are encoded for the first query only
         self.engine.keep_features(_is_support_frame)
-        self.supports: SupportData = dict(supports or {})
+        self.supports = supports or SupportReader()
 
-    def _support(self, image_path: str, labels_path: str):
-        from .volume import read_labels, read_volume
-
-        key = (image_path, labels_path)
-        if key not in self.supports:
-            image = read_volume(image_path)
-            labels, available = read_labels(labels_path, image)
-            self.supports[key] = (image, labels, available)
-        return self.supports[key]
+    @property
+    def engine(self):
+        return self.segmenter.engine
 
     def run(self, case: BatchCase, progress: Optional[Callable[[str, int, int], None]] = None) -> CaseResult:
         """Segment one case and write its output atomically; errors become a failed result, never an exception
         (except cancellation, Ctrl-C and SIGTERM)."""
-        from .cli import out_of_memory_as_input_error
-        from .pipeline import SupportCase, check_query, segment
-        from .volume import read_volume, write_labels
+        from .volume import write_labels
 
         result = CaseResult(case.row, case.name, case.query, case.output, "failed")
         t0 = time.perf_counter()
@@ -348,15 +336,9 @@ class CaseRunner:
         peak = PeakMemory(self.engine.device)
         try:
             with peak, out_of_memory_as_input_error(self.options):
-                query = read_volume(case.query)
-                check_query(query)
-                supports, structures = [], None
-                for image_path, labels_path in case.supports:
-                    support = self._support(image_path, labels_path)
-                    chosen, masks = _structures(case.labels, support, labels_path, structures)
-                    structures = structures or chosen  # the first support names the structures, as `segment`
-                    supports.append(SupportCase(support[0], support[1], name=Path(labels_path).name, masks=masks))
-                seg = segment(query, supports, structures, self.options, progress=progress, engine=self.engine)
+                query, supports, structures = self.segmenter.read_inputs(case.query, case.supports, case.labels,
+                                                                         self.supports)
+                seg = self.segmenter.segment(query, supports, structures, progress)
                 os.makedirs(Path(case.output).parent, exist_ok=True)
                 write_labels(case.output, seg.labels, seg.structures)
             result.status = "ok"
@@ -373,23 +355,6 @@ class CaseRunner:
         result.seconds = time.perf_counter() - t0
         result.peak_memory_mb = peak.mb
         return result
-
-
-def _structures(labels_text: str, support, labels_path: str, named=None):
-    """As `segment` does: the row's structures in this support, the output's structures (`named`, else named
-    after this support), and the support mask of each output structure value."""
-    from .label_selection import parse_label_selection, resolve_structures
-    from .volume import output_structures, structure_mask
-
-    image, labels, available = support
-    chosen = resolve_structures(parse_label_selection(labels_text), available, labels_path)
-    out = named or output_structures(chosen, Path(labels_path).name)
-    masks = {}
-    for o, s in zip(out, chosen):
-        masks[o.value] = structure_mask(labels, s)
-        if not masks[o.value].any():
-            raise InputError(f"the support mask of '{s.name}' in {labels_path} is empty")
-    return out, masks
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -427,10 +392,6 @@ def read_summary(path: str) -> list[dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from . import constants as C
-    from .cli import add_method_arguments, add_model_arguments
-    from .options import SegmentOptions
-
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "examples:\n"
@@ -458,10 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--out-format", default=".nii.gz", choices=OUTPUT_FORMATS[::-1],
                      help="with --queries: output format (default .nii.gz)")
     src.add_argument("--force", action="store_true", help="redo cases whose output already exists")
-    method = SegmentOptions.flat_defaults()["method"]
-    parser.add_argument("--method", default=method, choices=C.METHODS, help=f"as for segment (default {method})")
-    add_method_arguments(parser)
-    add_model_arguments(parser)
+    settings.add_arguments(parser, only=("method",))
+    settings.add_arguments(parser, groups=("slices", "reverse", "lpips", "model"))
     dist = parser.add_argument_group("distribution (optional, needs: pip install 'fewshotsam2[ray]')")
     dist.add_argument("--ray", metavar="ADDRESS",
                       help="run the cases on a Ray cluster: 'local' starts one on this machine, otherwise a "
@@ -493,9 +452,7 @@ def _cases(args: argparse.Namespace) -> tuple[list[BatchCase], str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import options_from_args
-
-    options = options_from_args(args)  # checks every option value
+    options = settings.options_from_args(args)  # checks every option value
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     if args.workers is not None and not args.ray:
@@ -551,30 +508,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_model_files(options):
-    """As `segment` does before any work: a checkpoint download has somewhere to go, LPIPS weights load.
-    Returns the options to run with: `--slice-range auto` without loadable AlexNet weights becomes "off" once for
-    the cohort (one warning), instead of a failed load and a warning in every case."""
-    if not options.untrained and options.checkpoint is None:
-        from .checkpoints import cached_checkpoint, check_cache_folder
+    """As `segment` does before any work (`Segmenter.check_model_files`). Returns the options to run with:
+    `--slice-range auto` without loadable AlexNet weights becomes "off" once for the cohort (one warning),
+    instead of a failed load and a warning in every case."""
+    from .segmenter import Segmenter
 
-        if cached_checkpoint(options.model, options.version, options.cache_dir) is None:
-            check_cache_folder(options.cache_dir)
-    if options.method == "lpips":
-        from .backends.lpips_matching import _matcher
-
-        _matcher(None, options.method_options)
+    Segmenter(options).check_model_files()
     if options.slice_range == "auto":
         import dataclasses
         import warnings
 
-        from .engine import pick_device
-        from .extent import ExtentEstimator
-        from .lpips_distance import LPIPS_WEIGHTS_ENV
+        from .device import pick_device
+        from .lpips_distance import shared_lpips
 
-        weights = (options.extent_weights or getattr(options.method_options, "weights", None)
-                   or os.environ.get(LPIPS_WEIGHTS_ENV))
+        weights = options.extent_weights or getattr(options.method_options, "weights", None)
         try:
-            ExtentEstimator("alex", weights, str(pick_device(options.device)))  # loaded once, shared by the cases
+            shared_lpips("alex", weights, str(pick_device(options.device)))  # loaded once, shared by the cases
         except InputError as exc:
             warnings.warn(f"slice range estimation is off for the whole batch, every slice is segmented: {exc}",
                           stacklevel=2)
@@ -583,7 +532,7 @@ def _check_model_files(options):
 
 
 def run_cases_locally(cases: list[BatchCase], options, record: Callable[[CaseResult], None], quiet: bool = False,
-                      supports: Optional[SupportData] = None, engine_factory: Optional[Callable] = None) -> None:
+                      supports: Optional["SupportReader"] = None, engine_factory: Optional[Callable] = None) -> None:
     """One model in this process; the supports read during the checks; a tqdm bar over cases with the stage."""
     from tqdm import tqdm
 

@@ -20,7 +20,7 @@ from . import constants
 from .atomic import atomic_path
 from .errors import InputError
 
-CACHE_ENV = "FEWSHOTSAM2_CACHE"
+from .settings import CACHE_ENV  # noqa: F401  (the one definition is the settings table's)
 MODELS = constants.MODELS
 VERSIONS = constants.VERSIONS
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from . import constants
 from .checkpoints import CheckpointInfo, checkpoint_info, load_state_dict, resolve_checkpoint
 from .constants import DEFAULT_IMAGE_SIZE
+from .device import pick_device  # noqa: F401  (re-exported: engine.pick_device)
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -39,22 +40,6 @@ FEATURE_STORAGE = ("auto", "float32", "bfloat16")
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 FILL_HOLE_AREA = 8  # sam2's video-predictor post-processing default (also the FS-MedSAM2 reference setting)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device not in DEVICES:
-        raise InputError(f"unknown device '{device}': choose one of {', '.join(DEVICES)}")
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was asked for but PyTorch sees no CUDA GPU (use --device cpu or auto)")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device 'mps' was asked for but it is not available (use --device cpu or auto)")
-    return torch.device(device)
 
 
 def _has_sam2_extension() -> bool:

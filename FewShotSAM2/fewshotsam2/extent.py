@@ -210,9 +210,9 @@ class ExtentEstimator:
     def __init__(self, net: str = "alex", weights: Optional[str] = None, device: str = "cpu",
                  size: int = LPIPS_SIZE, margin_mm: float = MARGIN_MM,
                  outside_quantile: float = OUTSIDE_QUANTILE) -> None:
-        from .backends.lpips_matching import shared_matcher
+        from .lpips_distance import shared_lpips
 
-        self.matcher = shared_matcher(net, weights, device, size)
+        self.matcher = shared_lpips(net, weights, device, size)
         self.margin_mm = float(margin_mm)
         self.outside_quantile = float(outside_quantile)
 

@@ -12,54 +12,51 @@ import argparse
 import json
 from pathlib import Path
 
+from . import settings
+from .errors import InputError
+
+EMPTY = (0, -1)  # the JSON answer's empty range: first > last
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from . import constants as C
-
     parser.add_argument("--query", required=True, metavar="Q", help="the volume to find the structures in")
     parser.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                         help="a labeled support (image and label map); repeat for several (ranges are joined)")
     parser.add_argument("--labels", required=True, metavar="L1,L2", help="structures: label values or names")
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per structure")
-    parser.add_argument("--axis", default="auto", choices=C.AXES, help="slice direction (as for segment)")
-    parser.add_argument("--preset", default="auto", choices=C.PRESETS, help="intensity window (as for segment)")
-    parser.add_argument("--extent-margin", type=float, default=15.0, metavar="MM",
-                        help="widen each end of the range by this many mm (default 15)")
-    parser.add_argument("--lpips-weights", metavar="PATH",
-                        help="AlexNet weights (torchvision layout) for offline use; also $FEWSHOTSAM2_LPIPS_WEIGHTS")
-    parser.add_argument("--device", default="cpu", choices=C.DEVICES,
-                        help="where LPIPS runs (default cpu; it is small)")
+    # the same settings, names and defaults as `segment` (settings.py)
+    settings.add_arguments(parser, only=settings.EXTENT_SETTINGS)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import parse_label_selection, resolve_structures
-    from .engine import pick_device
-    from .errors import InputError
+    # torch and SimpleITK come in when the command runs, so that `extent --help` answers at once
+    from .device import pick_device
     from .extent import ExtentEstimator, stack_info
+    from .pipeline import check_query
     from .slice_range import to_array_range
-    from .volume import read_labels, read_volume
+    from .support_loader import SupportReader
+    from .volume import read_volume
 
-    if not args.extent_margin >= 0:
-        raise InputError(f"--extent-margin must be 0 mm or more, got {args.extent_margin}")
-    wanted = parse_label_selection(args.labels)
+    options = settings.options_from_args(args)  # checks every value (--extent-margin, --device, ...)
     query = read_volume(args.query)
-    qinfo, qplan = stack_info(query, None, args.axis, args.preset)
-    supports, structures = [], None
-    for image_path, labels_path in args.support:
-        image = read_volume(image_path)
-        labels, available = read_labels(labels_path, image)
-        chosen = resolve_structures(wanted, available, labels_path)
-        structures = structures or chosen
-        info, plan = stack_info(image, labels, args.axis, args.preset)
+    check_query(query)
+    qinfo, qplan = stack_info(query, None, options.axis, options.preset)
+    supports, structures = SupportReader().load([tuple(p) for p in args.support], args.labels)
+    infos = []
+    for (image_path, _), support in zip(args.support, supports):
+        info, plan = stack_info(support.image, None, options.axis, options.preset)
         if plan.plane != qplan.plane:
             raise InputError(f"{image_path} is sliced {plan.plane} but the query {qplan.plane}: give --axis")
-        supports.append(info)
-    estimator = ExtentEstimator(weights=args.lpips_weights, device=str(pick_device(args.device)),
-                                margin_mm=args.extent_margin)
-    ranges = estimator.estimate(qinfo, supports, [(s.value, s.name) for s in structures])
+        # which slices hold each structure (a support may hold only some of them)
+        info.present = {st.value: plan.stack(support.mask(st.value)).reshape(plan.n_slices, -1).any(axis=1)
+                        for st in structures}
+        infos.append(info)
+    estimator = ExtentEstimator(weights=options.extent_weights, device=str(pick_device(options.device)),
+                                margin_mm=options.extent_margin)
+    ranges = estimator.estimate(qinfo, infos, [(s.value, s.name) for s in structures])
     out = []
     for r in ranges:
-        first, last = to_array_range(qplan, r.first, r.last) if not r.empty else (0, -1)
+        first, last = to_array_range(qplan, r.first, r.last) if not r.empty else EMPTY
         out.append({"value": int(r.value), "name": r.name, "first": int(first), "last": int(last)})
     if args.json:
         print(json.dumps({"axis": int(qplan.array_axis), "structures": out}))

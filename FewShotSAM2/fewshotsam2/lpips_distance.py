@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from . import constants
+from .device import pick_device
 from .errors import InputError
+from .settings import LPIPS_WEIGHTS_ENV
 
 QUERY_CHUNK = 32  # query slices whose LPIPS features (1.3 MB each at 224 px) are held at once
-LPIPS_WEIGHTS_ENV = "FEWSHOTSAM2_LPIPS_WEIGHTS"
 NETS = constants.LPIPS_NETS
 
 # torchvision weight enums lpips' backbones come from (lpips calls tv.alexnet / vgg16 / squeezenet1_1)
@@ -42,12 +43,6 @@ _TORCHVISION_WEIGHTS = {
 }
 
 ImageBatch = Union[np.ndarray, torch.Tensor]
-
-
-def _resolve_device(device: Union[str, torch.device]) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _torchvision_state_dict(net: str) -> dict:
@@ -139,7 +134,7 @@ class LPIPSDistance:
         self.net = net
         self.size = int(size)
         self.batch_size = max(1, int(batch_size))
-        self.device = _resolve_device(device)
+        self.device = pick_device(device)
 
         with warnings.catch_warnings():  # torchvision's 'pretrained' deprecation warning from inside lpips
             warnings.simplefilter("ignore")
@@ -361,3 +356,19 @@ def resample_to_fov(
         image = ndimage.gaussian_filter(image, sigma=sigma, mode="constant") if max(sigma) > 0 else image
         out[k] = ndimage.map_coordinates(image, [grid_r, grid_c], order=1, mode="constant", cval=0.0)
     return out
+
+
+# Building LPIPS costs seconds (import, AlexNet construction, weights): the process keeps the last one built.
+_SHARED: dict[tuple, LPIPSDistance] = {}
+
+
+def shared_lpips(net: str = "alex", weights: Optional[str] = None, device: str = "cpu",
+                 size: int = 224) -> LPIPSDistance:
+    """The process's LPIPS network for (net, weights, device, size), built on first use: the LPIPS backend and the
+    slice-range estimate share it. `weights` None: $FEWSHOTSAM2_LPIPS_WEIGHTS, else torchvision's download."""
+    weights = weights or os.environ.get(LPIPS_WEIGHTS_ENV)
+    key = (net, weights, str(device), int(size))
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = LPIPSDistance(net=net, backbone_weights=weights, device=str(device), size=int(size))
+    return _SHARED[key]

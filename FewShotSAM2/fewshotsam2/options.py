@@ -1,7 +1,7 @@
 """Settings of a segmentation run: one validated, immutable object per method plus the common settings.
 
-Defaults live here and nowhere else: the command line, the Slicer GUI and `evaluate` read them from these
-classes. Every value is checked once, when the object is built (`__post_init__`); a bad value raises
+Defaults come from the settings table (`settings.SETTINGS`), the one place they live: the command line, the
+Slicer GUI and `evaluate` derive theirs from it too. Every value is checked once, when the object is built (`__post_init__`); a bad value raises
 `OptionError`, whose message names the option as the Python API spells it (`top_k`), never a command-line flag:
 each front end maps `OptionError.option` to its own wording (the command line to `--top-k`).
 
@@ -18,6 +18,9 @@ from typing import Any, ClassVar, Optional, Union
 
 from . import constants as C
 from .errors import InputError
+from .settings import defaults, method_fields
+
+_D = defaults()  # the settings table's defaults, by flat name
 
 
 class OptionError(InputError):
@@ -85,12 +88,12 @@ class ReverseOptions:
         the conditional query slices).
     """
 
-    top_k: int = 5
-    min_score: float = 0.0
-    keep_supports: bool = False
+    top_k: int = _D["top_k"]
+    min_score: float = _D["min_score"]
+    keep_supports: bool = _D["keep_supports"]
 
     method: ClassVar[str] = "reverse"
-    FLAT: ClassVar[dict[str, str]] = {"top_k": "top_k", "min_score": "min_score", "keep_supports": "keep_supports"}
+    FLAT: ClassVar[dict[str, str]] = method_fields("reverse")
 
     def __post_init__(self) -> None:
         _set(self, "top_k", _int("top_k", self.top_k, minimum=1))
@@ -107,14 +110,13 @@ class LpipsOptions:
         environment variable FEWSHOTSAM2_LPIPS_WEIGHTS, else torchvision's download). seed: of the augmentations.
     """
 
-    augmentations: int = 3
-    net: str = "alex"
-    weights: Optional[str] = None
-    seed: int = 0
+    augmentations: int = _D["augmentations"]
+    net: str = _D["lpips_net"]
+    weights: Optional[str] = _D["lpips_weights"]
+    seed: int = _D["seed"]
 
     method: ClassVar[str] = "lpips"
-    FLAT: ClassVar[dict[str, str]] = {"augmentations": "augmentations", "lpips_net": "net",
-                                      "lpips_weights": "weights", "seed": "seed"}
+    FLAT: ClassVar[dict[str, str]] = method_fields("lpips")
 
     def __post_init__(self) -> None:
         _set(self, "augmentations", _int("augmentations", self.augmentations, minimum=0))
@@ -149,22 +151,22 @@ class SegmentOptions:
         set_feature_storage`).
     """
 
-    method: str = "reverse"
-    model: str = "tiny"
-    version: str = "2.1"
-    image_size: int = C.DEFAULT_IMAGE_SIZE
-    device: str = "auto"
-    checkpoint: Optional[str] = None
-    untrained: bool = False
-    cache_dir: Optional[str] = None
-    batch_size: int = 8
-    axis: str = "auto"
-    preset: str = "auto"
-    shots: int = 1
-    slice_range: str = "off"
-    extent_margin: float = 15.0
-    extent_weights: Optional[str] = None
-    feature_storage: str = "auto"
+    method: str = _D["method"]
+    model: str = _D["model"]
+    version: str = _D["version"]
+    image_size: int = _D["image_size"]
+    device: str = _D["device"]
+    checkpoint: Optional[str] = _D["checkpoint"]
+    untrained: bool = _D["untrained"]
+    cache_dir: Optional[str] = _D["cache_dir"]
+    batch_size: int = _D["batch_size"]
+    axis: str = _D["axis"]
+    preset: str = _D["preset"]
+    shots: int = _D["shots"]
+    slice_range: str = _D["slice_range"]
+    extent_margin: float = _D["extent_margin"]
+    extent_weights: Optional[str] = None  # no setting of its own: the command line passes --lpips-weights
+    feature_storage: str = _D["feature_storage"]
     method_options: Optional[MethodOptions] = field(default=None)
 
     # the settings that decide which SAM2 engine is built (a run can reuse an engine when these agree)
@@ -200,9 +202,8 @@ class SegmentOptions:
 
         try:
             parse_slice_ranges(self.slice_range)
-        except InputError:
-            raise OptionError("slice_range", f"must be auto, off, FIRST:LAST (inclusive slice indices) or "
-                                             f"STRUCTURE=RANGE,... per structure, got {self.slice_range!r}") from None
+        except InputError as exc:  # the grammar's own words say what is wrong
+            raise OptionError("slice_range", str(exc)) from None
         _set(self, "slice_range", str(self.slice_range).strip())
         _set(self, "extent_margin", _float("extent_margin", self.extent_margin, 0.0, 1000.0))
         _set(self, "extent_weights", None if self.extent_weights in (None, "") else str(self.extent_weights))

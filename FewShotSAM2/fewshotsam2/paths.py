@@ -10,6 +10,7 @@ from each other.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from .errors import InputError
@@ -81,3 +82,21 @@ def refuse_overwriting_inputs(
             if _same(a, b):
                 raise InputError(f"{name_a} and {name_b} are the same path ({a}); give each output its own name")
 
+
+
+def check_output_file(path: PathLike, suffix: str) -> None:
+    """A file output with a fixed suffix (`--scores x.csv`) can be written: right suffix, not a folder, its folder
+    exists and is writable. Checked before any work."""
+    from .volume import check_name_length
+
+    p = Path(path)
+    check_name_length(p)
+    if p.is_dir():
+        raise InputError(f"{path}: is a folder; give a {suffix} file name")
+    if p.suffix.lower() != suffix:
+        raise InputError(f"{path}: expected a {suffix} file name")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write {path}: folder {folder} is not writable")

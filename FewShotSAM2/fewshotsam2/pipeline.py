@@ -1,63 +1,303 @@
-"""The one entry point: segment a query volume from labeled support volumes.
+"""One segmentation run: a query volume and typed supports in, a label map and per-slice decisions out.
 
-The command line, the Slicer Logic, `evaluate` and `bench` all call `segment`.
+`segment` is the Python API's entry point; `Segmenter` (segmenter.py) wraps it for files and the front ends.
+A run is `prepare` (slice plans, windowed stacks, every input check, the ranges the user gave: a `Run`, the
+per-run state; cheap, before the model is built), `Run.estimate_ranges` (the ranges left to estimate from the
+supports) and `Run.execute` (each structure on its range with the engine, then the label map).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from . import constants
 from .atomic import atomic_path
 from .backends import get_backend
-from .backends.base import QueryContext, StageClock, SupportSlice
-from .engine import SAM2Engine, pick_device
-from .extent import StackInfo
+from .backends.base import Backend, QueryContext, StageClock, SupportSlice
+from .device import pick_device
+from .engine import SAM2Engine
 from .errors import InputError
-from .slice_range import to_array_range
-from .resources import check_resources, estimate_resources
+from .extent import ExtentEstimator, StackInfo
 from .intensity import choose_preset
 from .lpips_distance import body_box
 from .options import LpipsOptions, PropagateOptions, ReverseOptions, SegmentOptions  # noqa: F401  (re-exported)
+from .resources import ResourceEstimate, check_resources, estimate_resources
 from .results import LpipsMatch, SegmentationResult, SliceScore, UsedSupportSlice  # noqa: F401  (re-exported)
+from .settings import LPIPS_WEIGHTS_ENV
+from .slice_range import check_slice_range, resolve_slice_ranges, to_array_range, to_stack_range
 from .slice_stack import SliceStack
 from .slices import SlicePlan
 from .support import select_support_slices
+from .support_loader import SupportCase  # noqa: F401  (re-exported: pipeline.SupportCase)
 from .volume import Structure, Volume
 
 ProgressCallback = Callable[[str, int, int], None]
 
 METHODS = constants.METHODS
-
-
-@dataclass
-class SupportCase:
-    """One labeled support volume. `labels` is an integer label map on `image`'s grid.
-
-    `masks` (optional): output structure value -> bool mask on `image`'s grid, for supports whose segments are not
-    `labels.array == value` (overlapping .seg.nrrd layers, other value numbering than the output's).
-    """
-
-    image: Volume
-    labels: Volume
-    name: str = "support"
-    masks: Optional[dict[int, np.ndarray]] = None
-
-    def mask(self, value: int) -> np.ndarray:
-        """The voxels of output structure `value` in this support."""
-        if self.masks is not None:
-            return self.masks[value] if value in self.masks else np.zeros(self.labels.shape, dtype=bool)
-        return self.labels.array == value
+StackRange = Optional[tuple[int, int]]  # inclusive range of query stack indices; None: an empty estimate
 
 
 def make_engine(options: SegmentOptions) -> SAM2Engine:
     """The SAM2 engine `options` asks for (builds the model; downloads the checkpoint on first use)."""
     return SAM2Engine.from_options(options)
+
+
+@dataclass
+class PreparedSupport:
+    """A support ready for the engine: its slice plan (cut in the query's plane), its windowed slices and, for
+    backends that compare slices at one field of view, its body box."""
+
+    case: SupportCase
+    plan: SlicePlan
+    stack: SliceStack
+    body_box: Optional[tuple] = None
+
+
+@dataclass
+class Run:
+    """The state of one `segment` call, from preparation to the label map (sam2's `inference_state` plays this
+    part in its video predictor): built by `prepare`, consumed by `execute`."""
+
+    query: Volume
+    plan: SlicePlan
+    info: StackInfo  # the query's windowed slices with their geometry (shared with the range estimate)
+    supports: list[PreparedSupport]
+    structures: list[Structure]
+    options: SegmentOptions
+    backend: Backend
+    ranges: dict[int, StackRange] = field(default_factory=dict)  # per structure value, once known
+    to_estimate: list[Structure] = field(default_factory=list)  # slice range "auto": estimated from the supports
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n(self) -> int:
+        return self.info.images.shape[0]
+
+    @property
+    def keys(self) -> list:
+        return [("query", i) for i in range(self.n)]
+
+    def uses(self) -> np.ndarray:
+        """How many structures read each query slice (its features are dropped after the last one)."""
+        uses = np.zeros(self.n, dtype=int)
+        for r in self.ranges.values():
+            if r is not None:
+                uses[r[0] : r[1] + 1] += 1
+        return uses
+
+    def array_range(self, value: int) -> Optional[tuple[int, int]]:
+        r = self.ranges[value]
+        return None if r is None else to_array_range(self.plan, *r)
+
+    def describe_ranges(self) -> list[str]:
+        out = []
+        for st in self.structures:
+            r = self.array_range(st.value)
+            out.append(f"{st.name}: slices {r[0]}-{r[1]} of {self.n} along array axis {self.plan.array_axis}"
+                       if r is not None else f"{st.name}: empty slice range, not segmented")
+        return out
+
+    # ------------------------------------------------------------------------------------------ execution
+
+    def estimate_ranges(self) -> None:
+        """Estimate the slice ranges the user left to the supports (LPIPS, seconds to a minute)."""
+        if self.to_estimate:
+            t0 = time.perf_counter()
+            self.ranges.update(estimated_ranges(self, self.to_estimate))
+            self.to_estimate = []
+            self.timings["extent"] = self.timings.get("extent", 0.0) + time.perf_counter() - t0
+
+    def execute(self, engine, progress: ProgressCallback,
+                notify: Optional[Callable[[str], None]] = None) -> SegmentationResult:
+        """Segment every structure on its range with `engine`; the label map and the per-slice decisions."""
+        self.estimate_ranges()
+        engine.reset()
+        engine.set_feature_storage(self.options.feature_storage)
+        uses = self.uses()
+        estimate = estimate_resources(engine, self.options.method, int(uses.sum()), int((uses > 0).sum()),
+                                      self.info.images.shape[1:], len(self.structures), self.options.feature_storage)
+        if notify is not None:
+            for line in self.describe_ranges():
+                notify(line)
+            notify(estimate.describe())
+        check_resources(estimate, engine)
+        if estimate.feature_storage is not None:
+            engine.set_feature_storage(*estimate.feature_storage)
+        with _engine_limits(engine, estimate):
+            return self._segment_structures(engine, estimate, uses, progress)
+
+    def _segment_structures(self, engine, estimate: ResourceEstimate, uses: np.ndarray,
+                            progress: ProgressCallback) -> SegmentationResult:
+        keys = self.keys
+        engine.add_stack(keys, self.info.images)
+        clock = StageClock(engine, self.timings)
+        if estimate.upfront:
+            # on a GPU with room for every slice in range: encode them up front, in batches
+            todo = [keys[i] for i in range(self.n) if uses[i] > 0]
+            progress(f"Encoding slice 0/{len(todo)}", 0, len(todo))  # bars start at 0 before the first batch
+            with clock.stage("encode"):
+                engine.encode(todo, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
+        shared_cache: dict = {}  # per-run results the backends reuse across structures
+        if self.backend.needs_body_box:
+            shared_cache["body_box"] = self.info.body_box()  # of the whole query, not the range
+        out = _Outputs(self)
+        for structure in self.structures:
+            r = self.ranges[structure.value]
+            if r is None:
+                continue
+            first, last = r
+            uses[first : last + 1] -= 1
+            last_use = [keys[i] for i in range(first, last + 1) if uses[i] == 0]
+            # read again by a later structure: kept while the engine's feature budget allows, else encoded again
+            engine.keep_if_room(keys[i] for i in range(first, last + 1) if uses[i] > 0)
+            support_slices = self._support_slices(structure, engine)
+
+            def stage_progress(stage: str, done: int, total: int, _name=structure.name) -> None:
+                progress(f"{_name}: {stage}", done, total)
+
+            # the backend sees only the slices of the range
+            context = QueryContext(keys=keys[first : last + 1], images=self.info.images[first : last + 1],
+                                   spacing=self.plan.in_plane_spacing, cache=shared_cache)
+            if self.backend.reads_query_once:
+                engine.use_once(last_use)  # drop a query slice's features right after its one read
+            result = self.backend.run(engine, context, support_slices, self.options.method_options,
+                                      stage_progress, clock)
+            engine.release(last_use)  # a backend that reads them again is done with them now
+            out.add(structure, first, result)
+        self.timings["total"] = time.perf_counter() - self.started
+        return out.result(engine.encoder_calls, estimate)
+
+    def _support_slices(self, structure: Structure, engine) -> list[SupportSlice]:
+        """The labeled support slices that prompt SAM2 for `structure`, registered with the engine."""
+        slices = []
+        for s_idx, support in enumerate(self.supports):
+            mask_stack = support.plan.stack(support.case.mask(structure.value))
+            if not mask_stack.any():
+                continue  # a support holds only some structures (prepare checked that one holds each)
+            _warn_small_support(mask_stack, structure, support.case.name)
+            # the smallest integer type, not int64 (2.5 GB for a 600-slice 512 x 512 support)
+            label_stack = mask_stack.astype(np.min_scalar_type(structure.value)) * structure.value
+            for idx in select_support_slices(label_stack, structure.value, self.options.shots):
+                key = ("support", s_idx, idx)
+                engine.add_frames({key: support.stack[idx]})
+                slices.append(SupportSlice(key, mask_stack[idx].copy(), s_idx, idx, support.stack[idx],
+                                           support.plan.slice_index_to_array_index(idx),
+                                           support.plan.in_plane_spacing, support.body_box))
+        return slices
+
+
+class _Outputs:
+    """What a run collects per structure: the label stack, the scores, the support slices used."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        top = max(s.value for s in run.structures)
+        shape = run.info.images.shape
+        self.stack = np.zeros(shape, dtype=np.min_scalar_type(top) if top < 65536 else np.int32)
+        self.scores: list[SliceScore] = []
+        self.used: list[UsedSupportSlice] = []
+        self.forward_masks: dict[int, np.ndarray] = {}
+
+    def add(self, structure: Structure, first: int, result) -> None:
+        plan = self.run.plan
+        part = self.stack[first : first + result.masks.shape[0]]
+        part[result.masks & (part == 0)] = structure.value  # the structure listed first keeps a shared voxel
+        self.used += [UsedSupportSlice(structure.value, s.support, s.stack_index, s.array_index)
+                      for s in result.supports]
+        if result.scores is not None:
+            selected = set(result.selected)
+            for i, score in enumerate(result.scores):
+                self.scores.append(SliceScore(structure.name, structure.value,
+                                              plan.slice_index_to_array_index(first + i), first + i, float(score),
+                                              result.higher_is_better, i in selected,
+                                              None if result.matches is None else result.matches[i]))
+        if result.forward_masks is not None:
+            full = np.zeros(self.stack.shape, dtype=bool)
+            full[first : first + result.forward_masks.shape[0]] = result.forward_masks
+            self.forward_masks[structure.value] = plan.unstack(full)
+
+    def result(self, encoder_calls: int, estimate: ResourceEstimate) -> SegmentationResult:
+        run = self.run
+        labels = run.query.with_array(run.plan.unstack(self.stack))
+        ranges = {s.value: run.array_range(s.value) for s in run.structures}
+        return SegmentationResult(labels, list(run.structures), self.scores, encoder_calls, run.timings,
+                                  run.plan.array_axis, self.forward_masks, self.used, run.plan,
+                                  [s.plan for s in run.supports], ranges, estimate)
+
+
+@contextmanager
+def _engine_limits(engine, estimate: ResourceEstimate) -> Iterator[None]:
+    """The run's prediction batch and feature budget (capped on the CPU by the estimate); the engine's own
+    settings come back afterwards, so an engine serves the next run as it was built."""
+    saved = engine.batch_size, engine.feature_budget
+    engine.batch_size, engine.feature_budget = estimate.batch_size, estimate.feature_budget
+    try:
+        yield
+    finally:
+        engine.batch_size, engine.feature_budget = saved
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+
+
+def prepare(query: Volume, supports: list[SupportCase], structures: list[Structure],
+            options: SegmentOptions) -> Run:
+    """Check the inputs, cut every volume in the query's plane, and decide each structure's slice range.
+
+    Nothing is encoded yet; a bad input is an InputError here, before the model is built or used.
+    """
+    if not isinstance(options, SegmentOptions):
+        raise TypeError(f"options must be a SegmentOptions (SegmentOptions.from_flat builds one), got {options!r}")
+    if not supports:
+        raise InputError("at least one support (image + labels) is needed")
+    if not structures:
+        raise InputError("no structure to segment: give at least one label value")
+    t0 = time.perf_counter()
+    check_query(query)
+    backend = get_backend(options.method)
+    plan = SlicePlan.for_volume(query, options.axis)
+    # "auto" is resolved once per volume: the choice both normalises it and compares modalities
+    query_kind = choose_preset(query)
+    # windowed one slice at a time when read: a float32 copy of a 600-slice CT would be 630 MB
+    stack = SliceStack.of(query, plan, query_kind if options.preset == "auto" else options.preset)
+    prepared = [_prepare_support(case, plan, query_kind, options, backend) for case in supports]
+    for structure in structures:  # before any encoder call: a structure no support holds cannot be segmented
+        if not any(case.mask(structure.value).any() for case in supports):
+            where = supports[0].name if len(supports) == 1 else "every support"
+            raise InputError(f"structure {structure.value} ({structure.name}) is absent from {where}")
+    info = StackInfo(stack, plan.in_plane_spacing, plan.slice_spacing)
+    run = Run(query, plan, info, prepared, list(structures), options, backend, started=t0)
+    run.ranges, run.to_estimate = given_ranges(run)
+    run.timings["prepare"] = time.perf_counter() - t0
+    return run
+
+
+def _prepare_support(case: SupportCase, qplan: SlicePlan, query_kind: str, options: SegmentOptions,
+                     backend: Backend) -> PreparedSupport:
+    if not case.labels.same_grid(case.image):
+        raise InputError(f"{case.name}: the label map is not on its image's grid (read it with read_labels)")
+    support_kind = choose_preset(case.image)
+    if support_kind != query_kind:
+        warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
+                      "cross-modality support is allowed but less reliable", stacklevel=3)
+    plan = SlicePlan(case.image, qplan.plane)
+    with warnings.catch_warnings():  # the oblique warning, if any, was just given by the plan above
+        warnings.simplefilter("ignore")
+        own_plane = SlicePlan.for_volume(case.image, "auto").plane
+    if options.axis == "auto" and own_plane != qplan.plane:
+        warnings.warn(f"{case.name} was acquired {own_plane}, the query {qplan.plane}: the support is cut in the "
+                      f"query's {qplan.plane} plane too (choose another plane with --axis)", stacklevel=3)
+    stack = SliceStack.of(case.image, plan, support_kind if options.preset == "auto" else options.preset)
+    # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
+    box = body_box(stack, plan.in_plane_spacing) if backend.needs_body_box else None
+    return PreparedSupport(case, plan, stack, box)
 
 
 def segment(
@@ -69,7 +309,7 @@ def segment(
     engine: Optional[SAM2Engine] = None,
     notify: Optional[Callable[[str], None]] = None,
 ) -> SegmentationResult:
-    """Segment `structures` (by label value) in `query` from the labeled `supports`.
+    """Segment `structures` (by label value) in `query` from the labeled `supports` (see `support_loader`).
 
     Every structure is segmented on its own, on the query slices of its range (`options.slice_range`; outside
     it the output is background); where two structures claim a voxel, the one listed first keeps it.
@@ -82,204 +322,35 @@ def segment(
 
         with ProgressBar() as bar:
             return segment(query, supports, structures, options, bar, engine, notify)
-    progress = progress or (lambda stage, done, total: None)
-    if not isinstance(options, SegmentOptions):
-        raise TypeError(f"options must be a SegmentOptions (SegmentOptions.from_flat builds one), got {options!r}")
-    if not supports:
-        raise InputError("at least one support (image + labels) is needed")
-    if not structures:
-        raise InputError("no structure to segment: give at least one label value")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    check_query(query)
-    # query and supports -> canonical slice stacks in [0, 1], all cut in the query's anatomical plane
-    qplan = SlicePlan.for_volume(query, options.axis)
-    # "auto" is resolved once per volume: the choice both normalises it and compares modalities
-    query_kind = choose_preset(query)
-    # windowed one slice at a time when read: a float32 copy of a 600-slice CT would be 630 MB
-    qstack = SliceStack.of(query, qplan, query_kind if options.preset == "auto" else options.preset)
-    prepared = []
-    support_plans = []
-    for s_idx, case in enumerate(supports):
-        if not case.labels.same_grid(case.image):
-            raise InputError(f"{case.name}: the label map is not on its image's grid (read it with read_labels)")
-        support_kind = choose_preset(case.image)
-        if support_kind != query_kind:
-            warnings.warn(f"{case.name} and the query look like different modalities (CT vs other); "
-                          "cross-modality support is allowed but less reliable", stacklevel=2)
-        plan = SlicePlan(case.image, qplan.plane)
-        with warnings.catch_warnings():  # the oblique warning, if any, was just given by the plan above
-            warnings.simplefilter("ignore")
-            own_plane = SlicePlan.for_volume(case.image, "auto").plane
-        if options.axis == "auto" and own_plane != qplan.plane:
-            warnings.warn(f"{case.name} was acquired {own_plane}, the query {qplan.plane}: the support is cut in the "
-                          f"query's {qplan.plane} plane too (choose another plane with --axis)", stacklevel=2)
-        support_plans.append(plan)
-        image_stack = SliceStack.of(case.image, plan, support_kind if options.preset == "auto" else options.preset)
-        # the LPIPS backend compares slices at one scale, centred on the body (see backends/lpips_matching.py)
-        box = body_box(image_stack, plan.in_plane_spacing) if options.method == "lpips" else None
-        prepared.append((plan, image_stack, case, box))
-    for structure in structures:  # before any encoder call: a structure no support holds cannot be segmented
-        holders = [case.name for case in supports if case.mask(structure.value).any()]
-        if not holders:
-            where = supports[0].name if len(supports) == 1 else "every support"
-            raise InputError(f"structure {structure.value} ({structure.name}) is absent from {where}")
-    timings["prepare"] = time.perf_counter() - t0
-
-    t_range = time.perf_counter()
-    # the query's stack with its geometry: the range estimate and the LPIPS backend share its body box
-    query_info = StackInfo(qstack, qplan.in_plane_spacing, qplan.slice_spacing)
-    ranges = structure_ranges(qplan, query_info, prepared, structures, options)
-    timings["extent"] = time.perf_counter() - t_range
-    n = qstack.shape[0]
-    # how many structures still need each query slice: its features are dropped after the last one
-    uses = np.zeros(n, dtype=int)
-    for r in ranges.values():
-        if r is not None:
-            uses[r[0] : r[1] + 1] += 1
-
+    run = prepare(query, supports, structures, options)
     if engine is None:
-        engine = make_engine(options)
-    engine.reset()
-    engine.set_feature_storage(options.feature_storage)
-    estimate = estimate_resources(engine, options.method, int(uses.sum()), int((uses > 0).sum()),
-                                  qstack.shape[1:], len(structures), options.feature_storage)
-    if notify is not None:
-        for st in structures:
-            r = ranges[st.value]
-            notify(f"{st.name}: slices {'-'.join(map(str, to_array_range(qplan, *r)))} of {n} along array axis "
-                   f"{qplan.array_axis}" if r is not None else f"{st.name}: empty slice range, not segmented")
-        notify(estimate.describe())
-    check_resources(estimate, engine)
-    if estimate.feature_storage is not None:
-        engine.set_feature_storage(*estimate.feature_storage)
-    requested_batch = engine.batch_size
-    engine.batch_size, engine.feature_budget = estimate.batch_size, estimate.feature_budget
-    try:
-        return _segment_structures(query, qplan, query_info, prepared, support_plans, supports, structures,
-                                   options, ranges, uses, engine, estimate, progress, timings, t0)
-    finally:
-        engine.batch_size, engine.feature_budget = requested_batch, None
+        engine = make_engine(options)  # a checkpoint problem shows before the range estimate's seconds
+    return run.execute(engine, progress or (lambda stage, done, total: None), notify)
 
 
-def _segment_structures(query, qplan, query_info, prepared, support_plans, supports, structures, options, ranges,
-                        uses, engine, estimate, progress, timings, t0) -> SegmentationResult:
-    """Every structure on its range with the prepared engine; then the label map and the result."""
-    qstack = query_info.images
-    n = qstack.shape[0]
-    query_keys = [("query", i) for i in range(n)]
-    engine.add_stack(query_keys, qstack)
-    clock = StageClock(engine, timings)
-    if estimate.upfront:
-        # on a GPU with room for every slice in range: encode them up front, in batches
-        todo = [query_keys[i] for i in range(n) if uses[i] > 0]
-        # bars start at 0 before the first batch, which takes seconds on a CPU
-        progress(f"Encoding slice 0/{len(todo)}", 0, len(todo))
-        with clock.stage("encode"):
-            engine.encode(todo, progress=lambda d, t: progress(f"Encoding slice {d}/{t}", d, t))
-    backend = get_backend(options.method)
-    shared_cache: dict = {}  # per-run results the backends reuse across structures (the query's body box)
-    if options.method == "lpips":
-        shared_cache["body_box"] = query_info.body_box()  # of the whole query, not the range
-
-    top = max(s.value for s in structures)
-    out_stack = np.zeros(qstack.shape, dtype=np.min_scalar_type(top) if top < 65536 else np.int32)
-    scores: list[SliceScore] = []
-    used: list[UsedSupportSlice] = []
-    forward_masks: dict[int, np.ndarray] = {}
-    slice_ranges: dict[int, Optional[tuple[int, int]]] = {}
-    for structure in structures:
-        r = ranges[structure.value]
-        slice_ranges[structure.value] = None if r is None else to_array_range(qplan, *r)
-        if r is None:
-            continue
-        first, last = r
-        uses[first : last + 1] -= 1
-        last_use = [query_keys[i] for i in range(first, last + 1) if uses[i] == 0]
-        # read again by a later structure: kept while the engine's feature budget allows, else encoded again
-        engine.keep_if_room(query_keys[i] for i in range(first, last + 1) if uses[i] > 0)
-        support_slices = []
-        for s_idx, (plan, image_stack, case, box) in enumerate(prepared):
-            mask_stack = plan.stack(case.mask(structure.value))
-            if not mask_stack.any():
-                if len(prepared) > 1:
-                    continue  # several supports: each only needs the structures it has
-                raise InputError(f"structure {structure.value} ({structure.name}) is absent from {supports[s_idx].name}")
-            _warn_small_support(mask_stack, structure, case.name)
-            # the smallest integer type, not int64 (2.5 GB for a 600-slice 512 x 512 support)
-            label_stack = mask_stack.astype(np.min_scalar_type(structure.value)) * structure.value
-            for idx in select_support_slices(label_stack, structure.value, options.shots):
-                key = ("support", s_idx, idx)
-                engine.add_frames({key: image_stack[idx]})
-                support_slices.append(SupportSlice(key, mask_stack[idx].copy(), s_idx, idx,
-                                                   image_stack[idx], plan.slice_index_to_array_index(idx),
-                                                   plan.in_plane_spacing, box))
-        if not support_slices:
-            raise InputError(f"structure {structure.value} ({structure.name}) is absent from every support")
-
-        def stage_progress(stage: str, done: int, total: int, _name=structure.name) -> None:
-            progress(f"{_name}: {stage}", done, total)
-
-        # the backend sees only the slices of the range
-        context = QueryContext(keys=query_keys[first : last + 1], images=qstack[first : last + 1],
-                               spacing=qplan.in_plane_spacing, cache=shared_cache)
-        if options.method in ("propagate", "lpips"):
-            engine.use_once(last_use)  # these read each query slice once: drop its features right after
-        result = backend.run(engine, context, support_slices, options.method_options, stage_progress, clock)
-        engine.release(last_use)  # reverse reads them again (forward, p_i prompts, self-propagation): dropped now
-        part = out_stack[first : last + 1]
-        part[result.masks & (part == 0)] = structure.value
-        used += [UsedSupportSlice(structure.value, s.support, s.slice_index, s.array_index) for s in result.supports]
-        if result.scores is not None:
-            selected = set(result.selected)
-            for i, score in enumerate(result.scores):
-                scores.append(SliceScore(structure.name, structure.value, qplan.slice_index_to_array_index(first + i),
-                                         first + i, float(score), result.higher_is_better, i in selected,
-                                         None if result.matches is None else result.matches[i]))
-        if result.forward_masks is not None:
-            full = np.zeros(qstack.shape, dtype=bool)
-            full[first : last + 1] = result.forward_masks
-            forward_masks[structure.value] = qplan.unstack(full)
-
-    labels = query.with_array(qplan.unstack(out_stack))
-    timings["total"] = time.perf_counter() - t0
-    return SegmentationResult(labels, list(structures), scores, engine.encoder_calls, timings,
-                              qplan.array_axis, forward_masks, used, qplan, support_plans, slice_ranges, estimate)
-
-
-def structure_ranges(qplan: SlicePlan, query_info: StackInfo, prepared: list, structures: list[Structure],
-                     options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
-    """Per structure value, the inclusive range of query stack slices to segment (None: an empty estimate)."""
-    from .slice_range import check_slice_range, resolve_slice_ranges, to_stack_range
-
-    n = query_info.images.shape[0]
-    ranges: dict[int, Optional[tuple[int, int]]] = {}
+def given_ranges(run: Run) -> tuple[dict[int, StackRange], list[Structure]]:
+    """The ranges the user gave (whole, FIRST:LAST; checked against the query) per structure value, and the
+    structures whose range is left to the estimate."""
+    ranges: dict[int, StackRange] = {}
     auto = []
-    specs = resolve_slice_ranges(options.slice_range, structures)
-    for s in structures:  # per structure: off, FIRST:LAST or auto (estimated below)
-        given = specs[s.value]
-        if given == (0, -1):
-            ranges[s.value] = (0, n - 1)
-        elif given is not None:
-            check_slice_range(given[0], given[1], n, qplan.array_axis)
-            ranges[s.value] = to_stack_range(qplan, *given)
+    specs = resolve_slice_ranges(run.options.slice_range, run.structures)
+    for s in run.structures:  # per structure: whole, FIRST:LAST, or auto (estimated below)
+        spec = specs[s.value]
+        if spec.kind == "whole":
+            ranges[s.value] = (0, run.n - 1)
+        elif spec.kind == "range":
+            check_slice_range(spec.first, spec.last, run.n, run.plan.array_axis)
+            ranges[s.value] = to_stack_range(run.plan, spec.first, spec.last)
         else:
             auto.append(s)
-    if auto:
-        ranges.update(estimated_ranges(query_info, prepared, auto, options))
-    return ranges
+    return ranges, auto
 
 
-def estimated_ranges(query_info: StackInfo, prepared: list, structures: list[Structure],
-                     options: SegmentOptions) -> dict[int, Optional[tuple[int, int]]]:
+def estimated_ranges(run: Run, structures: list[Structure]) -> dict[int, StackRange]:
     """Per structure value, the range the extent estimator finds from the supports (None: empty)."""
     import os
 
-    from .extent import ExtentEstimator
-    from .lpips_distance import LPIPS_WEIGHTS_ENV
-
-    n = query_info.images.shape[0]
+    options = run.options
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
                or os.environ.get(LPIPS_WEIGHTS_ENV))
     try:
@@ -287,16 +358,16 @@ def estimated_ranges(query_info: StackInfo, prepared: list, structures: list[Str
     except InputError as exc:
         # the range only saves time: without the AlexNet weights, segment every slice rather than nothing
         warnings.warn(f"slice range estimation is off, every slice is segmented: {exc}", stacklevel=3)
-        return {s.value: (0, n - 1) for s in structures}
+        return {s.value: (0, run.n - 1) for s in structures}
     support_infos = []
-    for plan, image_stack, case, box in prepared:
+    for support in run.supports:
         # which slices hold each structure (the output's values, whatever the support's own numbering)
-        present = {st.value: plan.stack(case.mask(st.value)).reshape(image_stack.shape[0], -1).any(axis=1)
-                   for st in structures}
-        support_infos.append(StackInfo(image_stack, plan.in_plane_spacing, plan.slice_spacing, present=present,
-                                       box=box))
-    found = estimator.estimate(query_info, support_infos, [(s.value, s.name) for s in structures])
-    ranges: dict[int, Optional[tuple[int, int]]] = {}
+        present = {st.value: support.plan.stack(support.case.mask(st.value)).reshape(support.stack.shape[0], -1)
+                   .any(axis=1) for st in structures}
+        support_infos.append(StackInfo(support.stack, support.plan.in_plane_spacing, support.plan.slice_spacing,
+                                       present=present, box=support.body_box))
+    found = estimator.estimate(run.info, support_infos, [(s.value, s.name) for s in structures])
+    ranges: dict[int, StackRange] = {}
     for r in found:
         if r.empty:
             warnings.warn(f"structure {r.value} ({r.name}): its estimated slice range in the query is empty (the "

@@ -32,6 +32,8 @@ class ProgressBar:
     def __call__(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm  # imported on first report: `import fewshotsam2` and `--help` stay fast
 
+        if total <= 0:  # a stage with nothing to count (reading the volumes, loading SAM2) draws no bar
+            return
         head = stage_head(stage)
         if head != self._stage:
             self.close()

@@ -4,47 +4,65 @@ stack indices and the volume's own array indices. The estimate of a range from t
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Optional
 
 from .errors import InputError
 
 
-def parse_slice_range(text: str) -> Optional[tuple[int, int]]:
-    """'auto' -> None (estimate), 'off' -> (0, -1) sentinel meaning every slice, 'FIRST:LAST' -> ints.
+@dataclass(frozen=True)
+class SliceRangeSpec:
+    """One structure's slice range as the user gives it: `auto` (estimated from the supports, `extent.py`),
+    `whole` (every slice; written "off") or `range` (FIRST..LAST, inclusive indices along the query array's slice
+    axis)."""
 
-    Only the grammar is checked here; `check_slice_range` checks the numbers against the query.
-    """
+    kind: str  # "auto" | "whole" | "range"
+    first: int = 0
+    last: int = 0
+
+    def __str__(self) -> str:
+        return {"auto": "auto", "whole": "off"}.get(self.kind, f"{self.first}:{self.last}")
+
+
+AUTO = SliceRangeSpec("auto")
+WHOLE = SliceRangeSpec("whole")
+SYNTAX = "auto, off, FIRST:LAST (inclusive slice indices) or STRUCTURE=RANGE,... per structure"
+
+
+def parse_slice_range(text: str) -> SliceRangeSpec:
+    """'auto', 'off' or 'FIRST:LAST'. Only the grammar is checked here; `check_slice_range` checks the numbers
+    against the query."""
     text = str(text).strip()
     if text == "auto":
-        return None
+        return AUTO
     if text == "off":
-        return (0, -1)
+        return WHOLE
     m = re.fullmatch(r"(-?\d+):(-?\d+)", text)
     if not m:
-        raise InputError(f"--slice-range must be auto, off or FIRST:LAST (inclusive slice indices), got '{text}'")
-    return int(m.group(1)), int(m.group(2))
+        raise InputError(f"'{text}' is no slice range: write {SYNTAX}")
+    return SliceRangeSpec("range", int(m.group(1)), int(m.group(2)))
 
 
-def parse_slice_ranges(text: str) -> dict[Optional[str], Optional[tuple[int, int]]]:
+def parse_slice_ranges(text: str) -> dict[Optional[str], SliceRangeSpec]:
     """Per-structure ranges: 'SPEC' or 'KEY=SPEC,KEY=SPEC,...' (KEY: an output structure's value or name, SPEC as
-    in `parse_slice_range`). The key None holds the range of every structure not named (default 'auto')."""
+    in `parse_slice_range`). The key None holds the range of every structure not named (default auto)."""
     text = str(text).strip()
     if "=" not in text:
         return {None: parse_slice_range(text)}
-    out: dict[Optional[str], Optional[tuple[int, int]]] = {}
+    out: dict[Optional[str], SliceRangeSpec] = {}
     for item in text.split(","):
         key, sep, spec = (p.strip() for p in item.partition("="))
         if not sep:  # one bare SPEC among keyed ones: the range of the structures not named
             key, spec = None, item.strip()
         if key == "" or key in out:
-            raise InputError(f"--slice-range '{text}': "
-                             + ("an empty structure name" if key == "" else f"'{key or 'default'}' given twice"))
+            raise InputError(f"'{text}': " + ("an empty structure name" if key == ""
+                                              else f"'{key or 'the default range'}' is given twice"))
         out[key] = parse_slice_range(spec)
-    out.setdefault(None, None)
+    out.setdefault(None, AUTO)
     return out
 
 
-def resolve_slice_ranges(text: str, structures) -> dict[int, Optional[tuple[int, int]]]:
+def resolve_slice_ranges(text: str, structures) -> dict[int, SliceRangeSpec]:
     """Per output structure value, its range from `parse_slice_ranges` (keys matched by value, then by name)."""
     given = parse_slice_ranges(text)
     out = {s.value: given[None] for s in structures}
@@ -58,6 +76,13 @@ def resolve_slice_ranges(text: str, structures) -> dict[int, Optional[tuple[int,
         for s in hits:
             out[s.value] = spec
     return out
+
+
+def check_user_ranges(text: str, n_slices: int, axis: int) -> None:
+    """Every FIRST:LAST of a --slice-range fits a query of `n_slices` along `axis` (before any work)."""
+    for spec in parse_slice_ranges(text).values():
+        if spec.kind == "range":
+            check_slice_range(spec.first, spec.last, n_slices, axis)
 
 
 def check_slice_range(first: int, last: int, n_slices: int, axis: int) -> None:

@@ -16,7 +16,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -55,6 +55,49 @@ class Structure:
     name: str
     color: tuple[float, float, float]
     layer: int = 0  # the .seg.nrrd layer holding the segment (overlapping segments live in separate layers)
+
+
+class LabelMap(NamedTuple):
+    """A label map on an image's grid and the structures it holds (what `read_labels` returns).
+
+    `volume.array` holds the labels; a .seg.nrrd with overlapping segments also keeps `volume.layers`
+    (layers, k, j, i), each segment in its own layer (`Structure.layer`), so nested segments survive. Unpacks as
+    `(volume, structures)`.
+    """
+
+    volume: "Volume"
+    structures: list[Structure]
+
+    def mask(self, structure: Structure) -> np.ndarray:
+        """The voxels of `structure` (bool, on the label map's grid), from its own layer."""
+        return structure_mask(self.volume, structure)
+
+    @classmethod
+    def from_masks(cls, reference: "Volume", masks: list[tuple[Structure, np.ndarray]]) -> "LabelMap":
+        """A label map on `reference`'s grid holding each (structure, bool mask) under its own value; masks that
+        overlap go to separate layers (as Slicer's segmentations keep them), so no voxel is lost to another
+        segment. Structure values must differ."""
+        values = [s.value for s, _ in masks]
+        if len(set(values)) != len(values):
+            raise ValueError(f"structure values must differ, got {values}")
+        dtype = np.min_scalar_type(max(values, default=1))
+        layers: list[np.ndarray] = []
+        placed = []
+        for structure, mask in masks:
+            mask = np.asarray(mask, dtype=bool)
+            # the first layer this segment does not overlap (a new one if none)
+            index = next((i for i, layer in enumerate(layers) if not (layer[mask] != 0).any()), len(layers))
+            if index == len(layers):
+                layers.append(np.zeros(reference.shape, dtype=dtype))
+            layers[index][mask] = structure.value
+            placed.append(Structure(structure.value, structure.name, structure.color, index))
+        flat = layers[0].copy() if layers else np.zeros(reference.shape, dtype=dtype)
+        for layer in layers[1:]:
+            flat[layer > 0] = layer[layer > 0]
+        volume = reference.with_array(flat)
+        if len(layers) > 1:
+            volume.layers = np.stack(layers)
+        return cls(volume, placed)
 
 
 def default_structure(value: int) -> Structure:
@@ -483,7 +526,7 @@ def _resample_to(labels: Volume, reference: Volume) -> Volume:
 
 def read_labels(
     path: PathLike, reference: Volume, names: Optional[dict[int, str]] = None
-) -> tuple[Volume, list[Structure]]:
+) -> LabelMap:
     """Read a label map (any integer-valued image, or a Slicer .seg.nrrd) aligned to `reference`'s grid.
 
     A label grid that differs from the reference is resampled onto it by physical geometry (nearest
@@ -517,7 +560,7 @@ def read_labels(
             what = "segments" if labels.layers is not None else "label values"
             warnings.warn(f"{p.name}: {what} {lost} lie outside the image and were dropped", stacklevel=2)
         structures = kept
-    return labels, structures
+    return LabelMap(labels, structures)
 
 
 def label_values(labels: Volume) -> list[int]:
@@ -574,18 +617,21 @@ def _write_seg_nrrd(path: str, labels: Volume, structures: list[Structure], arra
     def placeholder(i: int) -> str:
         return f"fewshotsam2-name-{i}"
 
+    layered = labels.layers is not None
     segments = [
         {
-            "id": f"Segment_{s.value}",
+            "id": f"Segment_{i + 1}" if layered else f"Segment_{s.value}",  # values repeat across layers
             "name": placeholder(i),
             "color": [float(c) for c in s.color],
             "labelValue": int(s.value),
-            "layer": 0,
+            "layer": int(s.layer) if layered else 0,
         }
         for i, s in enumerate(structures)
     ]
+    # slicerio writes (i, j, k) in Fortran order, layers first
+    voxels = labels.layers.transpose(0, 3, 2, 1) if layered else np.asarray(array).transpose(2, 1, 0)
     segmentation = {
-        "voxels": np.asarray(array).transpose(2, 1, 0),  # slicerio writes (i, j, k) in Fortran order
+        "voxels": voxels,
         "ijkToLPS": labels.ijk_to_lps(),
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
@@ -623,11 +669,16 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure]) ->
         raise InputError(f"{p.name}: label values must be in 0..{MAX_LABEL_VALUE} to be written")
     arr = arr.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32, copy=False)
     out = labels.with_array(arr)
-
-    by_value = {s.value: s for s in structures}
-    for v in label_values(out):
-        by_value.setdefault(v, default_structure(v))
-    all_structures = [by_value[v] for v in sorted(by_value)]
+    if labels.layers is not None:  # overlapping segments, each in its own layer: only a .seg.nrrd holds them
+        if ext != ".seg.nrrd":
+            raise InputError(f"{p.name}: overlapping segments (several layers) can only be written as .seg.nrrd")
+        out.layers = np.asarray(labels.layers).astype(arr.dtype, copy=False)
+        all_structures = list(structures)
+    else:
+        by_value = {s.value: s for s in structures}
+        for v in label_values(out):
+            by_value.setdefault(v, default_structure(v))
+        all_structures = [by_value[v] for v in sorted(by_value)]
 
     try:
         # ITK's writers also print their complaints on stderr: the error below is the one line

@@ -41,7 +41,7 @@ class SupportSlice:
     key: Hashable
     mask: np.ndarray  # bool (h, w)
     support: int  # which support volume
-    slice_index: int  # index in that support's slice stack
+    stack_index: int  # position in that support's slice stack
     image: Optional[np.ndarray] = None  # float [0, 1] (h, w); needed by the LPIPS backend
     array_index: int = -1  # the same slice as an index along the support volume's own array axis
     spacing: tuple = (1.0, 1.0)  # in-plane (row, column) mm
@@ -81,6 +81,10 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     options_type: ClassVar[type]
+    # what the pipeline prepares for it: the body boxes of the query and the supports (LPIPS at one field of view)
+    needs_body_box: ClassVar[bool] = False
+    # whether it reads each query slice's features once per structure (then they are dropped right after use)
+    reads_query_once: ClassVar[bool] = True
 
     @abc.abstractmethod
     def run(

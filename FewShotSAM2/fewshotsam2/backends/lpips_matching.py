@@ -15,43 +15,27 @@
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..augment import augment_support
-from ..lpips_distance import QUERY_CHUNK, body_box, resample_to_fov
+from ..lpips_distance import QUERY_CHUNK, body_box, resample_to_fov, shared_lpips
 from ..options import LpipsOptions
 from ..results import LpipsMatch
 from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
 
 
-# Building LPIPS costs seconds (import, AlexNet construction, weights): keep the last one across runs.
-_MATCHER: dict[tuple, object] = {}
-
-
-def shared_matcher(net: str = "alex", weights: Optional[str] = None, device: str = "cpu", size: int = 224):
-    """The process's LPIPS network for (net, weights, device, size), built on first use (`extent` uses it too)."""
-    from ..lpips_distance import LPIPS_WEIGHTS_ENV, LPIPSDistance
-
-    weights = weights or os.environ.get(LPIPS_WEIGHTS_ENV)
-    key = (net, weights, str(device), int(size))
-    if key not in _MATCHER:
-        _MATCHER.clear()
-        _MATCHER[key] = LPIPSDistance(net=net, backbone_weights=weights, device=str(device), size=int(size))
-    return _MATCHER[key]
-
-
 def _matcher(engine: Engine, options: LpipsOptions):
     # LPIPS runs where SAM2 runs
-    return shared_matcher(options.net, options.weights, str(getattr(engine, "device", "cpu")))
+    return shared_lpips(options.net, options.weights, str(getattr(engine, "device", "cpu")))
 
 
 class LpipsBackend(Backend):
     name = "lpips"
     options_type = LpipsOptions
+    needs_body_box = True
 
     def run(
         self,
@@ -72,9 +56,9 @@ class LpipsBackend(Backend):
             candidates = []  # (match, support slice, image, mask)
             for s in supports:
                 pairs = augment_support(s.image, s.mask, options.augmentations,
-                                        seed=options.seed + 7919 * s.support + s.slice_index)
+                                        seed=options.seed + 7919 * s.support + s.stack_index)
                 for a, (image, mask) in enumerate(pairs):
-                    match = LpipsMatch(s.support, s.slice_index, s.array_index, a)
+                    match = LpipsMatch(s.support, s.stack_index, s.array_index, a)
                     candidates.append((match, s, image.astype(np.float32), mask.astype(bool)))
             support_feats = matcher.features(np.concatenate([
                 resample_to_fov(c[2][None], c[1].spacing, fov, matcher.size,

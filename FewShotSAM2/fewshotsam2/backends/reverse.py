@@ -121,6 +121,7 @@ def _self_propagate(
 class ReverseBackend(Backend):
     name = "reverse"
     options_type = ReverseOptions
+    reads_query_once = False  # forward, the p_i prompts and self-propagation read each query slice again
 
     def run(self, engine: Engine, query: QueryContext, supports: Sequence[SupportSlice], options: ReverseOptions,
             progress: StageProgress, clock: StageClock) -> StructureResult:

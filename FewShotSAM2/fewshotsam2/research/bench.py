@@ -106,9 +106,10 @@ def _load_case(path: str, labels_path: Optional[str]):
 
 def bench_method(method: str, cfg: dict, engine=None) -> dict:
     """Load, segment and write once with `method`; returns stage seconds, encoder calls and memory peaks."""
-    from ..pipeline import SupportCase
+    from ..label_selection import LabelChoice
     from ..slices import SlicePlan
-    from ..volume import default_structure, write_labels
+    from ..support_loader import load_supports
+    from ..volume import LabelMap, default_structure, write_labels
 
     options = cfg["options_factory"](method)
     trace = cfg.get("tracemalloc", True)
@@ -139,14 +140,16 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
         query, query_labels = crop_slices(query, query_labels, axis, cfg["max_slices"], values[0])
     loading = time.perf_counter() - t0
 
-    structures = [default_structure(v) for v in values]
     t1 = time.perf_counter()
     if cfg.get("segment") is None:
         from ..pipeline import segment
     else:
         segment = cfg["segment"]
-    result = segment(query, [SupportCase(s_image, s_labels, "support")], structures, options, progress=None,
-                     engine=engine)
+    # the one support rule (support_loader.py), each structure by its label value
+    support_labels = LabelMap(s_labels, [default_structure(int(v)) for v in np.unique(s_labels.array) if v > 0])
+    supports, structures = load_supports([(s_image, support_labels, "support")],
+                                         [LabelChoice(str(v), "value", str(v)) for v in values])
+    result = segment(query, supports, structures, options, progress=None, engine=engine)
     seg_seconds = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -315,13 +318,23 @@ def _torch_threads() -> int:
 
 
 def _structure_values(text: Optional[str]) -> list[int]:
-    """`--structures 1,5` -> [1, 5]; anything else is one clear error."""
-    items = [t.strip() for t in (text or "").split(",") if t.strip()]
-    if not all(t.isascii() and t.isdigit() and int(t) > 0 for t in items):
+    """`--structures 1,5` -> [1, 5], in `--labels`' grammar (label_selection.py) restricted to label values:
+    bench crops and scores by value. Anything else is one clear error."""
+    from ..label_selection import parse_label_selection
+
+    if not (text or "").strip():
+        return []
+    try:
+        choices = parse_label_selection(text)
+    except InputError as exc:
+        raise InputError(f"--structures '{text}': {exc}") from None
+    if not all(c.kind in ("auto", "value") and c.rename is None and c.key.isascii() and c.key.isdigit()
+               and int(c.key) > 0 for c in choices):
         raise InputError(f"--structures '{text}': give positive label values, e.g. 1,5")
-    if len(set(map(int, items))) != len(items):
+    values = [int(c.key) for c in choices]
+    if len(set(values)) != len(values):
         raise InputError(f"--structures '{text}': a label value is listed twice")
-    return [int(t) for t in items]
+    return values
 
 
 def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
@@ -331,7 +344,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
         return run_matching(args)
     if not args.query:
         raise InputError("bench needs --query (a case folder or an image file), or --matching")
-    from .. import cli
+    from ..settings import options_from_args
     from .evaluate import parse_methods
     from ..options import SegmentOptions
     from ..pipeline import make_engine
@@ -349,7 +362,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
     engine_options = {f: getattr(args, f) for f in SegmentOptions.flat_names() if hasattr(args, f) and f != "method"}
 
     def options_factory(m: str):
-        return cli.options_from_args(args, m)
+        return options_from_args(args, m)
 
     for m in methods:  # bad options fail here, before the model is built
         options_factory(m)
@@ -411,7 +424,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_method_arguments, add_model_arguments
+    from ..settings import add_arguments as add_setting_arguments
 
     parser.description = ("Time each stage of each method on one query (and support): wall time, encoder calls, "
                           "peak memory, ratio to propagate. Markdown output. See docs/evaluation.md.")
@@ -436,5 +449,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--n-support", type=int, default=50, help="--matching: augmented support images (default 50)")
     m.add_argument("--n-query", type=int, default=100, help="--matching: query slices (default 100)")
     m.add_argument("--matching-size", type=int, default=224, help="LPIPS input size")
-    add_model_arguments(parser)
-    add_method_arguments(parser)
+    add_setting_arguments(parser, groups=("model", "slices", "reverse", "lpips"))

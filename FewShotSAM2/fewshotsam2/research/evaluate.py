@@ -209,31 +209,38 @@ def within_volume_support(image, labels, values: Sequence[int], shots: int, axis
     return SupportCase(image=image, labels=labels.with_array(kept), name=name)
 
 
+def _support(image, labels, name: str, structures: Sequence):
+    """The support of one evaluation unit, by the one support rule (support_loader.py): each structure by its
+    label value, under the name the evaluation gives it."""
+    from ..label_selection import LabelChoice
+    from ..support_loader import load_supports
+
+    chosen = [LabelChoice(str(s.value), "value", str(s.value), s.name) for s in structures]
+    return load_supports([(image, labels, name)], chosen)[0][0] if structures else None
+
+
 def parse_structures(spec: Optional[str], available: Sequence) -> list:
-    """`--structures` "1,5" or "spleen=1,liver=5" -> Structures; None = every value of the first case."""
-    from ..volume import Structure, default_structure
+    """`--structures` in `--labels`' grammar (label_selection.py: "1,5", "spleen=1,liver=5", names) resolved in
+    the first case's structures; None = every structure of the first case."""
+    from dataclasses import replace
+
+    from ..label_selection import parse_label_selection, resolve_structures
+    from ..volume import default_structure
 
     if not spec:
         return list(available)
-    out = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        name, _, value = item.rpartition("=")
-        try:
-            v = int(value)
-        except ValueError:
-            raise InputError(f"--structures: '{item}' is not VALUE or NAME=VALUE "
-                             "(e.g. 1,5 or spleen=1,liver=5)") from None
-        if v <= 0:
-            raise InputError(f"--structures: label value must be positive, got {v}")
-        base = next((s for s in available if s.value == v), default_structure(v))
-        out.append(Structure(v, name.strip() or base.name, base.color))
-    if len({s.value for s in out}) != len(out):
+    try:
+        choices = parse_label_selection(spec)
+        # a label value the first case lacks may be in the others: it is scored where it is
+        known = list(available) + [default_structure(int(c.key)) for c in choices
+                                   if c.kind != "name" and c.key.isascii() and c.key.isdigit() and int(c.key) > 0
+                                   and not any(s.value == int(c.key) for s in available)]
+        chosen = resolve_structures(choices, known, "the first case's labels")
+    except InputError as exc:
+        raise InputError(f"--structures: {exc}") from None
+    if len({s.value for s in chosen}) != len(chosen):
         raise InputError("--structures: a label value is listed twice")
-    if not out:
-        raise InputError("--structures: no structure given")
-    return out
+    return [replace(s, layer=0) for s in chosen]
 
 
 def parse_methods(spec: str) -> list[str]:
@@ -600,7 +607,7 @@ def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None,
     """
     from tqdm import tqdm
 
-    from ..pipeline import SupportCase
+    from ..volume import LabelMap
 
     if segment is None:
         from ..pipeline import segment
@@ -694,10 +701,10 @@ def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None,
                 s_labels = truth
                 run_structures = present_q
             else:
-                s_image, s_labels, _ = ev.load(support_name)
+                s_image, s_labels, s_structures = ev.load(support_name)
                 run_structures = [s for s in present_q if np.any(s_labels.array == s.value)]
                 skips += [(s, "absent from the support labels") for s in present_q if s not in run_structures]
-                support = SupportCase(image=s_image, labels=s_labels, name=support_name)
+                support = _support(s_image, LabelMap(s_labels, s_structures), support_name, run_structures)
             for s, reason in skips:
                 skip_log.write(dict(query=query, support=support_name, method=method, structure=s.name, reason=reason))
             if not run_structures:
@@ -833,10 +840,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the results in the output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from ..cli import add_method_arguments, add_model_arguments  # the options `segment` has, same names
+    from ..settings import add_arguments as add_setting_arguments  # the options `segment` has, same names
 
-    add_model_arguments(parser)
-    add_method_arguments(parser)
+    add_setting_arguments(parser, groups=("model", "slices", "reverse", "lpips"))
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluationConfig:

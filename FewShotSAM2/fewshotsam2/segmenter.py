@@ -1,0 +1,132 @@
+"""The ladder from settings to a result that every front end climbs (the command line, batch, the Slicer
+module's process, scripts), after nnU-Net v2's predictor:
+
+    segmenter = Segmenter(options)                                   # settings, checked when built
+    segmenter.check_ready(out="x.seg.nrrd", inputs=[...])            # every check that needs no volume
+    result = segmenter.segment_files("query/", [("img.nii.gz", "lab.nii.gz")], "liver=5", out="x.seg.nrrd")
+    result = segmenter.segment(query, supports, structures)           # volumes (support_loader builds supports)
+
+The model is built on first use and kept, so one Segmenter serves a cohort with one engine. Running out of
+memory is one InputError saying what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+from .checkpoints import cached_checkpoint, check_cache_folder
+from .errors import InputError, out_of_memory_as_input_error
+from .label_selection import LabelChoice
+from .options import SegmentOptions
+from .paths import check_output_file, refuse_overwriting_inputs
+from .pipeline import ProgressCallback, check_query, make_engine, prepare, write_scores
+from .results import SegmentationResult
+from .support_loader import SupportCase, SupportReader
+from .volume import Structure, Volume, check_output_path, read_volume, write_labels
+
+Notify = Callable[[str], None]
+
+
+class Segmenter:
+    """Settings and (once built) a SAM2 engine; segments files or volumes.
+
+    `engine`: an engine to use (tests, a program that keeps one loaded); `engine_factory(options)` builds one on
+    first use instead of `pipeline.make_engine`. `notify(text)` receives the slice ranges and the memory/time
+    estimate before each run's work starts.
+    """
+
+    def __init__(self, options: SegmentOptions, engine=None,
+                 engine_factory: Optional[Callable[[SegmentOptions], object]] = None,
+                 notify: Optional[Notify] = None) -> None:
+        if not isinstance(options, SegmentOptions):
+            raise TypeError(f"options must be a SegmentOptions, got {options!r}")
+        self.options = options
+        self._engine = engine
+        self._engine_factory = engine_factory or make_engine
+        self.notify = notify
+
+    @property
+    def built(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def engine(self):
+        """The SAM2 engine, built on first use (downloads the checkpoint the first time)."""
+        if self._engine is None:
+            with out_of_memory_as_input_error(self.options):
+                self._engine = self._engine_factory(self.options)
+        return self._engine
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def check_ready(self, out: Optional[str] = None, scores: Optional[str] = None,
+                    inputs: Sequence[Optional[str]] = ()) -> None:
+        """Every check that needs no volume, before any work: the outputs are writable and never an input, the
+        checkpoint can be found or downloaded, the LPIPS weights of an lpips run load."""
+        options = self.options
+        inputs = [*inputs, options.checkpoint, getattr(options.method_options, "weights", None),
+                  options.extent_weights]
+        refuse_overwriting_inputs([("--out", out), ("--scores", scores)], inputs)
+        if out is not None:
+            check_output_path(out)
+        if scores is not None:
+            if options.method == "propagate":
+                raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
+                                 "leave --scores out or choose another method")
+            check_output_file(scores, ".csv")
+        self.check_model_files()
+
+    def check_model_files(self) -> None:
+        """The checkpoint download has somewhere to go; the LPIPS weights of an lpips run load (now, not after
+        every slice is encoded)."""
+        options = self.options
+        if not options.untrained and options.checkpoint is None:
+            if cached_checkpoint(options.model, options.version, options.cache_dir) is None:
+                check_cache_folder(options.cache_dir)
+        if options.method == "lpips":
+            from .device import pick_device
+            from .lpips_distance import shared_lpips
+
+            o = options.method_options
+            shared_lpips(o.net, o.weights, str(pick_device(options.device)))
+
+    # ------------------------------------------------------------------------------------------ volumes
+
+    def segment(self, query: Volume, supports: list[SupportCase], structures: list[Structure],
+                progress: Optional[ProgressCallback] = None) -> SegmentationResult:
+        """Segment `structures` in `query` from typed `supports` (`support_loader.load_supports`)."""
+        progress = progress or (lambda stage, done, total: None)
+        with out_of_memory_as_input_error(self.options):
+            run = prepare(query, supports, structures, self.options)  # every input check before the model
+            if not self.built:
+                progress(f"Loading SAM2 {self.options.model}", 0, 0)
+            engine = self.engine  # a checkpoint problem shows before the range estimate's seconds
+            return run.execute(engine, progress, self.notify)
+
+    # ------------------------------------------------------------------------------------------ files
+
+    def read_inputs(self, query: str, supports: Sequence[tuple[str, str]],
+                    labels: Union[str, Sequence[LabelChoice]],
+                    reader: Optional[SupportReader] = None) -> tuple[Volume, list[SupportCase], list[Structure]]:
+        """The query volume, the typed supports and the output structures, read from files."""
+        volume = read_volume(query)
+        check_query(volume)
+        typed, structures = (reader or SupportReader()).load(supports, labels)
+        return volume, typed, structures
+
+    def segment_files(self, query: str, supports: Sequence[tuple[str, str]],
+                      labels: Union[str, Sequence[LabelChoice]], out: Optional[str] = None,
+                      scores: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+                      reader: Optional[SupportReader] = None) -> SegmentationResult:
+        """Check, read, segment and (when `out` / `scores` are given) write, atomically: an output is complete or
+        absent. `supports`: (image, labels) path pairs; `labels`: a `--labels` text."""
+        self.check_ready(out, scores, inputs=[query, *(p for pair in supports for p in pair)])
+        if progress is not None:  # reading a DICOM series takes seconds: say what happens until the first slice
+            progress("Reading the volumes", 0, 0)
+        volume, typed, structures = self.read_inputs(query, supports, labels, reader)
+        result = self.segment(volume, typed, structures, progress)
+        if out is not None:
+            write_labels(out, result.labels, result.structures)
+        if scores is not None:
+            write_scores(scores, result.scores, result.slice_ranges, result.structures)
+        return result
