@@ -1,25 +1,31 @@
 """Test setup: import the core from <repo>/FewShotSAM2 and find the shared read-only data."""
 
 import os
-import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "FewShotSAM2"))
+REPO = Path(__file__).resolve().parents[1]  # pyproject's `pythonpath` puts REPO/FewShotSAM2 first on sys.path
 # tests write no image features into the user's cache (~/.cache/fewshotsam2/features): the tests of the feature
 # cache name their own folder (--feature-cache / FeatureCache); subprocesses inherit this
 os.environ.setdefault("FEWSHOTSAM2_FEATURE_CACHE", "off")
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Say once, at the end (also under -q), why the real-data tests were skipped."""
-    if not (REPO.parent / "shared").is_dir():
-        n = sum("no ../shared folder" in str(r.longrepr) for r in terminalreporter.stats.get("skipped", []))
-        if n:
-            terminalreporter.write_line(f"{n} tests skipped: no ../shared beside the clone (the project's real data "
-                                        "and weights); `fewshotsam2 sample-data` fetches the demo pair")
+    """One line per skip reason with its count, at the end (also under -q), instead of one line per skipped test."""
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.write_sep("-", f"{sum(reasons.values())} skipped, by reason")
+        for reason, n in reasons.most_common():
+            terminalreporter.write_line(f"{n:4d}  {reason}")
+    if not (REPO.parent / "shared").is_dir() and any("no ../shared folder" in r for r in reasons):
+        terminalreporter.write_line("(no ../shared beside the clone: the project's real data and weights; "
+                                    "`fewshotsam2 sample-data` fetches the demo pair)")
 
 
 def _missing(reason: str):
