@@ -146,7 +146,7 @@ def test_medsam2_segments_at_512_as_sam2s_own_predictor_built_from_its_config(tm
     sam = sam2_video(oracle, supports + query_keys, {j: recorder.masks_of[s] for j, s in enumerate(supports)})
     cmp = Comparison("medsam2 propagate at 512 px", f"{seed} (512 px)")
     for i, p in enumerate(recorder.predictions):
-        cmp.add(p["logits"], final[i], *sam[len(supports) + i])
+        cmp.add(p["raw"], p["logits"], final[i], sam[len(supports) + i])
     cmp.check()
 
 

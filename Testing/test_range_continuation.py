@@ -87,7 +87,7 @@ def test_propagate_continued_above_equals_sam2_video_predictor(engine, stacks, m
     beyond = 0
     for p in recorder.predictions:
         i = p["key"][1]
-        cmp.add(p["logits"], masks[i - seg_first], *sam[1 + i])
+        cmp.add(p["raw"], p["logits"], masks[i - seg_first], sam[1 + i])
         beyond += i > last
     assert beyond == seg_last - last
     cmp.check()
@@ -107,7 +107,7 @@ def test_propagate_continued_below_equals_sam2_video_predictor(engine, stacks, m
     for p in recorder.predictions:
         i = p["key"][1]
         if i < first:
-            cmp.add(p["logits"], masks[i - seg_first], *sam[1 + outward.index(p["key"])])
+            cmp.add(p["raw"], p["logits"], masks[i - seg_first], sam[1 + outward.index(p["key"])])
     cmp.check()
     assert cmp.frames == first - seg_first
 
@@ -138,7 +138,7 @@ def test_reverse_continued_both_ways_equals_sam2_video_predictor(engine, stacks,
         for p in ours:
             i = p["key"][1]
             if lo <= i <= hi and compare(i, p):
-                cmp.add(p["logits"], masks[i - seg_first], *sam[i - lo])
+                cmp.add(p["raw"], p["logits"], masks[i - seg_first], sam[i - lo])
     print(f"ORACLE reverse continuation: range {first}-{last} of {len(keys)}, segmented {seg_first}-{seg_last}, "
           f"conditional slices {sorted(prompts)}")
     cmp.check()
@@ -162,7 +162,7 @@ def test_lpips_continued_equals_the_two_frame_step(engine, stacks, monkeypatch, 
             continue
         (support_key, support_mask), = p["prompts"].values()
         sam = sam2_video(engine, [support_key, p["key"]], {0: support_mask})
-        cmp.add(p["logits"], masks[i - seg_first], *sam[1])
+        cmp.add(p["raw"], p["logits"], masks[i - seg_first], sam[1])
     assert cmp.frames == (first - seg_first) + (seg_last - last)
     cmp.check()
 
