@@ -191,6 +191,8 @@ def test_the_command_line_changes_no_global_state(tmp_path, capsys):
     _write_image(tmp_path / "image.nrrd", image)
     _write_image(tmp_path / "query.nrrd", _image(seed=1))
     write_labels(tmp_path / "labels.nii.gz", image.with_array(outer.astype(np.uint8)), [OUTER])
+    import fewshotsam2.engine  # noqa: F401  (torch's first import adds its own warning filters: not the command's)
+
     before = (sys.stdout, warnings.showwarning, warnings.formatwarning, signal.getsignal(signal.SIGTERM),
               list(logging.getLogger("fewshotsam2").handlers), list(warnings.filters))
     code = cli.main(["segment", "--query", str(tmp_path / "query.nrrd"), "--support", str(tmp_path / "image.nrrd"),

@@ -21,8 +21,8 @@ from .environment import check_environment
 from .errors import Cancelled, InputError
 from .label_selection import SYNTAX_HELP as _LABELS_HELP
 from .options import OptionError
-from .progress import ProgressBar
-from .protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, ERROR_PREFIX, JsonEvents
+from .progress import run_output
+from .protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, ERROR_PREFIX
 from .settings import flag, options_from_args  # noqa: F401  (public: flag names)
 
 # command -> (module exposing add_arguments(parser) and run(args) -> int, one-line help, example invocations).
@@ -145,21 +145,8 @@ def run_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _run_output(args: argparse.Namespace) -> Iterator[tuple[Optional[JsonEvents], Optional[Callable]]]:
-    """Where a run reports: JSON event lines on stdout (`--progress json`: whatever else would print there, a
-    library's download notice, goes to stderr, and warnings become event lines), a progress bar on stderr, or
-    nothing (`--quiet`). Everything changed is restored on the way out."""
-    if getattr(args, "progress", "bar") == "json":
-        events = JsonEvents(sys.stdout)
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-            warnings.showwarning = events.showwarning
-            yield events, events
-    elif args.quiet:
-        yield None, None
-    else:
-        with ProgressBar() as bar:
-            yield None, bar
+def _run_output(args: argparse.Namespace):
+    return run_output(getattr(args, "progress", "bar"), args.quiet)
 
 
 class _Parser(argparse.ArgumentParser):

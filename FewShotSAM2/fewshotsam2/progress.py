@@ -8,9 +8,13 @@ clock is set to when the previous stage ended, so rates are real slices per seco
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Optional, TextIO
+import warnings
+from typing import Callable, Iterator, Optional, TextIO
+
+from .protocol import JsonEvents
 
 
 def stage_head(stage: str) -> str:
@@ -59,3 +63,20 @@ class ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def run_output(progress: str = "bar", quiet: bool = False) -> Iterator[tuple[Optional[JsonEvents], Optional[Callable]]]:
+    """Where a command's run reports, as (events, progress callback): JSON event lines on stdout (`--progress
+    json`: whatever else would print there, a library's download notice, goes to stderr, and warnings become event
+    lines), a progress bar on stderr, or nothing (`--quiet`). Everything changed is restored on the way out."""
+    if progress == "json":
+        events = JsonEvents(sys.stdout)
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.showwarning = events.showwarning
+            yield events, events
+    elif quiet:
+        yield None, None
+    else:
+        with ProgressBar() as bar:
+            yield None, bar

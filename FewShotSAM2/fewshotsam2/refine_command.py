@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -62,26 +61,9 @@ class CachedEngineFactory:
 
 
 def _run_output(args: argparse.Namespace):
-    """As segment's (cli._run_output; the command line's module is not imported by a core module)."""
-    import contextlib
+    from .progress import run_output  # segment's too
 
-    from .progress import ProgressBar
-    from .protocol import JsonEvents
-
-    @contextlib.contextmanager
-    def output():
-        if args.progress == "json":
-            events = JsonEvents(sys.stdout)
-            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-                warnings.showwarning = events.showwarning
-                yield events, events
-        elif args.quiet:
-            yield None, None
-        else:
-            with ProgressBar() as bar:
-                yield None, bar
-
-    return output()
+    return run_output(args.progress, args.quiet)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
