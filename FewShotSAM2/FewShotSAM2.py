@@ -1165,6 +1165,14 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     comboBox.setItemText(index, choices.displayName(parameter, value))
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is not None:
+            # the image size follows the model (MedSAM2: 512) unless the user chose another one
+            previous, self._shownModel = getattr(self, "_shownModel", p.modelSize), p.modelSize
+            size = choices.imageSizeForModel(previous, p.modelSize, p.imageSize)
+            if size != p.imageSize:
+                p.imageSize = size  # modifies the node: this method runs again, with the model unchanged
+                return
         if self._parameterNode is not None and not self._updatingSupportRows:
             if len(self._supportRows) != len(self._parameterNode.supportVolumes):
                 self._rebuildSupportRows()

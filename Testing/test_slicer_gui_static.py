@@ -319,3 +319,14 @@ def test_icons_exist():
     for path in (MODULE_DIR / "Resources" / "Icons" / "FewShotSAM2.png", REPO / "Resources" / "Icons" / "FewShotSAM2.png"):
         with Image.open(path) as im:
             assert im.size == (128, 128)
+
+
+def test_image_size_follows_the_model_unless_chosen():
+    """Choosing MedSAM2 shows its own 512 px; back to tiny, 1024; a size the user chose is kept (issue 24)."""
+    from FewShotSAM2Lib.choices import imageSizeForModel
+
+    assert imageSizeForModel("tiny", "medsam2", 1024) == 512
+    assert imageSizeForModel("medsam2", "tiny", 512) == 1024
+    assert imageSizeForModel("tiny", "medsam2", 256) == 256  # chosen by the user: kept
+    assert imageSizeForModel("tiny", "small", 1024) == 1024
+    assert 512 in __import__("FewShotSAM2Lib.choices", fromlist=["IMAGE_SIZES"]).IMAGE_SIZES

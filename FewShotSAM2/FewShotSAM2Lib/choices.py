@@ -43,3 +43,15 @@ def displayName(parameter: str, value) -> str:
     if parameter == "sliceRangeMode":
         return SLICE_RANGE_NAMES[value]
     return constants.display_name(value)
+
+
+def imageSizeForModel(previousModel: str, model: str, imageSize: int) -> int:
+    """The image size to show after the model changes: the new model's own size (MedSAM2 512, SAM2.1 1024) when the
+    user had kept the previous model's own size, else the user's choice (as `--image-size` follows `--model` unless
+    it is set)."""
+    from fewshotsam2.models import CARDS  # pure Python
+
+    old, new = CARDS.get(previousModel), CARDS.get(model)
+    if old is None or new is None or int(imageSize) != old.image_size:
+        return int(imageSize)
+    return new.image_size
