@@ -22,7 +22,9 @@ from fewshotsam2.batch import SUMMARY_NAME, read_summary, record_path
 from fewshotsam2.volume import read_labels, read_volume
 
 # every query slice segmented (the command line's default range, auto, depends on AlexNet weights being found)
-MODEL = ["--untrained", "--image-size", "64", "--device", "cpu", "--slice-range", "off", "--quiet"]
+# the listing order settles overlaps: Ray's workers run with other thread counts than this process, and under the
+# default --overlap logits a voxel two structures claim with logits equal to float precision could go either way
+MODEL = ["--untrained", "--image-size", "64", "--device", "cpu", "--slice-range", "off", "--overlap", "order", "--quiet"]
 HEADER = "query,support_image,support_labels,labels,output"
 # rows: a small MR crop first, then the whole 20-slice ct-b DICOM series (the slowest case), then a CT crop with
 # two structures; outputs in three formats
