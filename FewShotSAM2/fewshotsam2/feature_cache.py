@@ -31,9 +31,8 @@ from .errors import InputError
 if TYPE_CHECKING:
     from .engine import SAM2Engine
 
-FEATURE_CACHE_ENV = "FEWSHOTSAM2_FEATURE_CACHE"  # a folder, or "off"
-FEATURE_CACHE_SIZE_ENV = "FEWSHOTSAM2_FEATURE_CACHE_GB"
-DEFAULT_SIZE_GB = 4.0
+from .settings import DEFAULT_FEATURE_CACHE_GB as DEFAULT_SIZE_GB  # noqa: E402  (defined with the settings)
+from .settings import FEATURE_CACHE_ENV, FEATURE_CACHE_SIZE_ENV  # noqa: E402,F401
 FORMAT = "fewshotsam2-features-1"
 _STALE_TMP_SECONDS = 3600  # a temporary file this old is a killed writer's leftover
 

@@ -19,7 +19,8 @@ from .errors import InputError
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """--feature-cache and --feature-cache-size (segment fills the cache, refine reads it)."""
-    from .feature_cache import DEFAULT_SIZE_GB, FEATURE_CACHE_ENV, FEATURE_CACHE_SIZE_ENV
+    # from the settings module, not feature_cache (torch): `segment --help` answers at once
+    from .settings import DEFAULT_FEATURE_CACHE_GB as DEFAULT_SIZE_GB, FEATURE_CACHE_ENV, FEATURE_CACHE_SIZE_ENV
 
     g = parser.add_argument_group("feature cache")
     g.add_argument("--feature-cache", metavar="DIR|off",

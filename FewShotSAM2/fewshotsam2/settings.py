@@ -15,6 +15,9 @@ from typing import Any, Optional
 from . import constants as C
 
 CACHE_ENV = "FEWSHOTSAM2_CACHE"  # the checkpoint cache folder (checkpoints.py)
+FEATURE_CACHE_ENV = "FEWSHOTSAM2_FEATURE_CACHE"  # the on-disk feature cache's folder, or "off" (feature_cache.py)
+FEATURE_CACHE_SIZE_ENV = "FEWSHOTSAM2_FEATURE_CACHE_GB"
+DEFAULT_FEATURE_CACHE_GB = 4.0
 LPIPS_WEIGHTS_ENV = "FEWSHOTSAM2_LPIPS_WEIGHTS"  # the LPIPS backbone weights (lpips_distance.py)
 
 # the groups of the command line's --help, in order
