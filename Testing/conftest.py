@@ -29,7 +29,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def _missing(reason: str):
-    """Skip a test whose data is absent, or fail it under CI (CI=true), where the data is always there."""
+    """Skip a test whose resource (data, weights, a tmpfs mount as root) is absent, or fail it under CI (CI=true),
+    where every one of them is there."""
     if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
         pytest.fail(f"{reason} (CI=true: the data must be there)", pytrace=False)
     pytest.skip(reason)
