@@ -304,30 +304,13 @@ class FewShotSAM2Run:
     segmentMetadata: dict = field(default_factory=dict)  # structure name -> source vtkSegment (name, colour, terminology)
 
 
-class FewShotSAM2Job:
+class FewShotSAM2Job(process.ProcessJob):
     """A started run: the segmentation process and what it was started for. Poll it from the main thread."""
 
     def __init__(self, prepared: FewShotSAM2Run, segmentationProcess: process.SegmentationProcess):
         self.prepared = prepared
         self.process = segmentationProcess
         self.startTime = time.time()
-
-    def poll(self) -> list:
-        """New events from the process (dicts: progress / warning / done)."""
-        return self.process.poll()
-
-    @property
-    def progress(self) -> tuple:
-        """(stage, done, total) of the latest progress line."""
-        return self.process.progress
-
-    @property
-    def warnings(self) -> list:
-        return self.process.warnings
-
-    @property
-    def finished(self) -> bool:
-        return self.process.finished
 
 
 class FewShotSAM2ExtentJob(FewShotSAM2Job):
@@ -390,6 +373,12 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         """
         prepared = self.prepare(queryVolumeNode, supports, method, outputSegmentationNode, **options)
         job = self.start(prepared)
+        self._waitFor(job, progressCallback)
+        return self.finish(job)
+
+    def _waitFor(self, job, progressCallback=None) -> None:
+        """Block until a started job's process ends, passing its progress lines on; any exception (a Cancelled
+        raised by the callback, Ctrl-C) kills the process first."""
         try:
             while True:
                 finished = job.finished  # read before polling, so that the last lines are not missed
@@ -397,12 +386,11 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
                     if event["event"] == "progress" and progressCallback is not None:
                         progressCallback(str(event.get("stage", "")), int(event.get("done", 0)), int(event.get("total", 0)))
                 if finished:
-                    break
+                    return
                 time.sleep(0.1)
         except BaseException:
             self.cancel(job)
             raise
-        return self.finish(job)
 
     # ------------------------------------------------------------------------------------------ prepare
 
@@ -550,12 +538,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         `startSliceRangeEstimate`, polling `job.finished`, `finishSliceRangeEstimate` (or `cancel`).
         """
         job = self.startSliceRangeEstimate(queryVolumeNode, supports, **options)
-        try:
-            while not job.finished:
-                time.sleep(0.1)
-        except BaseException:
-            self.cancel(job)
-            raise
+        self._waitFor(job)
         return self.finishSliceRangeEstimate(job)
 
     def startSliceRangeEstimate(self, queryVolumeNode, supports, **options) -> FewShotSAM2ExtentJob:
@@ -693,18 +676,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         from it (fewshotsam2 refine); the node's segments are replaced in one step, `undoRefine` puts them back.
         Raises InputError when no slice was changed. `refineCorrections` says which slices will be taken."""
         job = self.startRefine(outputSegmentationNode)
-        try:
-            while True:
-                finished = job.finished
-                for event in job.poll():
-                    if event["event"] == "progress" and progressCallback is not None:
-                        progressCallback(str(event.get("stage", "")), int(event.get("done", 0)), int(event.get("total", 0)))
-                if finished:
-                    break
-                time.sleep(0.1)
-        except BaseException:
-            self.cancel(job)
-            raise
+        self._waitFor(job, progressCallback)
         return self.finishRefine(job)
 
     def refineCorrections(self, outputSegmentationNode) -> dict:

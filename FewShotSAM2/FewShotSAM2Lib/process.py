@@ -254,6 +254,30 @@ def errorFromStderr(text: str, returncode: int, what: str = "segmentation") -> s
     return f"the {what} process stopped with exit code {returncode} and no message"
 
 
+class ProcessJob:
+    """What every started job (a segmentation, a slice-range estimate, a refine) offers the main thread: its
+    process's events and state. Subclasses hold the process in `self.process`."""
+
+    process: "SegmentationProcess"
+
+    def poll(self) -> list:
+        """New events from the process (dicts: progress / warning / done)."""
+        return self.process.poll()
+
+    @property
+    def progress(self) -> tuple:
+        """(stage, done, total) of the latest progress line."""
+        return self.process.progress
+
+    @property
+    def warnings(self) -> list:
+        return self.process.warnings
+
+    @property
+    def finished(self) -> bool:
+        return self.process.finished
+
+
 class SegmentationProcess:
     """One run of the core's command line in a temporary job folder: `segment ... --progress json` (`start`) or
     `extent ... --json` (`startExtent`, the slice-range estimate).

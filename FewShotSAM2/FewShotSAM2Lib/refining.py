@@ -37,7 +37,7 @@ class RefineState:
 
 
 @dataclass
-class RefineJob:
+class RefineJob(process.ProcessJob):
     """A started refine: the process, the node it refines and the slices taken as corrections (name -> slices)."""
 
     state: RefineState
@@ -48,21 +48,6 @@ class RefineJob:
     @property
     def prepared(self):
         return self.state.prepared
-
-    def poll(self) -> list:
-        return self.process.poll()
-
-    @property
-    def progress(self) -> tuple:
-        return self.process.progress
-
-    @property
-    def warnings(self) -> list:
-        return self.process.warnings
-
-    @property
-    def finished(self) -> bool:
-        return self.process.finished
 
 
 def remember(states: dict, node, prepared, result, done: Optional[dict]) -> None:
