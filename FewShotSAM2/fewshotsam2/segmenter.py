@@ -63,9 +63,10 @@ class Segmenter:
     # ------------------------------------------------------------------------------------------ checks
 
     def check_ready(self, out: Optional[str] = None, scores: Optional[str] = None,
-                    inputs: Sequence[Optional[str]] = ()) -> None:
-        """Every check that needs no volume, before any work: the outputs are writable and never an input, the
-        checkpoint can be found or downloaded, the LPIPS weights of an lpips run load."""
+                    inputs: Sequence[Optional[str]] = (), query: Optional[str] = None) -> None:
+        """Every check that needs no volume, before any work: the outputs are writable and never an input, a DICOM
+        SEG output has a DICOM series `query`, the checkpoint can be found or downloaded, the LPIPS weights of an
+        lpips run load."""
         options = self.options
         inputs = [*inputs, options.checkpoint, getattr(options.method_options, "weights", None),
                   options.extent_weights]
@@ -77,6 +78,10 @@ class Segmenter:
                 raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
                                  "leave --scores out or choose another method")
             check_output_file(scores, ".csv")
+        if out is not None and query is not None and str(out).lower().endswith(".dcm"):  # DICOM SEG (highdicom)
+            from .dicom_seg import check_query as check_seg_query
+
+            check_seg_query(query)
         self.check_model_files()
 
     def check_model_files(self) -> None:
@@ -135,11 +140,7 @@ class Segmenter:
                       reader: Optional[SupportReader] = None) -> SegmentationResult:
         """Check, read, segment and (when `out` / `scores` are given) write, atomically: an output is complete or
         absent. `supports`: (image, labels) path pairs; `labels`: a `--labels` text."""
-        self.check_ready(out, scores, inputs=[query, *(p for pair in supports for p in pair)])
-        if out is not None and str(out).lower().endswith(".dcm"):  # DICOM SEG: a DICOM series query, highdicom
-            from .dicom_seg import check_query as check_seg_query
-
-            check_seg_query(query)
+        self.check_ready(out, scores, inputs=[query, *(p for pair in supports for p in pair)], query=query)
         if progress is not None:  # reading a DICOM series takes seconds: say what happens until the first slice
             progress("Reading the volumes", 0, 0)
         volume, typed, structures = self.read_inputs(query, supports, labels, reader)
