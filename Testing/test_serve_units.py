@@ -78,7 +78,7 @@ def test_links_in_an_archive_are_refused(tmp_path):
 
 def test_options_travel_as_the_same_segment_options():
     from fewshotsam2.options import SegmentOptions
-    from fewshotsam2.settings import options_from_args
+    from fewshotsam2.options import options_from_args
 
     argv = ["segment", "--query", "q.nii.gz", "--support", "s.nii.gz", "l.nii.gz", "--labels", "3", "--out",
             "o.nii.gz", "--method", "lpips", "--augmentations", "3", "--seed", "-4", "--keep-supports", "--version",

@@ -653,7 +653,9 @@ def _cases(args: argparse.Namespace) -> tuple[list[BatchCase], Optional[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = settings.options_from_args(args)  # checks every option value
+    from .options import options_from_args
+
+    options = options_from_args(args)  # checks every option value
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     if args.workers is not None and not args.ray:

@@ -23,7 +23,8 @@ from .label_selection import SYNTAX_HELP as _LABELS_HELP
 from .options import OptionError
 from .progress import run_output
 from .protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, ERROR_PREFIX
-from .settings import flag, options_from_args  # noqa: F401  (public: flag names)
+from .options import options_from_args  # noqa: F401  (public)
+from .settings import flag  # noqa: F401  (public: flag names)
 
 # command -> (module exposing add_arguments(parser) and run(args) -> int, one-line help, example invocations).
 # A command's module is imported only when that command runs or its --help is asked: `fewshotsam2 --help` and

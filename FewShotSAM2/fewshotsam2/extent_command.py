@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from .support_loader import SupportReader
     from .volume import read_volume
 
-    options = settings.options_from_args(args)  # checks every value (--extent-margin, --device, ...)
+    from .options import options_from_args
+
+    options = options_from_args(args)  # checks every value (--extent-margin, --device, ...)
     query = read_volume(args.query)
     check_query(query)
     qinfo, qplan = stack_info(query, None, options.axis, options.preset)

@@ -12,13 +12,14 @@ options with `SegmentOptions.from_flat(method=..., top_k=..., lpips_net=...)` an
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 from . import constants as C
 from .errors import InputError
-from .settings import defaults, method_fields
+from .settings import SETTINGS, defaults, method_fields
 
 _D = defaults()  # the settings table's defaults, by flat name
 
@@ -285,3 +286,13 @@ class SegmentOptions:
     def engine_settings(self) -> dict[str, Any]:
         """The settings that decide which SAM2 engine is built (equal settings: the engine can be reused)."""
         return {name: getattr(self, name) for name in self.ENGINE_FIELDS}
+
+
+def options_from_args(args: "argparse.Namespace", method: Optional[str] = None) -> SegmentOptions:
+    """The `SegmentOptions` of parsed arguments (`--top-k` is `top_k`); `method` overrides args.method."""
+    flat = {s.name: getattr(args, s.name) for s in SETTINGS if hasattr(args, s.name)}
+    if method is not None:
+        flat["method"] = method
+    if flat.get("lpips_weights"):  # the slice-range estimate uses the same AlexNet, whatever the method
+        flat["extent_weights"] = flat["lpips_weights"]
+    return SegmentOptions.from_flat(**flat)

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, events, bar) -> int:
     from .errors import out_of_memory_as_input_error
-    from .settings import options_from_args
+    from .options import options_from_args
     from .paths import refuse_overwriting_inputs
     from .pipeline import SupportCase, check_query, make_engine
     from .refine import PreviousRun, changed_slices, check_refine_inputs, refine

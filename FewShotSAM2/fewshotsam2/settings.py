@@ -171,7 +171,7 @@ def method_fields(method: str) -> dict[str, str]:
 def add_arguments(parser: argparse.ArgumentParser, groups: tuple = tuple(GROUPS),
                   only: Optional[tuple] = None) -> None:
     """Add the settings of `groups` (or just those named in `only`) to a parser, with the front ends' defaults.
-    Parsed names are the flat names (`--top-k` -> `args.top_k`), so `options_from_args` reads them back."""
+    Parsed names are the flat names (`--top-k` -> `args.top_k`), so `options.options_from_args` reads them back."""
     made: dict[str, argparse._ArgumentGroup] = {}
     for s in SETTINGS:
         if (only is not None and s.name not in only) or (only is None and s.group not in groups):
@@ -191,18 +191,6 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple = tuple(GROUPS)
         if s.metavar:
             kwargs["metavar"] = s.metavar
         target.add_argument(s.flag, **kwargs)
-
-
-def options_from_args(args: argparse.Namespace, method: Optional[str] = None):
-    """The `SegmentOptions` of parsed arguments (`--top-k` is `top_k`); `method` overrides args.method."""
-    from .options import SegmentOptions
-
-    flat = {s.name: getattr(args, s.name) for s in SETTINGS if hasattr(args, s.name)}
-    if method is not None:
-        flat["method"] = method
-    if flat.get("lpips_weights"):  # the slice-range estimate uses the same AlexNet, whatever the method
-        flat["extent_weights"] = flat["lpips_weights"]
-    return SegmentOptions.from_flat(**flat)
 
 
 def command_arguments(values: dict[str, Any]) -> list[str]:

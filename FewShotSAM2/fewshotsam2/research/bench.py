@@ -352,7 +352,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
         return run_matching(args)
     if not args.query:
         raise InputError("bench needs --query (a case folder or an image file), or --matching")
-    from ..settings import options_from_args
+    from ..options import options_from_args
     from .evaluate import parse_methods
     from ..options import SegmentOptions
     from ..pipeline import make_engine

@@ -116,7 +116,7 @@ def run_remote(args: argparse.Namespace) -> int:
     from ..paths import check_output_file, refuse_overwriting_inputs
     from ..progress import ProgressBar
     from ..protocol import check_parent_alive
-    from ..settings import options_from_args
+    from ..options import options_from_args
     from ..volume import check_output_path
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--cache-dir", args.cache_dir),
