@@ -284,8 +284,8 @@ class PreparedSupport:
     """A support converted for the core: its image and its segments as a label map on the image's grid (one value
     per structure; overlapping segments in separate layers)."""
 
-    image: Any  # fewshotsam2.volume.Volume
-    labels: Any  # fewshotsam2.volume.LabelMap
+    image: Any  # fewshotsam2.io.volume.Volume
+    labels: Any  # fewshotsam2.io.volume.LabelMap
     name: str = "support"
 
 
@@ -293,9 +293,9 @@ class PreparedSupport:
 class FewShotSAM2Run:
     """Everything a run needs, made by `prepare` in the main thread (core volumes, no MRML access needed)."""
 
-    query: Any  # fewshotsam2.volume.Volume
+    query: Any  # fewshotsam2.io.volume.Volume
     supports: list  # [PreparedSupport]
-    structures: list  # [fewshotsam2.volume.Structure]
+    structures: list  # [fewshotsam2.io.volume.Structure]
     method: str
     options: dict  # validated settings under their flat names (fewshotsam2.options), see process.OPTION_FLAGS
     # MRML side, used by `apply` only (main thread)
@@ -396,7 +396,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     def prepare(self, queryVolumeNode, supports, method="reverse", outputSegmentationNode=None, **options):
         """Check the inputs and convert them into the core's volumes (main thread). Changes nothing."""
-        from fewshotsam2 import volume
+        from fewshotsam2.io import volume
 
         if queryVolumeNode is None:
             raise _inputError("No query volume: select the volume to segment.")
@@ -636,7 +636,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     def _estimatedSliceRange(sliceRange, structures) -> str:
         """"auto" if the core will estimate the range of any structure (what needs lpips), else "off"; e.g. the
         Manual table names every structure, so its trailing default "auto" is never used."""
-        from fewshotsam2.slice_range import resolve_slice_ranges
+        from fewshotsam2.slicing.slice_range import resolve_slice_ranges
 
         if not sliceRange:
             return "off"
@@ -794,7 +794,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
     @staticmethod
     def checkpointStatus(model="tiny", version="2.1", cache_dir=None):
         """(ready, text): whether the checkpoint is in the core's cache and a line for the GUI."""
-        from fewshotsam2 import checkpoints
+        from fewshotsam2.model import checkpoints
 
         path = checkpoints.cached_checkpoint(model, version, cache_dir)
         key = checkpoints.checkpoint_key(model, version)
@@ -805,7 +805,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def downloadCheckpoint(model="tiny", version="2.1", cache_dir=None, progress=None):
-        from fewshotsam2 import checkpoints
+        from fewshotsam2.model import checkpoints
 
         return checkpoints.download_checkpoint(model, version, cache_dir, progress=progress)
 
@@ -815,7 +815,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         from pathlib import Path
 
         output = process.runCore(
-            "from fewshotsam2 import checkpoints\n"
+            "from fewshotsam2.model import checkpoints\n"
             "print(checkpoints.import_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] or None))",
             str(path), str(model), str(version), str(cache_dir or ""), python=self.python,
         )
@@ -823,7 +823,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def clearCheckpointCache(cache_dir=None):
-        from fewshotsam2 import checkpoints
+        from fewshotsam2.model import checkpoints
 
         return checkpoints.clear_cache(cache_dir)
 
@@ -1981,7 +1981,7 @@ class FewShotSAM2Test(ScriptedLoadableModuleTest):
         import tempfile
         from pathlib import Path
 
-        from fewshotsam2.volume import read_labels, read_volume
+        from fewshotsam2.io.volume import read_labels, read_volume
 
         self.delayDisplay("MRML to the segmentation process's files")
         volumeNode, segmentationNode, segmentId, voxels, labels = self._syntheticCase()

@@ -51,7 +51,7 @@ def shared_dir() -> Path:
 def sample_data_dir() -> Path:
     """The folder holding the demo pair (abdomen-ct): ../shared/data, or the verified `fewshotsam2 sample-data`
     cache; skipped (failed under CI=true) when neither holds every file with the right SHA256."""
-    from fewshotsam2 import sample_data
+    from fewshotsam2.io import sample_data
 
     try:
         return sample_data.locate(download=False)
@@ -69,7 +69,7 @@ def engine64():
     """Random-weight SAM2 tiny at 64 px on the CPU (the fast tier's engine: built in about a second)."""
     import warnings
 
-    from fewshotsam2.engine import SAM2Engine
+    from fewshotsam2.model.engine import SAM2Engine
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -84,7 +84,7 @@ def engine256():
     """
     import warnings
 
-    from fewshotsam2.engine import SAM2Engine
+    from fewshotsam2.model.engine import SAM2Engine
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -93,7 +93,7 @@ def engine256():
 
 def crop_slices(volume, k0: int, k1: int):
     """Array slices k0:k1 (the volume's last ITK axis) of a Volume, with its physical geometry kept right."""
-    from fewshotsam2.volume import Volume
+    from fewshotsam2.io.volume import Volume
 
     return Volume.from_sitk(volume.to_sitk()[:, :, k0:k1])
 
@@ -101,7 +101,7 @@ def crop_slices(volume, k0: int, k1: int):
 @pytest.fixture(scope="session")
 def ct_a(sample_data_dir):
     """(image, labels, structures) of abdomen-ct/ct-a."""
-    from fewshotsam2.volume import read_labels, read_volume
+    from fewshotsam2.io.volume import read_labels, read_volume
 
     folder = sample_data_dir / "abdomen-ct" / "ct-a"
     image = read_volume(folder / "image.nii.gz")
@@ -112,7 +112,7 @@ def ct_a(sample_data_dir):
 @pytest.fixture(scope="session")
 def abdomen_mr(shared_dir):
     """(image, labels, structures) of abdomen-mr."""
-    from fewshotsam2.volume import read_labels, read_volume
+    from fewshotsam2.io.volume import read_labels, read_volume
 
     folder = shared_dir / "data" / "abdomen-mr"
     image = read_volume(folder / "image.nii.gz")

@@ -17,7 +17,7 @@ from conftest import REPO
 
 def make_fresh_clone(tmp_path: Path, with_scripts: bool = False) -> tuple[Path, dict]:
     """A copy of the code in a folder with no ../shared beside it, and an environment with an empty HOME."""
-    from fewshotsam2 import sample_data as sd
+    from fewshotsam2.io import sample_data as sd
 
     clone = tmp_path / "clone"
     shutil.copytree(REPO / "FewShotSAM2", clone / "FewShotSAM2",
@@ -56,7 +56,7 @@ def serve_folder(root: Path) -> Iterator[str]:
 
 def mirror_sample_data(shared_data: Path, root: Path) -> None:
     """Lay out the demo files as the source repository has them (its tests/reference_files folder)."""
-    from fewshotsam2 import sample_data as sd
+    from fewshotsam2.io import sample_data as sd
 
     for f in sd.DEMO_FILES:
         (root / f.filename).parent.mkdir(parents=True, exist_ok=True)

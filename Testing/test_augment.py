@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fewshotsam2.augment import AugmentConfig, augment_support
+from fewshotsam2.matching.augment import AugmentConfig, augment_support
 
 
 def _shape_pair(h: int = 96, w: int = 128) -> tuple[np.ndarray, np.ndarray]:

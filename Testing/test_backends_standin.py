@@ -18,7 +18,7 @@ import torch
 
 from fewshotsam2.backends import memory_bank, propagate, reverse
 from fewshotsam2.backends.base import QueryContext, StageClock, SupportSlice
-from fewshotsam2.engine import Memory, Prediction
+from fewshotsam2.model.engine import Memory, Prediction
 from fewshotsam2.errors import InputError
 from fewshotsam2.options import PropagateOptions, ReverseOptions
 

@@ -20,8 +20,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import crop_slices
-from fewshotsam2 import cli, pipeline
-from fewshotsam2.volume import read_labels, read_volume
+from fewshotsam2 import cli
+from fewshotsam2.run import pipeline
+from fewshotsam2.io.volume import read_labels, read_volume
 
 ERROR = "fewshotsam2: error: "
 
@@ -174,7 +175,7 @@ def test_bench_output_that_is_an_input_is_refused(data, tmp_path, capsys, monkey
 def test_refuse_overwriting_inputs_api(tmp_path):
     """The helper other commands (batch, sample-data) call: outputs against inputs and against each other."""
     from fewshotsam2.errors import InputError
-    from fewshotsam2.paths import refuse_overwriting_inputs
+    from fewshotsam2.io.paths import refuse_overwriting_inputs
 
     a = tmp_path / "a.nii.gz"
     a.write_bytes(b"x")
@@ -192,7 +193,7 @@ def test_refuse_overwriting_inputs_api(tmp_path):
 # ------------------------------------------------------------------------------------------- --labels grammar
 
 def _structures(*pairs):
-    from fewshotsam2.volume import Structure
+    from fewshotsam2.io.volume import Structure
 
     return [Structure(v, n, (1.0, 0.0, 0.0)) for v, n in pairs]
 
@@ -211,7 +212,7 @@ def _structures(*pairs):
     ("Läsion ü 病变", [("auto", "Läsion ü 病变", None)]),
 ])
 def test_labels_grammar_parses(text, expect):
-    from fewshotsam2.label_selection import parse_label_selection
+    from fewshotsam2.supports.label_selection import parse_label_selection
 
     assert [(c.kind, c.key, c.rename) for c in parse_label_selection(text)] == expect
 
@@ -225,7 +226,7 @@ def test_labels_grammar_parses(text, expect):
 ])
 def test_labels_grammar_refuses_malformed_text(text, first_words):
     from fewshotsam2.errors import InputError
-    from fewshotsam2.label_selection import parse_label_selection
+    from fewshotsam2.supports.label_selection import parse_label_selection
 
     with pytest.raises(InputError) as exc:
         parse_label_selection(text)
@@ -234,8 +235,8 @@ def test_labels_grammar_refuses_malformed_text(text, first_words):
 
 def test_labels_resolution_rules():
     from fewshotsam2.errors import InputError
-    from fewshotsam2.label_selection import parse_label_selection as parse
-    from fewshotsam2.label_selection import resolve_structures as resolve
+    from fewshotsam2.supports.label_selection import parse_label_selection as parse
+    from fewshotsam2.supports.label_selection import resolve_structures as resolve
 
     segs = _structures((1, "5"), (5, "liver"), (7, "Lesion"), (8, "lesion"), (9, "Tumour, core"), (10, "Läsion ü 病变"),
                        (11, "Spleen"), (12, "42"))
@@ -432,7 +433,7 @@ def test_dicom_folder_with_two_series_can_be_chosen(shared_dir, tmp_path, capsys
 
 
 def test_label_values_above_65535_are_kept_exact(data, tmp_path):
-    from fewshotsam2.volume import Structure, write_labels
+    from fewshotsam2.io.volume import Structure, write_labels
 
     labels = read_volume(data["labels"])
     big = labels.with_array(np.where(labels.array == 5, np.int64(70000), labels.array.astype(np.int64)))
@@ -464,7 +465,7 @@ def test_nested_seg_nrrd_segments_utf8_and_comma_names_through_the_command(data,
                                                                          real_engine):
     import slicerio
 
-    from fewshotsam2.volume import structure_mask
+    from fewshotsam2.io.volume import structure_mask
 
     support = read_volume(data["support"])
     liver = read_volume(data["labels"]).array == 5
@@ -500,7 +501,7 @@ def test_nested_seg_nrrd_segments_utf8_and_comma_names_through_the_command(data,
     assert digest(folder) == before
     assert sorted(p.name for p in out.iterdir()) == ["r.seg.nrrd"]
     written = slicerio.read_segmentation(str(out / "r.seg.nrrd"), skip_voxels=True)
-    from fewshotsam2.volume import _seg_nrrd_names
+    from fewshotsam2.io.volume import _seg_nrrd_names
 
     assert sorted(_seg_nrrd_names(out / "r.seg.nrrd").values()) == ["core, enhancing", "tumour"]
     assert sorted(int(s["labelValue"]) for s in written["segments"]) == [1, 2]
@@ -569,7 +570,11 @@ def test_out_of_memory_is_one_message_and_writes_nothing(data, tmp_path):
     script = (
         "import resource, sys\n"
         "import torch, SimpleITK\n"
-        "from fewshotsam2 import cli, pipeline, engine, volume, label_selection, paths\n"
+        "from fewshotsam2 import cli\n"
+        "from fewshotsam2.run import pipeline\n"
+        "from fewshotsam2.model import engine\n"
+        "from fewshotsam2.io import volume, paths\n"
+        "from fewshotsam2.supports import label_selection\n"
         "vm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize'))\n"
         "resource.setrlimit(resource.RLIMIT_AS, (vm + 10**9, resource.RLIM_INFINITY))\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
@@ -623,7 +628,7 @@ def test_sigterm_while_writing_leaves_no_temporary_file(data, tmp_path):
     import signal
     import threading
 
-    from fewshotsam2.volume import default_structure, write_labels
+    from fewshotsam2.io.volume import default_structure, write_labels
 
     image = read_volume(data["query"])
     big = sitk.GetArrayFromImage(sitk.Expand(image.to_sitk(), (4, 4, 40)))  # 32 M voxels: compressing takes ~1 s
@@ -683,7 +688,7 @@ def test_bad_query_is_one_line_as_a_process(data, bad, tmp_path, query, first_wo
 
 def test_a_long_but_legal_output_name_is_written(data, tmp_path):
     """The temporary name is short: a name near the file system's limit (255 bytes here) still works."""
-    from fewshotsam2.volume import default_structure, write_labels
+    from fewshotsam2.io.volume import default_structure, write_labels
 
     labels = read_volume(data["labels"])
     name = "n" * (255 - len(".seg.nrrd")) + ".seg.nrrd"

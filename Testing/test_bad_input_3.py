@@ -23,8 +23,8 @@ import SimpleITK as sitk
 from test_bad_input import (ERROR, assert_refused, data, digest, no_engine, real_engine, refused,  # noqa: F401
                              run_cli, segment_argv)
 from conftest import _missing as missing  # skipped off CI, a failure under CI=true
-from fewshotsam2 import volume
-from fewshotsam2.volume import read_volume
+from fewshotsam2.io import volume
+from fewshotsam2.io.volume import read_volume
 
 FORMATS = (".nrrd", ".nii", ".nii.gz", ".seg.nrrd")
 
@@ -155,7 +155,7 @@ def test_out_symlink_is_written_through_to_its_target(data, tmp_path, capsys, mo
 
 # ------------------------------------------------------------------------------------------------ batch
 
-from fewshotsam2.batch import SUMMARY_NAME, read_summary, record_path  # noqa: E402
+from fewshotsam2.commands.batch import SUMMARY_NAME, read_summary, record_path  # noqa: E402
 
 BATCH_MODEL = ["--method", "reverse", "--untrained", "--image-size", "64", "--device", "cpu", "--slice-range", "off",
                "--quiet"]

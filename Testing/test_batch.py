@@ -18,8 +18,8 @@ import SimpleITK as sitk
 
 from conftest import REPO, crop_slices
 from fewshotsam2 import cli
-from fewshotsam2.batch import SUMMARY_NAME, read_summary, record_path
-from fewshotsam2.volume import read_labels, read_volume
+from fewshotsam2.commands.batch import SUMMARY_NAME, read_summary, record_path
+from fewshotsam2.io.volume import read_labels, read_volume
 
 # every query slice segmented (the command line's default range, auto, depends on AlexNet weights being found)
 # the listing order settles overlaps: Ray's workers run with other thread counts than this process, and under the
@@ -98,8 +98,8 @@ def test_local_batch_writes_each_output_on_its_querys_grid(cohort, local_run):
 @pytest.mark.slow
 def test_support_slices_are_encoded_once_for_the_cohort(cohort, local_run):
     """encoder calls = every query slice + every distinct support slice, not x cases."""
-    from fewshotsam2.slices import SlicePlan
-    from fewshotsam2.support import select_support_slices
+    from fewshotsam2.slicing.slices import SlicePlan
+    from fewshotsam2.slicing.support import select_support_slices
 
     image = read_volume(cohort["support"][0])
     labels, _ = read_labels(cohort["support"][1], image)

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from fewshotsam2 import cli
-from fewshotsam2.batch import SUMMARY_NAME, read_summary, record_path
+from fewshotsam2.commands.batch import SUMMARY_NAME, read_summary, record_path
 from test_batch import MODEL, OUTPUTS, cohort, local_run  # noqa: F401  (module fixtures shared with the local tests)
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra [ray]; scripts/setup_env.sh installs it")
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local Ray cluster for the module (starting one takes seconds); the batch uses it instead of its own."""
-    from fewshotsam2 import batch_ray
+    from fewshotsam2.commands import batch_ray
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, object_store_memory=batch_ray.LOCAL_OBJECT_STORE,
              runtime_env=batch_ray.runtime_env())

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewshotsam2 import checkpoints
-from fewshotsam2.checkpoints import (
+from fewshotsam2.model import checkpoints
+from fewshotsam2.model.checkpoints import (
     CHECKPOINTS,
     checkpoint_info,
     clear_cache,
@@ -23,7 +23,7 @@ from fewshotsam2.checkpoints import (
     load_state_dict,
     resolve_checkpoint,
 )
-from fewshotsam2.engine import SAM2Engine, build_sam2_model
+from fewshotsam2.model.engine import SAM2Engine, build_sam2_model
 from fewshotsam2.errors import InputError
 
 
@@ -212,8 +212,8 @@ def test_correct_checkpoint_loads_and_gives_that_models_masks(tiny_ckpt, engine6
         assert torch.equal(loaded.model.state_dict()[name], p), name
 
     image, labels, _ = ct_a
-    from fewshotsam2.intensity import normalize
-    from fewshotsam2.slices import SlicePlan
+    from fewshotsam2.slicing.intensity import normalize
+    from fewshotsam2.slicing.slices import SlicePlan
 
     plan = SlicePlan.for_volume(image)
     images, masks = plan.stack(normalize(image)), plan.stack(labels.array) == 5

@@ -19,7 +19,7 @@ import torch
 
 from conftest import REPO, crop_slices
 from fewshotsam2 import cli
-from fewshotsam2.volume import Structure, read_labels, read_volume, write_labels
+from fewshotsam2.io.volume import Structure, read_labels, read_volume, write_labels
 
 MODEL = ["--untrained", "--image-size", "256", "--device", "cpu", "--quiet"]
 
@@ -62,8 +62,8 @@ def inputs(tmp_path_factory, shared_dir):
         sitk.WriteImage(out.to_sitk(), str(d / f"{name}.nrrd"))
         p[name] = str(d / f"{name}.nrrd")
     # a checkpoint of the wrong model: SAM2.1 small with random weights, offered for tiny
-    from fewshotsam2.checkpoints import checkpoint_info
-    from fewshotsam2.engine import build_sam2_model
+    from fewshotsam2.model.checkpoints import checkpoint_info
+    from fewshotsam2.model.engine import build_sam2_model
 
     torch.save({"model": build_sam2_model(checkpoint_info("small"), 64).state_dict()}, d / "small.pt")
     p["small_ckpt"] = str(d / "small.pt")

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from fewshotsam2 import __version__, cli
-from fewshotsam2.progress import ProgressBar, stage_head
+from fewshotsam2.run.progress import ProgressBar, stage_head
 
 
 def test_version(capsys):
@@ -99,7 +99,7 @@ def test_scores_csv_gets_the_usual_file_mode(tmp_path):
     import os
     import stat
 
-    from fewshotsam2.pipeline import write_scores
+    from fewshotsam2.run.pipeline import write_scores
 
     old = os.umask(0o022)
     try:

@@ -71,7 +71,7 @@ def test_demo_without_the_sample_data_stops_before_the_set_up(tmp_path):
     import socket
     import time
 
-    from fewshotsam2 import sample_data as sd
+    from fewshotsam2.io import sample_data as sd
 
     clone, env = make_fresh_clone(tmp_path, with_scripts=True)
     with socket.socket() as s:  # a port nobody listens on: the download fails at once

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from fewshotsam2 import cli
-from fewshotsam2.dicom_seg import coded_property, read_dicom_seg, write_dicom_seg
+from fewshotsam2.io.dicom_seg import coded_property, read_dicom_seg, write_dicom_seg
 from fewshotsam2.errors import InputError
-from fewshotsam2.volume import Structure, read_labels, read_volume, structure_mask, write_labels
+from fewshotsam2.io.volume import Structure, read_labels, read_volume, structure_mask, write_labels
 
 import highdicom  # noqa: E402  (the test extra and scripts/setup_env.sh install it)
 import pydicom  # noqa: E402  (highdicom's dependency)
@@ -245,7 +245,7 @@ def two_series(ct_b, tmp_path_factory):
 
 def test_a_query_with_several_series_references_the_chosen_one(ct_b, two_series, tmp_path, capsys, monkeypatch):
     folder, uid = two_series
-    from fewshotsam2.volume import dicom_series_files
+    from fewshotsam2.io.volume import dicom_series_files
 
     numbers = {n: dicom_series_files(f"{folder}#{n}") for n in (1, 2)}
     named = next(n for n, files in numbers.items() if len(files) == 10)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import crop_slices
-from fewshotsam2.engine import Memory, SAM2Engine
-from fewshotsam2.intensity import normalize
-from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.support import select_support_slices
+from fewshotsam2.model.engine import Memory, SAM2Engine
+from fewshotsam2.slicing.intensity import normalize
+from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.slicing.support import select_support_slices
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_untrained_engines_are_reproducible(engine64, ct_slices):
 
 
 def test_engine_construction_steps_and_refusals(tmp_path):
-    from fewshotsam2.checkpoints import checkpoint_info
+    from fewshotsam2.model.checkpoints import checkpoint_info
     from fewshotsam2.errors import InputError
 
     with pytest.raises(TypeError, match="from_pretrained"):

@@ -11,9 +11,9 @@ import SimpleITK as sitk
 
 from fewshotsam2.research import evaluate as E
 from fewshotsam2.research import metrics as M
-from fewshotsam2 import pipeline
+from fewshotsam2.run import pipeline
 from fewshotsam2.errors import InputError
-from fewshotsam2.volume import Structure, Volume
+from fewshotsam2.io.volume import Structure, Volume
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,8 +60,8 @@ def fake_segment_factory(calls, fail_on_call=None):
             raise KeyboardInterrupt
         if progress:
             progress("fake", 1, 1)
-        from fewshotsam2.slices import SlicePlan
-        from fewshotsam2.support import select_support_slices
+        from fewshotsam2.slicing.slices import SlicePlan
+        from fewshotsam2.slicing.support import select_support_slices
 
         plan = SlicePlan.for_volume(query, options.axis)
         s_plan = SlicePlan.for_volume(supports[0].image, options.axis)

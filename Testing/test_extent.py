@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fewshotsam2.extent import Alignment, align, map_extent, structure_extent_mm
+from fewshotsam2.slicing.extent import Alignment, align, map_extent, structure_extent_mm
 
 
 def _synthetic_cost(n_q, dz_q, n_s, dz_s, f):
@@ -73,7 +73,7 @@ def test_map_extent_margin_and_empty():
 
 @pytest.fixture(scope="module")
 def engine64():
-    from fewshotsam2.engine import SAM2Engine
+    from fewshotsam2.model.engine import SAM2Engine
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -151,8 +151,8 @@ def test_released_support_features_are_still_kept_across_runs(engine64):
 # ---------------------------------------------------------------- pipeline with a user range (64 px)
 
 def test_segment_with_a_user_range_encodes_only_inside(engine64, ct_a):
-    from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment, write_scores
-    from fewshotsam2.slices import SlicePlan
+    from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment, write_scores
+    from fewshotsam2.slicing.slices import SlicePlan
 
     image, labels, structures = ct_a
     spleen = [s for s in structures if s.value == 1]
@@ -187,7 +187,7 @@ def test_cli_refuses_bad_ranges_and_writes_nothing(tmp_path, shared_dir, capsys)
 
 @pytest.fixture(scope="module")
 def estimator(shared_dir):
-    from fewshotsam2.extent import ExtentEstimator
+    from fewshotsam2.slicing.extent import ExtentEstimator
 
     return ExtentEstimator(weights=str(shared_dir / "weights" / "lpips" / "alexnet_features.pth"))
 

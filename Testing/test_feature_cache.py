@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fewshotsam2.engine import SAM2Engine
-from fewshotsam2.feature_cache import FeatureCache
-from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
-from fewshotsam2.refine import refine
+from fewshotsam2.model.engine import SAM2Engine
+from fewshotsam2.model.feature_cache import FeatureCache
+from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.run.refine import refine
 
 
 def _engine(cache=None) -> SAM2Engine:

@@ -31,7 +31,7 @@ MAX_DIFFERENT = 0.002  # fraction of the crop's voxels
 def _inputs(shared: Path):
     sys.path.insert(0, str(HERE))
     from conftest import crop_slices
-    from fewshotsam2.volume import read_labels, read_volume
+    from fewshotsam2.io.volume import read_labels, read_volume
 
     ct = shared / "data" / "abdomen-ct" / "ct-a"
     s_image = read_volume(ct / "image.nii.gz")
@@ -44,7 +44,7 @@ def _inputs(shared: Path):
 def run_method(method: str, shared: Path, engine):
     """The label array and the scores of one method on the golden inputs."""
     from fewshotsam2.options import SegmentOptions
-    from fewshotsam2.pipeline import SupportCase, segment
+    from fewshotsam2.run.pipeline import SupportCase, segment
 
     query, s_image, s_labels, chosen = _inputs(shared)
     options = SegmentOptions.from_flat(
@@ -89,7 +89,7 @@ def test_golden_files_are_small_and_not_empty():
 
 def regenerate() -> None:
     sys.path.insert(0, str(HERE.parent / "FewShotSAM2"))
-    from fewshotsam2.engine import SAM2Engine
+    from fewshotsam2.model.engine import SAM2Engine
 
     shared = (HERE.parent.parent / "shared").resolve()
     with warnings.catch_warnings():

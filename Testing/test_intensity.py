@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.intensity import PRESET_NAMES, choose_preset, normalize
-from fewshotsam2.volume import Volume, read_volume
+from fewshotsam2.slicing.intensity import PRESET_NAMES, choose_preset, normalize
+from fewshotsam2.io.volume import Volume, read_volume
 
 CT = ["abdomen-ct/ct-a/image.nii.gz", "abdomen-ct/ct-b/dicom", "spleen-ct/image.nii.gz"]
 MR = ["abdomen-mr/image.nii.gz", "brain-mr/ibsr-01/image.nii.gz", "brain-mr/ibsr-05/image.nii.gz"]

@@ -9,10 +9,10 @@ import warnings
 import numpy as np
 import pytest
 
-from fewshotsam2.augment import augment_support
-from fewshotsam2.intensity import normalize
-from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
-from fewshotsam2.slices import SlicePlan
+from fewshotsam2.matching.augment import augment_support
+from fewshotsam2.slicing.intensity import normalize
+from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.slicing.slices import SlicePlan
 
 pytestmark = pytest.mark.slow  # a real-data pipeline at 256 px
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torchvision
 
-from fewshotsam2 import lpips_distance
+from fewshotsam2.matching import lpips_distance
 from fewshotsam2.errors import InputError
-from fewshotsam2.lpips_distance import LPIPS_WEIGHTS_ENV, LPIPSDistance
+from fewshotsam2.matching.lpips_distance import LPIPS_WEIGHTS_ENV, LPIPSDistance
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_bad_weight_files_are_input_errors(alex_weights: Path, tmp_path: Path) -
 
 
 def test_body_box_and_common_field_of_view() -> None:
-    from fewshotsam2.lpips_distance import body_box, resample_to_fov
+    from fewshotsam2.matching.lpips_distance import body_box, resample_to_fov
 
     def scan(spacing: float, shape: int) -> np.ndarray:
         """A 200 x 120 mm 'body' centred 20 mm right of the image centre, a detached 'arm', a thin 'table' line."""

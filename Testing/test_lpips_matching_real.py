@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fewshotsam2.augment import augment_support
-from fewshotsam2.intensity import normalize
-from fewshotsam2.lpips_distance import LPIPSDistance, body_box, resample_to_fov
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.volume import read_labels, read_volume
+from fewshotsam2.matching.augment import augment_support
+from fewshotsam2.slicing.intensity import normalize
+from fewshotsam2.matching.lpips_distance import LPIPSDistance, body_box, resample_to_fov
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.io.volume import read_labels, read_volume
 
 pytestmark = pytest.mark.slow  # LPIPS over real volumes
 

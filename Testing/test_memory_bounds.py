@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.intensity import normalize
+from fewshotsam2.slicing.intensity import normalize
 from fewshotsam2.options import SegmentOptions
-from fewshotsam2.pipeline import segment
-from fewshotsam2.resources import FEATURE_CACHE_ENV, cpu_feature_cache_bytes, estimate_resources
-from fewshotsam2.slice_stack import SliceStack
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.volume import read_volume
+from fewshotsam2.run.pipeline import segment
+from fewshotsam2.model.resources import FEATURE_CACHE_ENV, cpu_feature_cache_bytes, estimate_resources
+from fewshotsam2.slicing.slice_stack import SliceStack
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.io.volume import read_volume
 
 from test_pipeline import STRUCTURES, _pair
 

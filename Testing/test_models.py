@@ -12,9 +12,9 @@ import warnings
 import pytest
 import torch
 
-from fewshotsam2 import models
-from fewshotsam2.checkpoints import CHECKPOINTS, checkpoint_info, download_checkpoint, import_checkpoint
-from fewshotsam2.engine import SAM2Engine, build_sam2_model
+from fewshotsam2.model import models
+from fewshotsam2.model.checkpoints import CHECKPOINTS, checkpoint_info, download_checkpoint, import_checkpoint
+from fewshotsam2.model.engine import SAM2Engine, build_sam2_model
 from fewshotsam2.errors import InputError
 from fewshotsam2.options import OptionError, SegmentOptions
 from test_checkpoints import _Server
@@ -118,8 +118,8 @@ def test_medsam2_segments_at_512_as_sam2s_own_predictor_built_from_its_config(tm
     from sam2.build_sam import build_sam2_video_predictor
 
     from conftest import crop_slices
-    from fewshotsam2.pipeline import SupportCase
-    from fewshotsam2.volume import read_volume
+    from fewshotsam2.run.pipeline import SupportCase
+    from fewshotsam2.io.volume import read_volume
     from test_oracle_sam2 import (Comparison, _cpu_connected_components, _run, _support_keys,
                                   sam2_video)
 

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 import sam2.sam2_video_predictor
 from conftest import crop_slices
-from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
-from fewshotsam2.slices import SlicePlan
+from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.slicing.slices import SlicePlan
 from test_oracle_sam2 import QUERY_SLICES, TOLERANCE, engine  # noqa: F401  (the oracle's engine fixture)
 
 VALUES = (5, 7, 8)  # liver and two structures of other extents: each has its own middle labeled slice
@@ -42,7 +42,7 @@ VALUES = (5, 7, 8)  # liver and two structures of other extents: each has its ow
 
 @pytest.fixture(scope="module")
 def query(shared_dir):
-    from fewshotsam2.volume import read_volume
+    from fewshotsam2.io.volume import read_volume
 
     return crop_slices(read_volume(shared_dir / "data" / "abdomen-ct" / "ct-b" / "dicom"), *QUERY_SLICES)
 

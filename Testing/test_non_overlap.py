@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshotsam2.non_overlap import LabelComposer, upsample_logits
+from fewshotsam2.run.non_overlap import LabelComposer, upsample_logits
 from fewshotsam2.options import OptionError, SegmentOptions
 
 

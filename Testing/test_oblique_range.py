@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fewshotsam2.extent import OBLIQUE_RANGE_DEGREES, ExtentEstimator, StackInfo, oblique_spread_mm, \
+from fewshotsam2.slicing.extent import OBLIQUE_RANGE_DEGREES, ExtentEstimator, StackInfo, oblique_spread_mm, \
     slice_tilt_degrees, stack_info
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.volume import Volume
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.io.volume import Volume
 
 
 def rotated(volume: Volume, degrees: float, labels: bool = False) -> Volume:

@@ -15,8 +15,8 @@ from fewshotsam2 import cli, settings
 from fewshotsam2.errors import InputError
 from fewshotsam2.options import SegmentOptions
 from fewshotsam2.protocol import JsonEvents, parse_event
-from fewshotsam2.support_loader import load_supports
-from fewshotsam2.volume import LabelMap, Structure, Volume, read_labels, read_volume, write_labels
+from fewshotsam2.supports.support_loader import load_supports
+from fewshotsam2.io.volume import LabelMap, Structure, Volume, read_labels, read_volume, write_labels
 
 CORE = Path(__file__).resolve().parents[1] / "FewShotSAM2" / "fewshotsam2"
 
@@ -191,7 +191,7 @@ def test_the_command_line_changes_no_global_state(tmp_path, capsys):
     _write_image(tmp_path / "image.nrrd", image)
     _write_image(tmp_path / "query.nrrd", _image(seed=1))
     write_labels(tmp_path / "labels.nii.gz", image.with_array(outer.astype(np.uint8)), [OUTER])
-    import fewshotsam2.engine  # noqa: F401  (torch's first import adds its own warning filters: not the command's)
+    import fewshotsam2.model.engine  # noqa: F401  (torch's first import adds its own warning filters: not the command's)
 
     before = (sys.stdout, warnings.showwarning, warnings.formatwarning, signal.getsignal(signal.SIGTERM),
               list(logging.getLogger("fewshotsam2").handlers), list(warnings.filters))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fewshotsam2 import constants as C
-from fewshotsam2.atomic import atomic_path, write_text_atomic
+from fewshotsam2.io.atomic import atomic_path, write_text_atomic
 from fewshotsam2.options import (
     LpipsOptions,
     OptionError,
@@ -19,7 +19,7 @@ from fewshotsam2.options import (
     ReverseOptions,
     SegmentOptions,
 )
-from fewshotsam2.overlap import dice, dice_from_counts
+from fewshotsam2.run.overlap import dice, dice_from_counts
 
 BAD = [
     (dict(method="magic"), "method"),
@@ -119,7 +119,7 @@ def test_command_line_flags_are_the_flat_names():
 
 
 def test_intensity_presets_and_constants_agree():
-    from fewshotsam2 import intensity
+    from fewshotsam2.slicing import intensity
 
     # the preset descriptions and the list every front end offers are written in two places
     assert C.PRESETS == ("auto",) + tuple(intensity.PRESETS)

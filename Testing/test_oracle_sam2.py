@@ -40,10 +40,10 @@ import sam2.utils.misc
 from conftest import crop_slices
 from fewshotsam2.backends.base import dice
 from fewshotsam2.backends.reverse import select_conditional
-from fewshotsam2.engine import FILL_HOLE_AREA, SAM2Engine, build_sam2_model
-from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.volume import read_volume
+from fewshotsam2.model.engine import FILL_HOLE_AREA, SAM2Engine, build_sam2_model
+from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.io.volume import read_volume
 
 # (image size, weight seed): the 256 px with two seeds (slow tier), and 64 px in the fast tier
 CONFIGS = [

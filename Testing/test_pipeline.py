@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from fewshotsam2.options import SegmentOptions
-from fewshotsam2.pipeline import SupportCase, segment
-from fewshotsam2.results import LpipsMatch
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.support import select_support_slices
-from fewshotsam2.volume import Structure, Volume
+from fewshotsam2.run.pipeline import SupportCase, segment
+from fewshotsam2.run.results import LpipsMatch
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.slicing.support import select_support_slices
+from fewshotsam2.io.volume import Structure, Volume
 
 
 def _pair():

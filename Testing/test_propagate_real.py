@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
-from fewshotsam2.slices import SlicePlan
+from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
+from fewshotsam2.slicing.slices import SlicePlan
 
 pytestmark = pytest.mark.slow  # real-data pipelines at 256 px
 

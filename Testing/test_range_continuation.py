@@ -22,12 +22,12 @@ from fewshotsam2.backends.base import QueryContext, StageClock, SupportSlice
 from fewshotsam2.backends.propagate import PropagateBackend
 from fewshotsam2.backends.reverse import ReverseBackend, select_conditional
 from fewshotsam2.backends.lpips_matching import LpipsBackend
-from fewshotsam2.intensity import choose_preset
+from fewshotsam2.slicing.intensity import choose_preset
 from fewshotsam2.options import LpipsOptions, PropagateOptions, ReverseOptions
-from fewshotsam2.range_ends import extend_past_range_ends
-from fewshotsam2.slice_stack import SliceStack
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.support import select_support_slices
+from fewshotsam2.run.range_ends import extend_past_range_ends
+from fewshotsam2.slicing.slice_stack import SliceStack
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.slicing.support import select_support_slices
 from test_oracle_sam2 import LIVER, Comparison, Recorder, ct_b, engine, sam2_video  # noqa: F401  (fixtures)
 
 
@@ -197,9 +197,9 @@ def test_user_range_end_touched_is_reported_in_the_done_line(shared_dir, tmp_pat
 def test_segment_auto_continues_past_an_estimated_end(shared_dir, monkeypatch):
     """`segment` with the default `auto` on an IBSR brain (CSF, estimated range shorter than the volume): where the
     random-weight prediction is still present on an estimated end, the range grows past it and says so."""
-    from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
+    from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
     from fewshotsam2.research.extent_eval import load_case
-    from fewshotsam2.volume import Structure
+    from fewshotsam2.io.volume import Structure
 
     monkeypatch.setenv("FEWSHOTSAM2_LPIPS_WEIGHTS", str(shared_dir / "weights" / "lpips" / "alexnet_features.pth"))
     q_image, _, plane = load_case(shared_dir / "data" / "brain-mr" / "ibsr-01", 4)

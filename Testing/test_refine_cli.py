@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from conftest import REPO, crop_slices
 from fewshotsam2 import cli
-from fewshotsam2.volume import Structure, read_labels, read_volume, write_labels
+from fewshotsam2.io.volume import Structure, read_labels, read_volume, write_labels
 
 MODEL = ["--untrained", "--image-size", "64", "--device", "cpu", "--method", "propagate", "--slice-range", "off"]
 NAMED = [Structure(5, "liver", (0.8, 0.4, 0.3)), Structure(1, "spleen", (0.6, 0.2, 0.2))]

@@ -16,10 +16,10 @@ import warnings
 import numpy as np
 import pytest
 
-from fewshotsam2.pipeline import SegmentOptions, segment
-from fewshotsam2.refine import PreviousRun, refine
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.volume import read_labels
+from fewshotsam2.run.pipeline import SegmentOptions, segment
+from fewshotsam2.run.refine import PreviousRun, refine
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.io.volume import read_labels
 from test_oracle_sam2 import (LIVER, TOLERANCE, Comparison, Recorder, _support_keys, ct_b, engine, pair,  # noqa: F401
                               sam2_video)
 

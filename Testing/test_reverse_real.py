@@ -10,10 +10,10 @@ import warnings
 import numpy as np
 import pytest
 
-from fewshotsam2.engine import SAM2Engine
-from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment, write_scores
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.volume import Volume, read_labels, read_volume
+from fewshotsam2.model.engine import SAM2Engine
+from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment, write_scores
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.io.volume import Volume, read_labels, read_volume
 
 pytestmark = pytest.mark.slow  # real-data pipelines
 

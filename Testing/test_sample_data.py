@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fewshotsam2 import sample_data as sd
+from fewshotsam2.io import sample_data as sd
 from fresh_clone import make_fresh_clone, mirror_sample_data, serve_folder
 
 

@@ -356,7 +356,7 @@ def _slicer_run(tmp_path, name, case, server, options=None):
     from types import SimpleNamespace
 
     from FewShotSAM2Lib import process
-    from fewshotsam2.volume import Structure, read_labels, read_volume
+    from fewshotsam2.io.volume import Structure, read_labels, read_volume
 
     image = read_volume(case["support"][0])
     labels, _ = read_labels(case["support"][1], image)
@@ -382,7 +382,7 @@ def _until_finished(job, timeout: float = 300.0):
 def test_slicers_process_on_the_server_gives_the_local_result(server, cases, tmp_path):
     pytest.importorskip("slicer", reason="the Slicer-side helpers need slicer-core")
     from FewShotSAM2Lib import remote
-    from fewshotsam2.volume import Structure
+    from fewshotsam2.io.volume import Structure
 
     case = {"query": cases["small"][0], "support": cases["support"]}
     here = _slicer_run(tmp_path, "here", case, None)

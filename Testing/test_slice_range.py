@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.slice_range import (AUTO, WHOLE, SliceRangeSpec, check_slice_range, parse_slice_range,
+from fewshotsam2.slicing.slice_range import (AUTO, WHOLE, SliceRangeSpec, check_slice_range, parse_slice_range,
                                      parse_slice_ranges, resolve_slice_ranges)
-from fewshotsam2.volume import Structure
+from fewshotsam2.io.volume import Structure
 
 LIVER_SPLEEN = [Structure(1, "spleen", (0, 0, 1)), Structure(6, "liver", (1, 0, 0))]
 
@@ -73,8 +73,8 @@ def test_resolve_by_value_then_name_and_default():
 
 @pytest.mark.slow  # several seconds: kept out of the fast tier
 def test_segment_with_a_range_per_structure(engine64, ct_a):
-    from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
-    from fewshotsam2.slices import SlicePlan
+    from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
+    from fewshotsam2.slicing.slices import SlicePlan
 
     image, labels, structures = ct_a
     chosen = [s for s in structures if s.value in (1, 6)]
@@ -92,7 +92,7 @@ def test_segment_with_a_range_per_structure(engine64, ct_a):
 
 
 def test_segment_refuses_an_unknown_structure_before_encoding(engine64, ct_a):
-    from fewshotsam2.pipeline import SegmentOptions, SupportCase, segment
+    from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
 
     image, labels, structures = ct_a
     options = SegmentOptions(method="propagate", image_size=64, device="cpu", untrained=True,

@@ -22,9 +22,9 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 import FewShotSAM2 as module  # noqa: E402
-from fewshotsam2 import pipeline  # noqa: E402
+from fewshotsam2.run import pipeline  # noqa: E402
 from fewshotsam2.errors import Cancelled, InputError  # noqa: E402
-from fewshotsam2.volume import Structure, Volume, read_volume  # noqa: E402
+from fewshotsam2.io.volume import Structure, Volume, read_volume  # noqa: E402
 
 from FewShotSAM2Lib import dependencies, process, review  # noqa: E402
 from importlib.util import find_spec as importlib_find_spec  # noqa: E402
@@ -685,7 +685,7 @@ keep.SetMRMLScene(scene)
 volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v")
 slicer.util.updateVolumeFromArray(volume, np.random.default_rng(0).normal(0, 100, (600, 32, 32)).astype(np.int16))
 from FewShotSAM2Lib import process
-from fewshotsam2.volume import Structure
+from fewshotsam2.io.volume import Structure
 query = module.FewShotSAM2Logic.volumeFromNode(volume)
 labels = np.zeros(query.shape, np.uint16)
 labels[300, 10:20, 10:20] = 1
@@ -946,8 +946,8 @@ def test_model_cache_status_import_and_clear(tmp_path, monkeypatch):
     """The GUI's model box: status line, Import file... (validated by the core), Clear cache."""
     import torch
 
-    from fewshotsam2 import checkpoints
-    from fewshotsam2.engine import build_sam2_model
+    from fewshotsam2.model import checkpoints
+    from fewshotsam2.model.engine import build_sam2_model
 
     cache = tmp_path / "cache"
     monkeypatch.setenv(checkpoints.CACHE_ENV, str(cache))

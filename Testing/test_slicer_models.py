@@ -13,7 +13,7 @@ from FewShotSAM2Lib import choices  # noqa: E402
 
 
 def test_model_choices_list_medsam2_with_size_and_licence(tmp_path, monkeypatch):
-    from fewshotsam2 import checkpoints
+    from fewshotsam2.model import checkpoints
 
     assert "medsam2" in choices.MODEL_SIZES and "medsam2" in choices.COMBO_BOXES["modelSize"][1]
     assert "MedSAM2" in choices.displayName("modelSize", "medsam2")
@@ -27,8 +27,8 @@ def test_model_choices_list_medsam2_with_size_and_licence(tmp_path, monkeypatch)
 def test_import_file_accepts_a_medsam2_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    from fewshotsam2 import checkpoints
-    from fewshotsam2.engine import build_sam2_model
+    from fewshotsam2.model import checkpoints
+    from fewshotsam2.model.engine import build_sam2_model
 
     monkeypatch.setenv(checkpoints.CACHE_ENV, str(tmp_path / "cache"))
     path = tmp_path / "MedSAM2_2411.pt"  # another MedSAM2 file: same architecture, another SHA256

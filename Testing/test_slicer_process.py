@@ -14,7 +14,7 @@ slicer = pytest.importorskip("slicer")
 
 from FewShotSAM2Lib import choices, dependencies, process, review, slice_ranges  # noqa: E402
 from fewshotsam2 import cli  # noqa: E402
-from fewshotsam2.volume import Structure, Volume, read_labels, read_volume  # noqa: E402
+from fewshotsam2.io.volume import Structure, Volume, read_labels, read_volume  # noqa: E402
 
 
 def test_progress_lines_are_parsed_and_other_output_ignored():
@@ -157,7 +157,7 @@ def _tiny_case(folder, values):
     labels = np.zeros(image.shape, np.uint8)
     for n, value in enumerate(values):
         labels[3, 6 + 4 * n : 9 + 4 * n, 6:18] = value
-    from fewshotsam2.volume import write_labels
+    from fewshotsam2.io.volume import write_labels
 
     process.writeImage(folder / "image.nrrd", image)
     write_labels(folder / "labels.nrrd", image.with_array(labels), [])
@@ -221,7 +221,7 @@ def test_sample_data_sources_match_the_shared_files(shared_dir):
     """The two SampleData entries (support CT + labels, query DICOM series) point at the core's table, and their
     SHA256 checksums are those of the copies in ../shared/data (offline)."""
     from FewShotSAM2Lib import sample_data
-    from fewshotsam2 import sample_data as core_sample_data
+    from fewshotsam2.io import sample_data as core_sample_data
 
     support, query = sample_data.sampleSources()
     for source in (support, query):

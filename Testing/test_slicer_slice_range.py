@@ -94,7 +94,7 @@ def test_segment_with_a_range_per_structure_leaves_background_outside(ct):
                            slice_ranges={"liver": (8, 11)}, slice_range="off")
     masks = segment_masks(output, ct["query"])  # [k, j, i] arrays of the query
     labels = logic.lastResult.labels.array
-    from fewshotsam2.slices import SlicePlan
+    from fewshotsam2.slicing.slices import SlicePlan
 
     axis = SlicePlan.for_volume(logic.lastResult.labels).array_axis
     liver = np.moveaxis(masks["liver"], axis, 0)

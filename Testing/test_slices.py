@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.slices import AXES, SlicePlan
-from fewshotsam2.volume import Volume, read_labels, read_volume
+from fewshotsam2.slicing.slices import AXES, SlicePlan
+from fewshotsam2.io.volume import Volume, read_labels, read_volume
 
 IMAGES = [
     "abdomen-ct/ct-a/image.nii.gz",

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.slices import SlicePlan
-from fewshotsam2.support import labeled_slices, select_support_slices
-from fewshotsam2.volume import read_labels, read_volume
+from fewshotsam2.slicing.slices import SlicePlan
+from fewshotsam2.slicing.support import labeled_slices, select_support_slices
+from fewshotsam2.io.volume import read_labels, read_volume
 
 
 def stack_with(slices_with_value, n=20, value=5) -> np.ndarray:

@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from fewshotsam2 import volume as volume_module
+from fewshotsam2.io import volume as volume_module
 from fewshotsam2.errors import InputError
-from fewshotsam2.volume import (
+from fewshotsam2.io.volume import (
     Structure,
     Volume,
     check_output_path,
@@ -156,7 +156,7 @@ def test_labels_outside_the_image_are_refused(shared_dir, tmp_path):
 
 
 def test_overlapping_seg_nrrd_segments_keep_their_own_layer_and_value(shared_dir, tmp_path):
-    from fewshotsam2.volume import output_structures, structure_mask
+    from fewshotsam2.io.volume import output_structures, structure_mask
 
     image = read_volume(shared_dir / "data" / "abdomen-ct/ct-a/image.nii.gz")
     shape_ijk = image.shape[::-1]

@@ -48,7 +48,7 @@ export PYTHONPATH="$repo/FewShotSAM2${PYTHONPATH:+:$PYTHONPATH}"  # this checkou
 # $FEWSHOTSAM2_DATA / --dest
 first_python="${FEWSHOTSAM2_PYTHON:-$(command -v python3 || true)}"
 if [ -n "$first_python" ] && "$first_python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
-  data="$("$first_python" -m fewshotsam2.sample_data | tail -n 1)"
+  data="$("$first_python" -m fewshotsam2.io.sample_data | tail -n 1)"
 fi
 
 if [ -n "${FEWSHOTSAM2_PYTHON:-}" ]; then

@@ -4,7 +4,9 @@ The values and their readable names are the core's (`fewshotsam2.constants`, pur
 torch and sam2 are installed); this file only says which combo box shows which parameter.
 """
 
-from fewshotsam2 import constants, models
+from fewshotsam2 import constants
+
+from fewshotsam2.model import models
 
 METHODS = constants.METHODS
 MODEL_SIZES = constants.MODELS
@@ -49,7 +51,7 @@ def imageSizeForModel(previousModel: str, model: str, imageSize: int) -> int:
     """The image size to show after the model changes: the new model's own size (MedSAM2 512, SAM2.1 1024) when the
     user had kept the previous model's own size, else the user's choice (as `--image-size` follows `--model` unless
     it is set)."""
-    from fewshotsam2.models import CARDS  # pure Python
+    from fewshotsam2.model.models import CARDS  # pure Python
 
     old, new = CARDS.get(previousModel), CARDS.get(model)
     if old is None or new is None or int(imageSize) != old.image_size:

@@ -42,13 +42,13 @@ PYTHON_MINIMUM = (3, 10)
 SLICER_REQUIREMENT = "3D Slicer 5.10 or later"
 
 # torchvision ImageNet weights of each LPIPS backbone: (file name in torch's hub cache, size in MB); the core loads
-# them through torchvision (fewshotsam2.lpips_distance), which downloads them there on first use
+# them through torchvision (fewshotsam2.matching.lpips_distance), which downloads them there on first use
 LPIPS_BACKBONE_WEIGHTS = {
     "alex": ("alexnet-owt-7be5be79.pth", 233),
     "vgg": ("vgg16-397923af.pth", 528),
     "squeeze": ("squeezenet1_1-b8a52dc0.pth", 5),
 }
-LPIPS_WEIGHTS_ENV = "FEWSHOTSAM2_LPIPS_WEIGHTS"  # fewshotsam2.lpips_distance.LPIPS_WEIGHTS_ENV
+LPIPS_WEIGHTS_ENV = "FEWSHOTSAM2_LPIPS_WEIGHTS"  # fewshotsam2.matching.lpips_distance.LPIPS_WEIGHTS_ENV
 LIGHT_THE_TORCH_REQUIREMENT = "light-the-torch>=0.5"
 
 # import name -> pip name, checked for every method (lpips only when the run needs it: see `needs`)
@@ -256,11 +256,11 @@ def installTorch() -> None:
 
 def downloadLpipsWeights(nets: list[str], python: Optional[str] = None) -> None:
     """Download the torchvision ImageNet weights of LPIPS backbones into torch's cache, in a process of its own (torch
-    is never imported into Slicer); the same call the core makes on first use (fewshotsam2.lpips_distance)."""
+    is never imported into Slicer); the same call the core makes on first use (fewshotsam2.matching.lpips_distance)."""
     from . import process
 
     process.runCore(
-        "from fewshotsam2.lpips_distance import _torchvision_state_dict\n"
+        "from fewshotsam2.matching.lpips_distance import _torchvision_state_dict\n"
         "for net in sys.argv[1:]:\n"
         "    _torchvision_state_dict(net)\n",
         *nets, python=python,

@@ -1,7 +1,7 @@
 """MRML nodes <-> the core's volumes and label maps, with the exact geometry. No Qt, no torch.
 
-The core (`fewshotsam2.volume`) stores geometry in LPS (ITK); Slicer stores it in RAS. A volume node becomes a
-`fewshotsam2.volume.Volume` (voxels copied, [k, j, i] order), a segment becomes a boolean mask on a volume's grid,
+The core (`fewshotsam2.io.volume`) stores geometry in LPS (ITK); Slicer stores it in RAS. A volume node becomes a
+`fewshotsam2.io.volume.Volume` (voxels copied, [k, j, i] order), a segment becomes a boolean mask on a volume's grid,
 and a label map on the query's grid becomes a `vtkSegmentation` built off-scene and copied into a node in one step.
 """
 
@@ -86,7 +86,7 @@ def volumeFromNode(volumeNode, what: str = "volume"):
     is refused with a message. With no parent transform the node's own spacing/origin/directions are used
     as they are, so the geometry round-trips exactly.
     """
-    from fewshotsam2 import volume
+    from fewshotsam2.io import volume
 
     imageData = volumeNode.GetImageData()
     if imageData is None or min(imageData.GetDimensions()) < 1:

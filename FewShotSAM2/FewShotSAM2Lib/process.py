@@ -160,7 +160,7 @@ def writeJobInputs(folder: Path, query, supports, structures) -> list[str]:
 
     Returns the command-line arguments that name them (--query, --support ..., --labels by value).
     """
-    from fewshotsam2.volume import LabelMap, write_labels
+    from fewshotsam2.io.volume import LabelMap, write_labels
 
     writeImage(folder / QUERY_FILE, query)
     args = ["--query", str(folder / QUERY_FILE)]
@@ -190,7 +190,7 @@ def extentArguments(folder: Path, query, supports, structures, options: dict) ->
 
 @dataclass
 class ScoreRow:
-    """One row of the core's per-slice scores (the fields of fewshotsam2.pipeline.SliceScore the GUI uses)."""
+    """One row of the core's per-slice scores (the fields of fewshotsam2.run.pipeline.SliceScore the GUI uses)."""
 
     structure: str
     value: int
@@ -204,7 +204,7 @@ class ScoreRow:
 class ProcessResult:
     """What the process produced, read back from the job folder (same field names as the core's result)."""
 
-    labels: Any  # fewshotsam2.volume.Volume on the query's grid
+    labels: Any  # fewshotsam2.io.volume.Volume on the query's grid
     structures: list
     scores: list = field(default_factory=list)
     slice_axis: int = 0
@@ -462,7 +462,7 @@ class SegmentationProcess:
 
     def readResult(self, structures) -> ProcessResult:
         """The finished run's label map and scores; raises InputError / RuntimeError with one line if it failed."""
-        from fewshotsam2.volume import read_volume
+        from fewshotsam2.io.volume import read_volume
 
         self._raiseIfFailed()
         if self.done is None:

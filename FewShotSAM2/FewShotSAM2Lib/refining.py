@@ -105,7 +105,7 @@ def currentLabels(state: RefineState, node) -> np.ndarray:
 
 def corrections(states: dict, node) -> dict:
     """{structure name: [slice indices]} the user changed since the run (array indices along its slice axis)."""
-    from fewshotsam2.refine import changed_slices
+    from fewshotsam2.run.refine import changed_slices
 
     state = _state(states, node)
     current = currentLabels(state, node)
@@ -132,7 +132,7 @@ def _writePreviousScores(path: Path, state: RefineState) -> None:
 
 def startRefine(states: dict, node, python: Optional[str] = None) -> RefineJob:
     """Start `fewshotsam2 refine` for the slices changed in `node`; returns at once (poll the job)."""
-    from fewshotsam2.volume import write_labels
+    from fewshotsam2.io.volume import write_labels
 
     state = _state(states, node)
     changed = corrections(states, node)

@@ -1,6 +1,6 @@
 """The demo scans in Slicer's Sample Data module: a labeled support CT (ct-a) and a query CT (ct-b, DICOM).
 
-The addresses and SHA256 checksums come from the core's table (`fewshotsam2.sample_data.DEMO_FILES`: the
+The addresses and SHA256 checksums come from the core's table (`fewshotsam2.io.sample_data.DEMO_FILES`: the
 TotalSegmentator example files at a pinned commit), so the command line and Slicer download the same bytes.
 SampleData checks each download against its checksum.
 
@@ -27,7 +27,7 @@ STRUCTURE_COLORS = {"liver": (0.85, 0.45, 0.35), "spleen": (0.55, 0.2, 0.6)}
 
 def demoStructures() -> list[tuple[int, str, tuple]]:
     """[(label value, name, colour)] of the demo's support labels, from the core's DEMO_LABELS ("liver=5,...")."""
-    from fewshotsam2 import sample_data
+    from fewshotsam2.io import sample_data
 
     out = []
     for item in sample_data.DEMO_LABELS.split(","):
@@ -68,7 +68,7 @@ def sampleSources(downloadSupport=None, downloadQuery=None) -> list[dict]:
     """Keyword arguments of SampleDataLogic.registerCustomSampleDataSource for the two demo samples; the
     downloaders (FewShotSAM2SampleData's, in the module file: they need the application) become their
     customDownloader."""
-    from fewshotsam2 import sample_data
+    from fewshotsam2.io import sample_data
 
     files = list(sample_data.DEMO_FILES)
     byPath = {f.path: f for f in files}

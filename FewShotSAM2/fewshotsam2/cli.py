@@ -15,16 +15,16 @@ import threading
 import warnings
 from typing import Callable, Iterator, Optional, Sequence
 
-from . import __version__
-from . import settings
-from .environment import check_environment
-from .errors import Cancelled, InputError
-from .label_selection import SYNTAX_HELP as _LABELS_HELP
-from .options import OptionError
-from .progress import run_output
-from .protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, ERROR_PREFIX
-from .options import options_from_args  # noqa: F401  (public)
-from .settings import flag  # noqa: F401  (public: flag names)
+from fewshotsam2 import __version__
+from fewshotsam2 import settings
+from fewshotsam2.environment import check_environment
+from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.supports.label_selection import SYNTAX_HELP as _LABELS_HELP
+from fewshotsam2.options import OptionError
+from fewshotsam2.run.progress import run_output
+from fewshotsam2.protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, ERROR_PREFIX
+from fewshotsam2.options import options_from_args  # noqa: F401  (public)
+from fewshotsam2.settings import flag  # noqa: F401  (public: flag names)
 
 # command -> (module exposing add_arguments(parser) and run(args) -> int, one-line help, example invocations).
 # A command's module is imported only when that command runs or its --help is asked: `fewshotsam2 --help` and
@@ -41,9 +41,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
       --labels liver=5,spleen=1 --out ct-b.seg.nrrd --scores ct-b_scores.csv \\
       --untrained --image-size 128 --device cpu"""),
     "refine": (
-        "fewshotsam2.refine_command", "refine a segmentation from the slices the user corrected (re-propagate)", ""),
+        "fewshotsam2.commands.refine_command", "refine a segmentation from the slices the user corrected (re-propagate)", ""),
     "extent": (
-        "fewshotsam2.extent_command", "print each structure's slice range in the query, estimated from supports",
+        "fewshotsam2.commands.extent_command", "print each structure's slice range in the query, estimated from supports",
         f"""example (where ct-a's liver and spleen are in the ct-b series):
   d={_DEMO}
   fewshotsam2 extent --query $d/abdomen-ct/ct-b/dicom \\
@@ -54,9 +54,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
   fewshotsam2 serve --port 8000
 then, on a client: fewshotsam2 segment --server http://127.0.0.1:8000 --token-file token.txt ..."""),
     "batch": (
-        "fewshotsam2.batch", "segment a cohort (manifest CSV or folder): one model, supports encoded once", ""),
+        "fewshotsam2.commands.batch", "segment a cohort (manifest CSV or folder): one model, supports encoded once", ""),
     "sample-data": (
-        "fewshotsam2.sample_data", "fetch, verify and cache the demo data (abdomen-ct pair)", ""),
+        "fewshotsam2.io.sample_data", "fetch, verify and cache the demo data (abdomen-ct pair)", ""),
     "evaluate": (
         "fewshotsam2.research.evaluate", "Dice / HD95 tables and plots over labeled cases",
         f"""example (the two sample CT cases, each the other's support; random weights: checks the plumbing only):
@@ -90,7 +90,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", metavar="FILE.csv",
                    help="write per-slice scores (structure, slice index, score, selected, matched support)")
     settings.add_arguments(p, groups=("slices", "reverse", "lpips", "model"))
-    from .refine_command import add_cache_arguments  # the features a later `refine` reads
+    from fewshotsam2.commands.refine_command import add_cache_arguments  # the features a later `refine` reads
 
     add_cache_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -108,12 +108,12 @@ def run_segment(args: argparse.Namespace) -> int:
     """`segment`: the Segmenter on the given files; the result summary on stdout (or as the JSON `done` line).
     With --server the same job runs on a `fewshotsam2 serve` server (serve/client.py)."""
     if getattr(args, "server", None):
-        from .serve.client import run_remote
+        from fewshotsam2.serve.client import run_remote
 
         return run_remote(args)
-    from .segmenter import Segmenter
+    from fewshotsam2.run.segmenter import Segmenter
 
-    from .refine_command import CachedEngineFactory, feature_cache_of
+    from fewshotsam2.commands.refine_command import CachedEngineFactory, feature_cache_of
 
     options = options_from_args(args)
     # the engine fills the feature cache during this run only; a bad --feature-cache folder fails here
@@ -156,7 +156,7 @@ class _Parser(argparse.ArgumentParser):
     argv: Optional[Sequence[str]] = None
 
     def error(self, message: str):  # type: ignore[override]
-        from .paths import dash_path_hint
+        from fewshotsam2.io.paths import dash_path_hint
 
         super().error(message + dash_path_hint(sys.argv[1:] if _Parser.argv is None else _Parser.argv))
 
@@ -245,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
 def _dispatch(args: argparse.Namespace) -> int:
     check_environment()  # every environment variable the tool reads, before any work
     if args.command != "segment" and all(hasattr(args, k) for k in ("image_size", "batch_size", "device")):
-        from .errors import out_of_memory_as_input_error
+        from fewshotsam2.errors import out_of_memory_as_input_error
 
         # the other commands that run SAM2 (evaluate, bench, ...) keep what they wrote so far
         with out_of_memory_as_input_error(args, written=""):

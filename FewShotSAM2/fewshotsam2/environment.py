@@ -19,8 +19,8 @@ import os
 from typing import Mapping, Optional
 from urllib.parse import urlparse
 
-from .errors import InputError
-from .protocol import PARENT_PID_ENV
+from fewshotsam2.errors import InputError
+from fewshotsam2.protocol import PARENT_PID_ENV
 
 FEATURE_CACHE_ENV = "FEWSHOTSAM2_FEATURE_CACHE_MB"
 SAMPLE_URL_ENV = "FEWSHOTSAM2_SAMPLE_URL"

@@ -14,7 +14,7 @@ import json
 import os
 from typing import IO, Any, Optional
 
-from .errors import Cancelled
+from fewshotsam2.errors import Cancelled
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1  # batch: at least one case failed (the others were written)

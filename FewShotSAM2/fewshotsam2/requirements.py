@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from .errors import InputError
+from fewshotsam2.errors import InputError
 
 LPIPS_REQUIREMENT = "lpips==0.1.4"
 

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from . import constants as C
+from fewshotsam2 import constants as C
 
 CACHE_ENV = "FEWSHOTSAM2_CACHE"  # the checkpoint cache folder (checkpoints.py)
 FEATURE_CACHE_ENV = "FEWSHOTSAM2_FEATURE_CACHE"  # the on-disk feature cache's folder, or "off" (feature_cache.py)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from ..errors import InputError
+from fewshotsam2.errors import InputError
 
 
 def get_backend(method: str):
     """The backend of a method name ("propagate", "reverse", "lpips"); imported on first use."""
     if method == "propagate":
-        from .propagate import PropagateBackend as cls
+        from fewshotsam2.backends.propagate import PropagateBackend as cls
     elif method == "reverse":
-        from .reverse import ReverseBackend as cls
+        from fewshotsam2.backends.reverse import ReverseBackend as cls
     elif method == "lpips":
-        from .lpips_matching import LpipsBackend as cls
+        from fewshotsam2.backends.lpips_matching import LpipsBackend as cls
     else:
-        from ..constants import METHODS
+        from fewshotsam2.constants import METHODS
 
         raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
     return cls()

@@ -10,9 +10,9 @@ from typing import Any, Callable, ClassVar, Hashable, Iterator, Optional, Protoc
 
 import numpy as np
 
-from ..engine import Memory, Prediction
-from ..overlap import dice  # noqa: F401  (backends score with the package's one Dice)
-from ..results import LpipsMatch
+from fewshotsam2.model.engine import Memory, Prediction
+from fewshotsam2.run.overlap import dice  # noqa: F401  (backends score with the package's one Dice)
+from fewshotsam2.run.results import LpipsMatch
 
 StageProgress = Callable[[str, int, int], None]
 

@@ -23,9 +23,9 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
-from ..engine import Memory
-from .base import Engine
-from .memory_bank import propagate_sequence
+from fewshotsam2.model.engine import Memory
+from fewshotsam2.backends.base import Engine
+from fewshotsam2.backends.memory_bank import propagate_sequence
 
 OnSlice = Callable[[int], None]  # called with the number of slices predicted so far
 

@@ -20,12 +20,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..augment import augment_support
-from ..lpips_distance import QUERY_CHUNK, body_box, resample_to_fov, shared_lpips
-from ..options import LpipsOptions
-from ..results import LpipsMatch
-from .continuation import SliceEdge
-from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
+from fewshotsam2.matching.augment import augment_support
+from fewshotsam2.matching.lpips_distance import QUERY_CHUNK, body_box, resample_to_fov, shared_lpips
+from fewshotsam2.options import LpipsOptions
+from fewshotsam2.run.results import LpipsMatch
+from fewshotsam2.backends.continuation import SliceEdge
+from fewshotsam2.backends.base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice
 
 
 def _matcher(engine: Engine, options: LpipsOptions):

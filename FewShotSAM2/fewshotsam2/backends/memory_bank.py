@@ -6,8 +6,8 @@ from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..engine import Memory
-from .base import Engine
+from fewshotsam2.model.engine import Memory
+from fewshotsam2.backends.base import Engine
 
 
 def memorize_in_batches(engine: Engine, keys: Sequence[Hashable], masks: Sequence[np.ndarray]) -> Memory:

@@ -10,12 +10,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..options import PropagateOptions
-from .base import (Backend, Engine, QueryContext, StageClock, StageProgress, StructureJob, StructureResult,
+from fewshotsam2.options import PropagateOptions
+from fewshotsam2.backends.base import (Backend, Engine, QueryContext, StageClock, StageProgress, StructureJob, StructureResult,
                    SupportSlice)
-from .continuation import PropagationEdge
-from .memory_bank import propagate_sequence
-from .structure_batch import Track, propagate_tracks
+from fewshotsam2.backends.continuation import PropagationEdge
+from fewshotsam2.backends.memory_bank import propagate_sequence
+from fewshotsam2.backends.structure_batch import Track, propagate_tracks
 
 
 class PropagateBackend(Backend):

@@ -23,11 +23,11 @@ from typing import Hashable, Optional, Sequence
 
 import numpy as np
 
-from ..engine import Memory, Prediction
-from ..options import ReverseOptions
-from .base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
-from .continuation import PropagationEdge
-from .memory_bank import memorize_in_batches, propagate_sequence
+from fewshotsam2.model.engine import Memory, Prediction
+from fewshotsam2.options import ReverseOptions
+from fewshotsam2.backends.base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
+from fewshotsam2.backends.continuation import PropagationEdge
+from fewshotsam2.backends.memory_bank import memorize_in_batches, propagate_sequence
 
 
 @dataclass

@@ -21,8 +21,8 @@ from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..engine import Memory
-from .base import Engine
+from fewshotsam2.model.engine import Memory
+from fewshotsam2.backends.base import Engine
 
 
 @dataclass

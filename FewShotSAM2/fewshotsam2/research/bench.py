@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..constants import METHODS
-from ..errors import InputError
+from fewshotsam2.constants import METHODS
+from fewshotsam2.errors import InputError
 
 UNTRAINED_BANNER = "UNTRAINED: SAM2 ran with random weights (--untrained); these numbers mean nothing"
 METHOD_NAMES = ("propagate",) + tuple(m for m in METHODS if m != "propagate")  # the baseline first: ratios are to it
@@ -65,7 +65,7 @@ def _rss_peak_mib() -> float:
 def crop_slices(volume, labels, axis: int, max_slices: int, value: Optional[int] = None):
     """The `max_slices` slices along array `axis` centred on the labeled extent of `value` (or the middle),
     as new Volumes whose origin moves so every kept voxel stays where it was in physical space."""
-    from ..volume import Volume
+    from fewshotsam2.io.volume import Volume
 
     n = volume.array.shape[axis]
     if max_slices <= 0 or max_slices >= n:
@@ -90,8 +90,8 @@ def crop_slices(volume, labels, axis: int, max_slices: int, value: Optional[int]
 
 def _load_case(path: str, labels_path: Optional[str]):
     """(image, labels or None): a case folder (image.* / dicom/ + labels.*) or an image file (+ labels file)."""
-    from .evaluate import find_case
-    from ..volume import read_labels, read_volume
+    from fewshotsam2.research.evaluate import find_case
+    from fewshotsam2.io.volume import read_labels, read_volume
 
     p = Path(path)
     if p.is_dir():
@@ -106,10 +106,10 @@ def _load_case(path: str, labels_path: Optional[str]):
 
 def bench_method(method: str, cfg: dict, engine=None) -> dict:
     """Load, segment and write once with `method`; returns stage seconds, encoder calls and memory peaks."""
-    from ..label_selection import LabelChoice
-    from ..slices import SlicePlan
-    from ..support_loader import load_supports
-    from ..volume import LabelMap, default_structure, write_labels
+    from fewshotsam2.supports.label_selection import LabelChoice
+    from fewshotsam2.slicing.slices import SlicePlan
+    from fewshotsam2.supports.support_loader import load_supports
+    from fewshotsam2.io.volume import LabelMap, default_structure, write_labels
 
     options = cfg["options_factory"](method)
     trace = cfg.get("tracemalloc", True)
@@ -144,7 +144,7 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
 
     t1 = time.perf_counter()
     if cfg.get("segment") is None:
-        from ..pipeline import segment
+        from fewshotsam2.run.pipeline import segment
     else:
         segment = cfg["segment"]
     # the one support rule (support_loader.py), each structure by its label value
@@ -184,8 +184,8 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
 
 def _isolated_job(method: str, cfg: dict, engine_options: dict) -> dict:
     """Child-process entry for --isolate: its own model, so its RSS peak is this method's alone."""
-    from ..options import SegmentOptions
-    from ..pipeline import make_engine
+    from fewshotsam2.options import SegmentOptions
+    from fewshotsam2.run.pipeline import make_engine
 
     warnings.filterwarnings("ignore", message=".*RANDOM WEIGHTS.*")
     cfg = dict(cfg, options_factory=lambda m: SegmentOptions.from_flat(**dict(engine_options, method=m)))
@@ -278,7 +278,7 @@ def _cpu_name() -> str:
 
 def _write_or_print(text: str, output: Optional[str]) -> None:
     if output:
-        from ..atomic import write_text_atomic
+        from fewshotsam2.io.atomic import write_text_atomic
 
         write_text_atomic(Path(output), text)
         print(f"written to {output}")
@@ -287,11 +287,11 @@ def _write_or_print(text: str, output: Optional[str]) -> None:
 
 
 def run_matching(args: argparse.Namespace) -> int:
-    from ..paths import refuse_overwriting_inputs
+    from fewshotsam2.io.paths import refuse_overwriting_inputs
 
     refuse_overwriting_inputs([("-o", args.output)], [args.lpips_weights])
     try:
-        from .bench_lpips import run_matching_benchmark
+        from fewshotsam2.research.bench_lpips import run_matching_benchmark
     except ImportError as e:
         raise InputError(f"--matching needs fewshotsam2.research.bench_lpips ({e})") from None
     kw = dict(n_support=args.n_support, n_query=args.n_query, size=args.matching_size, net=args.lpips_net,
@@ -323,7 +323,7 @@ def _torch_threads() -> int:
 def _structure_values(text: Optional[str]) -> list[int]:
     """`--structures 1,5` -> [1, 5], in `--labels`' grammar (label_selection.py) restricted to label values:
     bench crops and scores by value. Anything else is one clear error."""
-    from ..label_selection import parse_label_selection
+    from fewshotsam2.supports.label_selection import parse_label_selection
 
     if not (text or "").strip():
         return []
@@ -352,13 +352,13 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
         return run_matching(args)
     if not args.query:
         raise InputError("bench needs --query (a case folder or an image file), or --matching")
-    from ..options import options_from_args
-    from .evaluate import parse_methods
-    from ..options import SegmentOptions
-    from ..pipeline import make_engine
+    from fewshotsam2.options import options_from_args
+    from fewshotsam2.research.evaluate import parse_methods
+    from fewshotsam2.options import SegmentOptions
+    from fewshotsam2.run.pipeline import make_engine
 
     methods = parse_methods(args.methods)
-    from ..paths import refuse_overwriting_inputs
+    from fewshotsam2.io.paths import refuse_overwriting_inputs
 
     refuse_overwriting_inputs([("-o", args.output)],
                               [args.query, args.query_labels, args.support, args.support_labels,
@@ -434,7 +434,7 @@ def run(args: argparse.Namespace, segment=None, engine_factory=None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..settings import add_arguments as add_setting_arguments
+    from fewshotsam2.settings import add_arguments as add_setting_arguments
 
     parser.description = ("Time each stage of each method on one query (and support): wall time, encoder calls, "
                           "peak memory, ratio to propagate. Markdown output. See docs/evaluation.md.")

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..lpips_distance import LPIPSDistance
+from fewshotsam2.matching.lpips_distance import LPIPSDistance
 
 
 def _images(n: int, size: int, seed: int) -> torch.Tensor:

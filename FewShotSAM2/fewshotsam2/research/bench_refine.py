@@ -40,8 +40,8 @@ def _run(argv: list[str], env: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..volume import read_volume, write_labels, default_structure
-    from .clinical_ct import build
+    from fewshotsam2.io.volume import read_volume, write_labels, default_structure
+    from fewshotsam2.research.clinical_ct import build
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")

@@ -31,7 +31,7 @@ MODES = ("one-pass", "sequential", "separate")
 
 
 def _inputs(args):
-    from ..volume import read_labels, read_volume
+    from fewshotsam2.io.volume import read_labels, read_volume
 
     query = read_volume(args.query)
     folder = Path(args.support)
@@ -49,10 +49,10 @@ def _cpu_seconds() -> float:
 
 
 def _worker(args) -> dict:
-    from ..backends.base import Backend
-    from ..backends.propagate import PropagateBackend
-    from ..options import SegmentOptions
-    from ..pipeline import SupportCase, segment
+    from fewshotsam2.backends.base import Backend
+    from fewshotsam2.backends.propagate import PropagateBackend
+    from fewshotsam2.options import SegmentOptions
+    from fewshotsam2.run.pipeline import SupportCase, segment
 
     query, image, labels, chosen = _inputs(args)
     support = SupportCase(image, labels, "support")
@@ -64,7 +64,7 @@ def _worker(args) -> dict:
         PropagateBackend.run_many = Backend.run_many  # the one-at-a-time loop
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from ..engine import SAM2Engine
+        from fewshotsam2.model.engine import SAM2Engine
 
         engine = SAM2Engine.with_random_weights("tiny", image_size=args.image_size, device="cpu")
         segment(query, [support], structures[:1], options, progress=None, engine=engine)  # warm-up
@@ -87,11 +87,11 @@ def _worker(args) -> dict:
 def _interleaved(args) -> None:
     """Every (count, mode) in one process, in rounds: config after config, `--repeat` rounds, so each sees the
     same machine load on average (on a shared machine the load drifts over minutes). Median wall per config."""
-    from ..backends.base import Backend
-    from ..backends.propagate import PropagateBackend
-    from ..engine import SAM2Engine
-    from ..options import SegmentOptions
-    from ..pipeline import SupportCase, segment
+    from fewshotsam2.backends.base import Backend
+    from fewshotsam2.backends.propagate import PropagateBackend
+    from fewshotsam2.model.engine import SAM2Engine
+    from fewshotsam2.options import SegmentOptions
+    from fewshotsam2.run.pipeline import SupportCase, segment
 
     query, image, labels, chosen = _inputs(args)
     support = SupportCase(image, labels, "support")

@@ -18,7 +18,7 @@ import numpy as np
 
 
 def build(data: Path, n_slices: int):
-    from ..volume import Volume, read_labels, read_volume
+    from fewshotsam2.io.volume import Volume, read_labels, read_volume
 
     folder = Path(data) / "abdomen-ct" / "ct-b"
     image = read_volume(folder / "dicom")
@@ -36,7 +36,7 @@ def build(data: Path, n_slices: int):
 
 
 def main(argv=None) -> int:
-    from ..volume import default_structure, write_labels
+    from fewshotsam2.io.volume import default_structure, write_labels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")

@@ -33,10 +33,10 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from . import metrics as M
-from ..atomic import write_text_atomic
-from ..constants import METHODS
-from ..errors import Cancelled, InputError
+from fewshotsam2.research import metrics as M
+from fewshotsam2.io.atomic import write_text_atomic
+from fewshotsam2.constants import METHODS
+from fewshotsam2.errors import Cancelled, InputError
 
 PROTOCOLS = ("cross-subject", "within-volume")
 METHOD_NAMES = METHODS
@@ -192,9 +192,9 @@ def within_volume_support(image, labels, values: Sequence[int], shots: int, axis
     no other label of the query. (Slices are chosen as the core chooses support slices; which ones it used is
     read from its result, `SegmentationResult.support_slices`, not from here.)
     """
-    from ..pipeline import SupportCase
-    from ..slices import SlicePlan
-    from ..support import select_support_slices
+    from fewshotsam2.run.pipeline import SupportCase
+    from fewshotsam2.slicing.slices import SlicePlan
+    from fewshotsam2.slicing.support import select_support_slices
 
     plan = SlicePlan.for_volume(labels, axis)
     stack = plan.stack(labels.array)
@@ -212,8 +212,8 @@ def within_volume_support(image, labels, values: Sequence[int], shots: int, axis
 def _support(image, labels, name: str, structures: Sequence):
     """The support of one evaluation unit, by the one support rule (support_loader.py): each structure by its
     label value, under the name the evaluation gives it."""
-    from ..label_selection import LabelChoice
-    from ..support_loader import load_supports
+    from fewshotsam2.supports.label_selection import LabelChoice
+    from fewshotsam2.supports.support_loader import load_supports
 
     chosen = [LabelChoice(str(s.value), "value", str(s.value), s.name) for s in structures]
     return load_supports([(image, labels, name)], chosen)[0][0] if structures else None
@@ -224,8 +224,8 @@ def parse_structures(spec: Optional[str], available: Sequence) -> list:
     the first case's structures; None = every structure of the first case."""
     from dataclasses import replace
 
-    from ..label_selection import parse_label_selection, resolve_structures
-    from ..volume import default_structure
+    from fewshotsam2.supports.label_selection import parse_label_selection, resolve_structures
+    from fewshotsam2.io.volume import default_structure
 
     if not spec:
         return list(available)
@@ -534,7 +534,7 @@ def _rel_position(stack_index: int, first: int, last: int) -> float:
 
 
 def _stack_extent(plan, labels_array: np.ndarray, value: int) -> tuple[int, int]:
-    from ..support import labeled_slices
+    from fewshotsam2.slicing.support import labeled_slices
 
     present = labeled_slices(plan.stack(labels_array), value)
     return (int(present[0]), int(present[-1])) if present.size else (0, -1)
@@ -586,7 +586,7 @@ class _Evaluator:
         self.load = functools.lru_cache(maxsize=3)(self._load)  # query + support (+1) stay in memory
 
     def _load(self, name: str):
-        from ..volume import read_labels, read_volume
+        from fewshotsam2.io.volume import read_labels, read_volume
 
         c = self.by_name[name]
         image = read_volume(c.image)
@@ -594,7 +594,7 @@ class _Evaluator:
         return image, labels, structures
 
     def options(self, method: str):
-        from ..options import SegmentOptions
+        from fewshotsam2.options import SegmentOptions
 
         names = SegmentOptions.flat_names()
         kw = {k: v for k, v in self.cfg.options.items() if k in names}
@@ -604,7 +604,7 @@ class _Evaluator:
     def build_engine(self, method: str):
         # built once: every case and method reuses the model (the engine resets its frame cache per run)
         if self.engine is None:
-            from ..pipeline import make_engine
+            from fewshotsam2.run.pipeline import make_engine
 
             self.engine = make_engine(self.options(method))
         return self.engine
@@ -620,17 +620,17 @@ def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None,
     """
     from tqdm import tqdm
 
-    from ..volume import LabelMap
+    from fewshotsam2.io.volume import LabelMap
 
     if segment is None:
-        from ..pipeline import segment
+        from fewshotsam2.run.pipeline import segment
 
     if cfg.protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol '{cfg.protocol}'; choose {' or '.join(PROTOCOLS)}")
     if not cfg.cases:
         raise InputError("no cases to evaluate")
     methods = parse_methods(",".join(cfg.methods))
-    from ..paths import refuse_overwriting_inputs
+    from fewshotsam2.io.paths import refuse_overwriting_inputs
 
     out_folder = Path(cfg.output)
     refuse_overwriting_inputs([(f"-o {out_folder}/{name}", out_folder / name) for name in OUR_FILES],
@@ -798,7 +798,7 @@ def run_evaluation(cfg: EvaluationConfig, engine=None, segment=None,
 
 def write_plots(out: Path, summary: Sequence[dict], methods: Sequence[str], untrained: bool) -> list[Path]:
     """dice.png always; reverse_pi_vs_dice.png / lpips_matching.png when those methods ran."""
-    from . import plots
+    from fewshotsam2.research import plots
 
     folder = Path(out) / "plots"
     folder.mkdir(exist_ok=True)
@@ -854,19 +854,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the results in the output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from ..settings import add_arguments as add_setting_arguments  # the options `segment` has, same names
+    from fewshotsam2.settings import add_arguments as add_setting_arguments  # the options `segment` has, same names
 
     add_setting_arguments(parser, groups=("model", "slices", "reverse", "lpips"))
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluationConfig:
-    from ..options import SegmentOptions
+    from fewshotsam2.options import SegmentOptions
 
     # every SegmentOptions setting except those evaluate decides per run (method) or holds itself (shots)
     options = {k: getattr(args, k) for k in SegmentOptions.flat_names()
                if k not in ("method", "shots") and hasattr(args, k)}
     if options.get("image_size") is None:  # not given: the model's own, written as a number in the results
-        from ..models import default_image_size
+        from fewshotsam2.model.models import default_image_size
 
         options["image_size"] = default_image_size(options.get("model") or "tiny", options.get("config"))
     return EvaluationConfig(

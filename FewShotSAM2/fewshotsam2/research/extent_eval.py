@@ -42,9 +42,9 @@ PAIRS_CTMR = [
 def load_case(folder: Path, downsample: int = 1, max_side: Optional[int] = None):
     """(image, labels, plane) of a case folder; optionally in-plane downsampled (every n-th pixel) to keep tests
     fast. `plane` is the acquisition plane of the original: downsampling can make another axis the coarsest."""
-    from .evaluate import find_case
-    from ..volume import Volume, read_labels, read_volume
-    from ..slices import SlicePlan
+    from fewshotsam2.research.evaluate import find_case
+    from fewshotsam2.io.volume import Volume, read_labels, read_volume
+    from fewshotsam2.slicing.slices import SlicePlan
 
     case = find_case(Path(folder))
     image = read_volume(case.image)
@@ -65,7 +65,7 @@ def load_case(folder: Path, downsample: int = 1, max_side: Optional[int] = None)
 
 
 def evaluate_pairs(data: Path, pairs, estimator, downsample: int = 1) -> list[dict]:
-    from ..extent import stack_info
+    from fewshotsam2.slicing.extent import stack_info
 
     cache: dict = {}
 
@@ -106,7 +106,7 @@ def summary(rows: Sequence[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..extent import ExtentEstimator, MARGIN_MM, OUTSIDE_QUANTILE
+    from fewshotsam2.slicing.extent import ExtentEstimator, MARGIN_MM, OUTSIDE_QUANTILE
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data")

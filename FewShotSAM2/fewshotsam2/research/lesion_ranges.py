@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .extent_eval import IBSR, load_case
+from fewshotsam2.research.extent_eval import IBSR, load_case
 
 LESION = 1
 IN_PLANE_RADIUS_MM = 10.0
@@ -59,9 +59,9 @@ def add_lesion(images: np.ndarray, wm: np.ndarray, centre_slice: int, spacing: t
 def continued_recall(truth: np.ndarray, first: int, last: int, tip: float = 0.0) -> tuple[float, int, int]:
     """Continue past the range ends with a stand-in predictor that returns the truth (a slice whose lesion area is
     under `tip` x the largest is missed). Returns (recall, first, last) of the segmented range."""
-    from ..backends.base import StructureResult
-    from ..backends.continuation import SliceEdge
-    from ..range_ends import extend_past_range_ends
+    from fewshotsam2.backends.base import StructureResult
+    from fewshotsam2.backends.continuation import SliceEdge
+    from fewshotsam2.run.range_ends import extend_past_range_ends
 
     area = truth.reshape(truth.shape[0], -1).sum(axis=1)
     seen = truth & (area >= tip * area.max())[:, None, None]
@@ -85,7 +85,7 @@ def _recall(truth: np.ndarray, first: int, last: int) -> float:
 
 def evaluate(data: Path, estimator, offsets_mm, half_length_mm: float, tip: float, downsample: int = 2,
              levels=(0.35, 0.5, 0.65)) -> list[dict]:
-    from ..extent import StackInfo, stack_info
+    from fewshotsam2.slicing.extent import StackInfo, stack_info
 
     brains = {}
     for path in IBSR:
@@ -147,7 +147,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from ..extent import ExtentEstimator
+    from fewshotsam2.slicing.extent import ExtentEstimator
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="../shared/data")

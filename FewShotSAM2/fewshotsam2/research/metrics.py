@@ -24,7 +24,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from ..overlap import dice, dice_from_counts  # noqa: F401  (the package's one Dice, re-exported)
+from fewshotsam2.run.overlap import dice, dice_from_counts  # noqa: F401  (the package's one Dice, re-exported)
 
 HD_PERCENTILE = 95.0
 

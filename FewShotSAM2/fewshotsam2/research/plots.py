@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_path
+from fewshotsam2.io.atomic import atomic_path
 
 UNTRAINED_BANNER = "UNTRAINED: SAM2 ran with random weights (--untrained); these numbers mean nothing"
 

@@ -28,12 +28,12 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .. import __version__
-from ..errors import InputError
-from .auth import TokenCheck
-from .jobs import Busy, JobStore
-from .protocol import API_VERSION, check_job_options, file_suffix, unpack_job
-from .runner import EngineCache, run_job, volume_voxels
+from fewshotsam2 import __version__
+from fewshotsam2.errors import InputError
+from fewshotsam2.serve.auth import TokenCheck
+from fewshotsam2.serve.jobs import Busy, JobStore
+from fewshotsam2.serve.protocol import API_VERSION, check_job_options, file_suffix, unpack_job
+from fewshotsam2.serve.runner import EngineCache, run_job, volume_voxels
 
 MAX_ATTEMPTS = 2  # a job whose replica died is run once more, then reported failed
 EXPIRE_EVERY_S = 30.0

@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from ..errors import InputError
+from fewshotsam2.errors import InputError
 
 MIN_TOKEN_LENGTH = 16
 TOKEN_ENV = "FEWSHOTSAM2_SERVER_TOKEN"  # the client's alternative to --token-file (the Slicer module uses it)

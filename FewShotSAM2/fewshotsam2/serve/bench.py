@@ -61,8 +61,8 @@ def main(argv=None) -> int:
                                           str(ct / "ct-a" / "image.nii.gz"), str(ct / "ct-a" / "labels.nii.gz"),
                                           "--labels", "5"])]
     if args.clinical_slices:
-        from ..research.clinical_ct import build
-        from ..volume import write_labels
+        from fewshotsam2.research.clinical_ct import build
+        from fewshotsam2.io.volume import write_labels
 
         image, labels = build(data, args.clinical_slices)
         import SimpleITK as sitk

@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from .. import __version__
-from ..errors import Cancelled, InputError
-from .auth import client_token
-from .protocol import API_VERSION, FILE_SUFFIXES, file_suffix, job_options, pack_job
+from fewshotsam2 import __version__
+from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.serve.auth import client_token
+from fewshotsam2.serve.protocol import API_VERSION, FILE_SUFFIXES, file_suffix, job_options, pack_job
 
 POLL_S = 0.5
 RECONNECT_S = 120.0  # how long a lost server is retried before the client gives up (the job goes on there)
@@ -113,11 +113,11 @@ def check_compatible(version: dict, url: str) -> None:
 
 def run_remote(args: argparse.Namespace) -> int:
     """`segment --server`: check here, upload, follow the job, download the outputs. Returns the exit code."""
-    from ..paths import check_output_file, refuse_overwriting_inputs
-    from ..progress import ProgressBar
-    from ..protocol import check_parent_alive
-    from ..options import options_from_args
-    from ..volume import check_output_path
+    from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
+    from fewshotsam2.run.progress import ProgressBar
+    from fewshotsam2.protocol import check_parent_alive
+    from fewshotsam2.options import options_from_args
+    from fewshotsam2.io.volume import check_output_path
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--cache-dir", args.cache_dir),
                         ("--lpips-weights", args.lpips_weights)):
@@ -172,7 +172,7 @@ def run_remote(args: argparse.Namespace) -> int:
         clock["uploaded"] = time.monotonic()
         done_event = _follow(client, job, progress, json_lines, bar, check_parent_alive, clock)
         clock["finished"] = time.monotonic()
-        from ..atomic import atomic_path
+        from fewshotsam2.io.atomic import atomic_path
 
         # outputs are written only now, each atomically: a failed or cancelled job leaves nothing behind
         for name, path in (("out", args.out), ("scores", args.scores)):
@@ -257,7 +257,7 @@ def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wan
 
 def _events():
     """The `--progress json` lines, written to stdout as a local run writes them (protocol.JsonEvents)."""
-    from ..protocol import JsonEvents
+    from fewshotsam2.protocol import JsonEvents
 
     return JsonEvents(sys.stdout)
 

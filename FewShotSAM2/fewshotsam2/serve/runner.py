@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import Cancelled, InputError
+from fewshotsam2.errors import Cancelled, InputError
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -25,7 +25,7 @@ class EngineCache:
     def __call__(self, options):
         settings = options.engine_settings()
         if self.engine is None or settings != self.settings:
-            from ..pipeline import make_engine
+            from fewshotsam2.run.pipeline import make_engine
 
             self.engine, self.settings = None, None  # free the old model before building the new one
             self.engine = make_engine(options)
@@ -43,10 +43,10 @@ def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
     progress step and True cancels the run (nothing is written). Returns (exit code, error message): 0 and "" on
     success, 2 and the one-line message for bad input, 130 when cancelled, 1 for anything else.
     """
-    from ..options import OptionError, SegmentOptions
-    from ..protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
-    from ..segmenter import Segmenter
-    from ..settings import flag
+    from fewshotsam2.options import OptionError, SegmentOptions
+    from fewshotsam2.protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
+    from fewshotsam2.run.segmenter import Segmenter
+    from fewshotsam2.settings import flag
 
     def progress(stage: str, done: int, total: int) -> None:
         if stop():

@@ -1,0 +1,1 @@
+"""The command line's commands besides `segment` (cli.py): batch, batch on Ray, extent, refine."""

@@ -1,0 +1,1 @@
+"""LPIPS: batched perceptual distances and the augmented support set."""
