@@ -4,7 +4,11 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from fewshotsam2.io.volume import Structure, Volume
+from fewshotsam2.supports.support_loader import SupportCase
 
 REPO = Path(__file__).resolve().parents[1]  # pyproject's `pythonpath` puts REPO/FewShotSAM2 first on sys.path
 # tests write no image features into the user's cache (~/.cache/fewshotsam2/features): the tests of the feature
@@ -118,3 +122,27 @@ def abdomen_mr(shared_dir):
     image = read_volume(folder / "image.nii.gz")
     labels, structures = read_labels(folder / "labels.nii.gz", image)
     return image, labels, structures
+
+
+# -------------------------------------------------------------- a synthetic pair (pipeline, memory bounds)
+
+def two_box_pair():
+    """Query and support: 7 slices of 40 x 48 at 1 x 1 x 3 mm (slice axis k), a bright box labeled 2 and a
+    dimmer one labeled 4; the support's k axis points the other way (direction -z), so stack != array order."""
+    def volume(shift: int, flip: bool):
+        image = np.zeros((7, 40, 48), np.float32)
+        labels = np.zeros((7, 40, 48), np.uint8)
+        labels[1:6, 10 + shift:24 + shift, 8:20] = 2
+        labels[2:5, 26:34, 28 + shift:40 + shift] = 4
+        image[labels == 2], image[labels == 4] = 900.0, 400.0
+        image += np.random.default_rng(shift).normal(0, 20, image.shape).astype(np.float32)
+        direction = np.diag([1.0, 1.0, -1.0 if flip else 1.0])
+        return (Volume(image, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), direction),
+                Volume(labels, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), direction))
+
+    query, query_labels = volume(2, False)
+    image, labels = volume(0, True)
+    return query, query_labels, SupportCase(image, labels, "synthetic")
+
+
+STRUCTURES = [Structure(2, "box", (1.0, 0.0, 0.0)), Structure(4, "dim box", (0.0, 0.0, 1.0))]

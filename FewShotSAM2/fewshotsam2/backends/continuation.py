@@ -7,7 +7,7 @@ is then nothing new for SAM2:
 
 * `PropagationEdge` (propagate, reverse): more steps of the same pass -- the same conditioning memories, the
   pass's FIFO of recent predictions, the next timeline positions. sam2's own `SAM2VideoPredictor` on the video
-  extended by those slices gives the same logits (`Testing/test_range_continuation.py`).
+  extended by those slices gives the same logits (`Testing/backends/test_range_continuation.py`).
 * `SliceEdge` (lpips): every query slice is predicted on its own, so a slice beyond the end is predicted exactly
   as it would have been inside the range.
 

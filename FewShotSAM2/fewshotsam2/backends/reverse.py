@@ -12,7 +12,7 @@
    in both directions; the memory bank keeps every conditional slice for the whole run plus SAM2's FIFO of recent
    predictions (and, with keep_supports, the supports too). A conditional slice's output is p_i itself.
 
-`Testing/test_oracle_sam2.py` checks every step against sam2's own video predictor.
+`Testing/model/test_oracle_sam2.py` checks every step against sam2's own video predictor.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Semantics (sam2's own answer to "refining masks after propagation", facebookrese
 The model runs with `clear_non_cond_mem_around_input=True`: every time propagation passes a conditioning frame,
 the non-conditioning memories within `stride * num_maskmem` frames of it are dropped (old appearance next to a
 new prompt confuses SAM2). Prediction runs `propagate_in_video` forward from the first corrected slice to the end
-of the range, then `reverse=True` from it to the start. `Testing/test_refine_oracle.py` checks this against the
+of the range, then `reverse=True` from it to the start. `Testing/run/test_refine_oracle.py` checks this against the
 predictor itself.
 
 The first run's non-conditioning memories are not kept (only its label map is): a refine starts a fresh session.

@@ -120,7 +120,7 @@ def test_medsam2_segments_at_512_as_sam2s_own_predictor_built_from_its_config(tm
     from conftest import crop_slices
     from fewshotsam2.run.pipeline import SupportCase
     from fewshotsam2.io.volume import read_volume
-    from test_oracle_sam2 import (Comparison, _cpu_connected_components, _run, _support_keys,
+    from sam2_oracle import (Comparison, _cpu_connected_components, _run, _support_keys,
                                   sam2_video)
 
     medsam2_file = tmp_path / "MedSAM2_random.pt"  # MedSAM2's layout, random weights of this seed

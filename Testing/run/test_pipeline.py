@@ -13,34 +13,12 @@ from fewshotsam2.run.pipeline import SupportCase, segment
 from fewshotsam2.run.results import LpipsMatch
 from fewshotsam2.slicing.slices import SlicePlan
 from fewshotsam2.slicing.support import select_support_slices
-from fewshotsam2.io.volume import Structure, Volume
-
-
-def _pair():
-    """Query and support: 7 slices of 40 x 48 at 1 x 1 x 3 mm (slice axis k), a bright box labeled 2 and a
-    dimmer one labeled 4; the support's k axis points the other way (direction -z), so stack != array order."""
-    def volume(shift: int, flip: bool):
-        image = np.zeros((7, 40, 48), np.float32)
-        labels = np.zeros((7, 40, 48), np.uint8)
-        labels[1:6, 10 + shift:24 + shift, 8:20] = 2
-        labels[2:5, 26:34, 28 + shift:40 + shift] = 4
-        image[labels == 2], image[labels == 4] = 900.0, 400.0
-        image += np.random.default_rng(shift).normal(0, 20, image.shape).astype(np.float32)
-        direction = np.diag([1.0, 1.0, -1.0 if flip else 1.0])
-        return (Volume(image, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), direction),
-                Volume(labels, (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), direction))
-
-    query, query_labels = volume(2, False)
-    image, labels = volume(0, True)
-    return query, query_labels, SupportCase(image, labels, "synthetic")
-
-
-STRUCTURES = [Structure(2, "box", (1.0, 0.0, 0.0)), Structure(4, "dim box", (0.0, 0.0, 1.0))]
+from conftest import STRUCTURES, two_box_pair
 
 
 @pytest.fixture(scope="module")
 def pair():
-    return _pair()
+    return two_box_pair()
 
 
 def _run(method, pair, engine, shared_dir, **flat):

@@ -35,7 +35,7 @@ import sam2.sam2_video_predictor
 from conftest import crop_slices
 from fewshotsam2.run.pipeline import SegmentOptions, SupportCase, segment
 from fewshotsam2.slicing.slices import SlicePlan
-from test_oracle_sam2 import QUERY_SLICES, TOLERANCE, engine  # noqa: F401  (the oracle's engine fixture)
+from sam2_oracle import QUERY_SLICES, TOLERANCE, engine  # noqa: F401  (the oracle's engine fixture)
 
 VALUES = (5, 7, 8)  # liver and two structures of other extents: each has its own middle labeled slice
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "FewShotSAM2"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "FewShotSAM2.ui"
 MODULE_FILE = MODULE_DIR / "FewShotSAM2.py"

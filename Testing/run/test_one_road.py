@@ -18,7 +18,7 @@ from fewshotsam2.protocol import JsonEvents, parse_event
 from fewshotsam2.supports.support_loader import load_supports
 from fewshotsam2.io.volume import LabelMap, Structure, Volume, read_labels, read_volume, write_labels
 
-CORE = Path(__file__).resolve().parents[1] / "FewShotSAM2" / "fewshotsam2"
+CORE = Path(__file__).resolve().parents[2] / "FewShotSAM2" / "fewshotsam2"
 
 
 def _image(shape=(10, 48, 48), seed=0, origin=(0.0, 0.0, 0.0)) -> Volume:

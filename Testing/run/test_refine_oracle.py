@@ -20,7 +20,7 @@ from fewshotsam2.run.pipeline import SegmentOptions, segment
 from fewshotsam2.run.refine import PreviousRun, refine
 from fewshotsam2.slicing.slices import SlicePlan
 from fewshotsam2.io.volume import read_labels
-from test_oracle_sam2 import (LIVER, TOLERANCE, Comparison, Recorder, _support_keys, ct_b, engine, pair,  # noqa: F401
+from sam2_oracle import (LIVER, TOLERANCE, Comparison, Recorder, _support_keys, ct_b, engine, pair,  # noqa: F401
                               sam2_video)
 
 CORRECTIONS = {"one": [8], "two": [6, 11]}  # ct-b array slices (with liver) the user corrects

@@ -1,11 +1,11 @@
 """Golden outputs: each method, run end to end with random-weight SAM2 tiny at 64 px on a cropped shared pair,
-must give the label maps stored in Testing/golden/. Untrained runs are deterministic (the weights come from a
+must give the label maps stored in Testing/run/golden/. Untrained runs are deterministic (the weights come from a
 fixed seed), so a backend that silently returns empty or shifted masks fails here, which a check of grid and
 label set alone would not catch.
 
 Regenerate after a deliberate change of the methods' output (and say why in the commit):
 
-    ~/.cache/fewshotsam2/venv/bin/python Testing/test_golden.py --regenerate
+    ~/.cache/fewshotsam2/venv/bin/python Testing/run/test_golden.py --regenerate
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def regenerate() -> None:
     sys.path.insert(0, str(HERE.parent / "FewShotSAM2"))
     from fewshotsam2.model.engine import SAM2Engine
 
-    shared = (HERE.parent.parent / "shared").resolve()
+    shared = (HERE.parents[2] / "shared").resolve()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = SAM2Engine.with_random_weights("tiny", image_size=64, device="cpu")

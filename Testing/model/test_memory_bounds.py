@@ -22,7 +22,7 @@ from fewshotsam2.slicing.slice_stack import SliceStack
 from fewshotsam2.slicing.slices import SlicePlan
 from fewshotsam2.io.volume import read_volume
 
-from test_pipeline import STRUCTURES, _pair
+from conftest import STRUCTURES, two_box_pair
 
 
 @pytest.mark.parametrize("name,preset", [("abdomen-ct/ct-a", "ct-abdomen"), ("abdomen-mr", "percentile"),
@@ -80,7 +80,7 @@ def test_reverse_encoding_again_past_the_budget_changes_nothing(pair, engine64, 
 
 @pytest.fixture(scope="module")
 def pair():
-    return _pair()
+    return two_box_pair()
 
 
 def test_cpu_estimate_caps_the_batch_encodes_on_use_and_stores_bf16_past_the_budget(engine64, monkeypatch):

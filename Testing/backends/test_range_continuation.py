@@ -28,7 +28,7 @@ from fewshotsam2.run.range_ends import extend_past_range_ends
 from fewshotsam2.slicing.slice_stack import SliceStack
 from fewshotsam2.slicing.slices import SlicePlan
 from fewshotsam2.slicing.support import select_support_slices
-from test_oracle_sam2 import LIVER, Comparison, Recorder, ct_b, engine, sam2_video  # noqa: F401  (fixtures)
+from sam2_oracle import LIVER, Comparison, Recorder, ct_b, engine, sam2_video  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
