@@ -626,7 +626,8 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             arguments = process.writeJobInputs(segmentationProcess.folder, prepared.query, prepared.supports,
                                                prepared.structures)
             arguments += ["--method", prepared.method] + process.optionArguments(prepared.options)
-            segmentationProcess.start(arguments, scores=prepared.method != "propagate")
+            segmentationProcess.start(arguments, scores=prepared.method != "propagate",
+                                      layered=options.get("overlap") == "allow")
         except BaseException:
             segmentationProcess.cleanup()
             raise
@@ -720,7 +721,11 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"result shape {labels.shape} differs from the query volume's {queryShape}")
 
         mrml_io.ensureSegmentationConverterRules()
-        newSegmentation = mrml_io.segmentationFromLabels(labels, prepared.structures, queryVolumeNode, prepared.segmentMetadata)
+        # --overlap allow: overlapping structures come in separate layers, each segment from its own layer
+        layers = getattr(result.labels, "layers", None)
+        newSegmentation = mrml_io.segmentationFromLabels(labels, result.structures if layers is not None
+                                                         else prepared.structures, queryVolumeNode,
+                                                         prepared.segmentMetadata, layers)
 
         outputNode = prepared.outputSegmentationNode
         created = outputNode is None

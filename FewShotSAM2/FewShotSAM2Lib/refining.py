@@ -135,6 +135,9 @@ def startRefine(states: dict, node, python: Optional[str] = None) -> RefineJob:
     from fewshotsam2.io.volume import write_labels
 
     state = _state(states, node)
+    if state.prepared.options.get("overlap") == "allow":  # refine corrects one label per voxel: overlaps would go
+        raise mrml_io.inputError(f"Refine: '{nodeName(node)}' keeps overlapping segments (overlap 'allow'); refine "
+                                 "corrects one label per voxel: segment again with overlap 'logits' or 'order'.")
     changed = corrections(states, node)
     if not changed:
         raise mrml_io.inputError(f"Refine: no slice of '{nodeName(node)}' was changed since the run; correct some "

@@ -111,6 +111,7 @@ def run_segment(args: argparse.Namespace) -> int:
         from fewshotsam2.serve.client import run_remote
 
         return run_remote(args)
+    from fewshotsam2.io.volume import structure_mask
     from fewshotsam2.run.segmenter import Segmenter
 
     from fewshotsam2.commands.refine_command import CachedEngineFactory, feature_cache_of
@@ -126,7 +127,7 @@ def run_segment(args: argparse.Namespace) -> int:
                                              scores=args.scores, progress=progress)
         finally:
             with_cache.restore()
-        voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
+        voxels = {s.name: int(structure_mask(result.labels, s).sum()) for s in result.structures}
         if events is not None:
             events.done(out=str(args.out), device=str(getattr(segmenter.engine, "device", "")),
                         seconds=result.timings["total"], slice_axis=int(result.slice_axis),

@@ -153,7 +153,9 @@ class SegmentOptions:
     feature_storage: the engine's image-feature cache: "auto", "float32" or "bfloat16" (`SAM2Engine.
         set_feature_storage`).
     overlap: who keeps a voxel two structures claim: "logits" (the structure with the higher SAM2 logit, as
-        sam2's video predictor with non_overlap_masks=True) or "order" (the one listed first). `non_overlap.py`.
+        sam2's video predictor with non_overlap_masks=True), "order" (the one listed first) or "allow" (both:
+        each structure keeps its whole mask, overlapping ones in separate layers; only a .seg.nrrd holds that,
+        `check_overlap_output`). `non_overlap.py`.
     """
 
     method: str = _D["method"]
@@ -296,3 +298,12 @@ def options_from_args(args: "argparse.Namespace", method: Optional[str] = None) 
     if flat.get("lpips_weights"):  # the slice-range estimate uses the same AlexNet, whatever the method
         flat["extent_weights"] = flat["lpips_weights"]
     return SegmentOptions.from_flat(**flat)
+
+
+def check_overlap_output(overlap: str, out: Optional[str], where: str = "--out") -> None:
+    """`--overlap allow` keeps overlapping structures in separate layers, which only a .seg.nrrd output holds:
+    any other output format is refused before any work (rather than flattening the overlaps silently)."""
+    if overlap == "allow" and out is not None and not str(out).lower().endswith(C.LAYERED_OUTPUT):
+        raise OptionError("overlap", f"allow keeps overlapping structures in separate layers, which only a "
+                                     f"{C.LAYERED_OUTPUT} output holds; {where} {out} is not one (write "
+                                     f"{C.LAYERED_OUTPUT}, or choose --overlap logits or order)")

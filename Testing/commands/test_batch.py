@@ -286,3 +286,15 @@ def test_ray_without_ray_installed_says_how_to_install(cohort, tmp_path, capsys,
                        "--ray", "local", *MODEL], capsys, monkeypatch)
     assert rc == 2 and "pip install 'fewshotsam2[ray]'" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_overlap_allow_needs_seg_nrrd_outputs_before_any_work(cohort, tmp_path, capsys, monkeypatch):
+    # the cohort writes .nii.gz and .nrrd too: --overlap allow (layers) refuses the batch, nothing is written
+    out_dir = tmp_path / "never"
+    rc, stdout, err = _run(["batch", "--manifest", str(cohort["manifest"]), "--out-dir", str(out_dir), *MODEL,
+                            "--overlap", "allow"], capsys, monkeypatch)
+    assert rc == 2 and stdout == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fewshotsam2: error: --overlap allow"), err
+    assert "row 2: output" in lines[0] and "mr.nii.gz" in lines[0] and ".seg.nrrd" in lines[0]
+    assert not out_dir.exists()

@@ -843,6 +843,39 @@ def test_support_forms_accepted_by_the_logic(mr_scene):
 
 
 @pytest.mark.slow
+def test_overlap_allow_gives_overlapping_segments(mr_scene):
+    """--overlap allow in the Logic: the process writes a layered .seg.nrrd, the Logic reads each structure from its
+    own layer, and the output node holds overlapping segments (separate labelmap layers) with every voxel."""
+    from fewshotsam2.io.volume import structure_mask
+
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "inside the liver")
+    m = vtk.vtkMatrix4x4()
+    v.GetIJKToRASMatrix(m)
+    inner = mr_scene["labeled"].copy()  # a second structure inside the first: they overlap wherever both are
+    inner_id = add_segment_from_mask(other, inner, m, "inner", (0.2, 0.2, 0.9))
+    logic = module.FewShotSAM2Logic()
+    options = dict(FAST, image_size=64, slice_range="off")
+    prepared = logic.prepare(v, [(v, seg, [sid]), (v, other, [inner_id])], "propagate", overlap="allow", **options)
+    assert prepared.options["overlap"] == "allow"
+    output = logic.segment(v, [(v, seg, [sid]), (v, other, [inner_id])], "propagate", overlap="allow", **options)
+    result = logic.lastResult
+    assert result.labels.layers is not None and sorted(s.layer for s in result.structures) == [0, 1]
+    masks = segment_masks(output, v)
+    assert list(masks) == ["liver", "inner"]
+    for s in result.structures:
+        np.testing.assert_array_equal(masks[s.name], structure_mask(result.labels, s))
+    # the same prompt twice: random weights or not, the two structures overlap, and both keep the overlap
+    assert (masks["liver"] & masks["inner"]).any()
+    assert output.GetSegmentation().GetNumberOfLayers() == 2
+    # refine edits one label per voxel: it refuses such a result rather than flattening its overlaps
+    with pytest.raises(InputError, match="overlap"):
+        logic.refine(output)
+    scene.RemoveNode(output)
+    scene.RemoveNode(other)
+
+
+@pytest.mark.slow
 def test_supports_with_different_structures_run_through_the_process(mr_scene):
     """Support 1 labels the liver, support 2 only a kidney: the process gets both and segments each structure
     from the supports that have it (the command line accepts a label missing from some of several supports)."""

@@ -653,7 +653,7 @@ def _cases(args: argparse.Namespace) -> tuple[list[BatchCase], Optional[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewshotsam2.options import options_from_args
+    from fewshotsam2.options import check_overlap_output, options_from_args
 
     options = options_from_args(args)  # checks every option value
     if args.workers is not None and args.workers < 1:
@@ -669,6 +669,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--ray needs Ray, which is not installed: pip install 'fewshotsam2[ray]' "
                              "(or pip install ray)") from None
     cases, out_dir = _cases(args)
+    for c in cases:  # --overlap allow: every output a layered .seg.nrrd, or nothing runs
+        check_overlap_output(options.overlap, c.output, f"{c.where}: output")
     summary_path = summary_location(cases, out_dir, args.manifest)
     check_slice_ranges(cases, options.slice_range, options.axis)
     supports = check_supports(cases)

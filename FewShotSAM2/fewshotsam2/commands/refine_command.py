@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, events, bar) -> int:
     from fewshotsam2.errors import out_of_memory_as_input_error
-    from fewshotsam2.options import options_from_args
+    from fewshotsam2.options import OptionError, options_from_args
     from fewshotsam2.io.paths import refuse_overwriting_inputs
     from fewshotsam2.run.pipeline import SupportCase, check_query, make_engine
     from fewshotsam2.run.refine import PreviousRun, changed_slices, check_refine_inputs, refine
@@ -170,6 +170,9 @@ def _run(args: argparse.Namespace, events, bar) -> int:
     from fewshotsam2.io.volume import check_output_path, read_labels, read_volume, structure_mask, write_labels
 
     options = options_from_args(args)
+    if options.overlap == "allow":  # refine edits one label map: overlapping layers would be flattened silently
+        raise OptionError("overlap", "allow is not available for refine, which corrects one label per voxel; "
+                                     "choose --overlap logits or order")
     refuse_overwriting_inputs([("--out", args.out)],
                               [args.query, *(p for pair in args.support for p in pair), args.previous, args.corrected,
                                args.previous_scores, args.checkpoint, args.lpips_weights])

@@ -552,6 +552,12 @@ def _read_seg_nrrd(path: Path) -> tuple[Volume, list[Structure]]:
     return vol, structures
 
 
+def read_seg_nrrd(path: PathLike) -> LabelMap:
+    """A Slicer .seg.nrrd as stored (its own grid, no resampling): each segment with its layer and label value
+    (overlapping segments, e.g. a `--overlap allow` result, in separate layers: `Volume.layers`)."""
+    return LabelMap(*_read_seg_nrrd(Path(path)))
+
+
 def structure_mask(labels: Volume, structure: Structure) -> np.ndarray:
     """The voxels of `structure` in `labels` (bool, shaped like `labels.array`): from its own layer when the
     label map has several (an overlapping .seg.nrrd), else where the label value is the structure's."""

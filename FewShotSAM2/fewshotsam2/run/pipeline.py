@@ -36,7 +36,7 @@ from fewshotsam2.slicing.slice_stack import SliceStack
 from fewshotsam2.slicing.slices import SlicePlan
 from fewshotsam2.slicing.support import select_support_slices
 from fewshotsam2.supports.support_loader import SupportCase  # noqa: F401  (re-exported: pipeline.SupportCase)
-from fewshotsam2.io.volume import Structure, Volume
+from fewshotsam2.io.volume import LabelMap, Structure, Volume
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -188,8 +188,8 @@ class Run:
                 engine, result, keys, self.info.images, first, last, kinds[structure.value] == "auto",
                 structure.name, self.plan.slice_index_to_array_index, stage_progress)
             engine.release(keys[i] for i in range(seg_first, seg_last + 1) if uses[i] == 0 and not first <= i <= last)
-            part = out.stack[seg_first : seg_last + 1]
-            part[masks & (part == 0)] = structure.value  # continued slices: the structure listed first keeps a voxel
+            if (seg_first, seg_last) != (first, last):  # continued slices: the structure listed first keeps a voxel
+                out.composer.extend(structure.value, seg_first, masks)
             self.ranges[structure.value] = (seg_first, seg_last)  # the result reports the range segmented
             out.reports[structure.value] = range_report(structure.name, structure.value, kinds[structure.value],
                                                         to_array_range(self.plan, first, last),
@@ -250,9 +250,19 @@ class _Outputs:
 
     def result(self, encoder_calls: int, estimate: ResourceEstimate) -> SegmentationResult:
         run = self.run
-        labels = run.query.with_array(run.plan.unstack(self.stack))
+        structures = list(run.structures)
+        if self.composer.rule == "allow":
+            # each structure its whole mask; overlapping ones in separate layers (written as a .seg.nrrd only)
+            by_value = {s.value: s for s in structures}
+            layered = LabelMap.from_masks(run.query, [(by_value[v], run.plan.unstack(m)) for v, m in
+                                                       self.composer.masks()])
+            placed = {s.value: s for s in layered.structures}
+            labels = layered.volume
+            structures = [placed.get(s.value, s) for s in structures]
+        else:
+            labels = run.query.with_array(run.plan.unstack(self.stack))
         ranges = {s.value: run.array_range(s.value) for s in run.structures}
-        return SegmentationResult(labels, list(run.structures), self.scores, encoder_calls, run.timings,
+        return SegmentationResult(labels, structures, self.scores, encoder_calls, run.timings,
                                   run.plan.array_axis, self.forward_masks, self.used, run.plan,
                                   [s.plan for s in run.supports], ranges, estimate, self.reports)
 

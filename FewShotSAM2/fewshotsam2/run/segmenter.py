@@ -19,7 +19,7 @@ from fewshotsam2.model.checkpoints import cached_checkpoint, check_cache_folder
 from fewshotsam2.errors import InputError, out_of_memory_as_input_error
 from fewshotsam2.slicing.extent import check_named_weights
 from fewshotsam2.supports.label_selection import LabelChoice
-from fewshotsam2.options import SegmentOptions
+from fewshotsam2.options import SegmentOptions, check_overlap_output
 from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
 from fewshotsam2.run import pipeline
 from fewshotsam2.run.pipeline import ProgressCallback, check_query, prepare, write_scores
@@ -65,7 +65,7 @@ class Segmenter:
     def check_ready(self, out: Optional[str] = None, scores: Optional[str] = None,
                     inputs: Sequence[Optional[str]] = (), query: Optional[str] = None) -> None:
         """Every check that needs no volume, before any work: the outputs are writable and never an input, a DICOM
-        SEG output has a DICOM series `query`, the checkpoint can be found or downloaded, the LPIPS weights of an
+        SEG output has a DICOM series `query`, an `--overlap allow` output is a .seg.nrrd, the checkpoint can be found or downloaded, the LPIPS weights of an
         lpips run load."""
         options = self.options
         inputs = [*inputs, options.checkpoint, getattr(options.method_options, "weights", None),
@@ -73,6 +73,7 @@ class Segmenter:
         refuse_overwriting_inputs([("--out", out), ("--scores", scores)], inputs)
         if out is not None:
             check_output_path(out)
+            check_overlap_output(options.overlap, out)  # --overlap allow: a layered (.seg.nrrd) output only
         if scores is not None:
             if options.method == "propagate":
                 raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "

@@ -116,7 +116,7 @@ def run_remote(args: argparse.Namespace) -> int:
     from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
     from fewshotsam2.run.progress import ProgressBar
     from fewshotsam2.protocol import check_parent_alive
-    from fewshotsam2.options import options_from_args
+    from fewshotsam2.options import check_overlap_output, options_from_args
     from fewshotsam2.io.volume import check_output_path
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--cache-dir", args.cache_dir),
@@ -127,6 +127,7 @@ def run_remote(args: argparse.Namespace) -> int:
     refuse_overwriting_inputs([("--out", args.out), ("--scores", args.scores)],
                               [args.query, *(p for pair in args.support for p in pair)])
     check_output_path(args.out)
+    check_overlap_output(options.overlap, args.out)
     if file_suffix(args.out) is None:
         raise InputError(f"--out {args.out}: with --server, one of {', '.join(FILE_SUFFIXES)}")
     if args.scores:
