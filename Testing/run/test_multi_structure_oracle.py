@@ -317,3 +317,88 @@ def test_reverse_structures_in_one_pass_equal_sam2_per_object(engine, query, ct_
     assert compared > 0
     if case == "distinct":
         assert ties <= 0.1 * max(contested, 1)
+
+
+# ------------------------------------------------------------------------------------------ lpips
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_lpips_structures_in_one_pass_equal_sam2_per_pair(engine, query, ct_a, monkeypatch, shared_dir,  # noqa: F811
+                                                          k):
+    """lpips with K structures: each matches its own augmented supports per query slice; then all structures'
+    [matched support, query slice] pairs are predicted together (a slice's pairs in one batch). Oracle per pair:
+    sam2's `SAM2VideoPredictor` on the two-frame video [matched support image with its mask (`add_new_mask`), query
+    slice]; per slice, the winner per voxel from sam2's own non-overlap constraint on the K objects' outputs (the
+    K pairs of a slice are K objects of one frame, each tracked from its own prompt)."""
+    from fewshotsam2.backends.lpips_matching import LpipsBackend
+    from sam2_oracle import sam2_video
+
+    support, by_value = _reverse_support(ct_a)
+    structures = [by_value[v] for v in VALUES[:k]]
+    results = []
+    run_many = LpipsBackend.run_many
+
+    def recorded_run_many(self, *args, **kwargs):
+        for job, result in run_many(self, *args, **kwargs):
+            results.append((job, result))
+            yield job, result
+
+    memorized, calls = [], []
+    memorize, predict = engine.memorize, engine.predict
+
+    def recorded_memorize(keys, masks):
+        memory = memorize(keys, masks)
+        memorized.append((list(keys), [np.asarray(m, bool) for m in masks], memory))
+        return memory
+
+    def recorded_predict(keys, frame_idx, cond, recent=None, num_frames=None, reverse=False):
+        pred = predict(keys, frame_idx, cond, recent=recent, num_frames=num_frames, reverse=reverse)
+        calls.append((list(keys), cond, pred.memory.pred_masks.clone()))
+        return pred
+
+    monkeypatch.setattr(LpipsBackend, "run_many", recorded_run_many)
+    monkeypatch.setattr(engine, "memorize", recorded_memorize)
+    monkeypatch.setattr(engine, "predict", recorded_predict)
+    opts = SegmentOptions.from_flat(method="lpips", image_size=engine.image_size, device="cpu", untrained=True,
+                                    shots=2, augmentations=1, overlap="logits", slice_range="off",
+                                    lpips_weights=str(shared_dir / "weights" / "lpips" / "alexnet_features.pth"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = segment(query, [support], structures, opts, progress=None, engine=engine)
+    labels = SlicePlan.for_volume(query).stack(result.labels.array)
+    n = labels.shape[0]
+    assert [job.value for job, _ in results] == list(VALUES[:k])
+    assert len(calls) < k * n  # the pairs of several structures went in shared batches
+
+    # every batch element against sam2's two-frame video of its pair (support memory found by its content)
+    sam2_of: dict = {}  # (query key, our logits bytes) -> sam2's Sam2Frame of that pair's query frame
+    dlogit = 0.0
+    for keys, cond, logits in calls:
+        for b, key in enumerate(keys):
+            (owner,) = [m for m in memorized if torch.equal(cond[0].maskmem_features[b], m[2].maskmem_features[0])
+                        and torch.equal(cond[0].obj_ptr[b], m[2].obj_ptr[0])]
+            frames = sam2_video(engine, [owner[0][0], key], {0: owner[1][0]})
+            dlogit = max(dlogit, float((logits[b : b + 1] - frames[1].filled).abs().max()))
+            sam2_of[(key, logits[b, 0].numpy().tobytes())] = frames[1]
+    values = np.array([0] + list(VALUES[:k]))
+    differ = ties = contested = 0
+    for f in range(n):
+        key = ("query", f)
+        objects = [sam2_of[(key, r.logits[f].tobytes())] for _, r in results]
+        for (job, r), frame in zip(results, objects):
+            wrong = (r.masks[f] != frame.mask) & (np.abs(frame.mask_logits) > TOLERANCE)
+            assert not wrong.any(), f"structure {job.value}, slice {f}: {int(wrong.sum())} pixels differ"
+        raw = np.stack([frame.mask_logits for frame in objects])
+        constrained = _sam2_constrained(list(raw))
+        want = values[np.where((constrained > 0).any(axis=0), constrained.argmax(axis=0) + 1, 0)]
+        candidates = np.sort(np.concatenate([raw, np.zeros((1,) + raw.shape[1:])]), axis=0)
+        tie = candidates[-1] - candidates[-2] <= 2 * TOLERANCE
+        differ += int(((labels[f] != want) & ~tie).sum())
+        ties += int(((labels[f] != want) & tie).sum())
+        contested += int(((raw > 0).sum(axis=0) > 1).sum())
+    print(f"MULTI-LPIPS seed={engine.seed} K={k}: max|dlogit|={dlogit:.3g} calls={len(calls)} for {k * n} pairs "
+          f"differing voxels={differ} (+{ties} float ties) contested={contested}")
+    assert dlogit <= TOLERANCE
+    assert differ == 0
+    assert ties <= 0.1 * max(contested, 1)
+    assert contested > 0, "no overlap: the comparison says little"
