@@ -129,7 +129,8 @@ class Run:
         uses = self.uses()
         estimate = estimate_resources(engine, self.options.method, int(uses.sum()), int((uses > 0).sum()),
                                       self.info.images.shape[1:], len(self.structures), self.options.feature_storage,
-                                      int(uses.sum()) if self.overlap_rule == "logits" else 0)
+                                      int(uses.sum()) if self.overlap_rule == "logits" else 0,
+                                      layered=self.overlap_rule == "allow")
         if notify is not None:
             for line in self.describe_ranges():
                 notify(line)
