@@ -257,7 +257,7 @@ class ReverseBackend(Backend):
                 engine, [(job.first, job.query.keys, sc.forward_masks, sc.selection.selected,
                           sc.support_memory if options.keep_supports else None, logits[id(job)])
                          for job, sc in found],
-                _named(progress, ", ".join(job.name for job, _ in found)))
+                _named(progress, ", ".join(job.name for job, _ in found))) if found else []
         done = {id(job): (masks, edges) for (job, _), (masks, edges) in zip(found, passes)}
         for job, sc in zip(jobs, scored):
             engine.release(job.last_use)
