@@ -19,8 +19,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from fewshotsam2 import constants as C
 from fewshotsam2.errors import InputError
-from fewshotsam2.model.checkpoints import normalise_model_name
-from fewshotsam2.model.models import CARDS, default_image_size, parse_config
+from fewshotsam2.model.models import CARDS, default_image_size, normalise_model_name, parse_config
 from fewshotsam2.settings import SETTINGS, defaults, method_fields
 from fewshotsam2.slicing.slice_range import parse_slice_ranges
 
