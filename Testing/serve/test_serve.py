@@ -13,7 +13,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import cli_command, cli_env, run_cli
 from fewshotsam2 import cli
 from fewshotsam2.serve.client import Client, ServerError
 from fewshotsam2.serve.protocol import pack_job
@@ -104,13 +103,12 @@ def server(tmp_path_factory):
                    check=True, capture_output=True, timeout=60)
     jobs_dir = d / "jobs"
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2"), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fewshotsam2.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--token-file", str(d / "tokens.txt"), "--tls-cert", str(cert), "--tls-key", str(key), "--replicas", "1",
-         "--threads", "1", "--max-queue", "6", "--max-jobs-per-client", "3", "--max-upload-mb", str(MAX_UPLOAD_MB),
-         "--jobs-dir", str(jobs_dir)],
-        stdout=subprocess.PIPE, stderr=open(d / "server.err", "w"), text=True, env=env, start_new_session=True)
+        cli_command("serve", "--host", "127.0.0.1", "--port", port, "--token-file", d / "tokens.txt", "--tls-cert",
+                    cert, "--tls-key", key, "--replicas", "1", "--threads", "1", "--max-queue", "6",
+                    "--max-jobs-per-client", "3", "--max-upload-mb", MAX_UPLOAD_MB, "--jobs-dir", jobs_dir),
+        stdout=subprocess.PIPE, stderr=open(d / "server.err", "w"), text=True, env=cli_env(RAY_USAGE_STATS_ENABLED="0"),
+        start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -234,11 +232,8 @@ def test_same_job_through_the_server_gives_the_local_voxels(server, shared_dir, 
     assert _local([*job, "--out", str(tmp_path / "local.seg.nrrd"), "--scores", str(tmp_path / "local.csv")]) == 0
     token = tmp_path / "token.txt"
     token.write_text(server.tokens["client1"] + "\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2")}
-    run = subprocess.run([sys.executable, "-m", "fewshotsam2.cli", "segment", *job, "--server", server.url,
-                          "--token-file", str(token), "--out", str(tmp_path / "remote.seg.nrrd"), "--scores",
-                          str(tmp_path / "remote.csv"), "--progress", "json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = run_cli("segment", *job, "--server", server.url, "--token-file", token, "--out", tmp_path / "remote.seg.nrrd",
+                  "--scores", tmp_path / "remote.csv", "--progress", "json", timeout=600)
     assert run.returncode == 0, run.stderr
     events = [json.loads(line) for line in run.stdout.splitlines()]
     # the local --progress json stream, nothing else (the warning: --untrained's RANDOM WEIGHTS)

@@ -23,8 +23,15 @@ from typing import IO, Any, Optional
 
 from fewshotsam2 import __version__
 from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.io.atomic import atomic_path
+from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
+from fewshotsam2.options import check_overlap_output, options_from_args
+from fewshotsam2.protocol import JsonEvents, check_parent_alive
+from fewshotsam2.run.progress import ProgressBar
 from fewshotsam2.serve.auth import client_token
 from fewshotsam2.serve.protocol import API_VERSION, FILE_SUFFIXES, file_suffix, job_options, pack_job
+
+# pure Python at import (no numpy, SimpleITK or torch): the Slicer module imports this client in Slicer's own Python
 
 POLL_S = 0.5
 RECONNECT_S = 120.0  # how long a lost server is retried before the client gives up (the job goes on there)
@@ -113,11 +120,7 @@ def check_compatible(version: dict, url: str) -> None:
 
 def run_remote(args: argparse.Namespace) -> int:
     """`segment --server`: check here, upload, follow the job, download the outputs. Returns the exit code."""
-    from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
-    from fewshotsam2.run.progress import ProgressBar
-    from fewshotsam2.protocol import check_parent_alive
-    from fewshotsam2.options import check_overlap_output, options_from_args
-    from fewshotsam2.io.volume import check_output_path
+    from fewshotsam2.io.volume import check_output_path  # SimpleITK: see the note at the top
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--cache-dir", args.cache_dir),
                         ("--lpips-weights", args.lpips_weights)):
@@ -173,8 +176,6 @@ def run_remote(args: argparse.Namespace) -> int:
         clock["uploaded"] = time.monotonic()
         done_event = _follow(client, job, progress, json_lines, bar, check_parent_alive, clock)
         clock["finished"] = time.monotonic()
-        from fewshotsam2.io.atomic import atomic_path
-
         # outputs are written only now, each atomically: a failed or cancelled job leaves nothing behind
         for name, path in (("out", args.out), ("scores", args.scores)):
             if path:
@@ -258,8 +259,6 @@ def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wan
 
 def _events():
     """The `--progress json` lines, written to stdout as a local run writes them (protocol.JsonEvents)."""
-    from fewshotsam2.protocol import JsonEvents
-
     return JsonEvents(sys.stdout)
 
 

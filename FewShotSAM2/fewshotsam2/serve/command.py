@@ -17,6 +17,8 @@ from pathlib import Path
 from fewshotsam2.errors import InputError
 from fewshotsam2.serve.auth import check_listen, generate_token, read_tokens
 
+# Ray (the `serve` extra) is imported when the server starts: `serve --help` and config errors need no Ray
+
 DEFAULT_MAX_UPLOAD_MB = 1024
 DEFAULT_MAX_VOXELS = 600_000_000  # a 2000-slice 512 x 512 CT fits
 READY = "fewshotsam2 serve: ready"  # the line that says requests are answered (scripts and tests wait for it)
@@ -99,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
         from ray.serve.config import HTTPOptions
     except ImportError as exc:
         raise InputError(f"`serve` needs Ray Serve: pip install 'fewshotsam2[serve]' ({exc})") from None
-    from fewshotsam2.commands.batch_ray import runtime_env
-    from fewshotsam2.serve.app import build_app
+    from fewshotsam2.commands.batch_ray import runtime_env  # Ray too
+    from fewshotsam2.serve.app import build_app  # Ray too
 
     own_dir = args.jobs_dir is None
     config["jobs_dir"] = tempfile.mkdtemp(prefix="fewshotsam2-serve-") if own_dir else args.jobs_dir

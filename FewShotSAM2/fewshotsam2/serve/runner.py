@@ -10,7 +10,16 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import SimpleITK as sitk
+
 from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.io.volume import structure_mask
+from fewshotsam2.options import OptionError, SegmentOptions
+from fewshotsam2.protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
+from fewshotsam2.settings import flag
+
+# the pipeline and the Segmenter (torch) are imported where a job runs: the `serve` command's own process imports
+# this module (through app.py) to build the application and never runs a job
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -25,10 +34,10 @@ class EngineCache:
     def __call__(self, options):
         settings = options.engine_settings()
         if self.engine is None or settings != self.settings:
-            from fewshotsam2.run.pipeline import make_engine
+            from fewshotsam2.run import pipeline  # torch: see the note at the top
 
             self.engine, self.settings = None, None  # free the old model before building the new one
-            self.engine = make_engine(options)
+            self.engine = pipeline.make_engine(options)
             self.settings = settings
         return self.engine
 
@@ -43,11 +52,7 @@ def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
     progress step and True cancels the run (nothing is written). Returns (exit code, error message): 0 and "" on
     success, 2 and the one-line message for bad input, 130 when cancelled, 1 for anything else.
     """
-    from fewshotsam2.options import OptionError, SegmentOptions
-    from fewshotsam2.protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
-    from fewshotsam2.run.segmenter import Segmenter
-    from fewshotsam2.io.volume import structure_mask
-    from fewshotsam2.settings import flag
+    from fewshotsam2.run.segmenter import Segmenter  # torch: see the note at the top
 
     def progress(stage: str, done: int, total: int) -> None:
         if stop():
@@ -84,8 +89,6 @@ def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
 
 def volume_voxels(path: str) -> int:
     """The number of voxels of a stored input, read from its header (a DICOM folder: files x rows x columns)."""
-    import SimpleITK as sitk
-
     p = Path(path.split("#", 1)[0])
     first = min(p.iterdir()) if p.is_dir() else p
     reader = sitk.ImageFileReader()
