@@ -113,7 +113,6 @@ def run_segment(args: argparse.Namespace) -> int:
         from fewshotsam2.serve.client import run_remote
 
         return run_remote(args)
-    from fewshotsam2.io.volume import structure_mask
     from fewshotsam2.run.segmenter import Segmenter
 
     from fewshotsam2.commands.refine_command import CachedEngineFactory, feature_cache_of
@@ -129,7 +128,7 @@ def run_segment(args: argparse.Namespace) -> int:
                                              scores=args.scores, progress=progress)
         finally:
             with_cache.restore()
-        voxels = {s.name: int(structure_mask(result.labels, s).sum()) for s in result.structures}
+        voxels = result.voxels()
         if events is not None:
             events.done(out=str(args.out), device=str(getattr(segmenter.engine, "device", "")),
                         seconds=result.timings["total"], slice_axis=int(result.slice_axis),

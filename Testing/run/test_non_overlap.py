@@ -188,3 +188,33 @@ def test_refine_refuses_allow(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("fewshotsam2: error: --overlap allow is not available for refine"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.nii.gz"]
+
+
+def test_command_line_allow_writes_layers_and_counts_each_structure(engine64, tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import SimpleITK as sitk
+
+    from conftest import two_box_pair
+    from fewshotsam2 import cli
+    from fewshotsam2.io.volume import read_labels, structure_mask
+
+    query, _, support = two_box_pair()
+    paths = {}
+    for name, volume in (("q", query), ("s", support.image), ("l", support.labels)):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(volume.to_sitk(), paths[name])
+    out = tmp_path / "o.seg.nrrd"
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() replaces it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli.main(["segment", "--query", paths["q"], "--support", paths["s"], paths["l"], "--labels", "2,4",
+                       "--out", str(out), "--overlap", "allow", "--method", "propagate", "--untrained",
+                       "--image-size", "64", "--device", "cpu", "--slice-range", "off", "--quiet"],
+                      engine_factory=lambda options: engine64)
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    back = read_labels(out, query)
+    assert back.volume.layers is not None  # random weights: the two boxes' predictions overlap
+    for s in back.structures:  # the summary counts each structure's whole mask, overlap included
+        assert f"{s.name}: {int(structure_mask(back.volume, s).sum())} voxels" in stdout

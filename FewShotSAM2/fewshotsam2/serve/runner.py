@@ -13,7 +13,6 @@ from typing import Any, Callable, Optional
 import SimpleITK as sitk
 
 from fewshotsam2.errors import Cancelled, InputError
-from fewshotsam2.io.volume import structure_mask
 from fewshotsam2.options import OptionError, SegmentOptions
 from fewshotsam2.protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
 from fewshotsam2.settings import flag
@@ -82,7 +81,7 @@ def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
     emit({"event": DONE, "device": str(getattr(segmenter.engine, "device", "")),
           "seconds": result.timings["total"], "slice_axis": int(result.slice_axis),
           "encoder_calls": int(result.encoder_calls),
-          "voxels": {s.name: int(structure_mask(result.labels, s).sum()) for s in result.structures},
+          "voxels": result.voxels(),
           "slice_ranges": {s.name: result.slice_ranges.get(s.value) for s in result.structures}})
     return 0, ""
 
