@@ -44,12 +44,18 @@ EXPIRE_EVERY_S = 30.0
 class Worker:
     """One loaded model; runs one job at a time in a thread and streams its events."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, feature_cache: Optional[dict[str, Any]] = None) -> None:
         import torch
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.engines = EngineCache()
+        cache = None
+        if feature_cache is not None:  # one folder for every replica (FeatureCache is safe for several processes)
+            from fewshotsam2.model.feature_cache import FeatureCache
+
+            Path(feature_cache["folder"]).mkdir(parents=True, exist_ok=True)  # made by `serve`; again on other nodes
+            cache = FeatureCache(feature_cache["folder"], feature_cache["max_bytes"])
+        self.engines = EngineCache(cache)
         self.pool = ThreadPoolExecutor(max_workers=1)
 
     def describe(self) -> dict[str, Any]:
@@ -300,5 +306,6 @@ class Gateway:
 def build_app(config: dict[str, Any]):
     """The application `serve.run` deploys: `config` from `command.run` (tokens, limits, replicas, resources)."""
     actor = {"num_cpus": config["cpus_per_replica"], "num_gpus": config["gpus_per_replica"]}
-    worker = Worker.options(num_replicas=config["replicas"], ray_actor_options=actor).bind(config["threads"])
+    worker = Worker.options(num_replicas=config["replicas"], ray_actor_options=actor).bind(
+        config["threads"], config.get("feature_cache"))
     return Gateway.bind(worker, config)

@@ -16,11 +16,18 @@ EventSink = Callable[[dict[str, Any]], None]
 
 
 class EngineCache:
-    """The replica's loaded model: reused while a job asks for the same engine settings (model, size, device)."""
+    """The replica's loaded model: reused while a job asks for the same engine settings (model, size, device).
 
-    def __init__(self) -> None:
+    With a `feature_cache` (model/feature_cache.FeatureCache, on disk, shared by the replicas of this server) the
+    engine keeps every slice it encodes: a later job with the same support (same pixels, model and size) reads
+    that support's features instead of encoding them again. As in a local `segment` with its feature cache, the
+    features are used rounded to bfloat16 whether read or just encoded, so a job's result does not depend on
+    which jobs ran before it."""
+
+    def __init__(self, feature_cache=None) -> None:
         self.settings: Optional[dict] = None
         self.engine = None
+        self.feature_cache = feature_cache
 
     def __call__(self, options):
         settings = options.engine_settings()
@@ -30,6 +37,7 @@ class EngineCache:
             self.engine, self.settings = None, None  # free the old model before building the new one
             self.engine = make_engine(options)
             self.settings = settings
+        self.engine.feature_cache = self.feature_cache
         return self.engine
 
 
@@ -76,6 +84,7 @@ def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
     emit({"event": DONE, "device": str(getattr(segmenter.engine, "device", "")),
           "seconds": result.timings["total"], "slice_axis": int(result.slice_axis),
           "encoder_calls": int(result.encoder_calls),
+          "cache_hits": int(getattr(segmenter.engine, "cache_hits", 0)),
           "voxels": {s.name: int((result.labels.array == s.value).sum()) for s in result.structures},
           "slice_ranges": {s.name: result.slice_ranges.get(s.value) for s in result.structures}})
     return 0, ""
