@@ -37,6 +37,7 @@ CLIENTS = [f"client{n}" for n in range(8)]
 MAX_UPLOAD_MB = 20
 MODEL = ["--untrained", "--image-size", "64", "--device", "cpu"]
 START_S, STOP_S = 300, 90
+LPIPS_WEIGHTS = REPO.parent / "shared" / "weights" / "lpips" / "alexnet_features.pth"
 
 
 def _free_port() -> int:
@@ -106,6 +107,8 @@ def server(tmp_path_factory):
     jobs_dir = d / "jobs"
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2"), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    if LPIPS_WEIGHTS.is_file():  # the server's own LPIPS weights (the slice-range estimate, reverse, lpips)
+        env["FEWSHOTSAM2_LPIPS_WEIGHTS"] = str(LPIPS_WEIGHTS)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fewshotsam2.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--token-file", str(d / "tokens.txt"), "--tls-cert", str(cert), "--tls-key", str(key), "--replicas", "1",
@@ -597,3 +600,68 @@ def test_a_job_is_fetched_again_by_id_from_a_new_process(server, cases, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local.nii.gz", "other.txt", "remote.nii.gz", "token.txt"]
     run = attach(token, "again.nii.gz")  # fetched and deleted: a second attach finds nothing
     assert run.returncode == 2 and "no such job of this token" in run.stderr
+
+
+def _extent_argv(shared_dir: Path, query: str) -> list[str]:
+    ct = shared_dir / "data" / "abdomen-ct"
+    return ["extent", "--query", query, "--support", str(ct / "ct-a" / "image.nii.gz"),
+            str(ct / "ct-a" / "labels.nii.gz"), "--labels", "liver=5,spleen=1"]
+
+
+def test_the_slice_range_estimate_through_the_server_is_the_local_answer(server, shared_dir, tmp_path, capsys):
+    """`extent --server` (what Slicer's Estimate runs with Run on: server): the local answer, as JSON and as text."""
+    weights = shared_dir / "weights" / "lpips" / "alexnet_features.pth"
+    argv = _extent_argv(shared_dir, str(shared_dir / "data" / "abdomen-ct" / "ct-b" / "dicom"))
+    token = tmp_path / "token.txt"
+    token.write_text(server.tokens["client5"])
+    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2")}
+    for extra in (["--json"], []):
+        capsys.readouterr()
+        assert cli.main([*argv, *extra, "--lpips-weights", str(weights)]) == 0
+        here = capsys.readouterr().out
+        run = subprocess.run([sys.executable, "-m", "fewshotsam2.cli", *argv, *extra, "--server", server.url,
+                              "--token-file", str(token)], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == here and here.strip()
+    assert _jobs_in(server.jobs_dir) == []  # the estimate's job is deleted once its answer is read
+    run = subprocess.run([sys.executable, "-m", "fewshotsam2.cli", *argv, "--server", server.url, "--token-file",
+                          str(token), "--lpips-weights", str(weights)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 2 and "--lpips-weights: not with --server" in run.stderr.strip().splitlines()[-1]
+
+
+def test_slicers_estimate_runs_on_the_server(server, shared_dir, tmp_path, monkeypatch):
+    """The Logic's Estimate with a server (Run on: server) on slicer-core's MRML: `extent --server` in its process,
+    the token not on its command line, and the ranges of the local Logic estimate."""
+    pytest.importorskip("slicer", reason="the Slicer-side helpers need slicer-core")
+    monkeypatch.syspath_prepend(str(REPO / "Testing" / "slicer_module"))
+    import FewShotSAM2 as module
+    from FewShotSAM2Lib import remote
+    from test_slicer_logic import load_volume, new_scene, segmentation_from_labelmap
+
+    data = shared_dir / "data" / "abdomen-ct"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(data / "ct-b" / "dicom")))
+    sitk.WriteImage(reader.Execute(), str(tmp_path / "ct-b.nrrd"))
+    scene = new_scene()
+    support = load_volume(scene, data / "ct-a" / "image.nii.gz", "ct-a")
+    labelmap = load_volume(scene, data / "ct-a" / "labels.nii.gz", "ct-a labels", labelmap=True)
+    seg, ids = segmentation_from_labelmap(scene, labelmap, {5: ("liver", (1, 0, 0)), 1: ("spleen", (0, 0, 1))},
+                                          "ct-a segmentation", support)
+    query = load_volume(scene, tmp_path / "ct-b.nrrd", "ct-b")
+    supports = [(support, seg, [ids[5], ids[1]])]
+    logic = module.FewShotSAM2Logic()
+    weights = str(shared_dir / "weights" / "lpips" / "alexnet_features.pth")
+    here = logic.estimateSliceRanges(query, supports, lpips_weights=weights)
+    token = server.tokens["client6"]
+    job = logic.startSliceRangeEstimate(query, supports, server=remote.Server(server.url, token),
+                                        lpips_weights=weights)  # a local file: not sent, the server has its own
+    command = " ".join(job.process.command)
+    assert job.process.command[2:4] == ["fewshotsam2.cli", "extent"] and f"--server {server.url}" in command
+    assert token not in command and "--lpips-weights" not in command
+    deadline = time.monotonic() + 300
+    while not job.finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    there = logic.finishSliceRangeEstimate(job)
+    assert there == here and there["ranges"]["liver"] is not None

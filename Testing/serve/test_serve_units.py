@@ -373,3 +373,32 @@ def test_versions_that_differ_are_refused_or_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_compatible({"api": protocol.API_VERSION, "fewshotsam2": __version__}, "https://h:1")
+
+
+def test_runner_estimates_slice_ranges_as_the_extent_command(case, shared_dir, capsys, monkeypatch):
+    """A server's `extent` job (Slicer's Estimate with Run on: server): the answer of `fewshotsam2 extent --json`,
+    in the done event (the server's LPIPS weights: its $FEWSHOTSAM2_LPIPS_WEIGHTS; clients send no file)."""
+    import json
+
+    weights = str(shared_dir / "weights" / "lpips" / "alexnet_features.pth")
+    assert cli.main(["extent", "--query", case["query"][0], "--support", *case["support"], "--labels", "3", "--json",
+                     "--lpips-weights", weights]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    events = []
+    monkeypatch.setenv("FEWSHOTSAM2_LPIPS_WEIGHTS", weights)
+    spec = {"kind": "extent", "query": case["query"][0], "supports": [list(case["support"])], "labels": "3",
+            "options": {"preset": "auto"}}
+    assert run_job(spec, events.append, lambda: False) == (0, "")
+    done = events[-1]
+    assert done["event"] == "done" and {k: done["extent"][k] for k in ("axis", "structures")} == expected
+    assert done["extent"]["n_slices"] == 4
+    assert run_job({**spec, "labels": "9"}, events.append, lambda: False)[0] == 2
+
+
+def test_extent_on_a_server_refuses_local_weight_files(case, tmp_path, capsys):
+    (tmp_path / "token").write_text("t" * 20)
+    rc = cli.main(["extent", "--query", case["query"][0], "--support", *case["support"], "--labels", "3",
+                   "--server", "http://127.0.0.1:9", "--token-file", str(tmp_path / "token"), "--lpips-weights", "w.pth"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == ("fewshotsam2: error: --lpips-weights: not with --server (the server uses its own "
+                                   "model files)"), err

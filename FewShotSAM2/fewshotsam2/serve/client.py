@@ -147,15 +147,8 @@ def run_remote(args: argparse.Namespace) -> int:
     job = None
     clock = {"start": time.monotonic()}  # where the time goes: upload, waiting for a replica, download
     try:
-        with tempfile.TemporaryFile() as archive:
-            progress("Uploading", 0, 0)
-            pack_job(archive, inputs, manifest)
-            length = archive.tell()
-            limit = version.get("max_upload_mb")
-            if limit and length > limit * 2**20:
-                raise ServerError(f"the upload ({length / 2**20:.0f} MB) is over the server's limit ({limit:g} MB)")
-            archive.seek(0)
-            job = client.submit(archive, length)["id"]
+        progress("Uploading", 0, 0)
+        job, length = _upload(client, version, inputs, manifest)
         _say_submitted(client, job, args, json_lines, bar)
         clock["uploaded"] = time.monotonic()
         return _finish(client, job, args, progress, json_lines, bar, clock, upload_mb=length / 2**20)
@@ -166,6 +159,49 @@ def run_remote(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _upload(client: Client, version: dict, inputs: list[str], manifest: dict) -> tuple[str, int]:
+    """Pack the job archive (a temporary file), check it against the server's limit, submit it: (job id, bytes)."""
+    with tempfile.TemporaryFile() as archive:
+        pack_job(archive, inputs, manifest)
+        length = archive.tell()
+        limit = version.get("max_upload_mb")
+        if limit and length > limit * 2**20:
+            raise ServerError(f"the upload ({length / 2**20:.0f} MB) is over the server's limit ({limit:g} MB)")
+        archive.seek(0)
+        return client.submit(archive, length)["id"], length
+
+
+def run_remote_extent(args: argparse.Namespace) -> int:
+    """`extent --server`: the slice-range estimate on the server, the same answer on stdout as a local `extent`.
+    (The Slicer module's Estimate button runs this when Run on: server is chosen.)"""
+    from fewshotsam2.commands.extent_command import print_extent
+    from fewshotsam2.options import options_from_args
+    from fewshotsam2.protocol import check_parent_alive
+
+    if args.lpips_weights:
+        raise InputError("--lpips-weights: not with --server (the server uses its own model files)")
+    options_from_args(args)  # bad options fail here, before any upload
+    client = Client(args.server, client_token(args.token_file))
+    version = _checked_version(client, json_lines=False)
+    if "extent" not in version.get("kinds", ["segment"]):
+        raise ServerError(f"{client.url} runs fewshotsam2 {version.get('fewshotsam2', '?')}, which cannot estimate "
+                          "slice ranges: update the server")
+    inputs = [args.query, *(p for pair in args.support for p in pair)]
+    manifest = {"kind": "extent", "query": 0, "supports": [[1 + 2 * n, 2 + 2 * n] for n in range(len(args.support))],
+                "labels": args.labels, "options": job_options(args), "names": inputs}
+    job = None
+    try:
+        job, _length = _upload(client, version, inputs, manifest)
+        done = _follow(client, job, lambda stage, done, total: None, False, None, check_parent_alive, {})
+    except (KeyboardInterrupt, Cancelled):
+        if job is not None:
+            _cancel_quietly(client, job)
+        raise
+    _delete_quietly(client, job)
+    print_extent(done["extent"], args.query, args.json)
+    return 0
 
 
 def attach_remote(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from fewshotsam2.errors import Cancelled, InputError
 
 EventSink = Callable[[dict[str, Any]], None]
+SEGMENT, EXTENT = "segment", "extent"  # the kinds of job: `segment` and `extent` (the slice-range estimate)
 
 
 class EngineCache:
@@ -56,6 +57,9 @@ def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
     from fewshotsam2.run.segmenter import Segmenter
     from fewshotsam2.settings import flag
 
+    if spec.get("kind") == EXTENT:
+        return run_extent_job(spec, emit, stop)
+
     def progress(stage: str, done: int, total: int) -> None:
         if stop():
             raise Cancelled()
@@ -87,6 +91,40 @@ def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
           "cache_hits": int(getattr(segmenter.engine, "cache_hits", 0)),
           "voxels": {s.name: int((result.labels.array == s.value).sum()) for s in result.structures},
           "slice_ranges": {s.name: result.slice_ranges.get(s.value) for s in result.structures}})
+    return 0, ""
+
+
+def run_extent_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool]) -> tuple[int, str]:
+    """`fewshotsam2 extent` on the stored files (commands/extent_command.estimate, as the command runs it): the
+    answer travels in the done event ({"extent": {axis, structures, n_slices}}), no file is written. The estimate
+    (AlexNet LPIPS, seconds) has no progress steps: a cancel takes effect when it ends. Returns as run_job."""
+    import time
+
+    from fewshotsam2.commands.extent_command import estimate
+    from fewshotsam2.options import OptionError, SegmentOptions
+    from fewshotsam2.protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
+    from fewshotsam2.settings import flag
+
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *rest, **kw: emit({"event": WARNING, "message": str(message)})
+            try:
+                options = SegmentOptions.from_flat(**spec["options"])
+            except TypeError as exc:
+                raise InputError(f"unknown option: {exc}") from None
+            emit({"event": PROGRESS, "stage": "Estimating the slice ranges", "done": 0, "total": 1})
+            result = estimate(spec["query"], [tuple(p) for p in spec["supports"]], spec["labels"], options)
+    except OptionError as exc:
+        return EXIT_BAD_INPUT, f"{flag(exc.option)} {exc.problem}"
+    except InputError as exc:
+        return EXIT_BAD_INPUT, str(exc)
+    except Exception as exc:  # noqa: BLE001  the replica survives a failing job and says why it failed
+        return 1, f"{exc.__class__.__name__}: {exc}"
+    if stop():
+        return EXIT_CANCELLED, "cancelled"
+    emit({"event": DONE, "extent": result, "seconds": round(time.perf_counter() - t0, 3)})
     return 0, ""
 
 
