@@ -18,7 +18,8 @@ from typing import Callable, Iterator, Optional, Sequence
 from fewshotsam2 import __version__
 from fewshotsam2 import settings
 from fewshotsam2.environment import check_environment
-from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.errors import Cancelled, InputError, out_of_memory_as_input_error
+from fewshotsam2.io.paths import dash_path_hint
 from fewshotsam2.supports.label_selection import SYNTAX_HELP as _LABELS_HELP
 from fewshotsam2.options import OptionError
 from fewshotsam2.run.progress import run_output
@@ -28,7 +29,8 @@ from fewshotsam2.settings import flag  # noqa: F401  (public: flag names)
 
 # command -> (module exposing add_arguments(parser) and run(args) -> int, one-line help, example invocations).
 # A command's module is imported only when that command runs or its --help is asked: `fewshotsam2 --help` and
-# every `COMMAND --help` answer at once, with no torch import.
+# every `COMMAND --help` answer at once, with no torch import. For the same reason `segment` imports the Segmenter
+# (torch), the server client and refine's feature-cache helpers inside the functions that use them.
 _DEMO = "$(fewshotsam2 sample-data | tail -n 1)"  # the sample data folder, fetched on first use
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "segment": (
@@ -165,8 +167,6 @@ class _Parser(argparse.ArgumentParser):
     argv: Optional[Sequence[str]] = None
 
     def error(self, message: str):  # type: ignore[override]
-        from fewshotsam2.io.paths import dash_path_hint
-
         super().error(message + dash_path_hint(sys.argv[1:] if _Parser.argv is None else _Parser.argv))
 
 
@@ -254,8 +254,6 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
 def _dispatch(args: argparse.Namespace) -> int:
     check_environment()  # every environment variable the tool reads, before any work
     if args.command != "segment" and all(hasattr(args, k) for k in ("image_size", "batch_size", "device")):
-        from fewshotsam2.errors import out_of_memory_as_input_error
-
         # the other commands that run SAM2 (evaluate, bench, ...) keep what they wrote so far
         with out_of_memory_as_input_error(args, written=""):
             return args.func(args)

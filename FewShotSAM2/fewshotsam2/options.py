@@ -19,7 +19,9 @@ from typing import Any, ClassVar, Optional, Union
 
 from fewshotsam2 import constants as C
 from fewshotsam2.errors import InputError
+from fewshotsam2.model.models import CARDS, default_image_size, normalise_model_name, parse_config
 from fewshotsam2.settings import SETTINGS, defaults, method_fields
+from fewshotsam2.slicing.slice_range import parse_slice_ranges
 
 _D = defaults()  # the settings table's defaults, by flat name
 
@@ -181,8 +183,6 @@ class SegmentOptions:
                                                 "config", "untrained", "cache_dir", "batch_size")
 
     def __post_init__(self) -> None:
-        from fewshotsam2.model.checkpoints import normalise_model_name
-
         method = _choice("method", self.method, C.METHODS)
         _set(self, "method", method)
         try:
@@ -191,8 +191,6 @@ class SegmentOptions:
             raise OptionError("model", f"must be one of {', '.join(C.MODELS)}, got {self.model!r}") from None
         _set(self, "version", _choice("version", self.version, C.VERSIONS))
         _set(self, "config", None if self.config in (None, "") else str(self.config))
-        from fewshotsam2.model.models import CARDS, parse_config
-
         if self.version not in CARDS[self.model].versions:  # MedSAM2 is SAM2.1 only
             raise OptionError("version", f"must be {' or '.join(CARDS[self.model].versions)} for model "
                                          f"{self.model}, got {self.version!r}")
@@ -204,8 +202,6 @@ class SegmentOptions:
             if not self.untrained and self.checkpoint in (None, ""):
                 raise OptionError("config", "builds a fine-tune from its own weights: give them as a checkpoint file")
         if self.image_size in (None, ""):  # the model's own input size
-            from fewshotsam2.model.models import default_image_size
-
             try:
                 _set(self, "image_size", default_image_size(self.model, self.config))
             except InputError as exc:
@@ -225,8 +221,6 @@ class SegmentOptions:
         _set(self, "axis", _choice("axis", self.axis, C.AXES))
         _set(self, "preset", _choice("preset", self.preset, C.PRESETS))
         _set(self, "shots", _int("shots", self.shots, minimum=1))
-        from fewshotsam2.slicing.slice_range import parse_slice_ranges
-
         try:
             parse_slice_ranges(self.slice_range)
         except InputError as exc:  # the grammar's own words say what is wrong

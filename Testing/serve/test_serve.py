@@ -14,7 +14,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import REPO, cli_command, cli_env, run_cli
 from fewshotsam2 import cli
 from fewshotsam2.serve.client import Client, ServerError
 from fewshotsam2.serve.protocol import pack_job
@@ -106,15 +105,14 @@ def server(tmp_path_factory):
                    check=True, capture_output=True, timeout=60)
     jobs_dir = d / "jobs"
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2"), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    if LPIPS_WEIGHTS.is_file():  # the server's own LPIPS weights (the slice-range estimate, reverse, lpips)
-        env["FEWSHOTSAM2_LPIPS_WEIGHTS"] = str(LPIPS_WEIGHTS)
+    # the server's own LPIPS weights (the slice-range estimate, reverse, lpips)
+    lpips = {"FEWSHOTSAM2_LPIPS_WEIGHTS": str(LPIPS_WEIGHTS)} if LPIPS_WEIGHTS.is_file() else {}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fewshotsam2.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--token-file", str(d / "tokens.txt"), "--tls-cert", str(cert), "--tls-key", str(key), "--replicas", "1",
-         "--threads", "1", "--max-queue", "6", "--max-jobs-per-client", "3", "--max-upload-mb", str(MAX_UPLOAD_MB),
-         "--jobs-dir", str(jobs_dir)],
-        stdout=subprocess.PIPE, stderr=open(d / "server.err", "w"), text=True, env=env, start_new_session=True)
+        cli_command("serve", "--host", "127.0.0.1", "--port", port, "--token-file", d / "tokens.txt", "--tls-cert",
+                    cert, "--tls-key", key, "--replicas", "1", "--threads", "1", "--max-queue", "6",
+                    "--max-jobs-per-client", "3", "--max-upload-mb", MAX_UPLOAD_MB, "--jobs-dir", jobs_dir),
+        stdout=subprocess.PIPE, stderr=open(d / "server.err", "w"), text=True, env=cli_env(RAY_USAGE_STATS_ENABLED="0", **lpips),
+        start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -241,11 +239,8 @@ def test_same_job_through_the_server_gives_the_local_voxels(server, shared_dir, 
                    "--feature-cache", str(tmp_path.parent / f"{tmp_path.name}-features")]) == 0
     token = tmp_path / "token.txt"
     token.write_text(server.tokens["client1"] + "\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2")}
-    run = subprocess.run([sys.executable, "-m", "fewshotsam2.cli", "segment", *job, "--server", server.url,
-                          "--token-file", str(token), "--out", str(tmp_path / "remote.seg.nrrd"), "--scores",
-                          str(tmp_path / "remote.csv"), "--progress", "json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = run_cli("segment", *job, "--server", server.url, "--token-file", token, "--out", tmp_path / "remote.seg.nrrd",
+                  "--scores", tmp_path / "remote.csv", "--progress", "json", timeout=600)
     assert run.returncode == 0, run.stderr
     events = [json.loads(line) for line in run.stdout.splitlines()]
     # the local --progress json stream and the job's id (to re-attach), nothing else (the warning: --untrained's
@@ -549,8 +544,7 @@ def test_a_second_job_with_the_same_support_encodes_no_support_slice(server, tmp
 
 
 def _segment_process(argv: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2")}
-    return subprocess.Popen([sys.executable, "-m", "fewshotsam2.cli", "segment", *argv], env=env, text=True, **kw)
+    return subprocess.Popen(cli_command("segment", *argv), env=cli_env(), text=True, **kw)
 
 
 def test_a_job_is_fetched_again_by_id_from_a_new_process(server, cases, tmp_path):
@@ -614,30 +608,27 @@ def test_the_slice_range_estimate_through_the_server_is_the_local_answer(server,
     argv = _extent_argv(shared_dir, str(shared_dir / "data" / "abdomen-ct" / "ct-b" / "dicom"))
     token = tmp_path / "token.txt"
     token.write_text(server.tokens["client5"])
-    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2")}
     for extra in (["--json"], []):
         capsys.readouterr()
         assert cli.main([*argv, *extra, "--lpips-weights", str(weights)]) == 0
         here = capsys.readouterr().out
-        run = subprocess.run([sys.executable, "-m", "fewshotsam2.cli", *argv, *extra, "--server", server.url,
-                              "--token-file", str(token)], capture_output=True, text=True, env=env, timeout=300)
+        run = run_cli(*argv, *extra, "--server", server.url, "--token-file", token)
         assert run.returncode == 0, run.stderr
         assert run.stdout == here and here.strip()
     assert _jobs_in(server.jobs_dir) == []  # the estimate's job is deleted once its answer is read
-    run = subprocess.run([sys.executable, "-m", "fewshotsam2.cli", *argv, "--server", server.url, "--token-file",
-                          str(token), "--lpips-weights", str(weights)], capture_output=True, text=True, env=env,
-                         timeout=120)
+    run = run_cli(*argv, "--server", server.url, "--token-file", token, "--lpips-weights", weights, timeout=120)
     assert run.returncode == 2 and "--lpips-weights: not with --server" in run.stderr.strip().splitlines()[-1]
 
 
-def test_slicers_estimate_runs_on_the_server(server, shared_dir, tmp_path, monkeypatch):
+def test_slicers_estimate_runs_on_the_server(server, shared_dir, tmp_path):
     """The Logic's Estimate with a server (Run on: server) on slicer-core's MRML: `extent --server` in its process,
     the token not on its command line, and the ranges of the local Logic estimate."""
     pytest.importorskip("slicer", reason="the Slicer-side helpers need slicer-core")
-    monkeypatch.syspath_prepend(str(REPO / "Testing" / "slicer_module"))
     import FewShotSAM2 as module
+    import slicer
+    import vtk
     from FewShotSAM2Lib import remote
-    from test_slicer_logic import load_volume, new_scene, segmentation_from_labelmap
+    from slicer_scene import add_segment_from_mask, load_volume, new_scene
 
     data = shared_dir / "data" / "abdomen-ct"
     reader = sitk.ImageSeriesReader()
@@ -646,8 +637,13 @@ def test_slicers_estimate_runs_on_the_server(server, shared_dir, tmp_path, monke
     scene = new_scene()
     support = load_volume(scene, data / "ct-a" / "image.nii.gz", "ct-a")
     labelmap = load_volume(scene, data / "ct-a" / "labels.nii.gz", "ct-a labels", labelmap=True)
-    seg, ids = segmentation_from_labelmap(scene, labelmap, {5: ("liver", (1, 0, 0)), 1: ("spleen", (0, 0, 1))},
-                                          "ct-a segmentation", support)
+    labels = slicer.util.arrayFromVolume(labelmap)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ct-a segmentation")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(support)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    labelmap.GetIJKToRASMatrix(ijk_to_ras)
+    ids = {value: add_segment_from_mask(seg, labels == value, ijk_to_ras, name, color)
+           for value, name, color in ((5, "liver", (1, 0, 0)), (1, "spleen", (0, 0, 1)))}
     query = load_volume(scene, tmp_path / "ct-b.nrrd", "ct-b")
     supports = [(support, seg, [ids[5], ids[1]])]
     logic = module.FewShotSAM2Logic()

@@ -24,6 +24,7 @@ import FewShotSAM2 as module  # noqa: E402
 from fewshotsam2 import cli  # noqa: E402
 from fewshotsam2.errors import InputError  # noqa: E402
 from FewShotSAM2Lib import dependencies, mrml_io, process, review  # noqa: E402
+from conftest import source_segment  # noqa: E402
 
 MODULE_DIR = Path(module.__file__).resolve().parent
 LABELMAP = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
@@ -403,9 +404,9 @@ def test_widget_shows_the_slicer_requirement_before_building_the_panel():
     source = (MODULE_DIR / "FewShotSAM2.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    setup = ast.get_source_segment(source, next(n for n in widget.body if getattr(n, "name", "") == "setup"))
+    setup = source_segment(source, next(n for n in widget.body if getattr(n, "name", "") == "setup"))
     assert setup.index("dependencies.pythonProblem()") < setup.index("slicer.util.loadUI")
-    runTest = ast.get_source_segment(source, next(
+    runTest = source_segment(source, next(
         n for n in next(c for c in tree.body if getattr(c, "name", "") == "FewShotSAM2Test").body
         if getattr(n, "name", "") == "runTest"))
     assert "pythonProblem()" in runTest and "_runOrShowSkip(self.test_FewShotSAM2_untrained)" in runTest
@@ -545,7 +546,7 @@ def _widget_methods():
     source = (MODULE_DIR / "FewShotSAM2.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    return {n.name: ast.get_source_segment(source, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    return {n.name: source_segment(source, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
 
 
 def test_gui_waits_are_modal_and_survive_a_scene_close():

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import source_segment
+
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "FewShotSAM2"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "FewShotSAM2.ui"
@@ -130,7 +132,7 @@ def test_every_scalar_parameter_has_a_widget(module, ui_widgets):
 def _widget_methods():
     text = MODULE_FILE.read_text()
     widget = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    return {n.name: ast.get_source_segment(text, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    return {n.name: source_segment(text, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
 
 
 def test_slice_range_table_parameters_match_what_the_logic_writes(module):
@@ -234,7 +236,7 @@ def test_logic_code_path_has_no_qt():
                "PreparedSupport"}
     for node in tree.body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and (node.name in qt_free or isinstance(node, ast.FunctionDef)):
-            segment = ast.get_source_segment(source, node)
+            segment = source_segment(source, node)
             if node.name == "_registerSampleData":
                 continue
             for forbidden in ("qt.", "ctk.", "slicer.app", "slicer.mrmlScene", "slicer.modules"):
@@ -250,7 +252,7 @@ def test_segment_ids_are_stored_as_lists(module):
     assert hints["supportSegmentIds"] == list[list[str]]
     text = MODULE_FILE.read_text()
     widget = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    source = ast.get_source_segment(text, widget)
+    source = source_segment(text, widget)
     assert '",".join' not in source and '.split(",")' not in source
 
 
@@ -262,13 +264,12 @@ def test_selectors_offer_scans_only(ui_widgets):
     assert "volumeSelector.showChildNodeTypes = False" in MODULE_FILE.read_text()
 
 
-@pytest.mark.slow  # several seconds: kept out of the fast tier
 def test_widget_keeps_the_run_on_exit_and_stops_it_on_close():
     """exit() (the user opens another module) keeps a run; cleanup() (closing Slicer, Reload), aboutToQuit, scene
     close and Reload stop it. The behaviour itself is run on slicer-core in test_slicer_fresh.py."""
-    tree = ast.parse(MODULE_FILE.read_text())
-    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    methods = {n.name: ast.get_source_segment(MODULE_FILE.read_text(), n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    text = MODULE_FILE.read_text()
+    widget = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
+    methods = {n.name: source_segment(text, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
     assert "_stopRun" not in methods["exit"] and "_cancelJobs" not in methods["exit"]
     for name in ("onSceneStartClose", "onReload"):
         assert "self._stopRun()" in methods[name], name

@@ -27,6 +27,7 @@ from fewshotsam2.errors import Cancelled, InputError  # noqa: E402
 from fewshotsam2.io.volume import Structure, Volume, read_volume  # noqa: E402
 
 from FewShotSAM2Lib import dependencies, process, review  # noqa: E402
+from slicer_scene import add_segment_from_mask, load_volume, new_scene  # noqa: E402,F401  (also used by other files)
 from importlib.util import find_spec as importlib_find_spec  # noqa: E402
 
 # slow tier: real-data pipelines and the segmentation process (module fixtures shared by several tests)
@@ -40,27 +41,6 @@ SPLEEN_COLOR = (0.55, 0.2, 0.6)
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def new_scene():
-    scene = slicer.vtkMRMLScene()
-    # What the Slicer application does at startup: the Segmentations module logic registers its nodes and the
-    # segmentation converter rules with the scene.
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(scene)
-    scene._fewshot_keepalive = segmentations_logic  # noqa: SLF001  (keep the logic alive with the scene)
-    return scene
-
-
-def load_volume(scene, path, name, labelmap=False):
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    if labelmap:
-        storage.SetCenterImage(False)
-    assert storage.ReadData(node), f"cannot read {path}"
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    return node
-
-
 def segmentation_from_labelmap(scene, labelmap_node, wanted, name="labels", reference=None):
     """A segmentation node with one segment per {label value: (segment name, colour)} of a label map node."""
     labels = slicer.util.arrayFromVolume(labelmap_node)
@@ -72,18 +52,6 @@ def segmentation_from_labelmap(scene, labelmap_node, wanted, name="labels", refe
     for value, (segment_name, color) in wanted.items():
         ids[value] = add_segment_from_mask(seg, labels == value, ijk_to_ras, segment_name, color)
     return seg, ids
-
-
-def add_segment_from_mask(seg, mask, ijk_to_ras, name, color):
-    nk, nj, ni = mask.shape
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(ni, nj, nk)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)[:] = mask
-    image.SetImageToWorldMatrix(ijk_to_ras)
-    segment_id = seg.GetSegmentation().AddEmptySegment(name.replace(" ", "_"), name, list(color))
-    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, seg, segment_id)
-    return segment_id
 
 
 def ijk_to_ras(node):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from fewshotsam2 import settings
 from fewshotsam2.errors import InputError
+from fewshotsam2.options import options_from_args
+from fewshotsam2.slicing.slice_range import to_array_range
 
 EMPTY = (0, -1)  # the JSON answer's empty range: first > last
 
@@ -38,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
         from fewshotsam2.serve.client import run_remote_extent
 
         return run_remote_extent(args)
-    from fewshotsam2.options import options_from_args
-
     options = options_from_args(args)  # checks every value (--extent-margin, --device, ...)
     print_extent(estimate(args.query, [tuple(p) for p in args.support], args.labels, options), args.query, args.json)
     return 0
@@ -64,7 +64,6 @@ def estimate(query_path: str, support_paths: list[tuple[str, str]], labels: str,
     from fewshotsam2.slicing.extent import ExtentEstimator, stack_info
     from fewshotsam2.slicing.intensity import choose_preset
     from fewshotsam2.run.pipeline import check_query, warn_if_other_modality
-    from fewshotsam2.slicing.slice_range import to_array_range
     from fewshotsam2.supports.support_loader import SupportReader
     from fewshotsam2.io.volume import read_volume
 

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Hashable, Optional, Sequence
 
+import sam2
 import torch
 
 from fewshotsam2.errors import InputError
@@ -80,8 +81,6 @@ class FeatureCache:
     @staticmethod
     def identity(engine: "SAM2Engine") -> str:
         """What besides the pixels decides a slice's features."""
-        import sam2
-
         if engine.checkpoint_path is None:
             weights = "random-weights-seed0"  # SAM2Engine.with_random_weights
         else:

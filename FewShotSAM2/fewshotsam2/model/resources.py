@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from fewshotsam2.environment import feature_cache_mb
 from fewshotsam2.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ def cpu_feature_cache_bytes() -> int:
     value = os.environ.get(FEATURE_CACHE_ENV, "").strip()
     if not value:
         return CPU_FEATURE_CACHE_BYTES
-    from fewshotsam2.environment import feature_cache_mb
-
     return int(feature_cache_mb(value) * 2**20)  # NaN and inf refused too (int() of them is a traceback)
 
 

@@ -8,6 +8,9 @@ supports) and `Run.execute` (each structure on its range with the engine, then t
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -37,6 +40,9 @@ from fewshotsam2.slicing.slices import SlicePlan
 from fewshotsam2.slicing.support import select_support_slices
 from fewshotsam2.supports.support_loader import SupportCase  # noqa: F401  (re-exported: pipeline.SupportCase)
 from fewshotsam2.io.volume import Structure, Volume
+from fewshotsam2.run.progress import ProgressBar
+from fewshotsam2.requirements import require_lpips
+from fewshotsam2.io.atomic import write_text_atomic
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -349,8 +355,6 @@ def segment(
     `notify(text)` receives the slice ranges and the memory/time estimate before the work starts.
     """
     if progress is True:
-        from fewshotsam2.run.progress import ProgressBar
-
         with ProgressBar() as bar:
             return segment(query, supports, structures, options, bar, engine, notify)
     run = prepare(query, supports, structures, options)
@@ -379,10 +383,6 @@ def given_ranges(run: Run) -> tuple[dict[int, StackRange], list[Structure]]:
 
 def estimated_ranges(run: Run, structures: list[Structure]) -> dict[int, StackRange]:
     """Per structure value, the range the extent estimator finds from the supports (None: empty)."""
-    import os
-
-    from fewshotsam2.requirements import require_lpips
-
     require_lpips()  # missing lpips is an error, not "every slice": installing it is the fix
     options = run.options
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
@@ -454,17 +454,11 @@ def write_scores(path: str, scores: list[SliceScore],
     With `slice_ranges` every row also holds its structure's segmented range (`range_first`, `range_last`: array
     indices along the slice axis; empty when the estimated range was empty), and a structure without scored
     slices (an empty range) gets one row with its name and the empty range."""
-    import csv
-
     def bounds(value: int) -> list:
         if slice_ranges is None:
             return []
         r = slice_ranges.get(value)
         return ["", ""] if r is None else [r[0], r[1]]
-
-    import io
-
-    from fewshotsam2.io.atomic import write_text_atomic
 
     f = io.StringIO(newline="")
     w = csv.writer(f)

@@ -37,8 +37,15 @@ from typing import Callable, Hashable, Mapping, Optional, Sequence
 import numpy as np
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.run.results import SegmentationResult
 from fewshotsam2.io.volume import Structure, Volume
+from fewshotsam2.options import SegmentOptions
+from fewshotsam2.run.progress import ProgressBar
+from fewshotsam2.run.results import SegmentationResult
+from fewshotsam2.slicing.slice_range import to_array_range, to_stack_range
+from fewshotsam2.slicing.slices import SlicePlan
+
+# the pipeline, the engine's feature cache and the memory bank (torch) are imported inside refine: the Slicer module
+# reads `changed_slices` from this module in Slicer's own Python, where torch may not be installed
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -149,16 +156,11 @@ def refine(
     ones, unchanged (`changed` is False). See the module docstring for which slices change.
     """
     if progress is True:
-        from fewshotsam2.run.progress import ProgressBar
-
         with ProgressBar() as bar:
             return refine(query, supports, structures, options, previous_labels, corrections, bar, engine, slices,
                           previous, notify)
     progress = progress or (lambda stage, done, total: None)
-    from fewshotsam2.options import SegmentOptions
     from fewshotsam2.run.pipeline import check_query, make_engine, prepare
-    from fewshotsam2.slicing.slices import SlicePlan
-    from fewshotsam2.slicing.slice_range import to_array_range, to_stack_range
 
     if not isinstance(options, SegmentOptions):
         raise TypeError(f"options must be a SegmentOptions, got {options!r}")
@@ -217,7 +219,7 @@ def refine(
 
     if engine is None:
         engine = make_engine(options)
-        from fewshotsam2.model.feature_cache import FeatureCache
+        from fewshotsam2.model.feature_cache import FeatureCache  # torch
 
         engine.feature_cache = FeatureCache.from_settings()
     engine.reset()
@@ -259,7 +261,7 @@ def _refine_structure(engine, structure: Structure, options, run, keys: list, co
                       corrected_masks: list[np.ndarray], selected: list[int], previous: np.ndarray,
                       progress: ProgressCallback) -> np.ndarray:
     """One structure on its (grown) range: the masks of every slice of `keys` (range-local indices)."""
-    from fewshotsam2.backends.memory_bank import memorize_in_batches
+    from fewshotsam2.backends.memory_bank import memorize_in_batches  # torch
 
     n = len(keys)
     support_slices = run._support_slices(structure, engine)  # the first run's, registered with the engine

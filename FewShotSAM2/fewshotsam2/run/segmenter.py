@@ -15,6 +15,9 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 from fewshotsam2.io.atomic import publish_together
+from fewshotsam2.io.dicom_seg import check_query as check_seg_query
+from fewshotsam2.matching.lpips_distance import shared_lpips
+from fewshotsam2.model.device import pick_device
 from fewshotsam2.model.checkpoints import cached_checkpoint, check_cache_folder
 from fewshotsam2.errors import InputError, out_of_memory_as_input_error
 from fewshotsam2.slicing.extent import check_named_weights
@@ -23,6 +26,7 @@ from fewshotsam2.options import SegmentOptions
 from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
 from fewshotsam2.run import pipeline
 from fewshotsam2.run.pipeline import ProgressCallback, check_query, prepare, write_scores
+from fewshotsam2.run.refine import refine as run_refine
 from fewshotsam2.run.results import SegmentationResult
 from fewshotsam2.supports.support_loader import SupportCase, SupportReader
 from fewshotsam2.io.volume import Structure, Volume, check_output_path, read_volume, write_labels
@@ -79,8 +83,6 @@ class Segmenter:
                                  "leave --scores out or choose another method")
             check_output_file(scores, ".csv")
         if out is not None and query is not None and str(out).lower().endswith(".dcm"):  # DICOM SEG (highdicom)
-            from fewshotsam2.io.dicom_seg import check_query as check_seg_query
-
             check_seg_query(query)
         self.check_model_files()
 
@@ -92,9 +94,6 @@ class Segmenter:
             if cached_checkpoint(options.model, options.version, options.cache_dir) is None:
                 check_cache_folder(options.cache_dir)
         if options.method == "lpips":
-            from fewshotsam2.model.device import pick_device
-            from fewshotsam2.matching.lpips_distance import shared_lpips
-
             o = options.method_options
             shared_lpips(o.net, o.weights, str(pick_device(options.device)))
         check_named_weights(options)  # AlexNet weights the user named for the slice range must load
@@ -117,10 +116,8 @@ class Segmenter:
                slices=None, previous=None):
         """Refine a first run's label map from the user's corrected slices (refine.py): the same supports,
         structures and settings as that run; returns a `RefineResult`."""
-        from fewshotsam2.run.refine import refine
-
         with out_of_memory_as_input_error(self.options):
-            return refine(query, supports, structures, self.options, previous_labels, corrections, progress,
+            return run_refine(query, supports, structures, self.options, previous_labels, corrections, progress,
                           self.engine, slices, previous, self.notify)
 
     # ------------------------------------------------------------------------------------------ files

@@ -35,6 +35,8 @@ from fewshotsam2.serve.jobs import Busy, JobStore
 from fewshotsam2.serve.protocol import API_VERSION, check_job_options, file_suffix, unpack_job
 from fewshotsam2.serve.runner import EXTENT, SEGMENT, EngineCache, run_job, volume_voxels
 
+# torch is imported in the replica (Worker), not in the `serve` command's process, which only builds the app
+
 MAX_ATTEMPTS = 2  # a job whose replica died is run once more, then reported failed
 EXPIRE_EVERY_S = 30.0
 

@@ -23,6 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import SimpleITK as sitk
+
+from fewshotsam2.io.volume import write_labels
+from fewshotsam2.research.clinical_ct import build
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -76,12 +81,7 @@ def main(argv=None) -> int:
                                           str(ct / "ct-a" / "image.nii.gz"), str(ct / "ct-a" / "labels.nii.gz"),
                                           "--labels", "5"])]
     if args.clinical_slices:
-        from fewshotsam2.research.clinical_ct import build
-        from fewshotsam2.io.volume import write_labels
-
         image, labels = build(data, args.clinical_slices)
-        import SimpleITK as sitk
-
         sitk.WriteImage(image.to_sitk(), str(work / "image.nii.gz"))
         write_labels(work / "labels.nii.gz", labels, [])
         cases.append((f"clinical CT ({args.clinical_slices} slices)",

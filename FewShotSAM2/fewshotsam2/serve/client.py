@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import IO, Any, Optional
 
 from fewshotsam2 import __version__
+from fewshotsam2.commands.extent_command import print_extent
 from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.io.atomic import atomic_path
+from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
+from fewshotsam2.options import options_from_args
+from fewshotsam2.protocol import SUBMITTED, JsonEvents, check_parent_alive
+from fewshotsam2.run.progress import ProgressBar
 from fewshotsam2.serve.auth import client_token
 from fewshotsam2.serve.protocol import API_VERSION, FILE_SUFFIXES, file_suffix, job_options, pack_job
+
+# pure Python at import (no numpy, SimpleITK or torch): the Slicer module imports this client in Slicer's own Python
 
 POLL_S = 0.5
 RECONNECT_S = 120.0  # how long a lost server is retried before the client gives up (the job goes on there)
@@ -113,10 +121,7 @@ def check_compatible(version: dict, url: str) -> None:
 
 def run_remote(args: argparse.Namespace) -> int:
     """`segment --server`: check here, upload, follow the job, download the outputs. Returns the exit code."""
-    from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
-    from fewshotsam2.run.progress import ProgressBar
-    from fewshotsam2.options import options_from_args
-    from fewshotsam2.io.volume import check_output_path
+    from fewshotsam2.io.volume import check_output_path  # SimpleITK: see the note at the top
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--cache-dir", args.cache_dir),
                         ("--lpips-weights", args.lpips_weights)):
@@ -176,9 +181,6 @@ def _upload(client: Client, version: dict, inputs: list[str], manifest: dict) ->
 def run_remote_extent(args: argparse.Namespace) -> int:
     """`extent --server`: the slice-range estimate on the server, the same answer on stdout as a local `extent`.
     (The Slicer module's Estimate button runs this when Run on: server is chosen.)"""
-    from fewshotsam2.commands.extent_command import print_extent
-    from fewshotsam2.options import options_from_args
-    from fewshotsam2.protocol import check_parent_alive
 
     if args.lpips_weights:
         raise InputError("--lpips-weights: not with --server (the server uses its own model files)")
@@ -208,9 +210,7 @@ def attach_remote(args: argparse.Namespace) -> int:
     """`segment --server URL --attach JOB --out ...`: follow a job this token submitted earlier (from a client that
     stopped: killed, lost its connection, the machine went to sleep), then fetch and delete it as `--server` does.
     The inputs are already on the server: --query, --support and --labels are refused."""
-    from fewshotsam2.io.paths import check_output_file
-    from fewshotsam2.io.volume import check_output_path
-    from fewshotsam2.run.progress import ProgressBar
+    from fewshotsam2.io.volume import check_output_path  # SimpleITK: see the note at the top
 
     given = [f for f, v in (("--query", args.query), ("--support", args.support), ("--labels", args.labels)) if v]
     if given:
@@ -271,8 +271,6 @@ def _progress(json_lines: bool, bar):
 
 def _say_submitted(client: Client, job: str, args: argparse.Namespace, json_lines: bool, bar) -> None:
     """The job's id, at once: a client that stops (killed, disconnected) can be replaced by `--attach` later."""
-    from fewshotsam2.protocol import SUBMITTED
-
     if json_lines:
         _events().line(event=SUBMITTED, job=job, server=client.url)
         return
@@ -285,9 +283,6 @@ def _say_submitted(client: Client, job: str, args: argparse.Namespace, json_line
 def _finish(client: Client, job: str, args: argparse.Namespace, progress, json_lines: bool, bar, clock: dict,
             upload_mb: float) -> int:
     """Follow the job to its end, write its outputs (each atomically), delete it on the server, report."""
-    from fewshotsam2.io.atomic import atomic_path
-    from fewshotsam2.protocol import check_parent_alive
-
     done_event = _follow(client, job, progress, json_lines, bar, check_parent_alive, clock)
     clock["finished"] = time.monotonic()
     # outputs are written only now, each atomically: a failed or cancelled job leaves nothing behind
@@ -368,8 +363,6 @@ def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wan
 
 def _events():
     """The `--progress json` lines, written to stdout as a local run writes them (protocol.JsonEvents)."""
-    from fewshotsam2.protocol import JsonEvents
-
     return JsonEvents(sys.stdout)
 
 

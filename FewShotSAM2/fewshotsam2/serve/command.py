@@ -16,6 +16,9 @@ from pathlib import Path
 
 from fewshotsam2.errors import InputError
 from fewshotsam2.serve.auth import check_listen, generate_token, read_tokens
+from fewshotsam2.settings import DEFAULT_FEATURE_CACHE_GB
+
+# Ray (the `serve` extra) is imported when the server starts: `serve --help` and config errors need no Ray
 
 DEFAULT_MAX_UPLOAD_MB = 1024
 DEFAULT_MAX_VOXELS = 600_000_000  # a 2000-slice 512 x 512 CT fits
@@ -55,8 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results not fetched are removed this long after their job ends (default 60)")
     p.add_argument("--jobs-dir", metavar="DIR", help="where job inputs and outputs live while a job exists "
                    "(default: a new private temporary folder, removed at exit)")
-    from fewshotsam2.settings import DEFAULT_FEATURE_CACHE_GB
-
     p.add_argument("--feature-cache", metavar="DIR|off",
                    help="folder where the replicas keep the SAM2 features of every slice they encode, so that a later "
                         "job with the same support encodes none of its slices again (default: .features in the jobs "
@@ -100,13 +101,21 @@ FEATURES_FOLDER = ".features"  # the feature cache's default place in the jobs f
 
 
 def feature_cache_config(args: argparse.Namespace, jobs_dir: str) -> dict | None:
-    """Where and how large the replicas' shared feature cache is (None: --feature-cache off); the folder is made
-    and checked here, before Ray starts (FeatureCache.from_settings: one clear error when it is not writable)."""
-    from fewshotsam2.model.feature_cache import FeatureCache
-
+    """Where and how large the replicas' shared feature cache is (None: --feature-cache off). The folder is made
+    and checked here, before Ray starts, with FeatureCache.from_settings' messages; the replicas build the
+    FeatureCache itself (torch: this process never imports it)."""
     where = args.feature_cache if args.feature_cache is not None else str(Path(jobs_dir) / FEATURES_FOLDER)
-    cache = FeatureCache.from_settings(where, args.feature_cache_size)
-    return None if cache is None else {"folder": str(cache.folder.resolve()), "max_bytes": cache.max_bytes}
+    if where.strip().lower() == "off":
+        return None
+    path = Path(where).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use feature cache folder {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise InputError(f"feature cache folder {path} is not writable (give another with --feature-cache, "
+                         "or --feature-cache off)")
+    return {"folder": str(path.resolve()), "max_bytes": int(args.feature_cache_size * 1e9)}
 
 
 def _stop(signum, frame) -> None:
@@ -121,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
         from ray.serve.config import HTTPOptions
     except ImportError as exc:
         raise InputError(f"`serve` needs Ray Serve: pip install 'fewshotsam2[serve]' ({exc})") from None
-    from fewshotsam2.commands.batch_ray import runtime_env
-    from fewshotsam2.serve.app import build_app
+    from fewshotsam2.commands.batch_ray import runtime_env  # Ray too
+    from fewshotsam2.serve.app import build_app  # Ray too
 
     own_dir = args.jobs_dir is None
     config["jobs_dir"] = tempfile.mkdtemp(prefix="fewshotsam2-serve-") if own_dir else args.jobs_dir

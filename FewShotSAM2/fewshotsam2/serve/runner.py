@@ -6,11 +6,21 @@ settings, as `cli.run_segment` does, so a remote job gives exactly the local out
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import SimpleITK as sitk
+
+from fewshotsam2.commands.extent_command import estimate  # torch and SimpleITK only when it runs
 from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.options import OptionError, SegmentOptions
+from fewshotsam2.protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
+from fewshotsam2.settings import flag
+
+# the pipeline and the Segmenter (torch) are imported where a job runs: the `serve` command's own process imports
+# this module (through app.py) to build the application and never runs a job
 
 EventSink = Callable[[dict[str, Any]], None]
 SEGMENT, EXTENT = "segment", "extent"  # the kinds of job: `segment` and `extent` (the slice-range estimate)
@@ -33,10 +43,10 @@ class EngineCache:
     def __call__(self, options):
         settings = options.engine_settings()
         if self.engine is None or settings != self.settings:
-            from fewshotsam2.run.pipeline import make_engine
+            from fewshotsam2.run import pipeline  # torch: see the note at the top
 
             self.engine, self.settings = None, None  # free the old model before building the new one
-            self.engine = make_engine(options)
+            self.engine = pipeline.make_engine(options)
             self.settings = settings
         self.engine.feature_cache = self.feature_cache
         return self.engine
@@ -52,10 +62,7 @@ def run_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], bool],
     progress step and True cancels the run (nothing is written). Returns (exit code, error message): 0 and "" on
     success, 2 and the one-line message for bad input, 130 when cancelled, 1 for anything else.
     """
-    from fewshotsam2.options import OptionError, SegmentOptions
-    from fewshotsam2.protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
-    from fewshotsam2.run.segmenter import Segmenter
-    from fewshotsam2.settings import flag
+    from fewshotsam2.run.segmenter import Segmenter  # torch: see the note at the top
 
     if spec.get("kind") == EXTENT:
         return run_extent_job(spec, emit, stop)
@@ -98,13 +105,6 @@ def run_extent_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], boo
     """`fewshotsam2 extent` on the stored files (commands/extent_command.estimate, as the command runs it): the
     answer travels in the done event ({"extent": {axis, structures, n_slices}}), no file is written. The estimate
     (AlexNet LPIPS, seconds) has no progress steps: a cancel takes effect when it ends. Returns as run_job."""
-    import time
-
-    from fewshotsam2.commands.extent_command import estimate
-    from fewshotsam2.options import OptionError, SegmentOptions
-    from fewshotsam2.protocol import DONE, EXIT_BAD_INPUT, EXIT_CANCELLED, PROGRESS, WARNING
-    from fewshotsam2.settings import flag
-
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -130,8 +130,6 @@ def run_extent_job(spec: dict[str, Any], emit: EventSink, stop: Callable[[], boo
 
 def volume_voxels(path: str) -> int:
     """The number of voxels of a stored input, read from its header (a DICOM folder: files x rows x columns)."""
-    import SimpleITK as sitk
-
     p = Path(path.split("#", 1)[0])
     first = min(p.iterdir()) if p.is_dir() else p
     reader = sitk.ImageFileReader()
