@@ -276,8 +276,9 @@ def _say_submitted(client: Client, job: str, args: argparse.Namespace, json_line
         return
     if bar is not None:
         bar.close()
+    token = f" --token-file {args.token_file}" if args.token_file else ""
     print(f"job {job} on {client.url} (should this client stop, fetch the result with: fewshotsam2 segment "
-          f"--server {client.url} --attach {job} --out {args.out})", file=sys.stderr, flush=True)
+          f"--server {client.url}{token} --attach {job} --out {args.out})", file=sys.stderr, flush=True)
 
 
 def _finish(client: Client, job: str, args: argparse.Namespace, progress, json_lines: bool, bar, clock: dict,
