@@ -234,7 +234,7 @@ def test_same_job_through_the_server_gives_the_local_voxels(server, shared_dir, 
     ct = shared_dir / "data" / "abdomen-ct"
     job = ["--query", str(ct / "ct-b" / "dicom"), "--support", str(ct / "ct-a" / "image.nii.gz"),
            str(ct / "ct-a" / "labels.nii.gz"), "--labels", "liver=5", "--slice-range", "off", "--top-k", "3", *MODEL]
-    # with a feature cache, as the server's replicas run (features rounded to bfloat16, read or just encoded)
+    # with a feature cache, as the server's replicas run (lossless: the same voxels as without one)
     assert _local([*job, "--out", str(tmp_path / "local.seg.nrrd"), "--scores", str(tmp_path / "local.csv"),
                    "--feature-cache", str(tmp_path.parent / f"{tmp_path.name}-features")]) == 0
     token = tmp_path / "token.txt"
@@ -388,7 +388,7 @@ def test_slicers_process_on_the_server_gives_the_local_result(server, cases, tmp
     from fewshotsam2.io.volume import Structure
 
     case = {"query": cases["small"][0], "support": cases["support"]}
-    # the local process with a feature cache, as the server's replicas run (features rounded to bfloat16)
+    # the local process with a feature cache, as the server's replicas run
     monkeypatch.setenv("FEWSHOTSAM2_FEATURE_CACHE", str(tmp_path.parent / f"{tmp_path.name}-features"))
     here = _slicer_run(tmp_path, "here", case, None)
     there = _slicer_run(tmp_path, "there", case, remote.Server(server.url, server.tokens["client7"]))

@@ -31,9 +31,8 @@ class EngineCache:
 
     With a `feature_cache` (model/feature_cache.FeatureCache, on disk, shared by the replicas of this server) the
     engine keeps every slice it encodes: a later job with the same support (same pixels, model and size) reads
-    that support's features instead of encoding them again. As in a local `segment` with its feature cache, the
-    features are used rounded to bfloat16 whether read or just encoded, so a job's result does not depend on
-    which jobs ran before it."""
+    that support's features instead of encoding them again. Cached features are lossless, so a job's result
+    does not depend on which jobs ran before it."""
 
     def __init__(self, feature_cache=None) -> None:
         self.settings: Optional[dict] = None
