@@ -529,26 +529,33 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------------------ slice ranges
 
-    def estimateSliceRanges(self, queryVolumeNode, supports, **options) -> dict:
+    def estimateSliceRanges(self, queryVolumeNode, supports, server=None, **options) -> dict:
         """Each structure's estimated slice range in the query (the core's `extent`, in a process of its own); blocks.
 
         options: axis, preset, extent_margin, lpips_weights. Returns {"axis": A, "ranges": {name: (first, last) or
         None when empty}}: inclusive indices along numpy axis A of the query's voxel array ([k, j, i]); see
         `sliceCenterRAS` / `jumpToSlice` to show one of them. The GUI runs the same steps without blocking:
         `startSliceRangeEstimate`, polling `job.finished`, `finishSliceRangeEstimate` (or `cancel`).
+        `server`: a FewShotSAM2Lib.remote.Server to estimate on (`extent --server`), or None: here.
         """
-        job = self.startSliceRangeEstimate(queryVolumeNode, supports, **options)
+        job = self.startSliceRangeEstimate(queryVolumeNode, supports, server=server, **options)
         self._waitFor(job)
         return self.finishSliceRangeEstimate(job)
 
-    def startSliceRangeEstimate(self, queryVolumeNode, supports, **options) -> FewShotSAM2ExtentJob:
+    def startSliceRangeEstimate(self, queryVolumeNode, supports, server=None, **options) -> FewShotSAM2ExtentJob:
         """Check the inputs, write them to a new temporary folder and start `fewshotsam2 extent --json` on them;
-        returns at once (options as for `estimateSliceRanges`). Bad input raises InputError before any process."""
+        returns at once (options and `server` as for `estimateSliceRanges`). Bad input raises InputError before any
+        process."""
         extentOptions = {k: options.pop(k) for k in process.EXTENT_OPTIONS if k in options}
         prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
-        # the estimate is AlexNet LPIPS: lpips and its weights, besides the packages of every run
-        self.checkDependencies(None, lpipsWeights=extentOptions.get("lpips_weights"), ownProcessOnly=self.python is not None)
+        if server is not None:
+            extentOptions.pop("lpips_weights", None)  # a file of this computer: the server uses its own
+        # the estimate is AlexNet LPIPS: lpips and its weights, besides the packages of every run (on a server: only
+        # what writing the job files needs here; the client process needs no torch)
+        self.checkDependencies(None, lpipsWeights=extentOptions.get("lpips_weights"),
+                               ownProcessOnly=self.python is not None or server is not None)
         extentProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
+        extentProcess.server = server
         try:
             arguments = process.extentArguments(extentProcess.folder, prepared.query, prepared.supports,
                                                 prepared.structures, extentOptions)
@@ -619,7 +626,7 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         options = prepared.options
         sliceRange = self._estimatedSliceRange(options.get("slice_range"), prepared.structures)
         self.checkDependencies(prepared.method, sliceRange, options.get("lpips_net") or "alex",
-                               options.get("lpips_weights"), ownProcessOnly=self.python is not None)
+                               options.get("lpips_weights"), ownProcessOnly=self.python is not None or server is not None)
         segmentationProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
         segmentationProcess.server = server
         try:
@@ -1448,7 +1455,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._processingState != ProcessingState.IDLE:
             return
         try:
-            if not self._ensureDependencies(None):
+            server = self._remotePanel.server()  # Run on: server estimates there too (no torch or lpips needed here)
+            if server is None and not self._ensureDependencies(None):
                 return
         except Exception as exc:
             self._reportError(exc, _("Slice ranges could not be estimated"))
@@ -1457,7 +1465,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.WaitCursor():  # only the inputs are written here (a second or so); the estimate runs apart
                 self._rangeJob = self.logic.startSliceRangeEstimate(p.queryVolume, self._supportsFromParameterNode(),
-                                                                    axis=p.sliceAxis, preset=p.intensityPreset)
+                                                                    server=server, axis=p.sliceAxis,
+                                                                    preset=p.intensityPreset)
         except Exception as exc:
             self._reportError(exc, _("Slice ranges could not be estimated"))
             return

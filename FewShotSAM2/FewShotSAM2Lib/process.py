@@ -334,7 +334,10 @@ class SegmentationProcess:
 
     def startExtent(self, arguments: list[str]) -> "SegmentationProcess":
         """Start the core's `extent --json` with `arguments` (from `extentArguments`); `readExtent` reads its answer."""
-        return self._launch(["extent", *arguments, "--json"], "slice range")
+        command = ["extent", *arguments, "--json"]
+        if self.server is not None:
+            command += self.server.arguments()  # the estimate runs on the server (the token goes by environment)
+        return self._launch(command, "slice range")
 
     def _launch(self, cliArguments: list[str], what: str) -> "SegmentationProcess":
         """Start `python -m fewshotsam2.cli <cliArguments>` in its own process group, stdout/stderr to files."""

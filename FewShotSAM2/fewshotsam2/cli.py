@@ -76,13 +76,16 @@ then, on a client: fewshotsam2 segment --server http://127.0.0.1:8000 --token-fi
 def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Segment the structures chosen with --labels in the query volume, prompting SAM2 with "
                      "labeled slices of the support volume(s). Writes one multi-label map on the query's grid.")
-    p.add_argument("--query", required=True, metavar="Q",
+    # `--server URL --attach JOB --out F` fetches a job submitted earlier: its inputs are on the server already
+    argv = sys.argv[1:] if _Parser.argv is None else _Parser.argv
+    inputs_needed = not any(a == "--attach" or a.startswith("--attach=") for a in argv)
+    p.add_argument("--query", required=inputs_needed, metavar="Q",
                    help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder (FOLDER#N or "
                         "FOLDER#SERIES_UID picks one series of a folder holding several)")
-    p.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+    p.add_argument("--support", required=inputs_needed, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a labeled support: image (file or DICOM folder) and its labels (label map or .seg.nrrd, "
                         "aligned to the image by physical geometry); repeat for several supports")
-    p.add_argument("--labels", required=True, metavar="L1,L2",
+    p.add_argument("--labels", required=inputs_needed, metavar="L1,L2",
                    help="structures to segment: " + _LABELS_HELP.replace("%", "%%")
                         + "; a digit-only name that is also another segment's value is refused as ambiguous")
     p.add_argument("--out", required=True, metavar="OUT",
@@ -104,15 +107,21 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    "the same outputs and exit codes; inputs are uploaded, the outputs downloaded")
     s.add_argument("--token-file", metavar="F", help="with --server: the file holding this client's token "
                    "(else $FEWSHOTSAM2_SERVER_TOKEN)")
+    s.add_argument("--attach", metavar="JOB", help="with --server: follow and fetch the job JOB that this token "
+                   "submitted before (its id is printed at submission, and is the `submitted` event of --progress "
+                   "json), e.g. after the client that submitted it was killed; give --out (and --scores if the job "
+                   "has them), not --query/--support/--labels")
 
 
 def run_segment(args: argparse.Namespace) -> int:
     """`segment`: the Segmenter on the given files; the result summary on stdout (or as the JSON `done` line).
     With --server the same job runs on a `fewshotsam2 serve` server (serve/client.py)."""
+    if getattr(args, "attach", None) and not getattr(args, "server", None):
+        raise InputError("--attach needs --server (the server that runs the job)")
     if getattr(args, "server", None):
-        from fewshotsam2.serve.client import run_remote
+        from fewshotsam2.serve.client import attach_remote, run_remote
 
-        return run_remote(args)
+        return attach_remote(args) if args.attach else run_remote(args)
     from fewshotsam2.run.segmenter import Segmenter
 
     from fewshotsam2.commands.refine_command import CachedEngineFactory, feature_cache_of

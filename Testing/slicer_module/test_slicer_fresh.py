@@ -559,6 +559,10 @@ def test_gui_waits_are_modal_and_survive_a_scene_close():
     assert "windowModality=qt.Qt.WindowModal" in ensure and "maximum=0" in ensure
     assert ensure.index("installDependencies(") < ensure.index("if self._parameterNode is None:")
     assert "self._ensureDependencies(None)" in methods["onEstimateRanges"]
+    # Run on: server estimates there (extent --server): nothing to install here, the server is handed to the Logic
+    assert "server is None and not self._ensureDependencies(None)" in methods["onEstimateRanges"]
+    assert "server = self._remotePanel.server()" in methods["onEstimateRanges"]
+    assert "server=server" in methods["onEstimateRanges"]
     assert methods["onEstimateRanges"].index("_ensureDependencies") < methods["onEstimateRanges"].index(
         "startSliceRangeEstimate")
     assert "self.logic.temporaryFolder = str(slicer.app.temporaryPath)" in methods["setup"]
