@@ -702,6 +702,10 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         """The output segmentation of the most recent run of this Logic that is still in the scene (or None)."""
         return refining.lastNode(self._refineStates)
 
+    def refineRefusal(self, outputSegmentationNode) -> str:
+        """Why refine cannot take the run in the node ('' when it can): a result that keeps overlapping segments."""
+        return refining.refusal(self._refineStates, outputSegmentationNode)
+
     def canUndoRefine(self, outputSegmentationNode) -> bool:
         return outputSegmentationNode is not None and outputSegmentationNode.GetID() in self._refineUndo
 
@@ -1738,9 +1742,10 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setupRefine(self) -> None:
         self.refineButton = qt.QPushButton(_("Refine from my edits"))
-        self.refineButton.toolTip = _("Correct slices of the result with Segment Editor, then re-propagate from them: "
-                                      "each changed slice becomes a prompt, the structure is predicted again from it "
-                                      "in both directions. Structures you did not edit stay as they are.")
+        self._refineToolTip = _("Correct slices of the result with Segment Editor, then re-propagate from them: "
+                                "each changed slice becomes a prompt, the structure is predicted again from it "
+                                "in both directions. Structures you did not edit stay as they are.")
+        self.refineButton.toolTip = self._refineToolTip
         self.undoRefineButton = qt.QPushButton(_("Undo refine"))
         self.undoRefineButton.toolTip = _("Put back the segmentation as it was before the last refine.")
         row = qt.QHBoxLayout()
@@ -1756,7 +1761,9 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         node = self.logic.lastRefinableNode()
         idle = self._processingState == ProcessingState.IDLE
-        self.refineButton.enabled = idle and node is not None
+        refused = self.logic.refineRefusal(node)  # a "keep overlaps" result: the button says why it is off
+        self.refineButton.enabled = idle and node is not None and not refused
+        self.refineButton.toolTip = refused or self._refineToolTip
         self.undoRefineButton.enabled = idle and self.logic.canUndoRefine(node)
 
     def onRefine(self) -> None:

@@ -74,8 +74,8 @@ DISPLAY_NAMES: dict[str, str] = {
     "vgg": "VGG16",
     "squeeze": "SqueezeNet",
     # overlap rules
-    "logits": "Higher SAM2 logit",
-    "order": "First listed",
+    "logits": "Decided by SAM2's logits (default)",
+    "order": "First listed wins",
     "allow": "Keep overlaps (separate layers)",
 }
 

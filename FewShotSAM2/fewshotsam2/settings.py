@@ -133,7 +133,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("overlap", str, "logits", "who keeps a voxel two structures claim: logits (default) = the structure "
             "with the higher SAM2 logit there, as sam2's video predictor with several objects; order = the one "
             "listed first in --labels; allow = both keep it (overlapping structures in separate layers: a .seg.nrrd "
-            "output only)", "slices", C.OVERLAP_RULES),
+            "output only)", "slices", C.OVERLAP_RULES, gui="overlap"),
     # ---- reverse propagation
     Setting("top_k", int, 5, "query slices kept as conditional slices, best reverse score first (default 5)",
             "reverse", metavar="K", gui="topK", gui_range=(1, 100), method="reverse"),

@@ -143,3 +143,16 @@ def test_refine_after_a_first_run_encodes_nothing(tmp_path, ct_a):
                     previous=first)
     assert result.corrected_slices == {5: [5]}
     assert result.encoder_calls == 0 and result.cache_hits == 11  # 9 predicted, the corrected one, the support
+
+
+def test_a_cache_folder_removed_during_a_run_warns_and_the_run_goes_on(tmp_path):
+    import shutil
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    frames = _frames(2)
+    e = _engine(FeatureCache(folder, 10**9))
+    e.add_frames(frames)
+    shutil.rmtree(folder)  # another process (or the user) removed it
+    with pytest.warns(UserWarning, match="cannot write"):
+        e.encode(list(frames))
+    assert e.encoder_calls == 2 and all(k in e._features for k in frames)

@@ -598,6 +598,31 @@ def test_low_confidence_slices_are_marked_in_the_slice_views():
     assert logic.markLowConfidenceSlices(result, [], volume, 0, node) is node and node.GetNumberOfControlPoints() == 0
 
 
+def test_low_confidence_mark_of_a_kept_overlap_comes_from_its_own_layer():
+    """A "Keep overlaps" result (overlap 'allow'): a structure covered on a slice by another one listed after it
+    is marked at its own centre there (its layer), not at the slice centre of the flattened label map."""
+    from fewshotsam2.io.volume import LabelMap, Structure
+
+    scene = new_scene()
+    volume, seg, sid, labels = small_case(scene)
+    logic = module.FewShotSAM2Logic()
+    prepared = logic.prepare(volume, [(volume, seg, [sid])], "propagate", overlap="allow")
+    blob = labels == 1
+    blob[3, :, :10] = False  # off-centre on slice 3, so its centre differs from the covering structure's
+    cover = np.zeros_like(blob)
+    cover[3] = True  # the whole of slice 3: covers the blob there
+    layered = LabelMap.from_masks(prepared.query, [(Structure(1, "blob", (0.9, 0.2, 0.1)), blob),
+                                                     (Structure(2, "cover", (0.1, 0.2, 0.9)), cover)])
+    assert layered.volume.layers is not None and not (layered.volume.array[3] == 1).any()
+    result = process.ProcessResult(labels=layered.volume, structures=layered.structures)
+    node = logic.markLowConfidenceSlices(result, [("blob", 3, 0.2)], volume, 0)
+    ras = [0.0, 0.0, 0.0]
+    node.GetNthControlPointPosition(0, ras)
+    point = np.linalg.inv(mrml_io.ijkToWorldMatrix(volume)) @ np.array(ras + [1.0])
+    rows, cols = np.nonzero(blob[3])
+    np.testing.assert_allclose(point[:3], [cols.mean(), rows.mean(), 3.0], atol=1e-9)  # (i, j, k)
+
+
 def test_another_interpreter_is_checked_only_for_what_slicer_writes(tmp_path):
     """With FewShotSAM2Logic.python set, the core's packages live in that interpreter: here only SimpleITK and
     slicerio (writing the job files) are checked."""

@@ -187,6 +187,7 @@ def test_choice_defaults_are_valid(module):
                     assert m.minimum <= default <= m.maximum, parameter
     assert module.FewShotSAM2ParameterNode.method == "reverse"
     assert module.FewShotSAM2ParameterNode.modelSize == "tiny"
+    assert module.FewShotSAM2ParameterNode.overlap == "logits"
 
 
 def test_gui_defaults_are_the_cores(module):
@@ -199,10 +200,34 @@ def test_gui_defaults_are_the_cores(module):
     node = module.FewShotSAM2ParameterNode
     gui = dict(method=node.method, model=node.modelSize, version=node.modelVersion, device=node.device,
                image_size=node.imageSize, axis=node.sliceAxis, preset=node.intensityPreset, shots=node.shots,
-               top_k=node.topK, min_score=node.minScore, augmentations=node.augmentations, lpips_net=node.lpipsNet)
+               top_k=node.topK, min_score=node.minScore, augmentations=node.augmentations, lpips_net=node.lpipsNet,
+               overlap=node.overlap)
     assert gui == {k: d[k] for k in gui}
     for method in module.METHODS:
         SegmentOptions.from_flat(**dict(gui, method=method))
+
+
+def test_overlap_menu_offers_the_cores_rules_and_refine_says_why_it_is_off(module, ui_widgets):
+    """Overlapping structures (issue 23): a menu in Output bound to the parameter node's `overlap`, which the
+    settings table derives from the core's rule (--overlap); its items are the core's rules, default first, with
+    readable names; a "Keep overlaps" result turns Refine off with the Logic's reason as its tooltip."""
+    from fewshotsam2 import constants, settings
+    from FewShotSAM2Lib import choices
+
+    assert _slicer_parameter_names(ui_widgets)["overlapComboBox"] == "overlap"
+    assert ui_widgets["overlapComboBox"].get("class") == "QComboBox"
+    outputs = {w.get("name") for w in ui_widgets["outputsCollapsibleButton"].iter("widget")}
+    assert "overlapComboBox" in outputs  # shown, not under the collapsed Advanced
+    assert settings.BY_NAME["overlap"].gui == "overlap"
+    hints = typing.get_type_hints(module.FewShotSAM2ParameterNode, include_extras=True)
+    (choice,) = [m for m in typing.get_args(hints["overlap"])[1:] if type(m).__name__ == "Choice"]
+    assert tuple(choice.choices) == constants.OVERLAP_RULES == choices.COMBO_BOXES["overlap"][1]
+    assert choices.COMBO_BOXES["overlap"][0] == "overlapComboBox"
+    assert [choices.displayName("overlap", r) for r in constants.OVERLAP_RULES] == [
+        "Decided by SAM2's logits (default)", "First listed wins", "Keep overlaps (separate layers)"]
+    update = _widget_methods()["_updateRefineButtons"]
+    assert "self.logic.refineRefusal(node)" in update
+    assert "and not refused" in update and "self.refineButton.toolTip = refused or" in update
 
 
 def test_segment_button_and_progress_exist(ui_widgets):

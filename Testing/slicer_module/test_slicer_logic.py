@@ -22,6 +22,7 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 import FewShotSAM2 as module  # noqa: E402
+from fewshotsam2 import settings  # noqa: E402
 from fewshotsam2.run import pipeline  # noqa: E402
 from fewshotsam2.errors import Cancelled, InputError  # noqa: E402
 from fewshotsam2.io.volume import Structure, Volume, read_volume  # noqa: E402
@@ -823,10 +824,17 @@ def test_overlap_allow_gives_overlapping_segments(mr_scene):
     inner = mr_scene["labeled"].copy()  # a second structure inside the first: they overlap wherever both are
     inner_id = add_segment_from_mask(other, inner, m, "inner", (0.2, 0.2, 0.9))
     logic = module.FewShotSAM2Logic()
-    options = dict(FAST, image_size=64, slice_range="off")
-    prepared = logic.prepare(v, [(v, seg, [sid]), (v, other, [inner_id])], "propagate", overlap="allow", **options)
+    # the options as the panel gives them (FewShotSAM2Widget._runOptions): the parameter node's members through the
+    # settings table, "Keep overlaps" chosen in the Overlapping structures menu
+    panel = module.FewShotSAM2ParameterNode()
+    panel.overlap = "allow"
+    options = settings.from_gui(panel)
+    options.pop("method")
+    options.update(FAST, image_size=64, slice_range="off")
+    prepared = logic.prepare(v, [(v, seg, [sid]), (v, other, [inner_id])], "propagate", **options)
     assert prepared.options["overlap"] == "allow"
-    output = logic.segment(v, [(v, seg, [sid]), (v, other, [inner_id])], "propagate", overlap="allow", **options)
+    assert "--overlap allow" in " ".join(process.optionArguments(prepared.options))
+    output = logic.segment(v, [(v, seg, [sid]), (v, other, [inner_id])], "propagate", **options)
     result = logic.lastResult
     assert result.labels.layers is not None and sorted(s.layer for s in result.structures) == [0, 1]
     masks = segment_masks(output, v)
@@ -839,6 +847,11 @@ def test_overlap_allow_gives_overlapping_segments(mr_scene):
     # refine edits one label per voxel: it refuses such a result rather than flattening its overlaps
     with pytest.raises(InputError, match="overlap"):
         logic.refine(output)
+    # the panel's Refine button is off for it and its tooltip says why (FewShotSAM2Widget._updateRefineButtons)
+    assert logic.lastRefinableNode() is output
+    assert "keeps overlapping segments" in logic.refineRefusal(output)
+    with pytest.raises(InputError, match="keeps overlapping segments"):
+        logic.refineCorrections(output)
     scene.RemoveNode(output)
     scene.RemoveNode(other)
 

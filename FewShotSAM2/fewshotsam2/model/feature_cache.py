@@ -150,9 +150,10 @@ class FeatureCache:
             torch.save({"format": FORMAT, "identity": identity, "levels": stored}, tmp)
             size = tmp.stat().st_size
             os.replace(tmp, path)  # atomic: a reader sees the old entry, the new one or none
-        except OSError as exc:
-            warnings.warn(f"feature cache {self.folder}: cannot write ({exc.strerror or exc}); going on without "
-                          "storing", stacklevel=3)
+        except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError for a folder removed meanwhile
+            why = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            warnings.warn(f"feature cache {self.folder}: cannot write ({why}); going on without storing",
+                          stacklevel=3)
             size = 0
         finally:
             if tmp.exists():
