@@ -93,6 +93,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     settings.add_arguments(p, only=("method",))  # the first run's method and settings
     settings.add_arguments(p, groups=("slices", "reverse", "lpips", "model"))
     add_cache_arguments(p)
+    g = p.add_argument_group("approximation (off by default)")
+    g.add_argument("--stop-after-agreeing", type=int, default=0, metavar="N",
+                   help="0 (default): re-predict every slice of the range, as sam2 does. N > 0: an approximation "
+                        "that is faster on long volumes: in each direction, stop once the refined mask agrees with "
+                        "the previous result on N consecutive slices (the slices beyond keep their previous value; "
+                        "a later corrected slice starts prediction again)")
+    g.add_argument("--agreement", type=float, default=0.99, metavar="DICE",
+                   help="with --stop-after-agreeing: the Dice between the refined and the previous mask of a slice "
+                        "from which they agree (default 0.99; two empty masks agree)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress", default="bar", choices=("bar", "json"),
                    help="bar (default) or json: one JSON object per line on stdout, as for segment; the done line "
@@ -170,6 +179,10 @@ def _run(args: argparse.Namespace, events, bar) -> int:
     from fewshotsam2.io.volume import check_output_path, read_labels, read_volume, structure_mask, write_labels
 
     options = options_from_args(args)
+    if args.stop_after_agreeing < 0:
+        raise InputError(f"--stop-after-agreeing must be 0 (off) or more, got {args.stop_after_agreeing}")
+    if not 0.0 <= args.agreement <= 1.0:
+        raise InputError(f"--agreement is a Dice between 0 and 1, got {args.agreement:g}")
     refuse_overwriting_inputs([("--out", args.out)],
                               [args.query, *(p for pair in args.support for p in pair), args.previous, args.corrected,
                                args.previous_scores, args.checkpoint, args.lpips_weights])
@@ -245,7 +258,8 @@ def _run(args: argparse.Namespace, events, bar) -> int:
         try:
             notify = None if json_lines or args.quiet else (lambda text: print(text, file=sys.stderr))
             result = refine(query, supports, structures, options, previous_volume, corrected_volume,
-                            progress=bar, engine=engine, slices=changed, previous=previous_run, notify=notify)
+                            progress=bar, engine=engine, slices=changed, previous=previous_run, notify=notify,
+                            stop_after_agreeing=args.stop_after_agreeing, agreement=args.agreement)
         finally:
             factory.restore()
     write_labels(args.out, result.labels, result.structures)
@@ -256,6 +270,7 @@ def _run(args: argparse.Namespace, events, bar) -> int:
                        seconds=result.timings["total"], slice_axis=int(result.slice_axis),
                        encoder_calls=int(result.encoder_calls), cache_hits=int(result.cache_hits),
                        corrected_slices=corrected,
+                       predicted_slices={names[v]: n for v, n in result.predicted_slices.items()},
                        slice_ranges={s.name: result.slice_ranges.get(s.value) for s in structures})
         return 0
     for name, idx in corrected.items():
