@@ -4,7 +4,15 @@
 [--device cpu] [--label 5]` builds the clinical-size CT of `clinical_ct` (ct-b stretched to N slices; it is its own
 support), runs `fewshotsam2 segment --slice-range off` with a fresh feature cache, draws the true structure on the
 middle slice of the first run's result (the correction), runs `fewshotsam2 refine` on it and prints one Markdown
-row per method. Random weights (`--untrained`): timings and counts are real, masks are not.
+row per method; `--stop-after-agreeing N` adds a row for refine's opt-in approximation (same first run). Each
+command runs in its own process, which reports its peak RSS and CPU seconds. Random weights (`--untrained`):
+timings and counts are real, masks are not (nor where the approximation stops).
+
+The issue's benchmark (docs/benchmarks.md), from FewShotSAM2/:
+  nice python -m fewshotsam2.research.bench_refine OUT --slices 300 --image-size 512 --methods propagate \
+      --stop-after-agreeing 5
+`--reuse-first` keeps a first run OUT already holds (its label map, feature cache and measurements) and runs the
+refines again.
 """
 
 from __future__ import annotations
@@ -43,6 +51,16 @@ def _run(argv: list[str], env: dict) -> dict:
     return done
 
 
+def _row(method, first, refined, changed, args) -> None:
+    print(f"| {method} | {args.slices} | {args.image_size} | "
+          f"{first['wall']:.1f} ({first['seconds']:.1f}) | {first['cpu']:.0f} | {first['encoder_calls']} | "
+          f"{first['rss_mib']:.0f} | {refined['wall']:.1f} ({refined['seconds']:.1f}) | {refined['cpu']:.0f} | "
+          f"{refined['encoder_calls']} | {refined['cache_hits']} | {refined['rss_mib']:.0f} | "
+          f"{sum(refined.get('predicted_slices', {}).values())} | {changed} | "
+          f"{refined['wall'] / first['wall']:.2f}x ({refined['seconds'] / first['seconds']:.2f}x) | "
+          f"{refined['cpu'] / first['cpu']:.2f}x |", flush=True)
+
+
 def main(argv=None) -> int:
     from fewshotsam2.io.volume import read_volume, write_labels, default_structure
     from fewshotsam2.research.clinical_ct import build
@@ -58,7 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-first", action="store_true",
                     help="keep a first run OUT already holds (same slices, size, method: its label map, cache and "
                          "measurements) and run only the refine again")
-    ap.add_argument("--refine-args", default="", help="more flags for `fewshotsam2 refine` (one string)")
+    ap.add_argument("--stop-after-agreeing", type=int, default=0, metavar="N",
+                    help="also run refine's opt-in approximation `--stop-after-agreeing N` (a second refine row)")
     args = ap.parse_args(argv)
     import SimpleITK as sitk
 
@@ -70,6 +89,12 @@ def main(argv=None) -> int:
         sitk.WriteImage(labels.to_sitk(), str(out / "labels.nii.gz"))
     env = dict(os.environ)
     model = ["--untrained", "--image-size", str(args.image_size), "--device", args.device, "--slice-range", "off"]
+    # wall: the whole process (Python start, imports, building SAM2, reading, writing); run: the core's own seconds;
+    # CPU: user + system seconds of the process over all its threads
+    print("| method | slices | size | first run: wall (run) s | CPU s | encoder calls | peak RSS (MiB) | "
+          "refine: wall (run) s | CPU s | encoder calls | cache hits | peak RSS (MiB) | slices predicted | slices changed | "
+          "refine / first: wall (run) | CPU |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     for method in args.methods.split(","):
         cache = out / f"cache-{method}"
@@ -93,25 +118,16 @@ def main(argv=None) -> int:
         k = args.slices // 2
         edited[k] = np.where(labels.array[k] == args.label, args.label, 0)
         write_labels(out / f"{method}-edited.nii.gz", result.with_array(edited), [default_structure(args.label)])
-        refined = _run(["refine", *base, "--previous", str(first_path), "--corrected", str(out / f"{method}-edited.nii.gz"),
-                        "--out", str(out / f"{method}-refined.nii.gz")]
-                       + (["--previous-scores", str(scores)] if method != "propagate" else []) + args.refine_args.split(),
-                       env)
-        changed = int((read_volume(out / f"{method}-refined.nii.gz").array != result.array).any(axis=(1, 2)).sum())
-        rows.append((method, first, refined, changed))
-    # wall: the whole process (Python start, imports, building SAM2, reading, writing); run: the core's own seconds;
-    # CPU: user + system seconds of the process over all its threads
-    print("| method | slices | size | first run: wall (run) s | CPU s | encoder calls | peak RSS (MiB) | "
-          "refine: wall (run) s | CPU s | encoder calls | cache hits | peak RSS (MiB) | slices changed | "
-          "refine / first: wall (run) | CPU |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for method, first, refined, changed in rows:
-        print(f"| {method}{' ' + args.refine_args if args.refine_args else ''} | {args.slices} | {args.image_size} | "
-              f"{first['wall']:.1f} ({first['seconds']:.1f}) | {first['cpu']:.0f} | {first['encoder_calls']} | "
-              f"{first['rss_mib']:.0f} | {refined['wall']:.1f} ({refined['seconds']:.1f}) | {refined['cpu']:.0f} | "
-              f"{refined['encoder_calls']} | {refined['cache_hits']} | {refined['rss_mib']:.0f} | {changed} | "
-              f"{refined['wall'] / first['wall']:.2f}x ({refined['seconds'] / first['seconds']:.2f}x) | "
-              f"{refined['cpu'] / first['cpu']:.2f}x |", flush=True)
+        refine = ["refine", *base, "--previous", str(first_path), "--corrected", str(out / f"{method}-edited.nii.gz")]
+        refine += ["--previous-scores", str(scores)] if method != "propagate" else []
+        # the approximation first: it is the short one
+        for extra in ([["--stop-after-agreeing", str(args.stop_after_agreeing)]] if args.stop_after_agreeing
+                      else []) + [[]]:
+            name = f"{method}-refined{'-stop' + extra[1] if extra else ''}.nii.gz"
+            refined = _run([*refine, "--out", str(out / name), *extra], env)
+            changed = int((read_volume(out / name).array != result.array).any(axis=(1, 2)).sum())
+            rows.append((method + (f" {' '.join(extra)}" if extra else ""), first, refined, changed))
+            _row(*rows[-1], args)
     return 0
 
 
