@@ -205,6 +205,7 @@ def _run(args: argparse.Namespace, events, bar) -> int:
     for s in reversed(structures):  # the first listed wins an overlap, as segment writes them
         prev_map[structure_mask(prev_labels, s)] = s.value
     corr_map = np.zeros_like(prev_map)
+    mask = None
     for c in reversed(corr_structures):
         mask = structure_mask(corr_labels, c)
         s = _match(c, structures)
@@ -214,6 +215,7 @@ def _run(args: argparse.Namespace, events, bar) -> int:
                                  f"result ({', '.join(f'{x.name}={x.value}' for x in structures)})")
             continue
         corr_map[mask] = s.value
+    del prev_labels, corr_labels, mask  # the maps above are all that is used: no copy held through the refine
     previous_volume, corrected_volume = query.with_array(prev_map), query.with_array(corr_map)
     check_refine_inputs(query, structures, previous_volume, corrected_volume)
     plan = SlicePlan.for_volume(query, options.axis)
