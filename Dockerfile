@@ -5,6 +5,10 @@
 #       fewshotsam2-serve --token-file /config/tokens.txt --tls-cert /config/cert.pem --tls-key /config/key.pem
 #
 # /config/tokens.txt: one token per client line (NAME:TOKEN), see README "A GPU server for a department".
+# The slice-range estimate and the reverse/lpips methods need the LPIPS AlexNet weights: downloaded to torch's cache
+# on first use, or (offline) mount them and add -e FEWSHOTSAM2_LPIPS_WEIGHTS=/config/alexnet_features.pth.
+# Not built in the project's CI or by its developers so far (no Docker daemon there): Testing/serve/test_dockerfile.py
+# checks what can be checked without one (paths, pins, entrypoint, the wheel `pip install .` builds).
 # Inside the container the server listens on 0.0.0.0 (the container's own network), so it requires the token file
 # and TLS like any non-loopback address; publish the port only where clients should reach it.
 FROM python:3.11-slim
@@ -31,4 +35,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s CMD \
     python -c "import ssl, urllib.request as u; u.urlopen('https://127.0.0.1:8000/healthz', timeout=4, context=ssl._create_unverified_context())" \
     || python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
-ENTRYPOINT ["fewshotsam2", "serve", "--host", "0.0.0.0", "--port", "8000"]
+# the replicas' feature cache in the models volume: it outlives the container (a later job with the same support
+# encodes none of its slices again); `--feature-cache off` after the image name turns it off
+ENTRYPOINT ["fewshotsam2", "serve", "--host", "0.0.0.0", "--port", "8000", "--feature-cache", "/models/features"]

@@ -529,26 +529,33 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------------------ slice ranges
 
-    def estimateSliceRanges(self, queryVolumeNode, supports, **options) -> dict:
+    def estimateSliceRanges(self, queryVolumeNode, supports, server=None, **options) -> dict:
         """Each structure's estimated slice range in the query (the core's `extent`, in a process of its own); blocks.
 
         options: axis, preset, extent_margin, lpips_weights. Returns {"axis": A, "ranges": {name: (first, last) or
         None when empty}}: inclusive indices along numpy axis A of the query's voxel array ([k, j, i]); see
         `sliceCenterRAS` / `jumpToSlice` to show one of them. The GUI runs the same steps without blocking:
         `startSliceRangeEstimate`, polling `job.finished`, `finishSliceRangeEstimate` (or `cancel`).
+        `server`: a FewShotSAM2Lib.remote.Server to estimate on (`extent --server`), or None: here.
         """
-        job = self.startSliceRangeEstimate(queryVolumeNode, supports, **options)
+        job = self.startSliceRangeEstimate(queryVolumeNode, supports, server=server, **options)
         self._waitFor(job)
         return self.finishSliceRangeEstimate(job)
 
-    def startSliceRangeEstimate(self, queryVolumeNode, supports, **options) -> FewShotSAM2ExtentJob:
+    def startSliceRangeEstimate(self, queryVolumeNode, supports, server=None, **options) -> FewShotSAM2ExtentJob:
         """Check the inputs, write them to a new temporary folder and start `fewshotsam2 extent --json` on them;
-        returns at once (options as for `estimateSliceRanges`). Bad input raises InputError before any process."""
+        returns at once (options and `server` as for `estimateSliceRanges`). Bad input raises InputError before any
+        process."""
         extentOptions = {k: options.pop(k) for k in process.EXTENT_OPTIONS if k in options}
         prepared = self.prepare(queryVolumeNode, supports, "propagate", None, **options)
-        # the estimate is AlexNet LPIPS: lpips and its weights, besides the packages of every run
-        self.checkDependencies(None, lpipsWeights=extentOptions.get("lpips_weights"), ownProcessOnly=self.python is not None)
+        if server is not None:
+            extentOptions.pop("lpips_weights", None)  # a file of this computer: the server uses its own
+        # the estimate is AlexNet LPIPS: lpips and its weights, besides the packages of every run (on a server: only
+        # what writing the job files needs here; the client process needs no torch)
+        self.checkDependencies(None, lpipsWeights=extentOptions.get("lpips_weights"),
+                               ownProcessOnly=self.python is not None or server is not None)
         extentProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
+        extentProcess.server = server
         try:
             arguments = process.extentArguments(extentProcess.folder, prepared.query, prepared.supports,
                                                 prepared.structures, extentOptions)
@@ -619,14 +626,15 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         options = prepared.options
         sliceRange = self._estimatedSliceRange(options.get("slice_range"), prepared.structures)
         self.checkDependencies(prepared.method, sliceRange, options.get("lpips_net") or "alex",
-                               options.get("lpips_weights"), ownProcessOnly=self.python is not None)
+                               options.get("lpips_weights"), ownProcessOnly=self.python is not None or server is not None)
         segmentationProcess = process.SegmentationProcess(python=self.python, parent=self.temporaryFolder)
         segmentationProcess.server = server
         try:
             arguments = process.writeJobInputs(segmentationProcess.folder, prepared.query, prepared.supports,
                                                prepared.structures)
             arguments += ["--method", prepared.method] + process.optionArguments(prepared.options)
-            segmentationProcess.start(arguments, scores=prepared.method != "propagate")
+            segmentationProcess.start(arguments, scores=prepared.method != "propagate",
+                                      layered=options.get("overlap") == "allow")
         except BaseException:
             segmentationProcess.cleanup()
             raise
@@ -694,6 +702,10 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
         """The output segmentation of the most recent run of this Logic that is still in the scene (or None)."""
         return refining.lastNode(self._refineStates)
 
+    def refineRefusal(self, outputSegmentationNode) -> str:
+        """Why refine cannot take the run in the node ('' when it can): a result that keeps overlapping segments."""
+        return refining.refusal(self._refineStates, outputSegmentationNode)
+
     def canUndoRefine(self, outputSegmentationNode) -> bool:
         return outputSegmentationNode is not None and outputSegmentationNode.GetID() in self._refineUndo
 
@@ -720,7 +732,11 @@ class FewShotSAM2Logic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"result shape {labels.shape} differs from the query volume's {queryShape}")
 
         mrml_io.ensureSegmentationConverterRules()
-        newSegmentation = mrml_io.segmentationFromLabels(labels, prepared.structures, queryVolumeNode, prepared.segmentMetadata)
+        # --overlap allow: overlapping structures come in separate layers, each segment from its own layer
+        layers = getattr(result.labels, "layers", None)
+        newSegmentation = mrml_io.segmentationFromLabels(labels, result.structures if layers is not None
+                                                         else prepared.structures, queryVolumeNode,
+                                                         prepared.segmentMetadata, layers)
 
         outputNode = prepared.outputSegmentationNode
         created = outputNode is None
@@ -1443,7 +1459,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._processingState != ProcessingState.IDLE:
             return
         try:
-            if not self._ensureDependencies(None):
+            server = self._remotePanel.server()  # Run on: server estimates there too (no torch or lpips needed here)
+            if server is None and not self._ensureDependencies(None):
                 return
         except Exception as exc:
             self._reportError(exc, _("Slice ranges could not be estimated"))
@@ -1452,7 +1469,8 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.WaitCursor():  # only the inputs are written here (a second or so); the estimate runs apart
                 self._rangeJob = self.logic.startSliceRangeEstimate(p.queryVolume, self._supportsFromParameterNode(),
-                                                                    axis=p.sliceAxis, preset=p.intensityPreset)
+                                                                    server=server, axis=p.sliceAxis,
+                                                                    preset=p.intensityPreset)
         except Exception as exc:
             self._reportError(exc, _("Slice ranges could not be estimated"))
             return
@@ -1724,9 +1742,10 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setupRefine(self) -> None:
         self.refineButton = qt.QPushButton(_("Refine from my edits"))
-        self.refineButton.toolTip = _("Correct slices of the result with Segment Editor, then re-propagate from them: "
-                                      "each changed slice becomes a prompt, the structure is predicted again from it "
-                                      "in both directions. Structures you did not edit stay as they are.")
+        self._refineToolTip = _("Correct slices of the result with Segment Editor, then re-propagate from them: "
+                                "each changed slice becomes a prompt, the structure is predicted again from it "
+                                "in both directions. Structures you did not edit stay as they are.")
+        self.refineButton.toolTip = self._refineToolTip
         self.undoRefineButton = qt.QPushButton(_("Undo refine"))
         self.undoRefineButton.toolTip = _("Put back the segmentation as it was before the last refine.")
         row = qt.QHBoxLayout()
@@ -1742,7 +1761,9 @@ class FewShotSAM2Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         node = self.logic.lastRefinableNode()
         idle = self._processingState == ProcessingState.IDLE
-        self.refineButton.enabled = idle and node is not None
+        refused = self.logic.refineRefusal(node)  # a "keep overlaps" result: the button says why it is off
+        self.refineButton.enabled = idle and node is not None and not refused
+        self.refineButton.toolTip = refused or self._refineToolTip
         self.undoRefineButton.enabled = idle and self.logic.canUndoRefine(node)
 
     def onRefine(self) -> None:

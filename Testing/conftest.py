@@ -1,8 +1,15 @@
 """Test setup: import the core from <repo>/FewShotSAM2 and find the shared read-only data."""
 
+import ast
+import contextlib
+import functools
+import hashlib
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import pytest
@@ -39,6 +46,71 @@ def _missing(reason: str):
         pytest.fail(f"{reason} (CI=true: the data must be there)", pytrace=False)
     pytest.skip(reason)
 
+
+# ---------------------------------------------------------------- the command as a real process; folders left alone
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a `fewshotsam2` subprocess: this one, with this checkout's core first on PYTHONPATH and one
+    torch thread (the tests share the machine's cores); `extra` adds or replaces variables."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2"), "OMP_NUM_THREADS": "1", **extra}
+
+
+def cli_command(*argv: Union[str, os.PathLike]) -> list[str]:
+    """`fewshotsam2 ARGV` with this interpreter (for `subprocess.Popen`; `run_cli` runs it to the end)."""
+    return [sys.executable, "-m", "fewshotsam2.cli", *map(str, argv)]
+
+
+def run_cli(*argv: Union[str, os.PathLike], env: Optional[dict] = None, cwd: Optional[Path] = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `fewshotsam2 ARGV` as a real process to its end (env: `cli_env()` unless given). The result holds
+    `returncode`, `stdout` and `stderr` (text)."""
+    return subprocess.run(cli_command(*argv), capture_output=True, text=True, encoding="utf-8",
+                          env=cli_env() if env is None else env, cwd=cwd, timeout=timeout)
+
+
+def folder_state(folder: Union[str, os.PathLike], times: bool = False) -> dict[str, object]:
+    """Every entry under `folder` (hidden ones too, sub-folders included) -> the SHA-256 of a file's bytes, or
+    "folder"; with `times`, (that, modification time in ns), so that a rewrite with the same bytes, or a file made
+    and removed again inside a sub-folder, counts too. Two equal states: nothing was written, changed, added or
+    removed."""
+    root = Path(folder)
+    state = {}
+    for p in sorted(root.rglob("*")):
+        what = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        state[str(p.relative_to(root))] = (what, p.stat().st_mtime_ns) if times else what
+    return state
+
+
+@contextlib.contextmanager
+def unchanged(*folders: Union[str, os.PathLike], times: bool = False) -> Iterator[None]:
+    """Assert that the block leaves `folders` as they were (`folder_state`). Put `pytest.raises` inside the block:
+    an exception leaving it skips the check."""
+    before = [folder_state(f, times) for f in folders]
+    yield
+    for folder, state in zip(folders, before):
+        after = folder_state(folder, times)
+        changed = sorted(k for k in state.keys() | after.keys() if state.get(k) != after.get(k))
+        assert not changed, f"{folder} changed: {changed[:10]}"
+
+
+@functools.lru_cache(maxsize=8)
+def _lines(source: str) -> list[str]:
+    return source.splitlines()
+
+
+def source_segment(source: str, node: ast.AST) -> str:
+    """`ast.get_source_segment(source, node)` without its character-by-character split of the whole file at every
+    call (2 s for the Widget's 63 methods in FewShotSAM2.py, 30 s on a busy machine). Offsets are UTF-8 bytes."""
+    lines = _lines(source)
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+    head = lines[first].encode()[node.col_offset:].decode()
+    tail = lines[last].encode()[:node.end_col_offset].decode()
+    return "\n".join([head, *lines[first + 1:last], tail])
+
+
+# ---------------------------------------------------------------- shared data
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:

@@ -16,6 +16,7 @@ SLICE_AXES = constants.AXES
 INTENSITY_PRESETS = constants.PRESETS
 LPIPS_NETS = constants.LPIPS_NETS
 IMAGE_SIZES = constants.IMAGE_SIZES
+OVERLAP_RULES = constants.OVERLAP_RULES
 # what the Model section says of each model's weights before they are downloaded: size and licence
 MODEL_NOTES = {name: f"about {card.size_mb} MB; licence: {card.licence.split(';')[0]}"
                for name, card in models.CARDS.items()}
@@ -35,6 +36,7 @@ COMBO_BOXES = {
     "intensityPreset": ("intensityPresetComboBox", INTENSITY_PRESETS),
     "lpipsNet": ("lpipsNetComboBox", LPIPS_NETS),
     "sliceRangeMode": ("sliceRangeModeComboBox", SLICE_RANGE_MODES),
+    "overlap": ("overlapComboBox", OVERLAP_RULES),
 }
 
 

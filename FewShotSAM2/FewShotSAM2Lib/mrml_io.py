@@ -230,10 +230,12 @@ def segmentMaskOnVolume(segmentationNode, segmentId: str, volumeNode) -> np.ndar
     return mask
 
 
-def segmentationFromLabels(labels: np.ndarray, structures, queryVolumeNode, metadata: dict):
+def segmentationFromLabels(labels: np.ndarray, structures, queryVolumeNode, metadata: dict, layers=None):
     """A vtkSegmentation (not in any node) with one binary-labelmap segment per structure, on the query grid.
 
     metadata: structure name -> the support's vtkSegment whose name, colour and terminology are copied.
+    layers: (layers, k, j, i) label layers (an `--overlap allow` result): each structure's voxels are those of its
+    own layer (`structure.layer`) holding its value, so overlapping structures keep every voxel.
     """
     ijkToRAS = vtk.vtkMatrix4x4()
     queryVolumeNode.GetIJKToRASMatrix(ijkToRAS)  # local frame: the output gets the query's parent transform
@@ -246,7 +248,7 @@ def segmentationFromLabels(labels: np.ndarray, structures, queryVolumeNode, meta
         image.SetDimensions(ni, nj, nk)
         image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
         voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)
-        voxels[:] = labels == structure.value
+        voxels[:] = (labels if layers is None else layers[structure.layer]) == structure.value
         image.SetImageToWorldMatrix(ijkToRAS)
         segment = slicer.vtkSegment()
         source = metadata.get(structure.name)
@@ -257,7 +259,8 @@ def segmentationFromLabels(labels: np.ndarray, structures, queryVolumeNode, meta
         segment.SetColor(*[float(c) for c in structure.color])
         segment.AddRepresentation(labelmapName, image)
         segmentation.AddSegment(segment, segmentation.GenerateUniqueSegmentID(structure.name))
-    # The core's labels never overlap: share one labelmap layer between the segments, as Slicer's editor does.
+    # Segments that do not overlap share one labelmap layer, as Slicer's editor does; with forceToSingleLayer off,
+    # overlapping ones (--overlap allow) go to separate layers and keep their voxels (vtkSegmentation.cxx).
     segmentation.CollapseBinaryLabelmaps(False)
     return segmentation
 

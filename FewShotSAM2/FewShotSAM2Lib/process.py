@@ -13,6 +13,7 @@ reads incrementally. No MRML, no Qt, no torch here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ from . import windows_job
 
 QUERY_FILE = "query.nrrd"
 RESULT_FILE = "result.nrrd"
+# --overlap allow: overlapping structures in separate layers, which only a .seg.nrrd holds
+LAYERED_RESULT_FILE = "result.seg.nrrd"
 SCORES_FILE = "scores.csv"
 PROGRESS_FILE = "progress.jsonl"
 STDERR_FILE = "stderr.txt"
@@ -292,6 +295,7 @@ class SegmentationProcess:
         if parent is not None:
             os.makedirs(parent, exist_ok=True)
         self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="FewShotSAM2-", dir=parent))
+        self.resultFile = RESULT_FILE  # where the core writes the label map (`start(layered=True)`: a .seg.nrrd)
         self.python = python or pythonExecutable()
         self.process: Optional[subprocess.Popen] = None
         self.command: list[str] = []
@@ -308,12 +312,14 @@ class SegmentationProcess:
 
     # -------------------------------------------------------------------------- start / stop
 
-    def start(self, arguments: list[str], scores: bool = True) -> "SegmentationProcess":
+    def start(self, arguments: list[str], scores: bool = True, layered: bool = False) -> "SegmentationProcess":
         """Start the core's `segment` command with `arguments` (inputs, options); output files go in the folder.
 
         scores: ask for the per-slice scores (reverse and LPIPS matching have them; propagation has none).
+        layered: the result is a .seg.nrrd whose overlapping structures keep separate layers (`--overlap allow`).
         """
-        command = ["segment", *arguments, "--out", str(self.folder / RESULT_FILE)]
+        self.resultFile = LAYERED_RESULT_FILE if layered else RESULT_FILE
+        command = ["segment", *arguments, "--out", str(self.folder / self.resultFile)]
         if self.server is not None:
             command += self.server.arguments()
         if scores:
@@ -328,7 +334,10 @@ class SegmentationProcess:
 
     def startExtent(self, arguments: list[str]) -> "SegmentationProcess":
         """Start the core's `extent --json` with `arguments` (from `extentArguments`); `readExtent` reads its answer."""
-        return self._launch(["extent", *arguments, "--json"], "slice range")
+        command = ["extent", *arguments, "--json"]
+        if self.server is not None:
+            command += self.server.arguments()  # the estimate runs on the server (the token goes by environment)
+        return self._launch(command, "slice range")
 
     def _launch(self, cliArguments: list[str], what: str) -> "SegmentationProcess":
         """Start `python -m fewshotsam2.cli <cliArguments>` in its own process group, stdout/stderr to files."""
@@ -462,13 +471,20 @@ class SegmentationProcess:
 
     def readResult(self, structures) -> ProcessResult:
         """The finished run's label map and scores; raises InputError / RuntimeError with one line if it failed."""
-        from fewshotsam2.io.volume import read_volume
+        from fewshotsam2.io.volume import read_seg_nrrd, read_volume
 
         self._raiseIfFailed()
         if self.done is None:
             logging.error("FewShotSAM2: the segmentation process ended without its result:\n%s", self.stderr())
             raise RuntimeError(errorFromStderr(self.stderr(), self.returncode))
-        labels = read_volume(self.folder / RESULT_FILE)
+        path = self.folder / self.resultFile
+        if path.name == LAYERED_RESULT_FILE:
+            # every structure from its own layer: overlapping ones keep their voxels (structures by label value)
+            layered = read_seg_nrrd(path)
+            labels, layers = layered.volume, {s.value: s.layer for s in layered.structures}
+            structures = [dataclasses.replace(s, layer=layers.get(s.value, 0)) for s in structures]
+        else:
+            labels = read_volume(path)
         return ProcessResult(
             labels=labels,
             structures=list(structures),

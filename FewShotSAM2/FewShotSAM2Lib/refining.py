@@ -67,6 +67,17 @@ def lastNode(states: dict):
     return None
 
 
+def refusal(states: dict, node) -> str:
+    """Why refine cannot take the run in `node` ('' when it can, or when `node` holds no run: `_state` says that):
+    an overlap 'allow' result, whose overlaps a refine (one label per voxel) would flatten."""
+    state = states.get(node.GetID()) if node is not None else None
+    if state is None or state.prepared.options.get("overlap") != "allow":
+        return ""
+    return (f"Refine: '{nodeName(node)}' keeps overlapping segments (overlap 'allow': Keep overlaps); refine "
+            "corrects one label per voxel: segment again with overlap 'logits' (decided by SAM2's logits) or 'order' "
+            "(first listed wins).")
+
+
 def _state(states: dict, node) -> RefineState:
     if node is None or not node.IsA("vtkMRMLSegmentationNode"):
         raise mrml_io.inputError("Refine: select the output segmentation of a FewShotSAM2 run.")
@@ -108,6 +119,9 @@ def corrections(states: dict, node) -> dict:
     from fewshotsam2.run.refine import changed_slices
 
     state = _state(states, node)
+    refused = refusal(states, node)
+    if refused:  # its label map flattens the overlaps: no honest slice comparison
+        raise mrml_io.inputError(refused)
     current = currentLabels(state, node)
     changed = changed_slices(state.produced, current, [s.value for s in state.prepared.structures], state.sliceAxis)
     return {s.name: changed[s.value] for s in state.prepared.structures if changed[s.value]}
@@ -135,7 +149,7 @@ def startRefine(states: dict, node, python: Optional[str] = None) -> RefineJob:
     from fewshotsam2.io.volume import write_labels
 
     state = _state(states, node)
-    changed = corrections(states, node)
+    changed = corrections(states, node)  # refuses an overlap 'allow' result
     if not changed:
         raise mrml_io.inputError(f"Refine: no slice of '{nodeName(node)}' was changed since the run; correct some "
                                  "slices (Segment Editor) first.")

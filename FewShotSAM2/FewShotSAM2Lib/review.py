@@ -80,11 +80,14 @@ def markLowConfidenceSlices(result, lowConfidence, queryVolumeNode, sliceAxis: i
         markupsNode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(name))
         markupsNode.CreateDefaultDisplayNodes()
     markupsNode.RemoveAllControlPoints()
-    values = {s.name: s.value for s in result.structures}
+    structures = {s.name: s for s in result.structures}
     labels = np.asarray(result.labels.array)
+    layers = getattr(result.labels, "layers", None)  # a "keep overlaps" result: each structure in its own layer
     toWorld = ijkToWorldMatrix(queryVolumeNode)
     for structureName, sliceIndex, score in lowConfidence:
-        plane = np.take(labels, int(sliceIndex), axis=int(sliceAxis)) == values.get(structureName, -1)
+        s = structures.get(structureName)
+        source = labels if layers is None or s is None else layers[s.layer]  # `array` flattens the overlaps
+        plane = np.take(source, int(sliceIndex), axis=int(sliceAxis)) == (-1 if s is None else s.value)
         other = [a for a in range(3) if a != int(sliceAxis)]  # the two array axes left in `plane`, in order
         index = [0.0, 0.0, 0.0]  # array index [k, j, i]
         index[int(sliceAxis)] = float(sliceIndex)

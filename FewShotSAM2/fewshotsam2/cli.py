@@ -18,7 +18,8 @@ from typing import Callable, Iterator, Optional, Sequence
 from fewshotsam2 import __version__
 from fewshotsam2 import settings
 from fewshotsam2.environment import check_environment
-from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.errors import Cancelled, InputError, out_of_memory_as_input_error
+from fewshotsam2.io.paths import dash_path_hint
 from fewshotsam2.supports.label_selection import SYNTAX_HELP as _LABELS_HELP
 from fewshotsam2.options import OptionError
 from fewshotsam2.run.progress import run_output
@@ -28,7 +29,8 @@ from fewshotsam2.settings import flag  # noqa: F401  (public: flag names)
 
 # command -> (module exposing add_arguments(parser) and run(args) -> int, one-line help, example invocations).
 # A command's module is imported only when that command runs or its --help is asked: `fewshotsam2 --help` and
-# every `COMMAND --help` answer at once, with no torch import.
+# every `COMMAND --help` answer at once, with no torch import. For the same reason `segment` imports the Segmenter
+# (torch), the server client and refine's feature-cache helpers inside the functions that use them.
 _DEMO = "$(fewshotsam2 sample-data | tail -n 1)"  # the sample data folder, fetched on first use
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "segment": (
@@ -74,13 +76,16 @@ then, on a client: fewshotsam2 segment --server http://127.0.0.1:8000 --token-fi
 def add_segment_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Segment the structures chosen with --labels in the query volume, prompting SAM2 with "
                      "labeled slices of the support volume(s). Writes one multi-label map on the query's grid.")
-    p.add_argument("--query", required=True, metavar="Q",
+    # `--server URL --attach JOB --out F` fetches a job submitted earlier: its inputs are on the server already
+    argv = sys.argv[1:] if _Parser.argv is None else _Parser.argv
+    inputs_needed = not any(a == "--attach" or a.startswith("--attach=") for a in argv)
+    p.add_argument("--query", required=inputs_needed, metavar="Q",
                    help="the volume to segment: NIfTI/NRRD/MHA file or DICOM series folder (FOLDER#N or "
                         "FOLDER#SERIES_UID picks one series of a folder holding several)")
-    p.add_argument("--support", required=True, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
+    p.add_argument("--support", required=inputs_needed, nargs=2, action="append", metavar=("IMAGE", "LABELS"),
                    help="a labeled support: image (file or DICOM folder) and its labels (label map or .seg.nrrd, "
                         "aligned to the image by physical geometry); repeat for several supports")
-    p.add_argument("--labels", required=True, metavar="L1,L2",
+    p.add_argument("--labels", required=inputs_needed, metavar="L1,L2",
                    help="structures to segment: " + _LABELS_HELP.replace("%", "%%")
                         + "; a digit-only name that is also another segment's value is refused as ambiguous")
     p.add_argument("--out", required=True, metavar="OUT",
@@ -102,15 +107,21 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
                    "the same outputs and exit codes; inputs are uploaded, the outputs downloaded")
     s.add_argument("--token-file", metavar="F", help="with --server: the file holding this client's token "
                    "(else $FEWSHOTSAM2_SERVER_TOKEN)")
+    s.add_argument("--attach", metavar="JOB", help="with --server: follow and fetch the job JOB that this token "
+                   "submitted before (its id is printed at submission, and is the `submitted` event of --progress "
+                   "json), e.g. after the client that submitted it was killed; give --out (and --scores if the job "
+                   "has them), not --query/--support/--labels")
 
 
 def run_segment(args: argparse.Namespace) -> int:
     """`segment`: the Segmenter on the given files; the result summary on stdout (or as the JSON `done` line).
     With --server the same job runs on a `fewshotsam2 serve` server (serve/client.py)."""
+    if getattr(args, "attach", None) and not getattr(args, "server", None):
+        raise InputError("--attach needs --server (the server that runs the job)")
     if getattr(args, "server", None):
-        from fewshotsam2.serve.client import run_remote
+        from fewshotsam2.serve.client import attach_remote, run_remote
 
-        return run_remote(args)
+        return attach_remote(args) if args.attach else run_remote(args)
     from fewshotsam2.run.segmenter import Segmenter
 
     from fewshotsam2.commands.refine_command import CachedEngineFactory, feature_cache_of
@@ -126,7 +137,7 @@ def run_segment(args: argparse.Namespace) -> int:
                                              scores=args.scores, progress=progress)
         finally:
             with_cache.restore()
-        voxels = {s.name: int((result.labels.array == s.value).sum()) for s in result.structures}
+        voxels = result.voxels()
         if events is not None:
             events.done(out=str(args.out), device=str(getattr(segmenter.engine, "device", "")),
                         seconds=result.timings["total"], slice_axis=int(result.slice_axis),
@@ -156,8 +167,6 @@ class _Parser(argparse.ArgumentParser):
     argv: Optional[Sequence[str]] = None
 
     def error(self, message: str):  # type: ignore[override]
-        from fewshotsam2.io.paths import dash_path_hint
-
         super().error(message + dash_path_hint(sys.argv[1:] if _Parser.argv is None else _Parser.argv))
 
 
@@ -245,8 +254,6 @@ def main(argv: Optional[Sequence[str]] = None, engine_factory: Optional[Callable
 def _dispatch(args: argparse.Namespace) -> int:
     check_environment()  # every environment variable the tool reads, before any work
     if args.command != "segment" and all(hasattr(args, k) for k in ("image_size", "batch_size", "device")):
-        from fewshotsam2.errors import out_of_memory_as_input_error
-
         # the other commands that run SAM2 (evaluate, bench, ...) keep what they wrote so far
         with out_of_memory_as_input_error(args, written=""):
             return args.func(args)

@@ -22,8 +22,10 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 PRESETS: tuple[str, ...] = ("auto",) + tuple(CT_WINDOWS) + ("percentile", "minmax")
 LPIPS_NETS: tuple[str, ...] = ("alex", "vgg", "squeeze")
-# who keeps a voxel two structures claim (non_overlap.py): the higher SAM2 logit, or the structure listed first
-OVERLAP_RULES: tuple[str, ...] = ("logits", "order")
+# who keeps a voxel two structures claim (non_overlap.py): the higher SAM2 logit, the structure listed first, or
+# both ("allow": each structure in its own .seg.nrrd layer where they overlap; only a layered format holds that)
+OVERLAP_RULES: tuple[str, ...] = ("logits", "order", "allow")
+LAYERED_OUTPUT = ".seg.nrrd"  # the one output format that keeps overlapping structures (`--overlap allow`)
 
 # SAM2 input size in pixels. SAM2 was trained at 1024: larger inputs are outside what it has seen (its position
 # embeddings are interpolated), and memory attention costs grow with the square of the token count
@@ -72,8 +74,9 @@ DISPLAY_NAMES: dict[str, str] = {
     "vgg": "VGG16",
     "squeeze": "SqueezeNet",
     # overlap rules
-    "logits": "Higher SAM2 logit",
-    "order": "First listed",
+    "logits": "Decided by SAM2's logits (default)",
+    "order": "First listed wins",
+    "allow": "Keep overlaps (separate layers)",
 }
 
 

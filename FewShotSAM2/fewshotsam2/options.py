@@ -19,7 +19,9 @@ from typing import Any, ClassVar, Optional, Union
 
 from fewshotsam2 import constants as C
 from fewshotsam2.errors import InputError
+from fewshotsam2.model.models import CARDS, default_image_size, normalise_model_name, parse_config
 from fewshotsam2.settings import SETTINGS, defaults, method_fields
+from fewshotsam2.slicing.slice_range import parse_slice_ranges
 
 _D = defaults()  # the settings table's defaults, by flat name
 
@@ -153,7 +155,9 @@ class SegmentOptions:
     feature_storage: the engine's image-feature cache: "auto", "float32" or "bfloat16" (`SAM2Engine.
         set_feature_storage`).
     overlap: who keeps a voxel two structures claim: "logits" (the structure with the higher SAM2 logit, as
-        sam2's video predictor with non_overlap_masks=True) or "order" (the one listed first). `non_overlap.py`.
+        sam2's video predictor with non_overlap_masks=True), "order" (the one listed first) or "allow" (both:
+        each structure keeps its whole mask, overlapping ones in separate layers; only a .seg.nrrd holds that,
+        `check_overlap_output`). `non_overlap.py`.
     """
 
     method: str = _D["method"]
@@ -181,8 +185,6 @@ class SegmentOptions:
                                                 "config", "untrained", "cache_dir", "batch_size")
 
     def __post_init__(self) -> None:
-        from fewshotsam2.model.checkpoints import normalise_model_name
-
         method = _choice("method", self.method, C.METHODS)
         _set(self, "method", method)
         try:
@@ -191,8 +193,6 @@ class SegmentOptions:
             raise OptionError("model", f"must be one of {', '.join(C.MODELS)}, got {self.model!r}") from None
         _set(self, "version", _choice("version", self.version, C.VERSIONS))
         _set(self, "config", None if self.config in (None, "") else str(self.config))
-        from fewshotsam2.model.models import CARDS, parse_config
-
         if self.version not in CARDS[self.model].versions:  # MedSAM2 is SAM2.1 only
             raise OptionError("version", f"must be {' or '.join(CARDS[self.model].versions)} for model "
                                          f"{self.model}, got {self.version!r}")
@@ -204,8 +204,6 @@ class SegmentOptions:
             if not self.untrained and self.checkpoint in (None, ""):
                 raise OptionError("config", "builds a fine-tune from its own weights: give them as a checkpoint file")
         if self.image_size in (None, ""):  # the model's own input size
-            from fewshotsam2.model.models import default_image_size
-
             try:
                 _set(self, "image_size", default_image_size(self.model, self.config))
             except InputError as exc:
@@ -225,8 +223,6 @@ class SegmentOptions:
         _set(self, "axis", _choice("axis", self.axis, C.AXES))
         _set(self, "preset", _choice("preset", self.preset, C.PRESETS))
         _set(self, "shots", _int("shots", self.shots, minimum=1))
-        from fewshotsam2.slicing.slice_range import parse_slice_ranges
-
         try:
             parse_slice_ranges(self.slice_range)
         except InputError as exc:  # the grammar's own words say what is wrong
@@ -296,3 +292,12 @@ def options_from_args(args: "argparse.Namespace", method: Optional[str] = None) 
     if flat.get("lpips_weights"):  # the slice-range estimate uses the same AlexNet, whatever the method
         flat["extent_weights"] = flat["lpips_weights"]
     return SegmentOptions.from_flat(**flat)
+
+
+def check_overlap_output(overlap: str, out: Optional[str], where: str = "--out") -> None:
+    """`--overlap allow` keeps overlapping structures in separate layers, which only a .seg.nrrd output holds:
+    any other output format is refused before any work (rather than flattening the overlaps silently)."""
+    if overlap == "allow" and out is not None and not str(out).lower().endswith(C.LAYERED_OUTPUT):
+        raise OptionError("overlap", f"allow keeps overlapping structures in separate layers, which only a "
+                                     f"{C.LAYERED_OUTPUT} output holds; {where} {out} is not one (write "
+                                     f"{C.LAYERED_OUTPUT}, or choose --overlap logits or order)")

@@ -6,6 +6,8 @@ Event lines (one JSON object per line on stdout, flushed at once):
     {"event": "progress", "stage": str, "done": int, "total": int}
     {"event": "warning", "message": str}
     {"event": "done", ...}   the run's summary (device, seconds, encoder_calls, slice_axis, voxels, slice_ranges, range_reports)
+    {"event": "submitted", "job": str, "server": str}   `segment --server` only: the job's id on the server, to
+                             fetch it from another process with `--attach` if this one stops
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ EXIT_BAD_INPUT = 2  # one line on stderr, nothing written
 EXIT_CANCELLED = 130  # Ctrl-C, a cancel, or the parent is gone
 ERROR_PREFIX = "fewshotsam2: error:"  # the one line of a bad-input exit starts with this
 
-PROGRESS, WARNING, DONE = "progress", "warning", "done"
-EVENTS = (PROGRESS, WARNING, DONE)
+PROGRESS, WARNING, DONE, SUBMITTED = "progress", "warning", "done", "submitted"
+EVENTS = (PROGRESS, WARNING, DONE, SUBMITTED)
 
 # the pid of the program that started the run: the run stops when it is gone (see `check_parent_alive`)
 PARENT_PID_ENV = "FEWSHOTSAM2_PARENT_PID"

@@ -132,7 +132,8 @@ SETTINGS: tuple[Setting, ...] = (
             "evenly spaced labeled slices (default 1)", "slices", metavar="K", gui="shots", gui_range=(1, 50)),
     Setting("overlap", str, "logits", "who keeps a voxel two structures claim: logits (default) = the structure "
             "with the higher SAM2 logit there, as sam2's video predictor with several objects; order = the one "
-            "listed first in --labels", "slices", C.OVERLAP_RULES),
+            "listed first in --labels; allow = both keep it (overlapping structures in separate layers: a .seg.nrrd "
+            "output only)", "slices", C.OVERLAP_RULES, gui="overlap"),
     # ---- reverse propagation
     Setting("top_k", int, 5, "query slices kept as conditional slices, best reverse score first (default 5)",
             "reverse", metavar="K", gui="topK", gui_range=(1, 100), method="reverse"),

@@ -112,6 +112,77 @@ def test_propagate_continued_below_equals_sam2_video_predictor(engine, stacks, m
     assert cmp.frames == first - seg_first
 
 
+def test_propagate_one_pass_of_two_structures_continues_past_both_ends(engine, stacks, monkeypatch):  # noqa: F811
+    """Two structures in propagate's one pass (`run_many`, batched over structures) on the same range: each result
+    leaves both range-end edges as `run` does, and continuing each past an end the structure touches equals sam2's
+    predictor on that structure's video extended by the slices beyond (one video per object: its own support)."""
+    import torch
+
+    from fewshotsam2.backends.base import StructureJob
+
+    qstack, sstack, mask = stacks
+    first, last = 2, 17  # 16 slices (see the module's docstring), both ends inside the 20-slice volume
+    engine.reset()
+    keys = [("query", i) for i in range(len(qstack))]
+    engine.add_stack(keys, qstack)
+    picks = select_support_slices(mask.astype(np.uint8) * LIVER, LIVER, 3)
+    jobs, supports = [], []
+    for value, idx in ((LIVER, picks[0]), (LIVER + 100, picks[2])):  # two support slices: two different objects
+        key = ("support", 0, idx)
+        engine.add_frames({key: sstack[idx]})
+        support = SupportSlice(key, mask[idx].copy(), 0, idx, sstack[idx], idx, (3.0, 3.0))
+        supports.append(support)
+        context = QueryContext(keys[first : last + 1], qstack[first : last + 1], (0.78, 0.78))
+        jobs.append(StructureJob(value, f"s{value}", [support], context, first))
+    memorized, calls = [], []
+    memorize, predict = engine.memorize, engine.predict
+
+    def recorded_memorize(keys_, masks):
+        memory = memorize(keys_, masks)
+        memorized.append(memory)
+        return memory
+
+    def recorded_predict(keys_, frame_idx, cond, recent=None, num_frames=None, reverse=False):
+        pred = predict(keys_, frame_idx, cond, recent=recent, num_frames=num_frames, reverse=reverse)
+        for b, key in enumerate(keys_):
+            (owner,) = [n for n, m in enumerate(memorized)
+                        if torch.equal(cond[min(cond)].maskmem_features[b], m.maskmem_features[0])]
+            calls.append((owner, key, pred.memory.pred_masks[b : b + 1].clone()))
+        return pred
+
+    monkeypatch.setattr(engine, "memorize", recorded_memorize)
+    monkeypatch.setattr(engine, "predict", recorded_predict)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        done = list(PropagateBackend().run_many(engine, jobs, PropagateOptions(), lambda *a: None,
+                                                StageClock(engine, {})))
+    assert all(sum(c[1] == k for c in calls) == 2 for k in keys[first : last + 1])  # each slice: both structures
+    continued = 0
+    for n, (job, result) in enumerate(done):
+        assert set(result.edges) == {"above", "below"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            seg_first, seg_last, masks, ends = extend_past_range_ends(engine, result, keys, qstack, first, last, True,
+                                                                      job.name, lambda i: i, lambda *a: None)
+        continued += sum(e.continued for e in ends)
+        support = supports[n]
+        mine = [(key, logits) for owner, key, logits in calls if owner == n]
+        assert len(mine) == seg_last - seg_first + 1  # every slice of the range, and those continued
+        above = sam2_video(engine, [support.key] + keys[first:], {0: support.mask})
+        outward = keys[first - 1 :: -1]
+        below = sam2_video(engine, [support.key] + outward, {0: support.mask}) if seg_first < first else {}
+        worst = 0.0
+        for key, logits in mine:
+            i = key[1]
+            frame = above[1 + i - first] if i >= first else below[1 + outward.index(key)]
+            worst = max(worst, float((logits - frame.filled).abs().max()))
+            assert np.array_equal(masks[i - seg_first], frame.mask) or np.all(
+                np.abs(frame.mask_logits[masks[i - seg_first] != frame.mask]) <= 1e-5)
+        print(f"CONTINUED seed={engine.seed} {job.name}: segmented {seg_first}-{seg_last} max|dlogit|={worst:.3g}")
+        assert worst <= 1e-5
+    assert continued > 0, "no structure touched a range end: the continuation was not exercised"
+
+
 def test_reverse_continued_both_ways_equals_sam2_video_predictor(engine, stacks, monkeypatch):  # noqa: F811
     first, last, top_k = 2, 17, 2
     recorder = Recorder(engine, monkeypatch)

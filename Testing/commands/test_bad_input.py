@@ -8,7 +8,6 @@ The bad files are made from the shared data in tmp folders. Most cases are refus
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import crop_slices
+from conftest import cli_command, cli_env, crop_slices, folder_state, run_cli, unchanged
 from fewshotsam2 import cli
 from fewshotsam2.run import pipeline
 from fewshotsam2.io.volume import read_labels, read_volume
@@ -43,12 +42,6 @@ def data(tmp_path_factory, shared_dir):
             "labels": str(d / "support_labels.nii.gz"), "image": image, "label_map": labels}
 
 
-def digest(folder: Path) -> dict:
-    """Every file under `folder` (hidden ones too) -> SHA-256 of its bytes."""
-    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(Path(folder).rglob("*")) if f.is_file()}
-
-
 @pytest.fixture
 def no_engine(monkeypatch):
     """Record (and refuse) building SAM2: bad input must be refused before the model is built."""
@@ -62,7 +55,7 @@ def no_engine(monkeypatch):
     return built
 
 
-def run_cli(argv, capsys, monkeypatch) -> tuple[int, str, str]:
+def main_in_process(argv, capsys, monkeypatch) -> tuple[int, str, str]:
     """cli.main in-process, warnings shown on stderr as the real command shows them."""
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() replaces it; restore after
     with warnings.catch_warnings():
@@ -91,11 +84,9 @@ def assert_refused(rc: int, err: str, first_words: str) -> str:
 
 def refused(argv, capsys, monkeypatch, first_words, folders) -> str:
     """Run `argv`; assert it is refused with `first_words` and that no file in `folders` changed."""
-    before = [digest(f) for f in folders]
-    rc, out, err = run_cli(argv, capsys, monkeypatch)
-    line = assert_refused(rc, err, first_words)
-    assert [digest(f) for f in folders] == before, "an input or output folder changed"
-    return line
+    with unchanged(*folders):
+        rc, out, err = main_in_process(argv, capsys, monkeypatch)
+    return assert_refused(rc, err, first_words)
 
 
 # ------------------------------------------------------------------------------- outputs that are inputs
@@ -379,11 +370,11 @@ def test_4d_file_with_one_time_point_is_read_with_a_warning(data, bad, tmp_path,
     out.mkdir()
     argv = segment_argv(bad["one_time_point.nii.gz"], data["support"], data["labels"], str(out / "o.nii.gz"))
     argv[argv.index("--labels") + 1] = "250"  # stop after reading: the query was accepted, with a warning
-    before = digest(bad["dir"])
-    rc, _, err = run_cli(argv, capsys, monkeypatch)
+    before = folder_state(bad["dir"])
+    rc, _, err = main_in_process(argv, capsys, monkeypatch)
     assert_refused(rc, err, "label '250' is absent")
     assert "warning: one_time_point.nii.gz: a 4D file with one time point; read as the 3D volume it holds" in err
-    assert digest(bad["dir"]) == before and list(out.iterdir()) == []
+    assert folder_state(bad["dir"]) == before and list(out.iterdir()) == []
 
 
 def test_checkpoint_cache_that_is_a_file_is_refused(data, bad, tmp_path, capsys, monkeypatch, no_engine):
@@ -416,7 +407,7 @@ def test_dicom_folder_with_two_series_can_be_chosen(shared_dir, tmp_path, capsys
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"extra{z}.dcm"))
         writer.Execute(sl)
-    before = digest(folder)
+    before = folder_state(folder)
     with pytest.warns(UserWarning) as record:
         assert read_volume(folder).shape == (20, 512, 512)  # the largest, with a warning saying how to choose
     message = str(record[0].message)
@@ -429,7 +420,7 @@ def test_dicom_folder_with_two_series_can_be_chosen(shared_dir, tmp_path, capsys
     out.mkdir()
     refused(segment_argv(f"{folder}#1.2.3", data["support"], data["labels"], str(out / "o.nii.gz")),
             capsys, monkeypatch, f"{folder}: no DICOM series 1.2.3 here; series found: ", [out, folder])
-    assert digest(folder) == before and no_engine == []
+    assert folder_state(folder) == before and no_engine == []
 
 
 def test_label_values_above_65535_are_kept_exact(data, tmp_path):
@@ -492,13 +483,13 @@ def test_nested_seg_nrrd_segments_utf8_and_comma_names_through_the_command(data,
 
     out = tmp_path / "out"
     out.mkdir()
-    before = digest(folder)
+    before = folder_state(folder)
     argv = segment_argv(data["query"], data["support"], str(path), str(out / "r.seg.nrrd"))
     argv[argv.index("--labels") + 1] = '"core, enhancing",tumour=Läsion ü 病变'
-    rc, stdout, err = run_cli(argv, capsys, monkeypatch)
+    rc, stdout, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 0, err
     assert "warning: nested.seg.nrrd: segments 'tumour' and 'core, enhancing' both have label value 1" in err
-    assert digest(folder) == before
+    assert folder_state(folder) == before
     assert sorted(p.name for p in out.iterdir()) == ["r.seg.nrrd"]
     written = slicerio.read_segmentation(str(out / "r.seg.nrrd"), skip_voxels=True)
     from fewshotsam2.io.volume import _seg_nrrd_names
@@ -520,12 +511,12 @@ def test_support_cut_in_the_querys_plane_with_a_warning(data, tmp_path, capsys, 
     out.mkdir()
     argv = segment_argv(data["query"], str(folder / "support.nii.gz"), str(folder / "support_labels.nii.gz"),
                         str(out / "o.NII.GZ"))
-    before = digest(folder)
-    rc, stdout, err = run_cli(argv, capsys, monkeypatch)
+    before = folder_state(folder)
+    rc, stdout, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 0, err
     assert ("warning: support_labels.nii.gz was acquired coronal, the query axial: the support is cut in the "
             "query's axial plane too") in err
-    assert digest(folder) == before
+    assert folder_state(folder) == before
     assert sorted(p.name for p in out.iterdir()) == ["o.NII.GZ"]  # an upper-case extension is written too
     assert read_volume(out / "o.NII.GZ").shape == read_volume(data["query"]).shape
 
@@ -550,7 +541,7 @@ def test_tiny_support_structure_is_warned(data, tmp_path, capsys, monkeypatch, r
     out.mkdir()
     argv = segment_argv(data["query"], data["support"], str(folder / "tiny.nii.gz"), str(out / "o.nii.gz"),
                         "--shots", str(shots))
-    rc, _, err = run_cli(argv, capsys, monkeypatch)
+    rc, _, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 0, err
     assert err.count(f"warning: {warning}") == 1, err
     # one word about the small support, not two (the support selector's and ours)
@@ -562,8 +553,6 @@ def test_out_of_memory_is_one_message_and_writes_nothing(data, tmp_path):
     """A real allocation failure: the run is capped (RLIMIT_AS) to 1 GB above what the loaded libraries take,
     and SAM2 at 1024 px needs more to encode a batch of slices."""
     import subprocess
-
-    from conftest import REPO
 
     out = tmp_path / "out"
     out.mkdir()
@@ -582,14 +571,14 @@ def test_out_of_memory_is_one_message_and_writes_nothing(data, tmp_path):
     argv = segment_argv(data["query"], data["support"], data["labels"], str(out / "o.nii.gz"), "--scores",
                         str(out / "s.csv"))
     argv[argv.index("--image-size") + 1] = "1024"
-    before = digest(data["dir"])
-    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
+    before = folder_state(data["dir"])
+    proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, encoding="utf-8",
+                          env=cli_env(), timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith(ERROR + "out of memory (--image-size 1024"), lines
     assert "--slice-range" in lines[0] and "nothing was written" in lines[0]
-    assert list(out.iterdir()) == [] and digest(data["dir"]) == before
+    assert list(out.iterdir()) == [] and folder_state(data["dir"]) == before
 
 
 @pytest.mark.slow
@@ -597,16 +586,12 @@ def test_sigterm_during_a_run_is_handled_like_ctrl_c(data, tmp_path):
     import signal
     import subprocess
 
-    from conftest import REPO
-
     out = tmp_path / "out"
     out.mkdir()
     argv = [a for a in segment_argv(data["query"], data["support"], data["labels"], str(out / "o.nii.gz"))
             if a != "--quiet"]
     argv[argv.index("--image-size") + 1] = "256"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fewshotsam2.cli", *argv], stderr=subprocess.PIPE, text=True, encoding="utf-8",
-                            env=env)
+    proc = subprocess.Popen(cli_command(*argv), stderr=subprocess.PIPE, text=True, encoding="utf-8", env=cli_env())
     seen = ""
     while "prediction" not in seen:  # the progress bar: SAM2 is built and working
         chunk = proc.stderr.read(1)
@@ -668,22 +653,15 @@ def test_sigterm_while_writing_leaves_no_temporary_file(data, tmp_path):
 ])
 def test_bad_query_is_one_line_as_a_process(data, bad, tmp_path, query, first_words):
     """As a process, so what C++ readers print on the stderr descriptor counts too."""
-    import subprocess
-
-    from conftest import REPO
-
     out = tmp_path / "out"
     out.mkdir()
-    before = digest(bad["dir"])
+    before = folder_state(bad["dir"])
     query = bad.get(query) or (str(data["dir"]) if query == "DATA" else query)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "fewshotsam2.cli",
-                           *segment_argv(query, data["support"], data["labels"], str(out / "o.nii.gz"))],
-                          capture_output=True, text=True, encoding="utf-8", env=env, timeout=120)
+    proc = run_cli(*segment_argv(query, data["support"], data["labels"], str(out / "o.nii.gz")), timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(ERROR + first_words.replace("DATA", str(data["dir"])))
-    assert digest(bad["dir"]) == before and list(out.iterdir()) == []
+    assert folder_state(bad["dir"]) == before and list(out.iterdir()) == []
 
 
 def test_a_long_but_legal_output_name_is_written(data, tmp_path):

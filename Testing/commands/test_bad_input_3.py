@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from test_bad_input import (ERROR, assert_refused, data, digest, no_engine, real_engine, refused,  # noqa: F401
-                             run_cli, segment_argv)
+from test_bad_input import (ERROR, assert_refused, data, no_engine, real_engine, refused,  # noqa: F401
+                             main_in_process, segment_argv)
 from conftest import _missing as missing  # skipped off CI, a failure under CI=true
+from conftest import folder_state
 from fewshotsam2.io import volume
 from fewshotsam2.io.volume import read_volume
 
@@ -67,15 +68,15 @@ def _left(folder: Path, keep=("filler",)) -> list[str]:
 
 @pytest.mark.parametrize("ext", FORMATS)
 def test_full_tmpfs_gives_exit_2_and_no_file(data, full_disk, tmp_path, capsys, monkeypatch, real_engine, ext):
-    before = digest(data["dir"])
+    before = folder_state(data["dir"])
     out = full_disk / f"x{ext}"
-    rc, out_text, err = run_cli(segment_argv(data["query"], data["support"], data["labels"], out), capsys,
+    rc, out_text, err = main_in_process(segment_argv(data["query"], data["support"], data["labels"], out), capsys,
                                 monkeypatch)
     assert rc == 2, err
     assert err.splitlines()[-1].startswith(f"{ERROR}{out}: cannot write (no space left on the device"), err
     assert "wrote" not in out_text
     assert _left(full_disk) == []
-    assert digest(data["dir"]) == before
+    assert folder_state(data["dir"]) == before
 
 
 @pytest.mark.parametrize("ext", (".nrrd", ".nii", ".nii.gz"))
@@ -94,14 +95,14 @@ def test_writer_that_silently_truncates_is_caught(data, tmp_path, capsys, monkey
     out = tmp_path / "out" / f"x{ext}"
     out.parent.mkdir()
     out.write_bytes(b"an older result")
-    before = digest(data["dir"])
-    rc, out_text, err = run_cli(segment_argv(data["query"], data["support"], data["labels"], out), capsys,
+    before = folder_state(data["dir"])
+    rc, out_text, err = main_in_process(segment_argv(data["query"], data["support"], data["labels"], out), capsys,
                                 monkeypatch)
     assert rc == 2, err
     assert err.splitlines()[-1].startswith(f"{ERROR}{out}: cannot write ("), err
     assert out.read_bytes() == b"an older result"
     assert _left(out.parent, keep=("x" + ext,)) == []
-    assert digest(data["dir"]) == before
+    assert folder_state(data["dir"]) == before
 
 
 def test_scores_on_a_full_disk_keep_neither_output(data, tmp_path, capsys, monkeypatch, real_engine):
@@ -133,7 +134,7 @@ def test_scores_on_a_full_disk_keep_neither_output(data, tmp_path, capsys, monke
     monkeypatch.setattr("builtins.open", enospc_open)
     out, scores = tmp_path / "o" / "x.nii.gz", tmp_path / "o" / "s.csv"
     out.parent.mkdir()
-    rc, _, err = run_cli(segment_argv(data["query"], data["support"], data["labels"], out, "--scores", scores),
+    rc, _, err = main_in_process(segment_argv(data["query"], data["support"], data["labels"], out, "--scores", scores),
                          capsys, monkeypatch)
     assert rc == 2, err
     assert err.splitlines()[-1].startswith(f"{ERROR}{scores}: cannot write (no space left on the device"), err
@@ -146,7 +147,7 @@ def test_out_symlink_is_written_through_to_its_target(data, tmp_path, capsys, mo
     target.write_bytes(b"stale")
     link = tmp_path / "link.nii.gz"
     link.symlink_to(target)
-    rc, _, err = run_cli(segment_argv(data["query"], data["support"], data["labels"], link), capsys, monkeypatch)
+    rc, _, err = main_in_process(segment_argv(data["query"], data["support"], data["labels"], link), capsys, monkeypatch)
     assert rc == 0, err
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert sitk.ReadImage(str(target)).GetSize() == sitk.ReadImage(data["query"]).GetSize()
@@ -179,12 +180,12 @@ def test_batch_resumes_only_what_it_completed(data, tmp_path, capsys, monkeypatc
     out = tmp_path / "out"
     manifest = _manifest(tmp_path, data, ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
     argv = ["batch", "--manifest", manifest, "--out-dir", out, *BATCH_MODEL]
-    rc, _, err = run_cli(argv, capsys, monkeypatch)
+    rc, _, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 0, err
     full = (out / "a.nii.gz").read_bytes()
     (out / "a.nii.gz").write_bytes(full[:len(full) // 2])  # cut
     sitk.WriteImage(sitk.Image([10, 10, 3], sitk.sitkUInt8), str(out / "b.nii.gz"))  # foreign
-    rc, stdout, err = run_cli(argv, capsys, monkeypatch)
+    rc, stdout, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 0, err
     assert [r["status"] for r in read_summary(str(out / SUMMARY_NAME))] == ["ok", "ok", "skipped"]
     assert f"fewshotsam2: {manifest.name} row 2: {out / 'a.nii.gz'} changed since this tool wrote it" in err
@@ -193,21 +194,21 @@ def test_batch_resumes_only_what_it_completed(data, tmp_path, capsys, monkeypatc
     assert sitk.ReadImage(str(out / "b.nii.gz")).GetSize() == sitk.ReadImage(data["query"]).GetSize()
     # no record at all (an older version's output, or a file put there): redone, said so
     record_path(out / "c.nii.gz").unlink()
-    rc, _, err = run_cli(argv, capsys, monkeypatch)
+    rc, _, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 0 and "c.nii.gz exists but was not completed by this tool (no record)" in err, err
     # other options that change the result: redone
-    rc, _, err = run_cli(argv + ["--shots", "2"], capsys, monkeypatch)
+    rc, _, err = main_in_process(argv + ["--shots", "2"], capsys, monkeypatch)
     assert rc == 0 and err.count("was made from other inputs or options") == 3, err
     assert [r["status"] for r in read_summary(str(out / SUMMARY_NAME))] == ["ok"] * 3
 
 
 def test_batch_summary_never_replaces_the_manifest(data, tmp_path, capsys, monkeypatch, no_engine):
     manifest = _manifest(tmp_path / "cohort", data, ["a.nii.gz"], name=SUMMARY_NAME)
-    before = digest(tmp_path)
-    rc, _, err = run_cli(["batch", "--manifest", manifest, *BATCH_MODEL], capsys, monkeypatch)
+    before = folder_state(tmp_path)
+    rc, _, err = main_in_process(["batch", "--manifest", manifest, *BATCH_MODEL], capsys, monkeypatch)
     assert rc == 2
     assert err.startswith(f"{ERROR}the batch summary {manifest} would replace the input {manifest}"), err
-    assert digest(tmp_path) == before
+    assert folder_state(tmp_path) == before
 
 
 def test_batch_summary_goes_only_where_the_user_named(data, tmp_path, capsys, monkeypatch, no_engine):
@@ -215,12 +216,12 @@ def test_batch_summary_goes_only_where_the_user_named(data, tmp_path, capsys, mo
     file system root); the summary needs --out-dir."""
     a, b = tmp_path / "disk1" / "segs", tmp_path / "disk2" / "segs"
     manifest = _manifest(tmp_path / "cohort", data, [a / "x.nii.gz", b / "y.nii.gz"])
-    before = digest(tmp_path)
-    rc, _, err = run_cli(["batch", "--manifest", manifest, *BATCH_MODEL], capsys, monkeypatch)
+    before = folder_state(tmp_path)
+    rc, _, err = main_in_process(["batch", "--manifest", manifest, *BATCH_MODEL], capsys, monkeypatch)
     assert rc == 2
     assert err.startswith(f"{ERROR}the outputs lie in different folders"), err
     assert "give --out-dir DIR for the batch summary" in err
-    assert digest(tmp_path) == before and not (tmp_path / SUMMARY_NAME).exists()
+    assert folder_state(tmp_path) == before and not (tmp_path / SUMMARY_NAME).exists()
 
 
 def test_batch_outputs_are_not_a_manifest(data, tmp_path, capsys, monkeypatch, no_engine):
@@ -228,11 +229,11 @@ def test_batch_outputs_are_not_a_manifest(data, tmp_path, capsys, monkeypatch, n
     manifest = _manifest(tmp_path, data, ["cohort.csv"])
     manifest.write_text(manifest.read_text().replace("cohort.csv", "cohort.nrrd"))
     manifest = manifest.rename(tmp_path / "cohort.nrrd")  # a manifest may have any name
-    before = digest(tmp_path)
-    rc, _, err = run_cli(["batch", "--manifest", manifest, "--out-dir", tmp_path, *BATCH_MODEL], capsys, monkeypatch)
+    before = folder_state(tmp_path)
+    rc, _, err = main_in_process(["batch", "--manifest", manifest, "--out-dir", tmp_path, *BATCH_MODEL], capsys, monkeypatch)
     assert rc == 2
     assert err.startswith(f"{ERROR}cohort.nrrd row 2: output {manifest} is an input (the manifest"), err
-    assert digest(tmp_path) == before
+    assert folder_state(tmp_path) == before
 
 
 @pytest.mark.parametrize("inside", ("out", "."))
@@ -244,15 +245,15 @@ def test_outputs_inside_the_queries_folder_are_not_queries_next_time(data, tmp_p
     out = qd / inside
     argv = ["batch", "--queries", qd, "--support", data["support"], data["labels"], "--labels", "5",
             "--out-dir", out, "--out-format", ".nrrd", *BATCH_MODEL]
-    rc, stdout, err = run_cli(argv, capsys, monkeypatch)
+    rc, stdout, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 0 and "1 cases: 1 ok" in stdout, err
-    before = digest(qd)
-    rc, stdout, err = run_cli(argv, capsys, monkeypatch)
+    before = folder_state(qd)
+    rc, stdout, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 0 and "1 cases: 0 ok, 1 skipped, 0 failed" in stdout, err
     own = "out/" if inside == "out" else "scan.nrrd"
     assert f"warning: --queries {qd}: skipped this tool's own outputs {own}" in err, err
-    assert digest(qd) == {k: v for k, v in before.items()} | {SUMMARY_NAME if inside == "." else
-                                                             f"out/{SUMMARY_NAME}": digest(out)[SUMMARY_NAME]}
+    assert folder_state(qd) == {k: v for k, v in before.items()} | {SUMMARY_NAME if inside == "." else
+                                                             f"out/{SUMMARY_NAME}": folder_state(out)[SUMMARY_NAME]}
 
 
 def test_queries_folder_with_a_notes_folder_and_a_series_folder_itself(shared_dir, data, tmp_path, capsys,
@@ -261,12 +262,12 @@ def test_queries_folder_with_a_notes_folder_and_a_series_folder_itself(shared_di
     (qd / "notes").mkdir(parents=True)
     (qd / "notes" / "readme.txt").write_text("how these scans were taken")
     series = shared_dir / "data" / "abdomen-ct" / "ct-b" / "dicom"
-    rc, _, err = run_cli(["batch", "--queries", qd, "--support", data["support"], data["labels"], "--labels", "5",
+    rc, _, err = main_in_process(["batch", "--queries", qd, "--support", data["support"], data["labels"], "--labels", "5",
                           "--out-dir", tmp_path / "o", *BATCH_MODEL], capsys, monkeypatch)
     assert rc == 2
     assert f"warning: --queries {qd}: skipped folders without DICOM files notes/" in err, err
     assert err.splitlines()[-1].startswith(f"{ERROR}--queries {qd}: no scans found"), err
-    rc, _, err = run_cli(["batch", "--queries", series, "--support", data["support"], data["labels"], "--labels",
+    rc, _, err = main_in_process(["batch", "--queries", series, "--support", data["support"], data["labels"], "--labels",
                           "5", "--out-dir", tmp_path / "o", *BATCH_MODEL], capsys, monkeypatch)
     assert rc == 2
     assert err.startswith(f"{ERROR}--queries {series}: is itself a DICOM series folder"), err
@@ -274,7 +275,7 @@ def test_queries_folder_with_a_notes_folder_and_a_series_folder_itself(shared_di
 
 
 def test_manifest_that_is_a_folder(tmp_path, capsys, monkeypatch, no_engine):
-    rc, _, err = run_cli(["batch", "--manifest", tmp_path, *BATCH_MODEL], capsys, monkeypatch)
+    rc, _, err = main_in_process(["batch", "--manifest", tmp_path, *BATCH_MODEL], capsys, monkeypatch)
     assert rc == 2 and err.startswith(f"{ERROR}--manifest {tmp_path}: is a folder; give the manifest CSV"), err
 
 
@@ -291,7 +292,7 @@ def test_stale_temporaries_are_removed_when_a_batch_starts(data, tmp_path, capsy
     foreign.write_bytes(b"x")
     os.utime(foreign, (time.time() - 3600, time.time() - 3600))
     manifest = _manifest(tmp_path, data, ["a.nii.gz"])
-    rc, _, err = run_cli(["batch", "--manifest", manifest, "--out-dir", out, "--force", *BATCH_MODEL], capsys,
+    rc, _, err = main_in_process(["batch", "--manifest", manifest, "--out-dir", out, "--force", *BATCH_MODEL], capsys,
                          monkeypatch)
     assert rc == 0, err
     assert f"fewshotsam2: removed 3 temporary file(s) an interrupted run left in {out}" in err
@@ -302,7 +303,7 @@ def test_batch_summary_follows_the_umask(data, tmp_path, capsys, monkeypatch, re
     previous = os.umask(0o022)
     try:
         manifest = _manifest(tmp_path, data, ["a.nii.gz"])
-        rc, _, err = run_cli(["batch", "--manifest", manifest, "--out-dir", tmp_path / "o", *BATCH_MODEL], capsys,
+        rc, _, err = main_in_process(["batch", "--manifest", manifest, "--out-dir", tmp_path / "o", *BATCH_MODEL], capsys,
                              monkeypatch)
     finally:
         os.umask(previous)
@@ -313,13 +314,13 @@ def test_batch_summary_follows_the_umask(data, tmp_path, capsys, monkeypatch, re
 
 def test_batch_on_a_full_disk(data, full_disk, tmp_path, capsys, monkeypatch, real_engine):
     manifest = _manifest(tmp_path, data, ["a.nii.gz", "b.nii.gz"])
-    before = digest(tmp_path)
-    rc, _, err = run_cli(["batch", "--manifest", manifest, "--out-dir", full_disk, *BATCH_MODEL], capsys,
+    before = folder_state(tmp_path)
+    rc, _, err = main_in_process(["batch", "--manifest", manifest, "--out-dir", full_disk, *BATCH_MODEL], capsys,
                          monkeypatch)
     assert rc == 2, err
     assert err.splitlines()[-1].startswith(f"{ERROR}cannot write the batch summary {full_disk / SUMMARY_NAME} "
                                            "(no space left on the device"), err
-    assert _left(full_disk) == [] and digest(tmp_path) == before
+    assert _left(full_disk) == [] and folder_state(tmp_path) == before
 
 
 def test_batch_summary_folder_read_only(data, tmp_path, capsys, monkeypatch, no_engine):
@@ -334,7 +335,7 @@ def test_batch_summary_folder_read_only(data, tmp_path, capsys, monkeypatch, no_
         ro.chmod(0o555)
     try:
         manifest = _manifest(tmp_path, data, [tmp_path / "segs" / "a.nii.gz"])
-        rc, _, err = run_cli(["batch", "--manifest", manifest, "--out-dir", ro, *BATCH_MODEL], capsys, monkeypatch)
+        rc, _, err = main_in_process(["batch", "--manifest", manifest, "--out-dir", ro, *BATCH_MODEL], capsys, monkeypatch)
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(ro)], check=False)
@@ -347,7 +348,7 @@ def test_batch_summary_folder_read_only(data, tmp_path, capsys, monkeypatch, no_
 
 def test_batch_row_with_an_over_long_output_name(data, tmp_path, capsys, monkeypatch, no_engine):
     manifest = _manifest(tmp_path, data, ["x" * 300 + ".nii.gz"])
-    rc, _, err = run_cli(["batch", "--manifest", manifest, "--out-dir", tmp_path / "o", *BATCH_MODEL], capsys,
+    rc, _, err = main_in_process(["batch", "--manifest", manifest, "--out-dir", tmp_path / "o", *BATCH_MODEL], capsys,
                          monkeypatch)
     assert rc == 2 and err.startswith(f"{ERROR}cohort.csv row 2: output xxxx"), err
     assert "file name too long" in err and not (tmp_path / "o").exists()
@@ -358,7 +359,7 @@ def test_batch_slice_range_outside_a_query_is_refused_with_the_manifest(data, tm
     manifest = _manifest(tmp_path, data, ["a.nii.gz"])
     argv = ["batch", "--manifest", manifest, "--out-dir", tmp_path / "o", *BATCH_MODEL[:-3], "--slice-range",
             "0:99", "--quiet"]
-    rc, _, err = run_cli(argv, capsys, monkeypatch)
+    rc, _, err = main_in_process(argv, capsys, monkeypatch)
     assert rc == 2
     assert err.startswith(f"{ERROR}cohort.csv row 2: --slice-range 0:99 lies outside the query"), err
     assert not (tmp_path / "o").exists()
@@ -469,7 +470,7 @@ def test_two_segments_of_one_name_get_advice_that_works(data, tmp_path, capsys, 
     value = slicerio.read_segmentation(str(path))["segments"][0]["labelValue"]
     argv[argv.index("--labels") + 1] = f"value:{value}"
     with pytest.raises(AssertionError, match="SAM2 was built"):
-        run_cli(argv, capsys, monkeypatch)
+        main_in_process(argv, capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("content,first_words", [
@@ -496,7 +497,7 @@ def test_a_query_path_starting_with_a_dash_gets_the_hint(data, tmp_path, capsys,
     monkeypatch.chdir(tmp_path)
     Path("-scan.nii.gz").write_bytes(Path(data["query"]).read_bytes())
     with pytest.raises(SystemExit) as exit_:
-        run_cli(segment_argv("-scan.nii.gz", data["support"], data["labels"], "x.nii.gz"), capsys, monkeypatch)
+        main_in_process(segment_argv("-scan.nii.gz", data["support"], data["labels"], "x.nii.gz"), capsys, monkeypatch)
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.strip().splitlines()[-1] == ("fewshotsam2 segment: error: argument --query: expected one argument "
@@ -519,7 +520,7 @@ def test_extent_warns_on_another_modality_naming_the_image(shared_dir, data, tmp
 
     mr = read_volume(shared_dir / "data" / "abdomen-mr" / "image.nii.gz")
     sitk.WriteImage(crop_slices(mr, 8, 11).to_sitk(), str(tmp_path / "mr.nii.gz"))
-    rc, out, err = run_cli(["extent", "--query", tmp_path / "mr.nii.gz", "--support", data["support"],
+    rc, out, err = main_in_process(["extent", "--query", tmp_path / "mr.nii.gz", "--support", data["support"],
                             data["labels"], "--labels", "5", "--lpips-weights",
                             shared_dir / "weights" / "lpips" / "alexnet_features.pth"], capsys, monkeypatch)
     assert rc == 0, err
@@ -532,14 +533,14 @@ def test_oblique_query_is_warned_once(data, tmp_path, capsys, monkeypatch, real_
     rot = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
     q.SetDirection(tuple((rot @ np.array(q.GetDirection()).reshape(3, 3)).ravel()))
     sitk.WriteImage(q, str(tmp_path / "oblique.nii.gz"))
-    rc, _, err = run_cli(segment_argv(tmp_path / "oblique.nii.gz", data["support"], data["labels"],
+    rc, _, err = main_in_process(segment_argv(tmp_path / "oblique.nii.gz", data["support"], data["labels"],
                                       tmp_path / "x.nii.gz", "--slice-range", "0:2"), capsys, monkeypatch)
     assert rc == 0, err
     assert err.count("is oblique") == 1, err
 
 
 def test_bench_refusals_come_without_the_untrained_banner(data, tmp_path, capsys, monkeypatch, no_engine):
-    rc, out, err = run_cli(["bench", "--query", data["query"], "--support", data["support"], "--support-labels",
+    rc, out, err = main_in_process(["bench", "--query", data["query"], "--support", data["support"], "--support-labels",
                             data["labels"], "--max-slices", "-5", "--untrained", "--image-size", "64", "--device",
                             "cpu"], capsys, monkeypatch)
     assert_refused(rc, err, "--max-slices must be 0 (every slice) or more, got -5")
@@ -548,7 +549,7 @@ def test_bench_refusals_come_without_the_untrained_banner(data, tmp_path, capsys
 
 def test_bench_claims_no_crop_it_did_not_make(data, tmp_path, capsys, monkeypatch, real_engine):
     report = tmp_path / "bench.md"
-    rc, out, err = run_cli(["bench", "--query", data["query"], "--support", data["support"], "--support-labels",
+    rc, out, err = main_in_process(["bench", "--query", data["query"], "--support", data["support"], "--support-labels",
                             data["labels"], "--structures", "5", "--methods", "propagate", "--max-slices", "99",
                             "--untrained", "--image-size", "64", "--device", "cpu", "-o", report], capsys,
                            monkeypatch)
@@ -578,7 +579,7 @@ def test_checkpoint_that_is_a_folder_says_so(data, tmp_path, capsys, monkeypatch
 
 def test_sample_data_names_its_folder_on_the_same_line(shared_dir, capsys, monkeypatch):
     """The demo shows stderr and reads stdout's last line: 'verified in' must carry the folder itself."""
-    rc, out, err = run_cli(["sample-data", "--check", "--dest", shared_dir / "data"], capsys, monkeypatch)
+    rc, out, err = main_in_process(["sample-data", "--check", "--dest", shared_dir / "data"], capsys, monkeypatch)
     assert rc == 0, err
     assert f"23 sample files verified (SHA256) in {shared_dir / 'data'}\n" in err
     assert out.strip().splitlines()[-1] == str(shared_dir / "data")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, crop_slices
+from conftest import cli_command, cli_env, crop_slices, folder_state
 from fewshotsam2 import cli
 from fewshotsam2.commands.batch import SUMMARY_NAME, read_summary, record_path
 from fewshotsam2.io.volume import read_labels, read_volume
@@ -127,10 +127,8 @@ def test_killed_batch_resumes_where_it_stopped(cohort, local_run, tmp_path, caps
     """SIGKILL once the first output exists (the second case, the 20-slice DICOM, is running); the re-run skips
     the first case, does the others, and gives the same outputs as the uninterrupted run."""
     out_dir = tmp_path / "resumed"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fewshotsam2.cli", "batch", "--manifest", str(cohort["manifest"]),
-                             "--out-dir", str(out_dir), *MODEL], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cli_command("batch", "--manifest", cohort["manifest"], "--out-dir", out_dir, *MODEL),
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = out_dir / OUTPUTS[0]
     done = record_path(first)  # written after the output's rename: the case is complete (resumable) from then on
     deadline = time.monotonic() + 240
@@ -249,7 +247,7 @@ def _bad_manifests(support, folder):
 def test_bad_manifest_exits_2_before_any_work(cohort, problem, tmp_path, capsys, monkeypatch):
     text, message = _bad_manifests(cohort["support"], cohort["dir"])[problem]
     manifest = cohort["dir"] / f"bad-{problem.replace(' ', '-')}.csv"
-    before = sorted(p.name for p in cohort["dir"].rglob("*"))
+    before = folder_state(cohort["dir"])
     manifest.write_text(text)
     out_dir = tmp_path / "never"
     rc, stdout, err = _run(["batch", "--manifest", str(manifest), "--out-dir", str(out_dir), *MODEL],
@@ -261,7 +259,7 @@ def test_bad_manifest_exits_2_before_any_work(cohort, problem, tmp_path, capsys,
     assert message in lines[0] and manifest.name in lines[0], lines[0]
     assert stdout == ""
     assert not out_dir.exists()  # nothing written, not even the output folder
-    assert sorted(p.name for p in cohort["dir"].rglob("*")) == before
+    assert folder_state(cohort["dir"]) == before
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -286,3 +284,15 @@ def test_ray_without_ray_installed_says_how_to_install(cohort, tmp_path, capsys,
                        "--ray", "local", *MODEL], capsys, monkeypatch)
     assert rc == 2 and "pip install 'fewshotsam2[ray]'" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_overlap_allow_needs_seg_nrrd_outputs_before_any_work(cohort, tmp_path, capsys, monkeypatch):
+    # the cohort writes .nii.gz and .nrrd too: --overlap allow (layers) refuses the batch, nothing is written
+    out_dir = tmp_path / "never"
+    rc, stdout, err = _run(["batch", "--manifest", str(cohort["manifest"]), "--out-dir", str(out_dir), *MODEL,
+                            "--overlap", "allow"], capsys, monkeypatch)
+    assert rc == 2 and stdout == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fewshotsam2: error: --overlap allow"), err
+    assert "row 2: output" in lines[0] and "mr.nii.gz" in lines[0] and ".seg.nrrd" in lines[0]
+    assert not out_dir.exists()

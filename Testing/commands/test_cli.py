@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import SimpleITK as sitk
 import slicerio
 import torch
 
-from conftest import REPO, crop_slices
+from conftest import crop_slices, folder_state, run_cli
 from fewshotsam2 import cli
 from fewshotsam2.io.volume import Structure, read_labels, read_volume, write_labels
 
@@ -69,10 +66,6 @@ def inputs(tmp_path_factory, shared_dir):
     p["small_ckpt"] = str(d / "small.pt")
     p["dir"] = d
     return p
-
-
-def _snapshot(folder: Path) -> dict:
-    return {str(f.relative_to(folder)): f.stat().st_mtime_ns for f in folder.rglob("*")}
 
 
 def _run(argv, capsys, monkeypatch, engine_factory=None):
@@ -163,12 +156,9 @@ def test_segment_reverse_writes_scores(inputs, tmp_path, capsys, monkeypatch, sh
 @pytest.mark.slow  # a subprocess
 def test_segment_as_a_subprocess_cross_modality(inputs, tmp_path):
     out = tmp_path / "mr.seg.nrrd"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fewshotsam2.cli", "segment", "--query", inputs["query_mr"], "--support",
-         inputs["support_image"], inputs["support_labels"], "--labels", "1", "--out", str(out),
-         "--method", "propagate", *MODEL],
-        capture_output=True, text=True, encoding="utf-8", env=env, cwd=tmp_path, timeout=300)
+    proc = run_cli("segment", "--query", inputs["query_mr"], "--support", inputs["support_image"],
+                   inputs["support_labels"], "--labels", "1", "--out", out, "--method", "propagate", *MODEL,
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     warning_lines = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
@@ -277,7 +267,7 @@ def _check_refused(rc, out, err, expect, folders_before, folders):
     assert lines[0].startswith("fewshotsam2: error:") and expect in lines[0], lines[0]
     assert out == ""
     for folder, before in zip(folders, folders_before):
-        assert _snapshot(folder) == before, f"{folder} changed"
+        assert folder_state(folder, times=True) == before, f"{folder} changed"
 
 
 @pytest.mark.parametrize("case,build,expect", BAD, ids=[b[0] for b in BAD])
@@ -288,7 +278,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, tmp_path, ca
     (out_dir / "keep.txt").write_text("already here")
     built = []
     folders = [out_dir, inputs["dir"]]
-    before = [_snapshot(f) for f in folders]
+    before = [folder_state(f, times=True) for f in folders]
     argv = _argv(inputs, out_dir, build(inputs, out_dir))
     rc, out, err = _run(argv, capsys, monkeypatch, engine_factory=lambda options: built.append(options) or 1 / 0)
     _check_refused(rc, out, err, expect, before, folders)
@@ -298,7 +288,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(inputs, tmp_path, ca
 def test_seg_nrrd_empty_segment_is_absent(inputs, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    before = _snapshot(out_dir)
+    before = folder_state(out_dir, times=True)
     argv = _argv(inputs, out_dir, ["--support", inputs["support_image"], inputs["support_seg"], "--labels", "ghost"])
     rc, out, err = _run(argv, capsys, monkeypatch)
     assert rc == 2
@@ -306,14 +296,14 @@ def test_seg_nrrd_empty_segment_is_absent(inputs, tmp_path, capsys, monkeypatch)
     # the reader says why (the segment is empty), then the one error line
     assert lines[-1].startswith("fewshotsam2: error:") and "'ghost' is absent" in lines[-1]
     assert all(line.startswith("warning:") and "empty" in line for line in lines[:-1])
-    assert _snapshot(out_dir) == before
+    assert folder_state(out_dir, times=True) == before
 
 
 def test_checkpoint_of_another_model_is_refused(inputs, tmp_path, capsys, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     folders = [out_dir, inputs["dir"]]
-    before = [_snapshot(f) for f in folders]
+    before = [folder_state(f, times=True) for f in folders]
     argv = _argv(inputs, out_dir, ["--image-size", "64", "--checkpoint", inputs["small_ckpt"]], untrained=False)
     rc, out, err = _run(argv, capsys, monkeypatch)
     _check_refused(rc, out, err, "does not match the sam2.1_hiera_tiny model", before, folders)
@@ -327,14 +317,14 @@ def test_checkpoint_of_another_model_is_refused(inputs, tmp_path, capsys, monkey
 def test_usage_errors_exit_2(inputs, tmp_path, capsys, extra, expect):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    before = _snapshot(out_dir)
+    before = folder_state(out_dir, times=True)
     with pytest.raises(SystemExit) as exc:
         cli.main(_argv(inputs, out_dir, []) + extra)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("fewshotsam2 segment: error:") and expect in last
-    assert _snapshot(out_dir) == before
+    assert folder_state(out_dir, times=True) == before
     with pytest.raises(SystemExit) as exc:
         cli.main(["segment", "--query", inputs["query_ct"]])  # required options missing
     assert exc.value.code == 2

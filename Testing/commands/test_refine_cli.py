@@ -4,16 +4,14 @@ and bad input (exit 2, one line, nothing written; no changed slice: exit 0, a me
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, crop_slices
+from conftest import cli_command, cli_env, crop_slices
 from fewshotsam2 import cli
 from fewshotsam2.io.volume import Structure, read_labels, read_volume, write_labels
 
@@ -153,14 +151,13 @@ def test_bad_input(files, capsys, engine64, tmp_path):
 @pytest.mark.slow  # subprocesses
 def test_two_processes_sharing_the_cache_give_the_result_of_one(files, tmp_path):
     d, _, _ = files
-    env = dict(os.environ, PYTHONPATH=str(REPO / "FewShotSAM2"), OMP_NUM_THREADS="1")
 
     def start(out, cache):
         return subprocess.Popen(
-            [sys.executable, "-m", "fewshotsam2.cli", "segment", "--query", str(d / "query.nii.gz"), "--support",
-             str(d / "support.nii.gz"), str(d / "support.seg.nrrd"), "--labels", "liver", "--out", str(out),
-             "--quiet", "--feature-cache", str(cache), *MODEL],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+            cli_command("segment", "--query", d / "query.nii.gz", "--support", d / "support.nii.gz",
+                        d / "support.seg.nrrd", "--labels", "liver", "--out", out, "--quiet", "--feature-cache", cache,
+                        *MODEL),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=tmp_path)
 
     shared = tmp_path / "shared-cache"
     pair = [start(tmp_path / f"{name}.nii.gz", shared) for name in ("a", "b")]  # at once, one cache

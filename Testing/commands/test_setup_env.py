@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, unchanged
 
 SCRIPT = REPO / "scripts" / "setup_env.sh"
 pytestmark = pytest.mark.slow  # subprocesses
@@ -25,22 +24,17 @@ def _run(args, tmp_path, cwd=None):
                           text=True, encoding="utf-8", timeout=60)
 
 
-def _tree(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def test_refuses_a_non_empty_folder_without_its_stamp(tmp_path):
     thesis = tmp_path / "thesis"
     (thesis / "chapters").mkdir(parents=True)
     (thesis / "chapters" / "1.tex").write_text("four years of work\n")
     (thesis / "bin").mkdir()  # looks a bit like a venv, still not ours
-    before = _tree(thesis)
-    for args in (["thesis"], ["--dry-run", "thesis"]):
-        run = _run(args, tmp_path)
-        assert run.returncode == 2, run.stderr
-        assert "has no .fewshotsam2-stamp" in run.stderr and "refusing to delete it" in run.stderr
-        assert "building" not in run.stderr  # refused before announcing or starting anything
-    assert _tree(thesis) == before
+    with unchanged(thesis):
+        for args in (["thesis"], ["--dry-run", "thesis"]):
+            run = _run(args, tmp_path)
+            assert run.returncode == 2, run.stderr
+            assert "has no .fewshotsam2-stamp" in run.stderr and "refusing to delete it" in run.stderr
+            assert "building" not in run.stderr  # refused before announcing or starting anything
 
 
 @pytest.mark.parametrize("where", ["home", "repo", "cwd"])

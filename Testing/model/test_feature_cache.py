@@ -1,4 +1,4 @@
-"""The image-feature cache on disk (feature_cache.py): hits instead of encoder calls, bf16, bounded, never trusted blindly."""
+"""The image-feature cache on disk (feature_cache.py): hits instead of encoder calls, lossless, bounded, never trusted blindly."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_a_second_engine_reads_every_slice_from_disk(tmp_path):
     first.encode(list(frames))
     assert first.encoder_calls == 4 and first.cache_hits == 0 and len(_entries(tmp_path)) == 4
     entry = torch.load(_entries(tmp_path)[0], weights_only=True)
-    assert all(t.dtype == torch.bfloat16 for t in entry["levels"])
+    assert all(t.dtype == torch.float32 for t in entry["levels"])  # what the CPU encoder computes: lossless
     second = _engine(FeatureCache(tmp_path, 10**9))  # another engine (as another process): empty run cache
     second.add_frames(frames)
     second.encode(list(frames))
@@ -50,7 +50,13 @@ def test_a_second_engine_reads_every_slice_from_disk(tmp_path):
     assert first._feat_sizes == second._feat_sizes
     for k in frames:
         for a, b in zip(first._features[k], second._features[k]):
-            assert torch.equal(a, b)  # the first run used the bf16-rounded features it stored
+            assert torch.equal(a, b)  # read from disk = as encoded
+    nocache = _engine()  # and both equal a run without a cache, to the bit (so sam2's predictor, as the oracle tests)
+    nocache.add_frames(frames)
+    nocache.encode(list(frames))
+    for k in frames:
+        for a, b in zip(nocache._features[k], second._features[k]):
+            assert torch.equal(a, b)
     # other pixels are another entry
     second.add_frames({("g", 0): frames[("f", 0)] * 0.5})
     second.encode([("g", 0)])
@@ -137,3 +143,16 @@ def test_refine_after_a_first_run_encodes_nothing(tmp_path, ct_a):
                     previous=first)
     assert result.corrected_slices == {5: [5]}
     assert result.encoder_calls == 0 and result.cache_hits == 11  # 9 predicted, the corrected one, the support
+
+
+def test_a_cache_folder_removed_during_a_run_warns_and_the_run_goes_on(tmp_path):
+    import shutil
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    frames = _frames(2)
+    e = _engine(FeatureCache(folder, 10**9))
+    e.add_frames(frames)
+    shutil.rmtree(folder)  # another process (or the user) removed it
+    with pytest.warns(UserWarning, match="cannot write"):
+        e.encode(list(frames))
+    assert e.encoder_calls == 2 and all(k in e._features for k in frames)

@@ -5,6 +5,7 @@ Every loop here stops by itself (deadlines); the load test is 8 clients x 3 jobs
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -13,7 +14,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO
+from conftest import REPO, cli_command, cli_env, run_cli
 from fewshotsam2 import cli
 from fewshotsam2.serve.client import Client, ServerError
 from fewshotsam2.serve.protocol import pack_job
@@ -36,6 +36,7 @@ CLIENTS = [f"client{n}" for n in range(8)]
 MAX_UPLOAD_MB = 20
 MODEL = ["--untrained", "--image-size", "64", "--device", "cpu"]
 START_S, STOP_S = 300, 90
+LPIPS_WEIGHTS = REPO.parent / "shared" / "weights" / "lpips" / "alexnet_features.pth"
 
 
 def _free_port() -> int:
@@ -104,13 +105,14 @@ def server(tmp_path_factory):
                    check=True, capture_output=True, timeout=60)
     jobs_dir = d / "jobs"
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2"), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # the server's own LPIPS weights (the slice-range estimate, reverse, lpips)
+    lpips = {"FEWSHOTSAM2_LPIPS_WEIGHTS": str(LPIPS_WEIGHTS)} if LPIPS_WEIGHTS.is_file() else {}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fewshotsam2.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--token-file", str(d / "tokens.txt"), "--tls-cert", str(cert), "--tls-key", str(key), "--replicas", "1",
-         "--threads", "1", "--max-queue", "6", "--max-jobs-per-client", "3", "--max-upload-mb", str(MAX_UPLOAD_MB),
-         "--jobs-dir", str(jobs_dir)],
-        stdout=subprocess.PIPE, stderr=open(d / "server.err", "w"), text=True, env=env, start_new_session=True)
+        cli_command("serve", "--host", "127.0.0.1", "--port", port, "--token-file", d / "tokens.txt", "--tls-cert",
+                    cert, "--tls-key", key, "--replicas", "1", "--threads", "1", "--max-queue", "6",
+                    "--max-jobs-per-client", "3", "--max-upload-mb", MAX_UPLOAD_MB, "--jobs-dir", jobs_dir),
+        stdout=subprocess.PIPE, stderr=open(d / "server.err", "w"), text=True, env=cli_env(RAY_USAGE_STATS_ENABLED="0", **lpips),
+        start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -183,7 +185,8 @@ def _wait(client: Client, job: str, until, timeout: float = 180.0, every: float 
 
 
 def _jobs_in(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    """The job folders in the server's jobs folder (not its feature cache, .features, which outlives jobs)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".features") if folder.exists() else []
 
 
 def _raw(server, method: str, path: str, headers: dict, body: bytes | None = None) -> tuple[int, dict]:
@@ -231,18 +234,18 @@ def test_same_job_through_the_server_gives_the_local_voxels(server, shared_dir, 
     ct = shared_dir / "data" / "abdomen-ct"
     job = ["--query", str(ct / "ct-b" / "dicom"), "--support", str(ct / "ct-a" / "image.nii.gz"),
            str(ct / "ct-a" / "labels.nii.gz"), "--labels", "liver=5", "--slice-range", "off", "--top-k", "3", *MODEL]
-    assert _local([*job, "--out", str(tmp_path / "local.seg.nrrd"), "--scores", str(tmp_path / "local.csv")]) == 0
+    # with a feature cache, as the server's replicas run (lossless: the same voxels as without one)
+    assert _local([*job, "--out", str(tmp_path / "local.seg.nrrd"), "--scores", str(tmp_path / "local.csv"),
+                   "--feature-cache", str(tmp_path.parent / f"{tmp_path.name}-features")]) == 0
     token = tmp_path / "token.txt"
     token.write_text(server.tokens["client1"] + "\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO / "FewShotSAM2")}
-    run = subprocess.run([sys.executable, "-m", "fewshotsam2.cli", "segment", *job, "--server", server.url,
-                          "--token-file", str(token), "--out", str(tmp_path / "remote.seg.nrrd"), "--scores",
-                          str(tmp_path / "remote.csv"), "--progress", "json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = run_cli("segment", *job, "--server", server.url, "--token-file", token, "--out", tmp_path / "remote.seg.nrrd",
+                  "--scores", tmp_path / "remote.csv", "--progress", "json", timeout=600)
     assert run.returncode == 0, run.stderr
     events = [json.loads(line) for line in run.stdout.splitlines()]
-    # the local --progress json stream, nothing else (the warning: --untrained's RANDOM WEIGHTS)
-    assert {e["event"] for e in events} == {"progress", "warning", "done"}
+    # the local --progress json stream and the job's id (to re-attach), nothing else (the warning: --untrained's
+    # RANDOM WEIGHTS)
+    assert {e["event"] for e in events} == {"submitted", "progress", "warning", "done"}
     assert all("RANDOM WEIGHTS" in e["message"] for e in events if e["event"] == "warning")
     assert events[-1]["out"] == str(tmp_path / "remote.seg.nrrd") and events[-1]["voxels"]["liver"] > 0
     local = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local.seg.nrrd")))
@@ -379,12 +382,14 @@ def _until_finished(job, timeout: float = 300.0):
     assert job.finished, "the segmentation process did not finish"
 
 
-def test_slicers_process_on_the_server_gives_the_local_result(server, cases, tmp_path):
+def test_slicers_process_on_the_server_gives_the_local_result(server, cases, tmp_path, monkeypatch):
     pytest.importorskip("slicer", reason="the Slicer-side helpers need slicer-core")
     from FewShotSAM2Lib import remote
     from fewshotsam2.io.volume import Structure
 
     case = {"query": cases["small"][0], "support": cases["support"]}
+    # the local process with a feature cache, as the server's replicas run
+    monkeypatch.setenv("FEWSHOTSAM2_FEATURE_CACHE", str(tmp_path.parent / f"{tmp_path.name}-features"))
     here = _slicer_run(tmp_path, "here", case, None)
     there = _slicer_run(tmp_path, "there", case, remote.Server(server.url, server.tokens["client7"]))
     for job in (here, there):
@@ -493,3 +498,166 @@ def test_a_killed_replica_is_replaced_and_its_job_redone(server, cases):
     assert _wait(client, again, lambda s: s["state"] in ("done", "failed"), timeout=400)["state"] == "done"
     client.delete(again)
     assert server.replica("Worker") not in (None, worker)
+
+
+def _done_event(status: dict) -> dict:
+    return next(e for e in status["events"] if e["event"] == "done")
+
+
+def test_a_second_job_with_the_same_support_encodes_no_support_slice(server, tmp_path):
+    """The replicas keep what they encode (the feature cache in the jobs folder): a second job with the same support
+    reads its support slices instead of encoding them; the counts are those of a local run with its own cache."""
+    support = write_case(tmp_path, 5, 0, 21, "support")  # never seen by this server
+    first_query, second_query = write_case(tmp_path, 4, 2, 22, "first"), write_case(tmp_path, 6, 1, 23, "second")
+    client = server.client("client4")
+    options = {**OPTIONS, "method": "propagate", "slice_range": "off"}
+    done, outputs = [], []
+    for query in (first_query, second_query):
+        job = _submit(client, _archive(query[0], support, options))
+        status = _wait(client, job, lambda s: s["state"] in ("done", "failed"), timeout=300)
+        assert status["state"] == "done", status
+        done.append(_done_event(status))
+        outputs.append(client.fetch(job, "out"))
+        client.delete(job)
+    first, second = done
+    support_slices = first["encoder_calls"] - 4  # the first query's 4 slices, all segmented (--slice-range off)
+    print(f"same support twice: first job {first['encoder_calls']} encoded / {first['cache_hits']} from the cache, "
+          f"second {second['encoder_calls']} / {second['cache_hits']}")
+    assert first["cache_hits"] == 0 and support_slices >= 1
+    assert (second["encoder_calls"], second["cache_hits"]) == (6, support_slices)
+    assert any((server.jobs_dir / ".features").iterdir())
+    # the same two jobs here, with a local feature cache: the same counts, the same voxels
+    cache = tmp_path / "local-features"
+    local = []
+    for n, query in enumerate((first_query, second_query)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert _local(["--query", query[0], "--support", *support, "--labels", "3", "--out",
+                           str(tmp_path / f"local{n}.nii.gz"), "--method", "propagate", "--slice-range", "off",
+                           "--feature-cache", str(cache), "--progress", "json", *MODEL]) == 0
+        local.append(json.loads(out.getvalue().splitlines()[-1]))
+    assert [(d["encoder_calls"], d["cache_hits"]) for d in local] == [
+        (d["encoder_calls"], d["cache_hits"]) for d in done]
+    (tmp_path / "remote1.nii.gz").write_bytes(outputs[1])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "remote1.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local1.nii.gz"))))
+
+
+def _segment_process(argv: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(cli_command("segment", *argv), env=cli_env(), text=True, **kw)
+
+
+def test_a_job_is_fetched_again_by_id_from_a_new_process(server, cases, tmp_path):
+    """The client that submitted a job is killed (SIGKILL: no goodbye to the server); a new process re-attaches by
+    the id the first one printed, and writes the local voxels. The job then is gone; another token never sees it."""
+    token, other = tmp_path / "token.txt", tmp_path / "other.txt"
+    token.write_text(server.tokens["client3"])
+    other.write_text(server.tokens["client2"])
+    job = ["--query", cases["long"][0], "--support", *cases["support"], "--labels", "3", "--method", "propagate",
+           "--slice-range", "off", *MODEL]
+    assert _local([*job, "--out", str(tmp_path / "local.nii.gz"),
+                   "--feature-cache", str(tmp_path.parent / f"{tmp_path.name}-features")]) == 0
+    remote = ["--server", server.url, "--token-file", str(token)]
+    first = _segment_process([*job, *remote, "--out", str(tmp_path / "remote.nii.gz"), "--progress", "json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(first.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    submitted = None
+    while submitted is None and first.poll() is None and time.monotonic() < deadline:
+        submitted = next((json.loads(x) for x in list(lines) if '"submitted"' in x), None)
+        time.sleep(0.05)
+    first.kill()  # SIGKILL: the client cannot delete or cancel its job
+    first.wait(timeout=30)
+    assert submitted is not None and submitted["server"] == server.url, lines
+    job_id = submitted["job"]
+    assert not (tmp_path / "remote.nii.gz").exists()
+    assert server.client("client3").status(job_id)["state"] in ("queued", "running", "done")
+
+    def attach(token_file: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+        p = _segment_process(["--server", server.url, "--token-file", str(token_file), "--attach", job_id, "--out",
+                              str(tmp_path / out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = p.communicate(timeout=600)
+        return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+    for token_file, out, expect in ((other, "x.nii.gz", "no such job of this token"),  # another client's token
+                                    (token, "x.nrrd", "writes a .nii.gz file")):  # the job's own format only
+        run = attach(token_file, out)
+        assert run.returncode == 2 and expect in run.stderr.strip().splitlines()[-1], run.stderr
+    run = attach(token, "remote.nii.gz", "--progress", "json")
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    assert events[-1]["event"] == "done" and events[-1]["voxels"]["Label 3"] > 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "remote.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local.nii.gz"))))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.nii.gz", "other.txt", "remote.nii.gz", "token.txt"]
+    run = attach(token, "again.nii.gz")  # fetched and deleted: a second attach finds nothing
+    assert run.returncode == 2 and "no such job of this token" in run.stderr
+
+
+def _extent_argv(shared_dir: Path, query: str) -> list[str]:
+    ct = shared_dir / "data" / "abdomen-ct"
+    return ["extent", "--query", query, "--support", str(ct / "ct-a" / "image.nii.gz"),
+            str(ct / "ct-a" / "labels.nii.gz"), "--labels", "liver=5,spleen=1"]
+
+
+def test_the_slice_range_estimate_through_the_server_is_the_local_answer(server, shared_dir, tmp_path, capsys):
+    """`extent --server` (what Slicer's Estimate runs with Run on: server): the local answer, as JSON and as text."""
+    weights = shared_dir / "weights" / "lpips" / "alexnet_features.pth"
+    argv = _extent_argv(shared_dir, str(shared_dir / "data" / "abdomen-ct" / "ct-b" / "dicom"))
+    token = tmp_path / "token.txt"
+    token.write_text(server.tokens["client5"])
+    for extra in (["--json"], []):
+        capsys.readouterr()
+        assert cli.main([*argv, *extra, "--lpips-weights", str(weights)]) == 0
+        here = capsys.readouterr().out
+        run = run_cli(*argv, *extra, "--server", server.url, "--token-file", token)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == here and here.strip()
+    assert _jobs_in(server.jobs_dir) == []  # the estimate's job is deleted once its answer is read
+    run = run_cli(*argv, "--server", server.url, "--token-file", token, "--lpips-weights", weights, timeout=120)
+    assert run.returncode == 2 and "--lpips-weights: not with --server" in run.stderr.strip().splitlines()[-1]
+
+
+def test_slicers_estimate_runs_on_the_server(server, shared_dir, tmp_path):
+    """The Logic's Estimate with a server (Run on: server) on slicer-core's MRML: `extent --server` in its process,
+    the token not on its command line, and the ranges of the local Logic estimate."""
+    pytest.importorskip("slicer", reason="the Slicer-side helpers need slicer-core")
+    import FewShotSAM2 as module
+    import slicer
+    import vtk
+    from FewShotSAM2Lib import remote
+    from slicer_scene import add_segment_from_mask, load_volume, new_scene
+
+    data = shared_dir / "data" / "abdomen-ct"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(data / "ct-b" / "dicom")))
+    sitk.WriteImage(reader.Execute(), str(tmp_path / "ct-b.nrrd"))
+    scene = new_scene()
+    support = load_volume(scene, data / "ct-a" / "image.nii.gz", "ct-a")
+    labelmap = load_volume(scene, data / "ct-a" / "labels.nii.gz", "ct-a labels", labelmap=True)
+    labels = slicer.util.arrayFromVolume(labelmap)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ct-a segmentation")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(support)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    labelmap.GetIJKToRASMatrix(ijk_to_ras)
+    ids = {value: add_segment_from_mask(seg, labels == value, ijk_to_ras, name, color)
+           for value, name, color in ((5, "liver", (1, 0, 0)), (1, "spleen", (0, 0, 1)))}
+    query = load_volume(scene, tmp_path / "ct-b.nrrd", "ct-b")
+    supports = [(support, seg, [ids[5], ids[1]])]
+    logic = module.FewShotSAM2Logic()
+    weights = str(shared_dir / "weights" / "lpips" / "alexnet_features.pth")
+    here = logic.estimateSliceRanges(query, supports, lpips_weights=weights)
+    token = server.tokens["client6"]
+    job = logic.startSliceRangeEstimate(query, supports, server=remote.Server(server.url, token),
+                                        lpips_weights=weights)  # a local file: not sent, the server has its own
+    command = " ".join(job.process.command)
+    assert job.process.command[2:4] == ["fewshotsam2.cli", "extent"] and f"--server {server.url}" in command
+    assert token not in command and "--lpips-weights" not in command
+    deadline = time.monotonic() + 300
+    while not job.finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    there = logic.finishSliceRangeEstimate(job)
+    assert there == here and there["ranges"]["liver"] is not None

@@ -141,6 +141,8 @@ def test_listening_beyond_loopback_needs_a_token_file_and_tls_or_insecure():
     (["--tls-cert", "c.pem"], "go together"),
     (["--max-upload-mb", "0"], "must be positive"),
     (["--replicas", "2", "--gpus-per-replica", "0.5"], "not allowed with"),
+    (["--feature-cache-size", "0"], "must be positive"),
+    (["--feature-cache", "TOKENS/features"], "cannot use feature cache folder"),  # under a file
 ])
 def test_serve_refuses_before_starting_ray(argv, expect, tmp_path, capsys):
     (tmp_path / "tokens").write_text("a" * 20)
@@ -277,14 +279,43 @@ def test_runner_cancel_and_bad_input_write_nothing(case, tmp_path, engine64):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_engine_cache_reuses_the_model_while_settings_are_equal():
+def test_engine_cache_reuses_the_model_while_settings_are_equal(tmp_path):
+    from fewshotsam2.model.feature_cache import FeatureCache
     from fewshotsam2.options import SegmentOptions
 
-    cache = EngineCache()
+    features = FeatureCache(tmp_path, 10**9)
+    cache = EngineCache(features)
     small = SegmentOptions.from_flat(untrained=True, image_size=64, device="cpu")
     first = cache(small)
     assert cache(SegmentOptions.from_flat(untrained=True, image_size=64, device="cpu", method="propagate")) is first
-    assert cache(SegmentOptions.from_flat(untrained=True, image_size=128, device="cpu")) is not first
+    other = cache(SegmentOptions.from_flat(untrained=True, image_size=128, device="cpu"))
+    assert other is not first and other.feature_cache is features  # every model the replica builds keeps features
+
+
+def test_runner_reads_a_seen_support_from_the_feature_cache(case, tmp_path, engine64):
+    """What a replica does with its feature cache: the second job with the same support encodes only its query."""
+    from fewshotsam2.model.feature_cache import FeatureCache
+
+    other = write_case(tmp_path, 6, 1, 7, "other")  # another query, the same support
+    kept = engine64.feature_cache
+    (tmp_path / "features").mkdir()
+    engine64.feature_cache = FeatureCache(tmp_path / "features", 10**9)
+    done = []
+    try:
+        for n, query in enumerate((case["query"], other, other)):
+            events = []
+            spec = {**_spec(case, tmp_path / f"o{n}.nii.gz", method="propagate"), "query": query[0]}
+            result = run_job(spec, events.append, lambda: False, engine_factory=lambda options: engine64)
+            assert result == (0, ""), result
+            done.append(events[-1])
+    finally:
+        engine64.feature_cache = kept
+    first, second, again = done
+    support_slices = first["encoder_calls"] - 4  # the first query has 4 slices, all segmented (--slice-range off)
+    assert first["cache_hits"] == 0 and support_slices >= 1
+    assert (second["encoder_calls"], second["cache_hits"]) == (6, support_slices)  # no support slice encoded again
+    assert (again["encoder_calls"], again["cache_hits"]) == (0, 6 + support_slices)
+    assert again["voxels"] == second["voxels"]
 
 
 # ---------------------------------------------------------------- the client's refusals (no server needed)
@@ -300,6 +331,9 @@ def _closed_port() -> int:
     (["--server", "http://127.0.0.1:{port}"], "--server needs a token"),
     (["--server", "ftp://x", "--token-file", "TOKEN"], "give http://HOST:PORT"),
     (["--server", "http://127.0.0.1:{port}", "--token-file", "TOKEN", "--checkpoint", "c.pt"], "--checkpoint: not with"),
+    (["--attach", "abc"], "--attach needs --server"),
+    (["--server", "http://127.0.0.1:{port}", "--token-file", "TOKEN", "--attach", "abc"],
+     "--attach: the job's inputs are on the server; leave out --query, --support, --labels"),
 ])
 def test_client_errors_are_one_line_and_write_nothing(case, tmp_path, capsys, monkeypatch, extra, expect):
     monkeypatch.delenv(auth.TOKEN_ENV, raising=False)
@@ -339,3 +373,32 @@ def test_versions_that_differ_are_refused_or_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_compatible({"api": protocol.API_VERSION, "fewshotsam2": __version__}, "https://h:1")
+
+
+def test_runner_estimates_slice_ranges_as_the_extent_command(case, shared_dir, capsys, monkeypatch):
+    """A server's `extent` job (Slicer's Estimate with Run on: server): the answer of `fewshotsam2 extent --json`,
+    in the done event (the server's LPIPS weights: its $FEWSHOTSAM2_LPIPS_WEIGHTS; clients send no file)."""
+    import json
+
+    weights = str(shared_dir / "weights" / "lpips" / "alexnet_features.pth")
+    assert cli.main(["extent", "--query", case["query"][0], "--support", *case["support"], "--labels", "3", "--json",
+                     "--lpips-weights", weights]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    events = []
+    monkeypatch.setenv("FEWSHOTSAM2_LPIPS_WEIGHTS", weights)
+    spec = {"kind": "extent", "query": case["query"][0], "supports": [list(case["support"])], "labels": "3",
+            "options": {"preset": "auto"}}
+    assert run_job(spec, events.append, lambda: False) == (0, "")
+    done = events[-1]
+    assert done["event"] == "done" and {k: done["extent"][k] for k in ("axis", "structures")} == expected
+    assert done["extent"]["n_slices"] == 4
+    assert run_job({**spec, "labels": "9"}, events.append, lambda: False)[0] == 2
+
+
+def test_extent_on_a_server_refuses_local_weight_files(case, tmp_path, capsys):
+    (tmp_path / "token").write_text("t" * 20)
+    rc = cli.main(["extent", "--query", case["query"][0], "--support", *case["support"], "--labels", "3",
+                   "--server", "http://127.0.0.1:9", "--token-file", str(tmp_path / "token"), "--lpips-weights", "w.pth"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == ("fewshotsam2: error: --lpips-weights: not with --server (the server uses its own "
+                                   "model files)"), err

@@ -24,6 +24,7 @@ import FewShotSAM2 as module  # noqa: E402
 from fewshotsam2 import cli  # noqa: E402
 from fewshotsam2.errors import InputError  # noqa: E402
 from FewShotSAM2Lib import dependencies, mrml_io, process, review  # noqa: E402
+from conftest import source_segment  # noqa: E402
 
 MODULE_DIR = Path(module.__file__).resolve().parent
 LABELMAP = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
@@ -403,9 +404,9 @@ def test_widget_shows_the_slicer_requirement_before_building_the_panel():
     source = (MODULE_DIR / "FewShotSAM2.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    setup = ast.get_source_segment(source, next(n for n in widget.body if getattr(n, "name", "") == "setup"))
+    setup = source_segment(source, next(n for n in widget.body if getattr(n, "name", "") == "setup"))
     assert setup.index("dependencies.pythonProblem()") < setup.index("slicer.util.loadUI")
-    runTest = ast.get_source_segment(source, next(
+    runTest = source_segment(source, next(
         n for n in next(c for c in tree.body if getattr(c, "name", "") == "FewShotSAM2Test").body
         if getattr(n, "name", "") == "runTest"))
     assert "pythonProblem()" in runTest and "_runOrShowSkip(self.test_FewShotSAM2_untrained)" in runTest
@@ -545,7 +546,7 @@ def _widget_methods():
     source = (MODULE_DIR / "FewShotSAM2.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    return {n.name: ast.get_source_segment(source, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    return {n.name: source_segment(source, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
 
 
 def test_gui_waits_are_modal_and_survive_a_scene_close():
@@ -558,6 +559,10 @@ def test_gui_waits_are_modal_and_survive_a_scene_close():
     assert "windowModality=qt.Qt.WindowModal" in ensure and "maximum=0" in ensure
     assert ensure.index("installDependencies(") < ensure.index("if self._parameterNode is None:")
     assert "self._ensureDependencies(None)" in methods["onEstimateRanges"]
+    # Run on: server estimates there (extent --server): nothing to install here, the server is handed to the Logic
+    assert "server is None and not self._ensureDependencies(None)" in methods["onEstimateRanges"]
+    assert "server = self._remotePanel.server()" in methods["onEstimateRanges"]
+    assert "server=server" in methods["onEstimateRanges"]
     assert methods["onEstimateRanges"].index("_ensureDependencies") < methods["onEstimateRanges"].index(
         "startSliceRangeEstimate")
     assert "self.logic.temporaryFolder = str(slicer.app.temporaryPath)" in methods["setup"]
@@ -591,6 +596,31 @@ def test_low_confidence_slices_are_marked_in_the_slice_views():
     again = logic.markLowConfidenceSlices(result, low[:1], volume, 0, node)  # a re-run reuses the node
     assert again is node and node.GetNumberOfControlPoints() == 1
     assert logic.markLowConfidenceSlices(result, [], volume, 0, node) is node and node.GetNumberOfControlPoints() == 0
+
+
+def test_low_confidence_mark_of_a_kept_overlap_comes_from_its_own_layer():
+    """A "Keep overlaps" result (overlap 'allow'): a structure covered on a slice by another one listed after it
+    is marked at its own centre there (its layer), not at the slice centre of the flattened label map."""
+    from fewshotsam2.io.volume import LabelMap, Structure
+
+    scene = new_scene()
+    volume, seg, sid, labels = small_case(scene)
+    logic = module.FewShotSAM2Logic()
+    prepared = logic.prepare(volume, [(volume, seg, [sid])], "propagate", overlap="allow")
+    blob = labels == 1
+    blob[3, :, :10] = False  # off-centre on slice 3, so its centre differs from the covering structure's
+    cover = np.zeros_like(blob)
+    cover[3] = True  # the whole of slice 3: covers the blob there
+    layered = LabelMap.from_masks(prepared.query, [(Structure(1, "blob", (0.9, 0.2, 0.1)), blob),
+                                                     (Structure(2, "cover", (0.1, 0.2, 0.9)), cover)])
+    assert layered.volume.layers is not None and not (layered.volume.array[3] == 1).any()
+    result = process.ProcessResult(labels=layered.volume, structures=layered.structures)
+    node = logic.markLowConfidenceSlices(result, [("blob", 3, 0.2)], volume, 0)
+    ras = [0.0, 0.0, 0.0]
+    node.GetNthControlPointPosition(0, ras)
+    point = np.linalg.inv(mrml_io.ijkToWorldMatrix(volume)) @ np.array(ras + [1.0])
+    rows, cols = np.nonzero(blob[3])
+    np.testing.assert_allclose(point[:3], [cols.mean(), rows.mean(), 3.0], atol=1e-9)  # (i, j, k)
 
 
 def test_another_interpreter_is_checked_only_for_what_slicer_writes(tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import source_segment
+
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "FewShotSAM2"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "FewShotSAM2.ui"
@@ -130,7 +132,7 @@ def test_every_scalar_parameter_has_a_widget(module, ui_widgets):
 def _widget_methods():
     text = MODULE_FILE.read_text()
     widget = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    return {n.name: ast.get_source_segment(text, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    return {n.name: source_segment(text, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
 
 
 def test_slice_range_table_parameters_match_what_the_logic_writes(module):
@@ -185,6 +187,7 @@ def test_choice_defaults_are_valid(module):
                     assert m.minimum <= default <= m.maximum, parameter
     assert module.FewShotSAM2ParameterNode.method == "reverse"
     assert module.FewShotSAM2ParameterNode.modelSize == "tiny"
+    assert module.FewShotSAM2ParameterNode.overlap == "logits"
 
 
 def test_gui_defaults_are_the_cores(module):
@@ -197,10 +200,34 @@ def test_gui_defaults_are_the_cores(module):
     node = module.FewShotSAM2ParameterNode
     gui = dict(method=node.method, model=node.modelSize, version=node.modelVersion, device=node.device,
                image_size=node.imageSize, axis=node.sliceAxis, preset=node.intensityPreset, shots=node.shots,
-               top_k=node.topK, min_score=node.minScore, augmentations=node.augmentations, lpips_net=node.lpipsNet)
+               top_k=node.topK, min_score=node.minScore, augmentations=node.augmentations, lpips_net=node.lpipsNet,
+               overlap=node.overlap)
     assert gui == {k: d[k] for k in gui}
     for method in module.METHODS:
         SegmentOptions.from_flat(**dict(gui, method=method))
+
+
+def test_overlap_menu_offers_the_cores_rules_and_refine_says_why_it_is_off(module, ui_widgets):
+    """Overlapping structures (issue 23): a menu in Output bound to the parameter node's `overlap`, which the
+    settings table derives from the core's rule (--overlap); its items are the core's rules, default first, with
+    readable names; a "Keep overlaps" result turns Refine off with the Logic's reason as its tooltip."""
+    from fewshotsam2 import constants, settings
+    from FewShotSAM2Lib import choices
+
+    assert _slicer_parameter_names(ui_widgets)["overlapComboBox"] == "overlap"
+    assert ui_widgets["overlapComboBox"].get("class") == "QComboBox"
+    outputs = {w.get("name") for w in ui_widgets["outputsCollapsibleButton"].iter("widget")}
+    assert "overlapComboBox" in outputs  # shown, not under the collapsed Advanced
+    assert settings.BY_NAME["overlap"].gui == "overlap"
+    hints = typing.get_type_hints(module.FewShotSAM2ParameterNode, include_extras=True)
+    (choice,) = [m for m in typing.get_args(hints["overlap"])[1:] if type(m).__name__ == "Choice"]
+    assert tuple(choice.choices) == constants.OVERLAP_RULES == choices.COMBO_BOXES["overlap"][1]
+    assert choices.COMBO_BOXES["overlap"][0] == "overlapComboBox"
+    assert [choices.displayName("overlap", r) for r in constants.OVERLAP_RULES] == [
+        "Decided by SAM2's logits (default)", "First listed wins", "Keep overlaps (separate layers)"]
+    update = _widget_methods()["_updateRefineButtons"]
+    assert "self.logic.refineRefusal(node)" in update
+    assert "and not refused" in update and "self.refineButton.toolTip = refused or" in update
 
 
 def test_segment_button_and_progress_exist(ui_widgets):
@@ -234,7 +261,7 @@ def test_logic_code_path_has_no_qt():
                "PreparedSupport"}
     for node in tree.body:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and (node.name in qt_free or isinstance(node, ast.FunctionDef)):
-            segment = ast.get_source_segment(source, node)
+            segment = source_segment(source, node)
             if node.name == "_registerSampleData":
                 continue
             for forbidden in ("qt.", "ctk.", "slicer.app", "slicer.mrmlScene", "slicer.modules"):
@@ -250,7 +277,7 @@ def test_segment_ids_are_stored_as_lists(module):
     assert hints["supportSegmentIds"] == list[list[str]]
     text = MODULE_FILE.read_text()
     widget = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    source = ast.get_source_segment(text, widget)
+    source = source_segment(text, widget)
     assert '",".join' not in source and '.split(",")' not in source
 
 
@@ -262,13 +289,12 @@ def test_selectors_offer_scans_only(ui_widgets):
     assert "volumeSelector.showChildNodeTypes = False" in MODULE_FILE.read_text()
 
 
-@pytest.mark.slow  # several seconds: kept out of the fast tier
 def test_widget_keeps_the_run_on_exit_and_stops_it_on_close():
     """exit() (the user opens another module) keeps a run; cleanup() (closing Slicer, Reload), aboutToQuit, scene
     close and Reload stop it. The behaviour itself is run on slicer-core in test_slicer_fresh.py."""
-    tree = ast.parse(MODULE_FILE.read_text())
-    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
-    methods = {n.name: ast.get_source_segment(MODULE_FILE.read_text(), n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    text = MODULE_FILE.read_text()
+    widget = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == "FewShotSAM2Widget")
+    methods = {n.name: source_segment(text, n) for n in widget.body if isinstance(n, ast.FunctionDef)}
     assert "_stopRun" not in methods["exit"] and "_cancelJobs" not in methods["exit"]
     for name in ("onSceneStartClose", "onReload"):
         assert "self._stopRun()" in methods[name], name

@@ -22,11 +22,13 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 import FewShotSAM2 as module  # noqa: E402
+from fewshotsam2 import settings  # noqa: E402
 from fewshotsam2.run import pipeline  # noqa: E402
 from fewshotsam2.errors import Cancelled, InputError  # noqa: E402
 from fewshotsam2.io.volume import Structure, Volume, read_volume  # noqa: E402
 
 from FewShotSAM2Lib import dependencies, process, review  # noqa: E402
+from slicer_scene import add_segment_from_mask, load_volume, new_scene  # noqa: E402,F401  (also used by other files)
 from importlib.util import find_spec as importlib_find_spec  # noqa: E402
 
 # slow tier: real-data pipelines and the segmentation process (module fixtures shared by several tests)
@@ -40,27 +42,6 @@ SPLEEN_COLOR = (0.55, 0.2, 0.6)
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def new_scene():
-    scene = slicer.vtkMRMLScene()
-    # What the Slicer application does at startup: the Segmentations module logic registers its nodes and the
-    # segmentation converter rules with the scene.
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(scene)
-    scene._fewshot_keepalive = segmentations_logic  # noqa: SLF001  (keep the logic alive with the scene)
-    return scene
-
-
-def load_volume(scene, path, name, labelmap=False):
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    if labelmap:
-        storage.SetCenterImage(False)
-    assert storage.ReadData(node), f"cannot read {path}"
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    return node
-
-
 def segmentation_from_labelmap(scene, labelmap_node, wanted, name="labels", reference=None):
     """A segmentation node with one segment per {label value: (segment name, colour)} of a label map node."""
     labels = slicer.util.arrayFromVolume(labelmap_node)
@@ -72,18 +53,6 @@ def segmentation_from_labelmap(scene, labelmap_node, wanted, name="labels", refe
     for value, (segment_name, color) in wanted.items():
         ids[value] = add_segment_from_mask(seg, labels == value, ijk_to_ras, segment_name, color)
     return seg, ids
-
-
-def add_segment_from_mask(seg, mask, ijk_to_ras, name, color):
-    nk, nj, ni = mask.shape
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(ni, nj, nk)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)[:] = mask
-    image.SetImageToWorldMatrix(ijk_to_ras)
-    segment_id = seg.GetSegmentation().AddEmptySegment(name.replace(" ", "_"), name, list(color))
-    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, seg, segment_id)
-    return segment_id
 
 
 def ijk_to_ras(node):
@@ -840,6 +809,51 @@ def test_support_forms_accepted_by_the_logic(mr_scene):
         np.testing.assert_array_equal(prepared.supports[0].labels.volume.array, by_list.supports[0].labels.volume.array)
     np.testing.assert_array_equal(by_list.supports[0].labels.volume.array == 1, mr_scene["labeled"])
     assert by_list.options["image_size"] == 256 and by_list.options["untrained"]
+
+
+@pytest.mark.slow
+def test_overlap_allow_gives_overlapping_segments(mr_scene):
+    """--overlap allow in the Logic: the process writes a layered .seg.nrrd, the Logic reads each structure from its
+    own layer, and the output node holds overlapping segments (separate labelmap layers) with every voxel."""
+    from fewshotsam2.io.volume import structure_mask
+
+    scene, v, seg, sid = mr_scene["scene"], mr_scene["volume"], mr_scene["seg"], mr_scene["segment_id"]
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "inside the liver")
+    m = vtk.vtkMatrix4x4()
+    v.GetIJKToRASMatrix(m)
+    inner = mr_scene["labeled"].copy()  # a second structure inside the first: they overlap wherever both are
+    inner_id = add_segment_from_mask(other, inner, m, "inner", (0.2, 0.2, 0.9))
+    logic = module.FewShotSAM2Logic()
+    # the options as the panel gives them (FewShotSAM2Widget._runOptions): the parameter node's members through the
+    # settings table, "Keep overlaps" chosen in the Overlapping structures menu
+    panel = module.FewShotSAM2ParameterNode()
+    panel.overlap = "allow"
+    options = settings.from_gui(panel)
+    options.pop("method")
+    options.update(FAST, image_size=64, slice_range="off")
+    prepared = logic.prepare(v, [(v, seg, [sid]), (v, other, [inner_id])], "propagate", **options)
+    assert prepared.options["overlap"] == "allow"
+    assert "--overlap allow" in " ".join(process.optionArguments(prepared.options))
+    output = logic.segment(v, [(v, seg, [sid]), (v, other, [inner_id])], "propagate", **options)
+    result = logic.lastResult
+    assert result.labels.layers is not None and sorted(s.layer for s in result.structures) == [0, 1]
+    masks = segment_masks(output, v)
+    assert list(masks) == ["liver", "inner"]
+    for s in result.structures:
+        np.testing.assert_array_equal(masks[s.name], structure_mask(result.labels, s))
+    # the same prompt twice: random weights or not, the two structures overlap, and both keep the overlap
+    assert (masks["liver"] & masks["inner"]).any()
+    assert output.GetSegmentation().GetNumberOfLayers() == 2
+    # refine edits one label per voxel: it refuses such a result rather than flattening its overlaps
+    with pytest.raises(InputError, match="overlap"):
+        logic.refine(output)
+    # the panel's Refine button is off for it and its tooltip says why (FewShotSAM2Widget._updateRefineButtons)
+    assert logic.lastRefinableNode() is output
+    assert "keeps overlapping segments" in logic.refineRefusal(output)
+    with pytest.raises(InputError, match="keeps overlapping segments"):
+        logic.refineCorrections(output)
+    scene.RemoveNode(output)
+    scene.RemoveNode(other)
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ def run(tmp_path, monkeypatch):
 
 def test_refine_from_an_edited_slice_then_undo(run):
     logic, out, volume, inside = run["logic"], run["out"], run["volume"], run["inside"]
+    assert logic.refineRefusal(out) == ""  # the panel's Refine button is on (overlaps decided: one label per voxel)
     with pytest.raises(InputError, match="no slice of .* was changed"):
         logic.refine(out)
     before = _masks(out, volume)["blob"]

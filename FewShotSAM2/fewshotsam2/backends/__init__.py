@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from fewshotsam2.backends.base import Backend
+from fewshotsam2.backends.lpips_matching import LpipsBackend
+from fewshotsam2.backends.propagate import PropagateBackend
+from fewshotsam2.backends.reverse import ReverseBackend
+from fewshotsam2.constants import METHODS
 from fewshotsam2.errors import InputError
 
+BACKENDS: dict[str, type[Backend]] = {"propagate": PropagateBackend, "reverse": ReverseBackend, "lpips": LpipsBackend}
 
-def get_backend(method: str):
-    """The backend of a method name ("propagate", "reverse", "lpips"); imported on first use."""
-    if method == "propagate":
-        from fewshotsam2.backends.propagate import PropagateBackend as cls
-    elif method == "reverse":
-        from fewshotsam2.backends.reverse import ReverseBackend as cls
-    elif method == "lpips":
-        from fewshotsam2.backends.lpips_matching import LpipsBackend as cls
-    else:
-        from fewshotsam2.constants import METHODS
 
+def get_backend(method: str) -> Backend:
+    """The backend of a method name ("propagate", "reverse", "lpips")."""
+    if method not in BACKENDS:
         raise InputError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    return cls()
+    return BACKENDS[method]()

@@ -100,6 +100,13 @@ class PropagateBackend(Backend):
             propagate_tracks(engine, keys, tracks, shots,
                              on_slice=lambda done, total: progress(f"{names}: Propagating slice {done}/{total}",
                                                                    done, total))
-        return {id(job): StructureResult(np.stack(t.masks), list(job.supports),
-                                         logits=np.stack(t.logits) if job.query.keep_logits else None)
+        # range ends, as `run` leaves them: above, the pass goes on for this structure alone (its memory bank, its
+        # FIFO as it stopped, the next positions of the pass's timeline); below, the same method on the slices
+        # below, outward ([supports, first - 1, first - 2, ...])
+        num_frames = shots + stop - start + 1
+        return {id(job): StructureResult(
+                    np.stack(t.masks), list(job.supports),
+                    edges={"above": PropagationEdge(t.cond, t.recent, shots + t.last - start, +1, False, num_frames),
+                           "below": PropagationEdge(t.cond, {}, shots - 1, +1, False, shots)},
+                    logits=np.stack(t.logits) if job.query.keep_logits else None)
                 for job, t in zip(group, tracks)}

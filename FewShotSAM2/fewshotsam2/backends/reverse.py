@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence
+from typing import Hashable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from fewshotsam2.model.engine import Memory, Prediction
 from fewshotsam2.options import ReverseOptions
-from fewshotsam2.backends.base import Backend, Engine, QueryContext, StageClock, StageProgress, StructureResult, SupportSlice, dice
+from fewshotsam2.backends.base import (Backend, Engine, QueryContext, StageClock, StageProgress, StructureJob,
+                                      StructureResult, SupportSlice, _named, dice)
 from fewshotsam2.backends.continuation import PropagationEdge
 from fewshotsam2.backends.memory_bank import memorize_in_batches, propagate_sequence
+from fewshotsam2.backends.structure_batch import Step, predict_grouped
 
 
 @dataclass
@@ -91,8 +93,10 @@ def _self_propagate(
         for j in range(support_memory.batch):
             cond[-1 - j] = support_memory.select(j)
     masks: list[np.ndarray | None] = [None] * n
-    for c in conditional:
+    for j, c in enumerate(conditional):
         masks[c] = forward_masks[c]  # a conditional slice keeps its trusted prediction
+        if logits is not None:
+            logits[c] = _prompt_logits(prompts, j)
     first = min(conditional)
     up = [i for i in range(first, n) if i not in cond]
     down = [i for i in range(first - 1, -1, -1) if i not in cond]
@@ -132,6 +136,85 @@ def _self_propagate(
     return masks, edges
 
 
+def _prompt_logits(prompts: Memory, j: int) -> np.ndarray:
+    """A conditional slice's logits for the overlap rule: those sam2's predictor outputs on a frame given a mask
+    prompt (`add_new_mask`: the mask as +-10, downsampled; `SAM2Engine.memorize` keeps them), not the forward
+    prediction's: a trusted slice claims its voxels as strongly as sam2's own prompted frame does."""
+    return prompts.pred_masks[j, 0].cpu().numpy()
+
+
+def _self_propagate_many(engine: Engine, structures: Sequence[tuple], progress: StageProgress,
+                         ) -> list[tuple[list[np.ndarray], dict[str, PropagationEdge]]]:
+    """`_self_propagate` for several structures in one pass over the query: `structures` holds per structure
+    (stack index of its range's first slice, its range's keys, forward masks, conditional slices, support memory
+    or None, logits list or None). Each keeps its own timeline (its range slice i at frame i), its conditional
+    slices, its FIFOs and its two passes, exactly as `_self_propagate` alone; the forward passes run side by side
+    up the stack, then the backward passes down it, and at each slice the structures predicting it are predicted
+    together (`structure_batch.predict_grouped`: one batch where their memory layouts agree)."""
+    reach = engine.memory_reach
+    tracks = []
+    for offset, keys, forward_masks, conditional, support_memory, logits in structures:
+        n = len(keys)
+        prompts = memorize_in_batches(engine, [keys[c] for c in conditional], [forward_masks[c] for c in conditional])
+        cond: dict[int, Memory] = {c: prompts.select(j) for j, c in enumerate(conditional)}
+        if support_memory is not None:
+            for j in range(support_memory.batch):
+                cond[-1 - j] = support_memory.select(j)
+        masks: list = [None] * n
+        for j, c in enumerate(conditional):
+            masks[c] = forward_masks[c]
+            if logits is not None:
+                logits[c] = _prompt_logits(prompts, j)
+        first = min(conditional)
+        tracks.append(dict(offset=offset, keys=keys, n=n, cond=cond, masks=masks, first=first, logits=logits,
+                           up={i for i in range(first, n) if i not in cond}, down=set(range(first))
+                           - set(cond), up_recent={}, near_first={}))
+    total = sum(len(t["up"]) + len(t["down"]) for t in tracks)
+    done = 0
+    progress(f"Propagating slice 0/{total}", 0, total)
+    up_slices = range(min(t["offset"] + t["first"] for t in tracks), max(t["offset"] + t["n"] for t in tracks))
+    down_slices = range(max(t["offset"] + t["first"] for t in tracks) - 1, min(t["offset"] for t in tracks) - 1, -1)
+    for reverse, slices in ((False, up_slices), (True, down_slices)):
+        for g in slices:
+            active = [t for t in tracks if g - t["offset"] in (t["down"] if reverse else t["up"])]
+            if not active:
+                continue
+            steps = [Step(t["cond"], t["near_first"] if reverse else t["up_recent"], g - t["offset"], t["n"], reverse)
+                     for t in active]
+            for t, (mask, memory) in zip(active, predict_grouped(engine, active[0]["keys"][g - active[0]["offset"]],
+                                                                 steps)):
+                i = g - t["offset"]
+                t["masks"][i] = mask
+                if not reverse and i - t["first"] < reach:
+                    # the backward pass starts with the forward pass's predictions just above the first
+                    # conditional slice in its FIFO, as in `_self_propagate`
+                    t["near_first"][i] = memory
+                if t["logits"] is not None:
+                    t["logits"][i] = memory.pred_masks[0, 0].cpu().numpy()
+            done += len(active)
+            progress(f"Propagating slice {done}/{total}", done, total)
+    out = []
+    for t in tracks:
+        cond, n = t["cond"], t["n"]
+        query_cond = {p: m for p, m in cond.items() if p >= 0}
+        supports_below = [cond[p] for p in sorted((p for p in cond if p < 0), reverse=True)]
+        edges = {"above": PropagationEdge(cond, t["up_recent"], n - 1, +1, False, n),
+                 "below": PropagationEdge(query_cond, t["near_first"], 0, -1, True, n, supports_below)}
+        out.append((t["masks"], edges))
+    return out
+
+
+@dataclass
+class Scored:
+    """One structure after forward prediction, reverse scoring and selection (steps 1-3), before self-propagation."""
+
+    forward_masks: list[np.ndarray]
+    forward_logits: list[np.ndarray]  # with keep_logits
+    scores: np.ndarray
+    selection: Selection
+    support_memory: Memory
+
+
 class ReverseBackend(Backend):
     name = "reverse"
     options_type = ReverseOptions
@@ -139,10 +222,58 @@ class ReverseBackend(Backend):
 
     def run(self, engine: Engine, query: QueryContext, supports: Sequence[SupportSlice], options: ReverseOptions,
             progress: StageProgress, clock: StageClock) -> StructureResult:
+        scored = self._score(engine, query, supports, options, progress, clock)
+        if not scored.selection.selected:
+            return self._not_found(query, supports, scored)
+        engine.keep_if_room(query.keys)  # self-propagation reads each slice once more
+        # a conditional slice keeps its forward mask (its logits: `_prompt_logits`); the others get theirs below
+        logits = list(scored.forward_logits) if query.keep_logits else None
+        with clock.stage("self_propagation"):
+            masks, edges = _self_propagate(engine, query.keys, scored.forward_masks, scored.selection.selected,
+                                           scored.support_memory if options.keep_supports else None, progress,
+                                           logits)
+        return self._result(query, supports, scored, masks, edges, logits)
+
+    def run_many(self, engine: Engine, jobs: Sequence[StructureJob], options: ReverseOptions,
+                 progress: StageProgress, clock: StageClock) -> Iterator[tuple[StructureJob, StructureResult]]:
+        """Several structures: forward prediction, reverse scoring and selection per structure, exactly as `run`;
+        then the self-propagation of every structure in one pass over the query (`_self_propagate_many`: each
+        slice's features read once for all, predictions batched over structures whose memory layouts agree),
+        each structure on its own timeline with its own conditional slices: what `run` gives it alone. One
+        structure: `run`."""
+        if len(jobs) < 2:
+            yield from super().run_many(engine, jobs, options, progress, clock)
+            return
+        scored = []
+        for job in jobs:
+            engine.keep_if_room(job.read_again)
+            scored.append(self._score(engine, job.query, job.supports, options, _named(progress, job.name), clock))
+        found = [(job, sc) for job, sc in zip(jobs, scored) if sc.selection.selected]
+        for job in jobs:
+            engine.keep_if_room(job.query.keys)  # self-propagation reads each slice once more
+        logits = {id(job): list(sc.forward_logits) if job.query.keep_logits else None for job, sc in found}
+        with clock.stage("self_propagation"):
+            passes = _self_propagate_many(
+                engine, [(job.first, job.query.keys, sc.forward_masks, sc.selection.selected,
+                          sc.support_memory if options.keep_supports else None, logits[id(job)])
+                         for job, sc in found],
+                _named(progress, ", ".join(job.name for job, _ in found))) if found else []
+        done = {id(job): (masks, edges) for (job, _), (masks, edges) in zip(found, passes)}
+        for job, sc in zip(jobs, scored):
+            engine.release(job.last_use)
+            if id(job) not in done:
+                yield job, self._not_found(job.query, job.supports, sc)
+                continue
+            masks, edges = done[id(job)]
+            yield job, self._result(job.query, job.supports, sc, masks, edges, logits[id(job)])
+
+    def _score(self, engine: Engine, query: QueryContext, supports: Sequence[SupportSlice], options: ReverseOptions,
+               progress: StageProgress, clock: StageClock) -> Scored:
+        """Steps 1-3: forward prediction, reverse scores (pi) and the conditional slices."""
         query_keys = query.keys
         k = len(supports)
         n = len(query_keys)
-        top_k, min_score, keep_supports = options.top_k, options.min_score, options.keep_supports
+        top_k, min_score = options.top_k, options.min_score
 
         with clock.stage("forward"):
             support_memory = engine.memorize([s.key for s in supports], [s.mask for s in supports])
@@ -169,25 +300,25 @@ class ReverseBackend(Backend):
             done = start + len(keys)
             progress(f"Forward and reverse prediction {done}/{n}", done, n)
         selection = select_conditional(scores, top_k, min_score)
-        if not selection.selected:
-            warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=2)
-            empty = np.zeros((n,) + forward_masks[0].shape, bool)
-            return StructureResult(empty, list(supports), np.zeros(n), forward_masks=np.stack(forward_masks),
-                                   logits=np.stack(forward_logits) if query.keep_logits else None)
         if selection.fallback:
             warnings.warn(
                 f"no query slice reached min_score {min_score:.2f} (best pi = {scores.max():.3f}); "
                 f"using the best slice {selection.selected[0]} as the only conditional slice",
-                stacklevel=2,
+                stacklevel=3,
             )
+        return Scored(forward_masks, forward_logits, scores, selection, support_memory)
 
-        engine.keep_if_room(query_keys)  # self-propagation reads each slice once more
-        # a conditional slice's output is its forward prediction, with its logits; the others get theirs below
-        logits = list(forward_logits) if query.keep_logits else None
-        with clock.stage("self_propagation"):
-            masks, edges = _self_propagate(engine, query_keys, forward_masks, selection.selected,
-                                           support_memory if keep_supports else None, progress, logits)
-        return StructureResult(np.stack(masks), list(supports), np.asarray(scores, float), selected=selection.selected,
-                               forward_masks=np.stack(forward_masks), edges=edges,
-                               logits=np.stack(logits) if logits is not None else None)
+    @staticmethod
+    def _not_found(query: QueryContext, supports: Sequence[SupportSlice], scored: Scored) -> StructureResult:
+        warnings.warn("every forward prediction is empty: the structure was not found in the query", stacklevel=3)
+        n = len(query.keys)
+        empty = np.zeros((n,) + scored.forward_masks[0].shape, bool)
+        return StructureResult(empty, list(supports), np.zeros(n), forward_masks=np.stack(scored.forward_masks),
+                               logits=np.stack(scored.forward_logits) if query.keep_logits else None)
 
+    @staticmethod
+    def _result(query: QueryContext, supports: Sequence[SupportSlice], scored: Scored, masks, edges,
+                logits) -> StructureResult:
+        return StructureResult(np.stack(masks), list(supports), np.asarray(scored.scores, float),
+                               selected=scored.selection.selected, forward_masks=np.stack(scored.forward_masks),
+                               edges=edges, logits=np.stack(logits) if logits is not None else None)

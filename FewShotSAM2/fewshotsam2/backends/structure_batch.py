@@ -53,30 +53,58 @@ def propagate_tracks(
     start = min(t.first for t in tracks)
     stop = max(t.last for t in tracks)
     num_frames = offset + stop - start + 1
-    reach = engine.memory_reach
     for i in range(start, stop + 1):
         pos = offset + i - start
-        groups: dict[tuple, list[Track]] = defaultdict(list)
-        for t in tracks:
-            if t.first <= i <= t.last:
-                groups[(tuple(sorted(t.cond)), tuple(sorted(t.recent)))].append(t)
-        for (cond_at, recent_at), members in groups.items():
-            for s in range(0, len(members), engine.batch_size):
-                chunk = members[s : s + engine.batch_size]
-                cond = {p: _stack([t.cond[p] for t in chunk]) for p in cond_at}
-                recent = {p: _stack([t.recent[p] for t in chunk]) for p in recent_at}
-                pred = engine.predict([keys[i]] * len(chunk), pos, cond, recent=recent, num_frames=num_frames)
-                for b, t in enumerate(chunk):
-                    memory = pred.memory if len(chunk) == 1 else pred.memory.select(b)
-                    t.masks.append(pred.masks[b])
-                    t.logits.append(memory.pred_masks[0, 0].cpu().numpy())
-                    t.recent[pos] = memory
-                    # bounded FIFO, as memory_bank.propagate_sequence: what the next prediction can still read
-                    for old in [p for p in t.recent if abs(p - pos) >= reach]:
-                        del t.recent[old]
+        active = [t for t in tracks if t.first <= i <= t.last]
+        for t, (mask, memory) in zip(active, predict_grouped(engine, keys[i], [
+                Step(t.cond, t.recent, pos, num_frames) for t in active])):
+            t.masks.append(mask)
+            t.logits.append(memory.pred_masks[0, 0].cpu().numpy())
         engine.release([keys[i]])
         if on_slice is not None:
             on_slice(i - start + 1, stop - start + 1)
+
+
+@dataclass
+class Step:
+    """One structure's prediction of a slice: its memory bank (`recent` is its FIFO, updated in place) and where
+    the slice sits on its timeline."""
+
+    cond: Mapping[int, Memory]
+    recent: dict[int, Memory]
+    position: int
+    num_frames: int
+    reverse: bool = False
+
+
+def predict_grouped(engine: Engine, key: Hashable, steps: Sequence[Step]) -> list[tuple[np.ndarray, Memory]]:
+    """Predict slice `key` for every step, batched over the steps whose memory layouts are the same (the same
+    conditioning and recent positions, slice position, timeline length and direction: SAM2 then reads the same
+    number of memory tokens and object pointers at the same temporal offsets for each), in chunks of
+    `engine.batch_size`. Each step's FIFO gets the new memory and drops what the next prediction can no longer
+    read (as `memory_bank.propagate_sequence`). Returns (mask, memory) per step, in order."""
+    reach = engine.memory_reach
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for n, st in enumerate(steps):
+        groups[(tuple(sorted(st.cond)), tuple(sorted(st.recent)), st.position, st.num_frames, st.reverse)].append(n)
+    out: list = [None] * len(steps)
+    for (cond_at, recent_at, pos, num_frames, reverse), members in groups.items():
+        for s in range(0, len(members), engine.batch_size):
+            chunk = [steps[n] for n in members[s : s + engine.batch_size]]
+            # in the first one's order: SAM2 concatenates conditioning memories in dict order (a structure alone
+            # gets exactly its own call, bit for bit)
+            cond = {p: _stack([st.cond[p] for st in chunk]) for p in chunk[0].cond}
+            recent = {p: _stack([st.recent[p] for st in chunk]) for p in recent_at}
+            pred = engine.predict([key] * len(chunk), pos, cond, recent=recent, num_frames=num_frames,
+                                  reverse=reverse)
+            for b, (n, st) in enumerate(zip(members[s : s + engine.batch_size], chunk)):
+                memory = pred.memory if len(chunk) == 1 else pred.memory.select(b)
+                out[n] = (pred.masks[b], memory)
+                st.recent[pos] = memory
+                # bounded FIFO: only frames within reach of the next prediction stay
+                for old in [p for p in st.recent if abs(p - pos) >= reach]:
+                    del st.recent[old]
+    return out
 
 
 def _stack(memories: list[Memory]) -> Memory:

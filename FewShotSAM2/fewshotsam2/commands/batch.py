@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
+import io
 import json
+import logging
 import os
 import sys
 import threading
@@ -40,9 +43,16 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from fewshotsam2 import settings
 from fewshotsam2.errors import Cancelled, InputError, out_of_memory_as_input_error
+from fewshotsam2.io.atomic import CannotWrite, disk_problem, stale_temporaries, write_text_atomic
+from fewshotsam2.io.paths import check_name_length, input_path, refuse_overwriting_inputs
+from fewshotsam2.options import check_overlap_output, options_from_args
 from fewshotsam2.protocol import EXIT_OK, EXIT_SOME_FAILED
+from fewshotsam2.slicing.slice_range import check_slice_range, parse_slice_ranges
+from fewshotsam2.supports.label_selection import parse_label_selection
 
-if TYPE_CHECKING:  # imported when the command runs (SimpleITK), so that `batch --help` answers at once
+# Volumes, the Segmenter, torch, tqdm and Ray are imported inside the functions that run a cohort: the command line
+# imports this module to build `batch --help`, which must answer at once without torch or SimpleITK
+if TYPE_CHECKING:
     from fewshotsam2.supports.support_loader import SupportReader
 
 MANIFEST_COLUMNS = ("query", "support_image", "support_labels", "labels", "output")
@@ -103,8 +113,6 @@ class CaseResult:
 
 def read_manifest(path: str, out_dir: Optional[str], default_labels: Optional[str]) -> list[BatchCase]:
     """The manifest's cases, paths resolved; InputError naming the row for a bad column, cell or missing file."""
-    from fewshotsam2.supports.label_selection import parse_label_selection
-
     manifest = Path(path)
     if manifest.is_dir():
         raise InputError(f"--manifest {manifest}: is a folder; give the manifest CSV file (for every scan in a "
@@ -176,8 +184,6 @@ def _is_query_file(p: Path) -> bool:
 def cases_from_folder(folder: str, supports: list[tuple[str, str]], labels: str, out_dir: str,
                       out_format: str) -> list[BatchCase]:
     """One case per scan in `folder` (image files and DICOM series sub-folders), all with the same supports."""
-    from fewshotsam2.supports.label_selection import parse_label_selection
-
     d = Path(folder)
     if not d.is_dir():
         raise InputError(f"--queries {folder}: no such folder")
@@ -249,8 +255,7 @@ def _check_paths(cases: list[BatchCase], extra_inputs: Optional[list[str]] = Non
     made, one case each, and are none of the inputs (the row's own, by `paths.refuse_overwriting_inputs`; every
     row's and the manifest's, by resolved path: one set, so that a thousand-row manifest is not checked
     pairwise)."""
-    from fewshotsam2.io.paths import input_path, refuse_overwriting_inputs
-    from fewshotsam2.io.volume import _output_extension, check_name_length
+    from fewshotsam2.io.volume import _output_extension
 
     inputs = {os.path.realpath(p): f"the manifest {p}" for p in extra_inputs or []}
     for c in cases:
@@ -313,9 +318,6 @@ def check_supports(cases: list[BatchCase]) -> "SupportReader":
 def check_slice_ranges(cases: list[BatchCase], slice_range: str, axis: str) -> None:
     """A FIRST:LAST --slice-range must fit every query (read from its header): checked with the manifest, not
     after the model is built."""
-    import warnings as _warnings
-
-    from fewshotsam2.slicing.slice_range import check_slice_range, parse_slice_ranges
     from fewshotsam2.slicing.slices import SlicePlan
     from fewshotsam2.io.volume import read_volume_header
 
@@ -324,8 +326,8 @@ def check_slice_ranges(cases: list[BatchCase], slice_range: str, axis: str) -> N
         return
     for c in cases:
         try:
-            with _warnings.catch_warnings():
-                _warnings.simplefilter("ignore")  # the oblique warning comes again, once, when the case runs
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the oblique warning comes again, once, when the case runs
                 plan = SlicePlan.for_volume(read_volume_header(c.query), axis)
             for first, last in given:
                 check_slice_range(first, last, plan.n_slices, plan.array_axis)
@@ -342,8 +344,6 @@ def record_path(output) -> Path:
 def _fingerprint(path: str) -> list:
     """What identifies an input without reading it: its resolved path, size and modification time (every file of
     a DICOM folder)."""
-    from fewshotsam2.io.paths import input_path
-
     real = os.path.realpath(input_path(path))
     try:
         if os.path.isdir(real):
@@ -375,8 +375,6 @@ def _sha256(path: str) -> str:
 
 def write_record(case: BatchCase, key: str) -> None:
     """Record that this tool completed `case`'s output for these inputs and options (after the output's rename)."""
-    from fewshotsam2.io.atomic import write_text_atomic
-
     record = {"tool": "fewshotsam2", "row": case.where, "key": key, "size": os.path.getsize(case.output),
               "sha256": _sha256(case.output)}
     write_text_atomic(record_path(case.output), json.dumps(record) + "\n")
@@ -445,7 +443,7 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
         else:
-            import resource
+            import resource  # Unix only
 
             self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -509,8 +507,6 @@ class CaseRunner:
             result.error = _one_line(exc)
             result.encoder_calls = self.engine.encoder_calls
             if not isinstance(exc, InputError):
-                import logging
-
                 logging.getLogger(__name__).info("case %s failed:\n%s", case.name, traceback.format_exc())
         result.seconds = time.perf_counter() - t0
         result.peak_memory_mb = peak.mb
@@ -523,10 +519,6 @@ class CaseRunner:
 def write_summary(path: str, results: list[CaseResult]) -> None:
     """The per-case summary CSV, atomically (rewritten after every case, so a crash keeps what was done); it
     follows the umask like every other output. A failed write (a full disk) is an InputError: exit code 2."""
-    import io
-
-    from fewshotsam2.io.atomic import CannotWrite, disk_problem, write_text_atomic
-
     f = io.StringIO(newline="")
     w = csv.writer(f)
     w.writerow(SUMMARY_COLUMNS)
@@ -566,8 +558,6 @@ def summary_location(cases: list[BatchCase], out_dir: Optional[str], manifest: O
     real = os.path.realpath(path)
     inputs = ([manifest] if manifest else []) + [p for c in cases for p in [c.query, *(q for s in c.supports
                                                                                       for q in s)]]
-    from fewshotsam2.io.paths import input_path
-
     for p in inputs:
         if os.path.realpath(input_path(p)) == real:
             raise InputError(f"the batch summary {path} would replace the input {p}; give --out-dir another folder "
@@ -653,8 +643,6 @@ def _cases(args: argparse.Namespace) -> tuple[list[BatchCase], Optional[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fewshotsam2.options import options_from_args
-
     options = options_from_args(args)  # checks every option value
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
@@ -669,6 +657,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--ray needs Ray, which is not installed: pip install 'fewshotsam2[ray]' "
                              "(or pip install ray)") from None
     cases, out_dir = _cases(args)
+    for c in cases:  # --overlap allow: every output a layered .seg.nrrd, or nothing runs
+        check_overlap_output(options.overlap, c.output, f"{c.where}: output")
     summary_path = summary_location(cases, out_dir, args.manifest)
     check_slice_ranges(cases, options.slice_range, options.axis)
     supports = check_supports(cases)
@@ -704,8 +694,6 @@ def run(args: argparse.Namespace) -> int:
         def record(r: CaseResult) -> None:
             results[r.row] = r
             if r.status == "ok":
-                from fewshotsam2.io.atomic import CannotWrite
-
                 try:
                     write_record(by_row[r.row], keys[r.row])
                 except (CannotWrite, OSError) as e:  # the output is complete; without its record a re-run redoes it
@@ -729,8 +717,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _remove_stale_temporaries(folders: list[str], older_than: float) -> None:
     """Remove what a killed run left in the output folders (this package's temporary names only), and say so."""
-    from fewshotsam2.io.atomic import stale_temporaries
-
     for folder in sorted(set(folders)):
         stale = stale_temporaries(folder, older_than)
         removed = 0
@@ -753,9 +739,6 @@ def _check_model_files(options):
 
     Segmenter(options).check_model_files()
     if options.slice_range == "auto":
-        import dataclasses
-        import warnings
-
         from fewshotsam2.model.device import pick_device
         from fewshotsam2.matching.lpips_distance import shared_lpips
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import ray
+from ray.util.queue import Queue
+from tqdm import tqdm
 
 from fewshotsam2.commands.batch import BatchCase, CaseResult, CaseRunner
 from fewshotsam2.errors import InputError
@@ -31,9 +34,7 @@ class CaseWorker:
     """A Ray actor: one model and the supports it has encoded, running one case at a time."""
 
     def __init__(self, options, threads: int) -> None:
-        import warnings
-
-        import torch
+        import torch  # in the actor: `serve` imports this module (runtime_env) without loading torch
 
         torch.set_num_threads(max(1, threads))
         with warnings.catch_warnings():
@@ -110,8 +111,6 @@ def plan_workers(workers: Optional[int], device: str) -> tuple[int, dict]:
 
 def run_cases(cases: list[BatchCase], options, record: Callable[[CaseResult], None], quiet: bool = False,
               address: str = "local", workers: Optional[int] = None, retries: int = 2) -> None:
-    from tqdm import tqdm
-
     started = start(address)
     try:
         n, resources = plan_workers(workers, options.device)
@@ -123,8 +122,6 @@ def run_cases(cases: list[BatchCase], options, record: Callable[[CaseResult], No
         )
         stages = None
         if not quiet:
-            from ray.util.queue import Queue
-
             stages = Queue(maxsize=1000, actor_options={"num_cpus": 0})  # takes no slot from the workers
         actors = [actor_class.remote(options, int(resources["num_cpus"])) for _ in range(n)]
         bar = tqdm(total=len(cases), unit="case", desc=f"batch on {n} Ray workers", file=sys.stderr,

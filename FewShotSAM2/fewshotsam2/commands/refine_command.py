@@ -14,14 +14,19 @@ from typing import Optional
 
 import numpy as np
 
-from fewshotsam2.errors import InputError
+from fewshotsam2 import settings
+from fewshotsam2.errors import InputError, out_of_memory_as_input_error
+from fewshotsam2.io.paths import refuse_overwriting_inputs
+from fewshotsam2.options import OptionError, options_from_args
+from fewshotsam2.run.progress import run_output  # segment's too
+from fewshotsam2.settings import DEFAULT_FEATURE_CACHE_GB as DEFAULT_SIZE_GB, FEATURE_CACHE_ENV, FEATURE_CACHE_SIZE_ENV
+
+# The feature cache, the pipeline, refine and volumes (torch, SimpleITK) are imported inside the functions that run:
+# the command line imports this module to build `segment --help` and `refine --help`, which answer at once
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """--feature-cache and --feature-cache-size (segment fills the cache, refine reads it)."""
-    # from the settings module, not feature_cache (torch): `segment --help` answers at once
-    from fewshotsam2.settings import DEFAULT_FEATURE_CACHE_GB as DEFAULT_SIZE_GB, FEATURE_CACHE_ENV, FEATURE_CACHE_SIZE_ENV
-
     g = parser.add_argument_group("feature cache")
     g.add_argument("--feature-cache", metavar="DIR|off",
                    help="folder of SAM2 image features kept on disk, so that a later refine encodes no slice again "
@@ -62,14 +67,10 @@ class CachedEngineFactory:
 
 
 def _run_output(args: argparse.Namespace):
-    from fewshotsam2.run.progress import run_output  # segment's too
-
     return run_output(args.progress, args.quiet)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from fewshotsam2 import settings
-
     p.description = ("Refine a segmentation from the slices the user corrected: each corrected slice becomes a "
                      "SAM2 prompt next to the method's own, and prediction re-runs from it in both directions "
                      "(sam2's add_new_mask with clear_non_cond_mem_around_input). Give the same query, supports "
@@ -170,9 +171,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, events, bar) -> int:
-    from fewshotsam2.errors import out_of_memory_as_input_error
-    from fewshotsam2.options import options_from_args
-    from fewshotsam2.io.paths import refuse_overwriting_inputs
     from fewshotsam2.run.pipeline import SupportCase, check_query, make_engine
     from fewshotsam2.run.refine import PreviousRun, changed_slices, check_refine_inputs, refine
     from fewshotsam2.slicing.slices import SlicePlan
@@ -183,6 +181,9 @@ def _run(args: argparse.Namespace, events, bar) -> int:
         raise InputError(f"--stop-after-agreeing must be 0 (off) or more, got {args.stop_after_agreeing}")
     if not 0.0 <= args.agreement <= 1.0:
         raise InputError(f"--agreement is a Dice between 0 and 1, got {args.agreement:g}")
+    if options.overlap == "allow":  # refine edits one label map: overlapping layers would be flattened silently
+        raise OptionError("overlap", "allow is not available for refine, which corrects one label per voxel; "
+                                     "choose --overlap logits or order")
     refuse_overwriting_inputs([("--out", args.out)],
                               [args.query, *(p for pair in args.support for p in pair), args.previous, args.corrected,
                                args.previous_scores, args.checkpoint, args.lpips_weights])

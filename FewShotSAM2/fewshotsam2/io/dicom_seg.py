@@ -17,16 +17,18 @@ highdicom and pydicom are optional (the `dicom` extra): imported only when a SEG
 from __future__ import annotations
 
 import re
+import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from fewshotsam2 import __version__
 from fewshotsam2.errors import InputError
-
-if TYPE_CHECKING:
-    from fewshotsam2.io.volume import Structure, Volume
+from fewshotsam2.io.atomic import atomic_path
+from fewshotsam2.io.volume import (Structure, Volume, _split_series, default_structure, dicom_series_files,
+                                   structure_mask)
 
 SUFFIXES = (".dcm",)
 INSTALL_HINT = "pip install highdicom (or pip install 'fewshotsam2[dicom]')"
@@ -86,8 +88,6 @@ def coded_property(name: str):
 
 def _derived_uid(what: str, instance_uids: Sequence[str]) -> str:
     # the same series always gets the same made-up UID: 2.25 + a name-based (version 5) UUID of its instances' UIDs
-    import uuid
-
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(92).join(['fewshotsam2', what, *instance_uids])).int}"
 
 
@@ -171,8 +171,6 @@ def _check_geometry(labels: "Volume", datasets: list, files: Sequence[str]) -> N
 
 def check_query(query: str | Path) -> None:
     """Before any work: a DICOM SEG output needs a DICOM series as the query, and highdicom."""
-    from fewshotsam2.io.volume import _split_series
-
     folder, _choice = _split_series(query)
     if not folder.is_dir():
         raise InputError(f"a DICOM SEG output (.dcm) needs a DICOM series as the query (it references the source "
@@ -190,10 +188,6 @@ def write_dicom_seg(
 ) -> None:
     """Write `labels` (on the query's grid: the pipeline's output) as a binary DICOM SEG referencing the DICOM
     series `query` (FOLDER, FOLDER#N or FOLDER#SERIES_UID). Temporary name, renamed when complete."""
-    from fewshotsam2 import __version__
-    from fewshotsam2.io.atomic import atomic_path
-    from fewshotsam2.io.volume import dicom_series_files, structure_mask
-
     highdicom, pydicom = _modules()
     from pydicom.sr.codedict import codes
 
@@ -273,8 +267,6 @@ def read_dicom_seg(path: str | Path) -> tuple["Volume", list["Structure"]]:
     mask stays whole. The grid spans the SEG's frames (highdicom's `get_volume`); `volume.read_labels` resamples
     it to the image by physical geometry like any label map.
     """
-    from fewshotsam2.io.volume import Structure, Volume, default_structure
-
     highdicom, pydicom = _modules()
     p = Path(path)
     try:

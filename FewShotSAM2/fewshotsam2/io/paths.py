@@ -91,12 +91,23 @@ def dash_path_hint(argv: Iterable[str]) -> str:
             return f" (the path {a} starts with '-', which reads as an option: write ./{a})"
     return ""
 
+def check_name_length(path: PathLike) -> None:
+    """Refuse a file name longer than the folder's file system allows (the write would fail after the work)."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    size = len(os.fsencode(p.name))
+    if size > name_max:
+        raise InputError(f"{p.name[:40]}...: file name too long for the file system ({size} bytes, at most "
+                         f"{name_max}); choose a shorter name")
+
 
 def check_output_file(path: PathLike, suffix: str) -> None:
     """A file output with a fixed suffix (`--scores x.csv`) can be written: right suffix, not a folder, its folder
     exists and is writable. Checked before any work."""
-    from fewshotsam2.io.volume import check_name_length
-
     p = Path(path)
     check_name_length(p)
     if p.is_dir():

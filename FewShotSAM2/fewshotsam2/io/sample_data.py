@@ -18,8 +18,10 @@ This module imports no torch: `fewshotsam2 sample-data` answers at once.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from fewshotsam2.environment import check_sample_url
 from fewshotsam2.errors import InputError
 
 SOURCE_REPO = "wasserth/TotalSegmentator"
@@ -341,8 +344,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     report = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     try:
         root = locate(args.dest, download=not args.check, report=report)
@@ -369,16 +370,11 @@ def run(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m fewshotsam2.io.sample_data`: the same command without torch, numpy or anything beyond the standard
     library (the demo checks the data this way before it builds the environment)."""
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(prog="fewshotsam2 sample-data", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         if os.environ.get(URL_ENV, "").strip():
-            from fewshotsam2.environment import check_sample_url
-
             check_sample_url(os.environ[URL_ENV].strip())
         return run(args)
     except InputError as exc:

@@ -13,6 +13,7 @@ import gzip
 import os
 import struct
 import sys
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ import SimpleITK as sitk
 
 from fewshotsam2.io.atomic import IncompleteWrite, atomic_path, disk_problem, write_target
 from fewshotsam2.errors import InputError
+from fewshotsam2.io.paths import check_name_length
+
+# slicerio is imported where a .seg.nrrd is read or written: the Slicer module reads volumes with this module in
+# Slicer's own Python, where slicerio may not be installed yet (dependencies.missingForJobFiles)
 
 PathLike = Union[str, Path]
 
@@ -367,8 +372,6 @@ def _check_nifti_raw(p: Path) -> None:
 def _stderr_captured() -> Iterator[Callable[[], str]]:
     """Collect what C++ readers print straight to the stderr file descriptor (MetaImage, ITK warnings), so that
     a bad file gives one line; yields a function returning the text."""
-    import tempfile
-
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as sink:
@@ -516,7 +519,7 @@ def _read_seg_nrrd(path: Path) -> tuple[Volume, list[Structure]]:
     One layer: the label map as stored. Several layers (overlapping segments): `Volume.layers` holds them all,
     so nested segments survive (see `structure_mask`); `array` holds them flattened, later layers on top.
     """
-    import slicerio  # imported here: only .seg.nrrd needs it
+    import slicerio
 
     try:
         seg = slicerio.read_segmentation(str(path))
@@ -550,6 +553,12 @@ def _read_seg_nrrd(path: Path) -> tuple[Volume, list[Structure]]:
     vol = Volume(flat, tuple(spacing), tuple(m[:3, 3]), m[:3, :3] / spacing,
                  layers=layers if layers.shape[0] > 1 else None)
     return vol, structures
+
+
+def read_seg_nrrd(path: PathLike) -> LabelMap:
+    """A Slicer .seg.nrrd as stored (its own grid, no resampling): each segment with its layer and label value
+    (overlapping segments, e.g. a `--overlap allow` result, in separate layers: `Volume.layers`)."""
+    return LabelMap(*_read_seg_nrrd(Path(path)))
 
 
 def structure_mask(labels: Volume, structure: Structure) -> np.ndarray:
@@ -617,7 +626,7 @@ def read_labels(
     if p.name.lower().endswith(".seg.nrrd"):
         labels, structures = _read_seg_nrrd(p)
     elif p.is_file() and p.name.lower().endswith(".dcm"):  # a DICOM SEG: segments with their names
-        from fewshotsam2.io.dicom_seg import read_dicom_seg
+        from fewshotsam2.io.dicom_seg import read_dicom_seg  # a cycle: dicom_seg builds on this module
 
         labels, structures = read_dicom_seg(p)
     else:
@@ -678,20 +687,6 @@ def check_output_path(path: PathLike) -> None:
         raise InputError(f"{p}: output folder {folder} is not writable")
 
 
-def check_name_length(path: PathLike) -> None:
-    """Refuse a file name longer than the folder's file system allows (the write would fail after the work)."""
-    p = Path(path)
-    folder = p.parent if str(p.parent) else Path(".")
-    try:
-        name_max = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    size = len(os.fsencode(p.name))
-    if size > name_max:
-        raise InputError(f"{p.name[:40]}...: file name too long for the file system ({size} bytes, at most "
-                         f"{name_max}); choose a shorter name")
-
-
 def _write_seg_nrrd(path: str, labels: Volume, structures: list[Structure], array: np.ndarray) -> None:
     import slicerio
 
@@ -747,7 +742,7 @@ def write_labels(path: PathLike, labels: Volume, structures: list[Structure], so
     p = Path(path)
     ext = _output_extension(p)
     if ext == ".dcm":
-        from fewshotsam2.io.dicom_seg import write_dicom_seg
+        from fewshotsam2.io.dicom_seg import write_dicom_seg  # a cycle: dicom_seg builds on this module
 
         if source is None:
             raise InputError(f"{p.name}: a DICOM SEG output needs the DICOM series it segments (the query)")

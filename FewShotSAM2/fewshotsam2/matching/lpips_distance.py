@@ -26,11 +26,16 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from fewshotsam2 import constants
 from fewshotsam2.model.device import pick_device
 from fewshotsam2.errors import InputError
+from fewshotsam2.requirements import require_lpips
 from fewshotsam2.settings import LPIPS_WEIGHTS_ENV
+
+# torchvision (seconds to import) is imported where ImageNet weights are looked up: the pipeline imports this
+# module, and a run that uses no LPIPS (--slice-range off with propagate/reverse) should not pay for it
 
 QUERY_CHUNK = 32  # query slices whose LPIPS features (1.3 MB each at 224 px) are held at once
 NETS = constants.LPIPS_NETS
@@ -140,8 +145,6 @@ class LPIPSDistance:
         size: int = 224,
         batch_size: int = 16,
     ) -> None:
-        from fewshotsam2.requirements import require_lpips
-
         lpips = require_lpips()  # one clear error line when it is not installed
         if net not in NETS:
             raise InputError(f"unknown LPIPS network '{net}'; choose one of {', '.join(NETS)}")
@@ -318,8 +321,6 @@ def body_box(stack: np.ndarray, spacing: tuple[float, float], threshold: float =
     in some slices or in a projection over slices, so the centre is the median over slices of the per-slice
     box centres and the side their 90th percentile (at most 64 slices looked at). One box for the whole stack: every slice of a volume gets the same crop.
     """
-    from scipy import ndimage
-
     n, h, w = stack.shape  # an array or a lazy SliceStack: read slice by slice
     iterations = max(1, int(round(4.0 / min(spacing))))
     boxes = []
@@ -355,8 +356,6 @@ def resample_to_fov(
     Bilinear, outside the image = 0, float32. center defaults to `body_box`'s. Give support and query the same
     fov_mm, e.g. 1.1 x the larger of their `body_box` extents, so both are shown at the same mm per pixel.
     """
-    from scipy import ndimage
-
     if center is None:
         r, c, _ = body_box(stack, spacing)
     else:

@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fewshotsam2 import constants
-
-from fewshotsam2.model import models
-from fewshotsam2.io.atomic import atomic_path
 from fewshotsam2.errors import InputError
-
+from fewshotsam2.io.atomic import atomic_path
+from fewshotsam2.model import models
+from fewshotsam2.model.models import normalise_model_name  # noqa: F401  (re-exported: checkpoints.normalise_model_name)
 from fewshotsam2.settings import CACHE_ENV  # noqa: F401  (the one definition is the settings table's)
+
+# torch, tqdm and the engine are imported inside the functions that need them: options (and so the command line's
+# --help) and the Slicer module read this file before the core's dependencies are installed (the engine also
+# imports this module: a cycle)
 MODELS = constants.MODELS
 VERSIONS = constants.VERSIONS
 
@@ -79,17 +82,6 @@ def _registry() -> dict[str, CheckpointInfo]:
 
 
 CHECKPOINTS: dict[str, CheckpointInfo] = _registry()
-
-_MODEL_ALIASES = {"medsam": "medsam2", "medsam-2": "medsam2", "medsam_2": "medsam2", "t": "tiny", "s": "small", "b+": "base_plus", "base+": "base_plus", "baseplus": "base_plus",
-                  "base-plus": "base_plus", "b": "base_plus", "l": "large"}
-
-
-def normalise_model_name(model: str) -> str:
-    name = _MODEL_ALIASES.get(model.lower(), model.lower())
-    if name not in MODELS:
-        raise InputError(f"unknown model '{model}': choose one of {', '.join(MODELS)}")
-    return name
-
 
 def checkpoint_info(model: str, version: str = "2.1", config: Optional[str] = None,
                     checkpoint: Optional[str | Path] = None) -> CheckpointInfo:

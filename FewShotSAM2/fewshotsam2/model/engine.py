@@ -21,8 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+import sam2  # noqa: F401  (initialises hydra's config module, which build_sam2_model composes from)
 import torch
 import torch.nn.functional as F
+from hydra import compose
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from sam2.utils import misc as sam2_misc  # looked up at each call: the oracle tests patch get_connected_components
+from scipy import ndimage
 
 from fewshotsam2 import constants
 from fewshotsam2.model.checkpoints import CheckpointInfo, checkpoint_info, load_state_dict, resolve_checkpoint
@@ -45,7 +51,7 @@ FILL_HOLE_AREA = 8  # sam2's video-predictor post-processing default (also the F
 def _has_sam2_extension() -> bool:
     """Whether sam2's compiled CUDA extension (connected components for hole filling) is installed."""
     try:
-        from sam2 import _C  # noqa: F401
+        from sam2 import _C  # noqa: F401  (optional: only a CUDA build of sam2 has it)
     except ImportError:
         return False
     return True
@@ -55,11 +61,6 @@ def build_sam2_model(info: CheckpointInfo, image_size: int = 1024, device: str |
     """SAM2 from the package's own config, with sam2's video post-processing settings, random weights."""
     if image_size % 32 != 0 or image_size < 64:
         raise InputError(f"image size must be a multiple of 32 and at least 64, got {image_size}")
-    import sam2  # noqa: F401  (initialises hydra's config module)
-    from hydra import compose
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
     overrides = [
         "++model._target_=sam2.sam2_video_predictor.SAM2VideoPredictor",
         f"++model.image_size={image_size}",
@@ -612,12 +613,8 @@ class SAM2Engine:
         if self.fill_hole_area <= 0:
             return logits
         if self._cuda_hole_filling:
-            from sam2.utils.misc import get_connected_components
-
-            labels, areas = get_connected_components(logits <= 0)
+            labels, areas = sam2_misc.get_connected_components(logits <= 0)
             return torch.where((labels > 0) & (areas <= self.fill_hole_area), 0.1, logits)
-        from scipy import ndimage
-
         filled = logits.clone()
         bg = (logits <= 0).cpu().numpy()
         for i in range(bg.shape[0]):

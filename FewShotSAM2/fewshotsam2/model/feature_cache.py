@@ -2,10 +2,11 @@
 
 One file per slice, named by a hash of what determines its features: the windowed slice pixels (float32, as the
 engine receives them), the model and its checkpoint (file, size and modification time; "random weights" for
-`--untrained`), the image size, the device type and sam2's version. Stored in bfloat16 (half of float32; what a
-GPU computes anyway). While a cache is attached, every run uses its features rounded to bfloat16, read from disk or
-just encoded, so a result does not depend on what the cache held (on a CPU this differs from a run without the
-cache in the last bits of the logits, as `--feature-storage bfloat16` does).
+`--untrained`), the image size, the device type and sam2's version. Stored as the encoder computes them: bfloat16
+under CUDA autocast (what sam2 itself computes there), float32 elsewhere, so an entry is lossless and a result never
+depends on the cache: a run with a cache, warm or cold, gives the same logits as a run without one, and as sam2's
+own video predictor. (Rounding CPU features to bfloat16 would halve the files but move the logits by far more than
+float precision; the size bound below is in bytes either way.)
 
 Safety: files are written to a temporary name and renamed (a reader sees a whole file or none, also with two
 processes writing the same entry); an entry that cannot be read, or that names another model, is encoded again
@@ -24,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Hashable, Optional, Sequence
 
+import sam2
 import torch
 
 from fewshotsam2.errors import InputError
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 from fewshotsam2.settings import DEFAULT_FEATURE_CACHE_GB as DEFAULT_SIZE_GB  # noqa: E402  (defined with the settings)
 from fewshotsam2.settings import FEATURE_CACHE_ENV, FEATURE_CACHE_SIZE_ENV  # noqa: E402,F401
-FORMAT = "fewshotsam2-features-1"
+FORMAT = "fewshotsam2-features-2"  # 2: stored in the encoder's dtype (1 rounded CPU features to bf16)
 _STALE_TMP_SECONDS = 3600  # a temporary file this old is a killed writer's leftover
 
 
@@ -80,8 +82,6 @@ class FeatureCache:
     @staticmethod
     def identity(engine: "SAM2Engine") -> str:
         """What besides the pixels decides a slice's features."""
-        import sam2
-
         if engine.checkpoint_path is None:
             weights = "random-weights-seed0"  # SAM2Engine.with_random_weights
         else:
@@ -141,18 +141,19 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ writing
     def put(self, engine: "SAM2Engine", key: Hashable, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Store one slice's features (levels of batch 1) and return them as the run uses them: rounded to
-        bfloat16, in the engine's storage dtype and device."""
-        stored = [t.detach().to("cpu", torch.bfloat16).contiguous().clone() for t in levels]
+        """Store one slice's features (levels of batch 1) as the encoder computed them; return them as the run
+        uses them (the engine's storage dtype and device), unchanged by the trip to disk."""
+        stored = [t.detach().to("cpu", stored_dtype(engine)).contiguous().clone() for t in levels]
         path, identity = self._path(engine, key)
         tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}.pt")
         try:
             torch.save({"format": FORMAT, "identity": identity, "levels": stored}, tmp)
             size = tmp.stat().st_size
             os.replace(tmp, path)  # atomic: a reader sees the old entry, the new one or none
-        except OSError as exc:
-            warnings.warn(f"feature cache {self.folder}: cannot write ({exc.strerror or exc}); going on without "
-                          "storing", stacklevel=3)
+        except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError for a folder removed meanwhile
+            why = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            warnings.warn(f"feature cache {self.folder}: cannot write ({why}); going on without storing",
+                          stacklevel=3)
             size = 0
         finally:
             if tmp.exists():
@@ -216,11 +217,16 @@ def _check(entry, identity: str, engine: "SAM2Engine") -> str:
         return "incomplete"
     sizes = _level_sizes(engine)
     for t, (h, w) in zip(levels, sizes):
-        if t.dtype != torch.bfloat16 or t.ndim != 4 or t.shape[0] != 1 or tuple(t.shape[-2:]) != (h, w):
+        if t.dtype != stored_dtype(engine) or t.ndim != 4 or t.shape[0] != 1 or tuple(t.shape[-2:]) != (h, w):
             return "of the wrong shape"
         if not torch.isfinite(t).all():
             return "damaged (not finite)"
     return ""
+
+
+def stored_dtype(engine: "SAM2Engine") -> torch.dtype:
+    """The dtype the encoder computes features in: bfloat16 under CUDA autocast, float32 elsewhere (lossless)."""
+    return torch.bfloat16 if engine._autocast else torch.float32
 
 
 def _level_sizes(engine: "SAM2Engine") -> list[tuple[int, int]]:

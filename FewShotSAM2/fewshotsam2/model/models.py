@@ -16,10 +16,13 @@ the config; a known file is recognised by its SHA256 where the publisher gives o
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
+from fewshotsam2.constants import MODELS
 from fewshotsam2.errors import InputError
 
 
@@ -75,12 +78,22 @@ def card(model: str) -> ModelCard:
     return CARDS[model]
 
 
+_MODEL_ALIASES = {"medsam": "medsam2", "medsam-2": "medsam2", "medsam_2": "medsam2", "t": "tiny", "s": "small", "b+": "base_plus", "base+": "base_plus", "baseplus": "base_plus",
+                  "base-plus": "base_plus", "b": "base_plus", "l": "large"}
+
+
+def normalise_model_name(model: str) -> str:
+    """A model name or its alias ("MedSAM", "b+") -> the model's name in constants.MODELS."""
+    name = _MODEL_ALIASES.get(model.lower(), model.lower())
+    if name not in MODELS:
+        raise InputError(f"unknown model '{model}': choose one of {', '.join(MODELS)}")
+    return name
+
+
 def default_image_size(model: str, config: Optional[str] = None) -> int:
     """The input size a model was trained at: the default when --image-size is not given."""
     if config:
         return parse_config(config).image_size
-    from fewshotsam2.model.checkpoints import normalise_model_name  # aliases: "MedSAM", "b+"
-
     try:
         model = normalise_model_name(model)
     except InputError:
@@ -119,9 +132,6 @@ def _split_top_level(text: str) -> list[str]:
 
 def packaged_configs() -> list[str]:
     """The hydra names of the configs sam2 ships (`configs/sam2.1/sam2.1_hiera_t.yaml`, ...)."""
-    import importlib.util
-    from pathlib import Path
-
     spec = importlib.util.find_spec("sam2")
     if spec is None or not spec.submodule_search_locations:
         return []

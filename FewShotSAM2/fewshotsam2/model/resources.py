@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from fewshotsam2.environment import feature_cache_mb
 from fewshotsam2.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -102,20 +103,20 @@ def cpu_feature_cache_bytes() -> int:
     value = os.environ.get(FEATURE_CACHE_ENV, "").strip()
     if not value:
         return CPU_FEATURE_CACHE_BYTES
-    from fewshotsam2.environment import feature_cache_mb
-
     return int(feature_cache_mb(value) * 2**20)  # NaN and inf refused too (int() of them is a traceback)
 
 
 def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, frame_shape: tuple,
-                       n_structures: int = 1, storage: str = "auto", logit_maps: int = 0) -> ResourceEstimate:
+                       n_structures: int = 1, storage: str = "auto", logit_maps: int = 0,
+                       layered: bool = False) -> ResourceEstimate:
     """Estimate a run of `method` over `n_slices` query slices (`feature_uses` slice visits over structures), and
     choose how the run holds its features: storage dtype (when `storage` is "auto") and device, the prediction
     batch, what is kept.
 
     Several structures: predictions batched over structures (propagate's one pass) run in chunks of the batch
     chosen here, so they stay within the same activation budget; `logit_maps` low-resolution logit maps (one per
-    structure and slice, for the overlap rule) and every structure's memory FIFO are held at once."""
+    structure and slice, for the overlap rule) and every structure's memory FIFO are held at once. `layered`
+    (`--overlap allow`): every structure's whole mask is kept to the end (and its unstacked copy for the layers)."""
     s = engine.image_size
     cuda = engine.device.type == "cuda"
     half = 2 if getattr(engine, "_autocast", False) else 1
@@ -146,14 +147,15 @@ def estimate_resources(engine, method: str, feature_uses: int, n_slices: int, fr
     cache = (kept + batch) * dtype_bytes
     h, w = frame_shape
     # per query slice at its own size: the source array (int16 typical), the output label stack and its
-    # unstacked copy (uint8), per-structure masks, and for reverse the forward masks
-    per_slice_arrays = h * w * (2 + 2 + n_structures * (3 if method == "reverse" else 2))
+    # unstacked copy (uint8), per-structure masks, and for reverse the forward masks; `layered`: each structure's
+    # kept mask and its copy
+    per_slice_arrays = h * w * (2 + 2 + n_structures * ((3 if method == "reverse" else 2) + (2 if layered else 0)))
     mem_bytes = (engine.model.mem_dim * 2 * (s // 16) ** 2 + (s // 4) ** 2) * 4 if method == "reverse" else 0
     # the overlap rule's low-resolution logits (float32), and one pass's FIFOs beyond the first structure's (each
     # memory: bf16 mask-memory features plus float32 low-resolution logits)
     held = logit_maps * (s // 4) ** 2 * 4
-    if method == "propagate" and n_structures > 1:
-        held += ((n_structures - 1) * getattr(engine, "memory_reach", 15)
+    if method in ("propagate", "reverse") and n_structures > 1:  # reverse: two FIFOs each (forward, backward)
+        held += ((n_structures - 1) * getattr(engine, "memory_reach", 15) * (2 if method == "reverse" else 1)
                  * (engine.model.mem_dim * 2 * (s // 16) ** 2 + (s // 4) ** 2 * 4))
     params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     base = max(_process_rss_bytes(), PROCESS_BASE_BYTES)

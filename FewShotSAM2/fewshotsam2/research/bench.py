@@ -156,7 +156,9 @@ def bench_method(method: str, cfg: dict, engine=None) -> dict:
 
     t2 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        write_labels(Path(tmp) / "labels.nii.gz", result.labels, result.structures)
+        # --overlap allow with overlapping structures: layers, which only a .seg.nrrd holds
+        name = "labels.seg.nrrd" if result.labels.layers is not None else "labels.nii.gz"
+        write_labels(Path(tmp) / name, result.labels, result.structures)
     writing = time.perf_counter() - t2
 
     timings = {k: float(v) for k, v in result.timings.items()}

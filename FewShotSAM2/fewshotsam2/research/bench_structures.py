@@ -49,11 +49,12 @@ def _cpu_seconds() -> float:
 
 
 def _worker(args) -> dict:
+    from fewshotsam2.backends import get_backend
     from fewshotsam2.backends.base import Backend
-    from fewshotsam2.backends.propagate import PropagateBackend
     from fewshotsam2.options import SegmentOptions
     from fewshotsam2.run.pipeline import SupportCase, segment
 
+    backend = type(get_backend(args.method))
     query, image, labels, chosen = _inputs(args)
     support = SupportCase(image, labels, "support")
     options = SegmentOptions.from_flat(method=args.method, image_size=args.image_size, device="cpu", untrained=True,
@@ -61,7 +62,7 @@ def _worker(args) -> dict:
                                        overlap=args.overlap)
     structures = chosen[: args.count]
     if args.mode == "sequential":
-        PropagateBackend.run_many = Backend.run_many  # the one-at-a-time loop
+        backend.run_many = Backend.run_many  # the one-at-a-time loop
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from fewshotsam2.model.engine import SAM2Engine
@@ -87,8 +88,8 @@ def _worker(args) -> dict:
 def _interleaved(args) -> None:
     """Every (count, mode) in one process, in rounds: config after config, `--repeat` rounds, so each sees the
     same machine load on average (on a shared machine the load drifts over minutes). Median wall per config."""
+    from fewshotsam2.backends import get_backend
     from fewshotsam2.backends.base import Backend
-    from fewshotsam2.backends.propagate import PropagateBackend
     from fewshotsam2.model.engine import SAM2Engine
     from fewshotsam2.options import SegmentOptions
     from fewshotsam2.run.pipeline import SupportCase, segment
@@ -98,7 +99,8 @@ def _interleaved(args) -> None:
     options = SegmentOptions.from_flat(method=args.method, image_size=args.image_size, device="cpu", untrained=True,
                                        slice_range=args.slice_range, extent_weights=args.lpips_weights,
                                        overlap=args.overlap)
-    batched = PropagateBackend.run_many
+    backend = type(get_backend(args.method))
+    batched = backend.run_many
     configs = [(c, m) for c in (int(x) for x in args.counts.split(",")) for m in args.modes.split(",")
                if c > 1 or m == "one-pass"]
     times: dict = {c: [] for c in configs}
@@ -109,14 +111,14 @@ def _interleaved(args) -> None:
         segment(query, [support], chosen[:1], options, progress=None, engine=engine)  # warm-up
         for _ in range(args.repeat):
             for count, mode in configs:
-                PropagateBackend.run_many = Backend.run_many if mode == "sequential" else batched
+                backend.run_many = Backend.run_many if mode == "sequential" else batched
                 structures = chosen[:count]
                 t0, n = time.perf_counter(), 0
                 for part in ([[s] for s in structures] if mode == "separate" else [structures]):
                     n += segment(query, [support], part, options, progress=None, engine=engine).encoder_calls
                 times[(count, mode)].append(time.perf_counter() - t0)
                 calls[(count, mode)] = n
-    PropagateBackend.run_many = batched
+    backend.run_many = batched
     one = statistics.median(times[configs[0]])
     print(f"load average: {os.getloadavg()[0]:.1f}\n")
     print("| structures | mode | median wall (s) | runs (s) | x one structure | encoder calls |")

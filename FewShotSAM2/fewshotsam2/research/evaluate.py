@@ -547,7 +547,11 @@ def evaluate_result(result, truth_labels, value: int, eval_keep: Optional[np.nda
     excluded from every metric. Returns the metric columns of cases.csv and per-slice arrays (keys "_...").
     """
     axis = int(result.slice_axis)
-    pred = np.asarray(result.labels.array) == value
+    from fewshotsam2.io.volume import structure_mask
+
+    # --overlap allow: a structure's voxels from its own layer (overlaps kept)
+    pred = structure_mask(result.labels, next(s for s in result.structures if s.value == value)) \
+        if result.labels.layers is not None else np.asarray(result.labels.array) == value
     truth = np.asarray(truth_labels.array) == value
     n = truth.shape[axis]
     keep = np.ones(n, bool) if eval_keep is None else np.asarray(eval_keep, bool)

@@ -1,8 +1,8 @@
 """Where a refine spends its time: `segment` then `refine` (propagate, one corrected slice, feature cache warm) in
-this process under cProfile, and the time of each stage per predicted slice.
+their own processes under cProfile, and the time of each stage per predicted slice.
 
 `python -m fewshotsam2.research.profile_refine OUT_DIR [--slices 10] [--image-size 512]` (from FewShotSAM2/, with
-OMP_NUM_THREADS set as wanted) builds the clinical-size CT of `clinical_ct` at N slices, runs both commands with
+OMP_NUM_THREADS set as wanted; each command runs in its own process) builds the clinical-size CT of `clinical_ct` at N slices, runs both commands with
 random weights and prints the CPU seconds (of all the process's threads: set OMP_NUM_THREADS=1 for a clean
 profile; they do not depend on other jobs on the machine as wall time does) of the stages: image encoder, memory attention, memory encoder, mask decoder, feature-cache
 reads, building SAM2, reading and writing volumes. The profiles stay in OUT_DIR (segment.prof, refine.prof).
@@ -11,14 +11,18 @@ reads, building SAM2, reading and writing volumes. The profiles stay in OUT_DIR 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import pstats
+import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+# argv[1]: where the profile goes; the rest: the command line. CPU seconds: the machine may be busy with other work
+_PROFILED = ("import cProfile, sys, time, warnings; warnings.simplefilter('ignore'); from fewshotsam2.cli import main; "
+             "p = cProfile.Profile(time.process_time); p.enable(); rc = main(sys.argv[2:]); p.disable(); "
+             "p.dump_stats(sys.argv[1]); sys.exit(rc)")
 
 # stage name -> (file suffix, function name) as cProfile names them
 STAGES = {
@@ -47,7 +51,6 @@ def stage_seconds(prof: Path) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    from fewshotsam2.cli import main as cli
     from fewshotsam2.io.volume import default_structure, read_volume, write_labels
     from fewshotsam2.research.clinical_ct import build
 
@@ -83,16 +86,14 @@ def main(argv=None) -> int:
             k = args.slices // 2
             edited[k] = np.where(labels.array[k] == args.label, args.label, 0)
             write_labels(out / "edited.nii.gz", first.with_array(edited), [default_structure(args.label)])
-        prof = cProfile.Profile(time.process_time)  # CPU seconds: the machine may be busy with other work
-        prof.enable()
-        rc = cli(argv_)
-        prof.disable()
-        if rc:
-            raise SystemExit(f"{name} failed ({rc})")
-        prof.dump_stats(str(out / f"{name}.prof"))
+        # the command line in its own process (as a user runs it), profiled in CPU seconds
+        proc = subprocess.run([sys.executable, "-c", _PROFILED, str(out / f"{name}.prof"), *argv_],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
         total[name] = pstats.Stats(str(out / f"{name}.prof")).total_tt
     n = args.slices
-    print(f"| stage | segment s | per slice | refine s | per predicted slice |\n| --- | ---: | ---: | ---: | ---: |")
+    print("| stage | segment s | per slice | refine s | per predicted slice |\n| --- | ---: | ---: | ---: | ---: |")
     seg, ref = stage_seconds(out / "segment.prof"), stage_seconds(out / "refine.prof")
     for stage in STAGES:
         print(f"| {stage} | {seg[stage]:.2f} | {seg[stage] / n:.3f} | {ref[stage]:.2f} | {ref[stage] / (n - 1):.3f} |")

@@ -11,6 +11,8 @@ come from: SAM2's low-resolution mask logits (after hole filling), upsampled bil
 exactly as the engine upsamples them for the mask.
 
 "order": the structure listed first keeps the voxel (the package's rule before the logits rule).
+"allow": every structure keeps its whole mask; `LabelComposer.masks` hands them to `LabelMap.from_masks`, which
+puts overlapping ones in separate layers (only a .seg.nrrd output holds them: `options.check_overlap_output`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def upsample_logits(low_res: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 class LabelComposer:
     """Builds the label stack (n, h, w) from per-structure masks added in listing order.
 
-    `rule`: "logits" (each `add` then needs the structure's low-resolution logits) or "order". Only the logits of
-    structures added so far are kept (low resolution: (S/4)^2 float32 per slice), the masks are not.
+    `rule`: "logits" (each `add` then needs the structure's low-resolution logits), "order" or "allow". Only the
+    logits of structures added so far are kept (low resolution: (S/4)^2 float32 per slice), the masks are not,
+    except with "allow": each structure's masks on its range, for `masks` (`labels` then holds them painted in
+    listing order, the first listed on top, as "order").
     """
 
     def __init__(self, shape: tuple[int, int, int], dtype, rule: str = "logits") -> None:
@@ -46,13 +50,16 @@ class LabelComposer:
         self._logits: dict[int, tuple[int, np.ndarray]] = {}
         self.contested = 0  # voxels claimed by more than one structure
         self.moved = 0  # of those, voxels a later-listed structure took by its higher logit
+        self._masks: dict[int, tuple[int, np.ndarray]] = {}  # "allow": value -> (first stack index, masks)
 
     def add(self, value: int, first: int, masks: np.ndarray, logits: Optional[np.ndarray] = None) -> None:
         """Paint structure `value` whose masks cover stack slices first .. first + len(masks) - 1."""
         if value == 0:
             raise ValueError("label value 0 is the background")
         part = self.labels[first : first + len(masks)]
-        if self.rule == "order" or not self._logits:
+        if self.rule == "allow":
+            self._masks[value] = (first, np.asarray(masks, dtype=bool))
+        if self.rule != "logits" or not self._logits:
             if self.rule == "logits":
                 self._keep(value, first, masks, logits)
             self.contested += int(np.count_nonzero(masks & (part != 0)))
@@ -76,6 +83,24 @@ class LabelComposer:
                 self.moved += int(np.count_nonzero(take))
                 part[i][take] = value
             part[i][mine & (part[i] == 0)] = value
+
+    def extend(self, value: int, first: int, masks: np.ndarray) -> None:
+        """Structure `value` segmented further (past its range ends: range_ends.py): `masks` cover stack slices
+        first .. first + len(masks) - 1, its range included. The new slices take free voxels only (no logits
+        there), except with "allow", where the structure keeps them all."""
+        part = self.labels[first : first + len(masks)]
+        if self.rule == "allow":
+            self._masks[value] = (first, np.asarray(masks, dtype=bool))
+        part[masks & (part == 0)] = value
+
+    def masks(self) -> list[tuple[int, np.ndarray]]:
+        """"allow": (value, bool mask of the whole stack) per structure, in the order added."""
+        out = []
+        for value, (first, masks) in self._masks.items():
+            full = np.zeros(self.labels.shape, dtype=bool)
+            full[first : first + len(masks)] = masks
+            out.append((value, full))
+        return out
 
     def _keep(self, value: int, first: int, masks: np.ndarray, logits: Optional[np.ndarray]) -> None:
         if logits is None or len(logits) != len(masks):

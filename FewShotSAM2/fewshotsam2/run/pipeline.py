@@ -8,6 +8,9 @@ supports) and `Run.execute` (each structure on its range with the engine, then t
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -36,7 +39,10 @@ from fewshotsam2.slicing.slice_stack import SliceStack
 from fewshotsam2.slicing.slices import SlicePlan
 from fewshotsam2.slicing.support import select_support_slices
 from fewshotsam2.supports.support_loader import SupportCase  # noqa: F401  (re-exported: pipeline.SupportCase)
-from fewshotsam2.io.volume import Structure, Volume
+from fewshotsam2.io.volume import LabelMap, Structure, Volume
+from fewshotsam2.run.progress import ProgressBar
+from fewshotsam2.requirements import require_lpips
+from fewshotsam2.io.atomic import write_text_atomic
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -129,7 +135,8 @@ class Run:
         uses = self.uses()
         estimate = estimate_resources(engine, self.options.method, int(uses.sum()), int((uses > 0).sum()),
                                       self.info.images.shape[1:], len(self.structures), self.options.feature_storage,
-                                      int(uses.sum()) if self.overlap_rule == "logits" else 0)
+                                      int(uses.sum()) if self.overlap_rule == "logits" else 0,
+                                      layered=self.overlap_rule == "allow")
         if notify is not None:
             for line in self.describe_ranges():
                 notify(line)
@@ -188,8 +195,8 @@ class Run:
                 engine, result, keys, self.info.images, first, last, kinds[structure.value] == "auto",
                 structure.name, self.plan.slice_index_to_array_index, stage_progress)
             engine.release(keys[i] for i in range(seg_first, seg_last + 1) if uses[i] == 0 and not first <= i <= last)
-            part = out.stack[seg_first : seg_last + 1]
-            part[masks & (part == 0)] = structure.value  # continued slices: the structure listed first keeps a voxel
+            if (seg_first, seg_last) != (first, last):  # continued slices: the structure listed first keeps a voxel
+                out.composer.extend(structure.value, seg_first, masks)
             self.ranges[structure.value] = (seg_first, seg_last)  # the result reports the range segmented
             out.reports[structure.value] = range_report(structure.name, structure.value, kinds[structure.value],
                                                         to_array_range(self.plan, first, last),
@@ -250,9 +257,19 @@ class _Outputs:
 
     def result(self, encoder_calls: int, estimate: ResourceEstimate) -> SegmentationResult:
         run = self.run
-        labels = run.query.with_array(run.plan.unstack(self.stack))
+        structures = list(run.structures)
+        if self.composer.rule == "allow":
+            # each structure its whole mask; overlapping ones in separate layers (written as a .seg.nrrd only)
+            by_value = {s.value: s for s in structures}
+            layered = LabelMap.from_masks(run.query, [(by_value[v], run.plan.unstack(m)) for v, m in
+                                                       self.composer.masks()])
+            placed = {s.value: s for s in layered.structures}
+            labels = layered.volume
+            structures = [placed.get(s.value, s) for s in structures]
+        else:
+            labels = run.query.with_array(run.plan.unstack(self.stack))
         ranges = {s.value: run.array_range(s.value) for s in run.structures}
-        return SegmentationResult(labels, list(run.structures), self.scores, encoder_calls, run.timings,
+        return SegmentationResult(labels, structures, self.scores, encoder_calls, run.timings,
                                   run.plan.array_axis, self.forward_masks, self.used, run.plan,
                                   [s.plan for s in run.supports], ranges, estimate, self.reports)
 
@@ -349,8 +366,6 @@ def segment(
     `notify(text)` receives the slice ranges and the memory/time estimate before the work starts.
     """
     if progress is True:
-        from fewshotsam2.run.progress import ProgressBar
-
         with ProgressBar() as bar:
             return segment(query, supports, structures, options, bar, engine, notify)
     run = prepare(query, supports, structures, options)
@@ -379,10 +394,6 @@ def given_ranges(run: Run) -> tuple[dict[int, StackRange], list[Structure]]:
 
 def estimated_ranges(run: Run, structures: list[Structure]) -> dict[int, StackRange]:
     """Per structure value, the range the extent estimator finds from the supports (None: empty)."""
-    import os
-
-    from fewshotsam2.requirements import require_lpips
-
     require_lpips()  # missing lpips is an error, not "every slice": installing it is the fix
     options = run.options
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
@@ -454,17 +465,11 @@ def write_scores(path: str, scores: list[SliceScore],
     With `slice_ranges` every row also holds its structure's segmented range (`range_first`, `range_last`: array
     indices along the slice axis; empty when the estimated range was empty), and a structure without scored
     slices (an empty range) gets one row with its name and the empty range."""
-    import csv
-
     def bounds(value: int) -> list:
         if slice_ranges is None:
             return []
         r = slice_ranges.get(value)
         return ["", ""] if r is None else [r[0], r[1]]
-
-    import io
-
-    from fewshotsam2.io.atomic import write_text_atomic
 
     f = io.StringIO(newline="")
     w = csv.writer(f)

@@ -45,8 +45,15 @@ from typing import Callable, Hashable, Mapping, Optional, Sequence
 import numpy as np
 
 from fewshotsam2.errors import InputError
-from fewshotsam2.run.results import SegmentationResult
 from fewshotsam2.io.volume import Structure, Volume
+from fewshotsam2.options import SegmentOptions
+from fewshotsam2.run.progress import ProgressBar
+from fewshotsam2.run.results import SegmentationResult
+from fewshotsam2.slicing.slice_range import to_array_range, to_stack_range
+from fewshotsam2.slicing.slices import SlicePlan
+
+# the pipeline, the engine's feature cache and the memory bank (torch) are imported inside refine: the Slicer module
+# reads `changed_slices` from this module in Slicer's own Python, where torch may not be installed
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -161,16 +168,11 @@ def refine(
     `stop_after_agreeing` > 0: the opt-in approximation of the module docstring (0: off, sam2's semantics).
     """
     if progress is True:
-        from fewshotsam2.run.progress import ProgressBar
-
         with ProgressBar() as bar:
             return refine(query, supports, structures, options, previous_labels, corrections, bar, engine, slices,
                           previous, notify, stop_after_agreeing, agreement)
     progress = progress or (lambda stage, done, total: None)
-    from fewshotsam2.options import SegmentOptions
     from fewshotsam2.run.pipeline import check_query, make_engine, prepare
-    from fewshotsam2.slicing.slices import SlicePlan
-    from fewshotsam2.slicing.slice_range import to_array_range, to_stack_range
 
     if not isinstance(options, SegmentOptions):
         raise TypeError(f"options must be a SegmentOptions, got {options!r}")
@@ -232,7 +234,7 @@ def refine(
 
     if engine is None:
         engine = make_engine(options)
-        from fewshotsam2.model.feature_cache import FeatureCache
+        from fewshotsam2.model.feature_cache import FeatureCache  # torch
 
         engine.feature_cache = FeatureCache.from_settings()
     engine.reset()
@@ -278,7 +280,7 @@ def _refine_structure(engine, structure: Structure, options, run, keys: list, co
                       agreement: float = 0.99) -> tuple[np.ndarray, int]:
     """One structure on its (grown) range: the masks of every slice of `keys` (range-local indices) and how many
     slices were predicted again."""
-    from fewshotsam2.backends.memory_bank import memorize_in_batches
+    from fewshotsam2.backends.memory_bank import memorize_in_batches  # torch
 
     n = len(keys)
     support_slices = run._support_slices(structure, engine)  # the first run's, registered with the engine
@@ -305,13 +307,13 @@ def _refine_structure(engine, structure: Structure, options, run, keys: list, co
     for j, c in enumerate(frames):
         cond[offset + c] = memory.select(j)
     engine.use_once(keys)  # each query slice is read once more at most: no feature kept after it
-    agrees = None
-    if stop_after > 0:
-        def agrees(pos: int, mask: np.ndarray) -> bool:
-            return dice(mask, previous[pos - offset]) >= agreement
+    def agrees(pos: int, mask: np.ndarray) -> bool:  # used only with stop_after > 0 (the approximation)
+        return dice(mask, previous[pos - offset]) >= agreement
+
     predicted = propagate_with_corrections(engine, {offset + i: keys[i] for i in range(n)}, cond,
                                            offset + min(corrected), offset, offset + n - 1, num_frames, progress,
-                                           agrees, stop_after, [offset + c for c in corrected])
+                                           agrees if stop_after > 0 else None, stop_after,
+                                           [offset + c for c in corrected])
     masks = previous.copy()
     for pos, m in predicted.items():
         masks[pos - offset] = m

@@ -147,6 +147,12 @@ class SegmentationResult:
     # per structure value: its range as planned and as segmented, and the range ends its prediction touched
     range_reports: dict[int, RangeReport] = field(default_factory=dict)
 
+    def voxels(self) -> dict[str, int]:
+        """Per structure name, its voxel count, each from its own layer (`--overlap allow` keeps overlaps)."""
+        from fewshotsam2.io.volume import structure_mask  # results.py is imported without SimpleITK
+
+        return {s.name: int(structure_mask(self.labels, s).sum()) for s in self.structures}
+
     def support_slices_of(self, value: int, support: Optional[int] = None) -> list[UsedSupportSlice]:
         """The support slices used for structure `value` (of one support volume, if given)."""
         return [s for s in self.support_slices if s.value == value and (support is None or s.support == support)]

@@ -15,14 +15,18 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 from fewshotsam2.io.atomic import publish_together
+from fewshotsam2.io.dicom_seg import check_query as check_seg_query
+from fewshotsam2.matching.lpips_distance import shared_lpips
+from fewshotsam2.model.device import pick_device
 from fewshotsam2.model.checkpoints import cached_checkpoint, check_cache_folder
 from fewshotsam2.errors import InputError, out_of_memory_as_input_error
 from fewshotsam2.slicing.extent import check_named_weights
 from fewshotsam2.supports.label_selection import LabelChoice
-from fewshotsam2.options import SegmentOptions
+from fewshotsam2.options import SegmentOptions, check_overlap_output
 from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
 from fewshotsam2.run import pipeline
 from fewshotsam2.run.pipeline import ProgressCallback, check_query, prepare, write_scores
+from fewshotsam2.run.refine import refine as run_refine
 from fewshotsam2.run.results import SegmentationResult
 from fewshotsam2.supports.support_loader import SupportCase, SupportReader
 from fewshotsam2.io.volume import Structure, Volume, check_output_path, read_volume, write_labels
@@ -65,7 +69,7 @@ class Segmenter:
     def check_ready(self, out: Optional[str] = None, scores: Optional[str] = None,
                     inputs: Sequence[Optional[str]] = (), query: Optional[str] = None) -> None:
         """Every check that needs no volume, before any work: the outputs are writable and never an input, a DICOM
-        SEG output has a DICOM series `query`, the checkpoint can be found or downloaded, the LPIPS weights of an
+        SEG output has a DICOM series `query`, an `--overlap allow` output is a .seg.nrrd, the checkpoint can be found or downloaded, the LPIPS weights of an
         lpips run load."""
         options = self.options
         inputs = [*inputs, options.checkpoint, getattr(options.method_options, "weights", None),
@@ -73,14 +77,13 @@ class Segmenter:
         refuse_overwriting_inputs([("--out", out), ("--scores", scores)], inputs)
         if out is not None:
             check_output_path(out)
+            check_overlap_output(options.overlap, out)  # --overlap allow: a layered (.seg.nrrd) output only
         if scores is not None:
             if options.method == "propagate":
                 raise InputError("--scores: --method propagate has no per-slice scores (reverse and lpips have); "
                                  "leave --scores out or choose another method")
             check_output_file(scores, ".csv")
         if out is not None and query is not None and str(out).lower().endswith(".dcm"):  # DICOM SEG (highdicom)
-            from fewshotsam2.io.dicom_seg import check_query as check_seg_query
-
             check_seg_query(query)
         self.check_model_files()
 
@@ -92,9 +95,6 @@ class Segmenter:
             if cached_checkpoint(options.model, options.version, options.cache_dir) is None:
                 check_cache_folder(options.cache_dir)
         if options.method == "lpips":
-            from fewshotsam2.model.device import pick_device
-            from fewshotsam2.matching.lpips_distance import shared_lpips
-
             o = options.method_options
             shared_lpips(o.net, o.weights, str(pick_device(options.device)))
         check_named_weights(options)  # AlexNet weights the user named for the slice range must load
@@ -118,11 +118,9 @@ class Segmenter:
         """Refine a first run's label map from the user's corrected slices (refine.py): the same supports,
         structures and settings as that run; returns a `RefineResult`. `stop_after_agreeing` > 0: refine.py's
         opt-in approximation (default 0: sam2's semantics)."""
-        from fewshotsam2.run.refine import refine
-
         with out_of_memory_as_input_error(self.options):
-            return refine(query, supports, structures, self.options, previous_labels, corrections, progress,
-                          self.engine, slices, previous, self.notify, stop_after_agreeing, agreement)
+            return run_refine(query, supports, structures, self.options, previous_labels, corrections, progress,
+                              self.engine, slices, previous, self.notify, stop_after_agreeing, agreement)
 
     # ------------------------------------------------------------------------------------------ files
 

@@ -33,7 +33,9 @@ from fewshotsam2.errors import InputError
 from fewshotsam2.serve.auth import TokenCheck
 from fewshotsam2.serve.jobs import Busy, JobStore
 from fewshotsam2.serve.protocol import API_VERSION, check_job_options, file_suffix, unpack_job
-from fewshotsam2.serve.runner import EngineCache, run_job, volume_voxels
+from fewshotsam2.serve.runner import EXTENT, SEGMENT, EngineCache, run_job, volume_voxels
+
+# torch is imported in the replica (Worker), not in the `serve` command's process, which only builds the app
 
 MAX_ATTEMPTS = 2  # a job whose replica died is run once more, then reported failed
 EXPIRE_EVERY_S = 30.0
@@ -44,12 +46,18 @@ EXPIRE_EVERY_S = 30.0
 class Worker:
     """One loaded model; runs one job at a time in a thread and streams its events."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, feature_cache: Optional[dict[str, Any]] = None) -> None:
         import torch
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.engines = EngineCache()
+        cache = None
+        if feature_cache is not None:  # one folder for every replica (FeatureCache is safe for several processes)
+            from fewshotsam2.model.feature_cache import FeatureCache
+
+            Path(feature_cache["folder"]).mkdir(parents=True, exist_ok=True)  # made by `serve`; again on other nodes
+            cache = FeatureCache(feature_cache["folder"], feature_cache["max_bytes"])
+        self.engines = EngineCache(cache)
         self.pool = ThreadPoolExecutor(max_workers=1)
 
     def describe(self) -> dict[str, Any]:
@@ -220,7 +228,7 @@ class Gateway:
             return _error(400, str(exc))
 
     def _version(self) -> dict[str, Any]:
-        return {"fewshotsam2": __version__, "api": API_VERSION, "replicas": self.slots,
+        return {"fewshotsam2": __version__, "api": API_VERSION, "kinds": [SEGMENT, EXTENT], "replicas": self.slots,
                 "device": self.described.get("device", "starting"), "torch": self.described.get("torch", ""),
                 "max_upload_mb": self.config["max_upload_mb"], "max_voxels": self.config["max_voxels"],
                 **self.store.counts()}
@@ -268,7 +276,8 @@ class Gateway:
         names = manifest.get("names")
         if isinstance(names, list) and len(names) == len(inputs) and all(isinstance(n, str) for n in names):
             job.names = {p: n for p, n in zip(inputs, names)}
-        job.names.update({outputs["out"]: "--out", outputs.get("scores", "--scores"): "--scores"})
+        if "out" in outputs:
+            job.names.update({outputs["out"]: "--out", outputs.get("scores", "--scores"): "--scores"})
         self.wake.set()
         return JSONResponse({"id": job.id, "jobs_ahead": self.store.jobs_ahead(job)}, status_code=201)
 
@@ -284,6 +293,15 @@ class Gateway:
         if not isinstance(supports, list) or not supports or not all(
                 isinstance(s, list) and len(s) == 2 for s in supports):
             raise InputError("job archive: bad support list")
+        kind = manifest.get("kind", SEGMENT)
+        if kind == EXTENT:  # the slice-range estimate: its answer comes in the done event, no output file
+            if not isinstance(manifest.get("labels"), str):
+                raise InputError("job archive: bad labels")
+            return {"kind": EXTENT, "query": ref(manifest.get("query")), "labels": manifest["labels"],
+                    "supports": [[ref(a), ref(b)] for a, b in supports],
+                    "options": check_job_options(manifest.get("options", {}))}, {}
+        if kind != SEGMENT:
+            raise InputError(f"job archive: unknown kind of job {str(kind)[:40]!r}")
         labels, out_suffix = manifest.get("labels"), manifest.get("out_suffix")
         if not isinstance(labels, str) or not isinstance(out_suffix, str) or file_suffix(out_suffix) != out_suffix:
             raise InputError("job archive: bad labels or output format")
@@ -300,5 +318,6 @@ class Gateway:
 def build_app(config: dict[str, Any]):
     """The application `serve.run` deploys: `config` from `command.run` (tokens, limits, replicas, resources)."""
     actor = {"num_cpus": config["cpus_per_replica"], "num_gpus": config["gpus_per_replica"]}
-    worker = Worker.options(num_replicas=config["replicas"], ray_actor_options=actor).bind(config["threads"])
+    worker = Worker.options(num_replicas=config["replicas"], ray_actor_options=actor).bind(
+        config["threads"], config.get("feature_cache"))
     return Gateway.bind(worker, config)

@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import IO, Any, Optional
 
 from fewshotsam2 import __version__
+from fewshotsam2.commands.extent_command import print_extent
 from fewshotsam2.errors import Cancelled, InputError
+from fewshotsam2.io.atomic import atomic_path
+from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
+from fewshotsam2.options import check_overlap_output, options_from_args
+from fewshotsam2.protocol import SUBMITTED, JsonEvents, check_parent_alive
+from fewshotsam2.run.progress import ProgressBar
 from fewshotsam2.serve.auth import client_token
 from fewshotsam2.serve.protocol import API_VERSION, FILE_SUFFIXES, file_suffix, job_options, pack_job
+
+# pure Python at import (no numpy, SimpleITK or torch): the Slicer module imports this client in Slicer's own Python
 
 POLL_S = 0.5
 RECONNECT_S = 120.0  # how long a lost server is retried before the client gives up (the job goes on there)
@@ -113,11 +121,7 @@ def check_compatible(version: dict, url: str) -> None:
 
 def run_remote(args: argparse.Namespace) -> int:
     """`segment --server`: check here, upload, follow the job, download the outputs. Returns the exit code."""
-    from fewshotsam2.io.paths import check_output_file, refuse_overwriting_inputs
-    from fewshotsam2.run.progress import ProgressBar
-    from fewshotsam2.protocol import check_parent_alive
-    from fewshotsam2.options import options_from_args
-    from fewshotsam2.io.volume import check_output_path
+    from fewshotsam2.io.volume import check_output_path  # SimpleITK: see the note at the top
 
     for flag, value in (("--checkpoint", args.checkpoint), ("--cache-dir", args.cache_dir),
                         ("--lpips-weights", args.lpips_weights)):
@@ -127,6 +131,7 @@ def run_remote(args: argparse.Namespace) -> int:
     refuse_overwriting_inputs([("--out", args.out), ("--scores", args.scores)],
                               [args.query, *(p for pair in args.support for p in pair)])
     check_output_path(args.out)
+    check_overlap_output(options.overlap, args.out)
     if file_suffix(args.out) is None:
         raise InputError(f"--out {args.out}: with --server, one of {', '.join(FILE_SUFFIXES)}")
     if args.scores:
@@ -136,12 +141,7 @@ def run_remote(args: argparse.Namespace) -> int:
         check_output_file(args.scores, ".csv")
     json_lines = args.progress == "json"
     client = Client(args.server, client_token(args.token_file))
-    version = client.version()
-    with warnings.catch_warnings(record=True) as caught:  # a version warning reaches Slicer as an event line
-        warnings.simplefilter("always")
-        check_compatible(version, client.url)
-    for w in caught:
-        _events().warning(str(w.message)) if json_lines else print(f"warning: {w.message}", file=sys.stderr)
+    version = _checked_version(client, json_lines)
 
     inputs = [args.query, *(p for pair in args.support for p in pair)]
     manifest = {"query": 0, "supports": [[1 + 2 * n, 2 + 2 * n] for n in range(len(args.support))],
@@ -149,6 +149,116 @@ def run_remote(args: argparse.Namespace) -> int:
                 "options": job_options(args),
                 "names": inputs}  # only for messages: the server never uses a client's name as a path
     bar = None if json_lines or args.quiet else ProgressBar()
+    progress = _progress(json_lines, bar)
+    job = None
+    clock = {"start": time.monotonic()}  # where the time goes: upload, waiting for a replica, download
+    try:
+        progress("Uploading", 0, 0)
+        job, length = _upload(client, version, inputs, manifest)
+        _say_submitted(client, job, args, json_lines, bar)
+        clock["uploaded"] = time.monotonic()
+        return _finish(client, job, args, progress, json_lines, bar, clock, upload_mb=length / 2**20)
+    except (KeyboardInterrupt, Cancelled):
+        if job is not None:
+            _cancel_quietly(client, job)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _upload(client: Client, version: dict, inputs: list[str], manifest: dict) -> tuple[str, int]:
+    """Pack the job archive (a temporary file), check it against the server's limit, submit it: (job id, bytes)."""
+    with tempfile.TemporaryFile() as archive:
+        pack_job(archive, inputs, manifest)
+        length = archive.tell()
+        limit = version.get("max_upload_mb")
+        if limit and length > limit * 2**20:
+            raise ServerError(f"the upload ({length / 2**20:.0f} MB) is over the server's limit ({limit:g} MB)")
+        archive.seek(0)
+        return client.submit(archive, length)["id"], length
+
+
+def run_remote_extent(args: argparse.Namespace) -> int:
+    """`extent --server`: the slice-range estimate on the server, the same answer on stdout as a local `extent`.
+    (The Slicer module's Estimate button runs this when Run on: server is chosen.)"""
+
+    if args.lpips_weights:
+        raise InputError("--lpips-weights: not with --server (the server uses its own model files)")
+    options_from_args(args)  # bad options fail here, before any upload
+    client = Client(args.server, client_token(args.token_file))
+    version = _checked_version(client, json_lines=False)
+    if "extent" not in version.get("kinds", ["segment"]):
+        raise ServerError(f"{client.url} runs fewshotsam2 {version.get('fewshotsam2', '?')}, which cannot estimate "
+                          "slice ranges: update the server")
+    inputs = [args.query, *(p for pair in args.support for p in pair)]
+    manifest = {"kind": "extent", "query": 0, "supports": [[1 + 2 * n, 2 + 2 * n] for n in range(len(args.support))],
+                "labels": args.labels, "options": job_options(args), "names": inputs}
+    job = None
+    try:
+        job, _length = _upload(client, version, inputs, manifest)
+        done = _follow(client, job, lambda stage, done, total: None, False, None, check_parent_alive, {})
+    except (KeyboardInterrupt, Cancelled):
+        if job is not None:
+            _cancel_quietly(client, job)
+        raise
+    _delete_quietly(client, job)
+    print_extent(done["extent"], args.query, args.json)
+    return 0
+
+
+def attach_remote(args: argparse.Namespace) -> int:
+    """`segment --server URL --attach JOB --out ...`: follow a job this token submitted earlier (from a client that
+    stopped: killed, lost its connection, the machine went to sleep), then fetch and delete it as `--server` does.
+    The inputs are already on the server: --query, --support and --labels are refused."""
+    from fewshotsam2.io.volume import check_output_path  # SimpleITK: see the note at the top
+
+    given = [f for f, v in (("--query", args.query), ("--support", args.support), ("--labels", args.labels)) if v]
+    if given:
+        raise InputError(f"--attach: the job's inputs are on the server; leave out {', '.join(given)}")
+    check_output_path(args.out)
+    if args.scores:
+        check_output_file(args.scores, ".csv")
+    json_lines = args.progress == "json"
+    client = Client(args.server, client_token(args.token_file))
+    _checked_version(client, json_lines)
+    try:
+        status = client.status(args.attach)
+    except ServerError as exc:
+        if exc.status == 404:
+            raise ServerError(f"--attach {args.attach}: no such job of this token on {client.url} (fetched already, "
+                              "removed after the server's --keep-minutes, or submitted with another token)") from None
+        raise
+    suffix = status.get("out_suffix")
+    if suffix and file_suffix(args.out) != suffix:
+        raise InputError(f"--out {args.out}: job {args.attach} writes a {suffix} file; give an --out ending in {suffix}")
+    if args.scores and not status.get("scores"):
+        raise InputError(f"--scores: job {args.attach} was submitted without --scores")
+    bar = None if json_lines or args.quiet else ProgressBar()
+    clock = {"start": time.monotonic(), "uploaded": time.monotonic()}
+    try:
+        return _finish(client, args.attach, args, _progress(json_lines, bar), json_lines, bar, clock, upload_mb=0.0)
+    except (KeyboardInterrupt, Cancelled):
+        _cancel_quietly(client, args.attach)  # as with the client that submitted it: Ctrl-C cancels the job
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _checked_version(client: Client, json_lines: bool) -> dict:
+    """The server's /version, refused when its API differs; a package version that differs is a warning (an event
+    line with --progress json, so that Slicer shows it)."""
+    version = client.version()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_compatible(version, client.url)
+    for w in caught:
+        _events().warning(str(w.message)) if json_lines else print(f"warning: {w.message}", file=sys.stderr)
+    return version
+
+
+def _progress(json_lines: bool, bar):
     events = _events()
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -157,46 +267,44 @@ def run_remote(args: argparse.Namespace) -> int:
         elif bar is not None:
             bar(stage, done, total)
 
-    job = None
-    clock = {"start": time.monotonic()}  # where the time goes: upload, waiting for a replica, download
-    try:
-        with tempfile.TemporaryFile() as archive:
-            progress("Uploading", 0, 0)
-            pack_job(archive, inputs, manifest)
-            length = archive.tell()
-            limit = version.get("max_upload_mb")
-            if limit and length > limit * 2**20:
-                raise ServerError(f"the upload ({length / 2**20:.0f} MB) is over the server's limit ({limit:g} MB)")
-            archive.seek(0)
-            job = client.submit(archive, length)["id"]
-        clock["uploaded"] = time.monotonic()
-        done_event = _follow(client, job, progress, json_lines, bar, check_parent_alive, clock)
-        clock["finished"] = time.monotonic()
-        from fewshotsam2.io.atomic import atomic_path
+    return progress
 
-        # outputs are written only now, each atomically: a failed or cancelled job leaves nothing behind
-        for name, path in (("out", args.out), ("scores", args.scores)):
-            if path:
-                data = client.fetch(job, name)
-                with atomic_path(path) as tmp:
-                    Path(tmp).write_bytes(data)
-    except (KeyboardInterrupt, Cancelled):
-        if job is not None:
-            _cancel_quietly(client, job)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+
+def _say_submitted(client: Client, job: str, args: argparse.Namespace, json_lines: bool, bar) -> None:
+    """The job's id, at once: a client that stops (killed, disconnected) can be replaced by `--attach` later."""
+    if json_lines:
+        _events().line(event=SUBMITTED, job=job, server=client.url)
+        return
+    if bar is not None:
+        bar.close()
+    token = f" --token-file {args.token_file}" if args.token_file else ""
+    print(f"job {job} on {client.url} (should this client stop, fetch the result with: fewshotsam2 segment "
+          f"--server {client.url}{token} --attach {job} --out {args.out})", file=sys.stderr, flush=True)
+
+
+def _finish(client: Client, job: str, args: argparse.Namespace, progress, json_lines: bool, bar, clock: dict,
+            upload_mb: float) -> int:
+    """Follow the job to its end, write its outputs (each atomically), delete it on the server, report."""
+    done_event = _follow(client, job, progress, json_lines, bar, check_parent_alive, clock)
+    clock["finished"] = time.monotonic()
+    # outputs are written only now, each atomically: a failed or cancelled job leaves nothing behind
+    for name, path in (("out", args.out), ("scores", args.scores)):
+        if path:
+            data = client.fetch(job, name)
+            with atomic_path(path) as tmp:
+                Path(tmp).write_bytes(data)
     _delete_quietly(client, job)
     clock["end"] = time.monotonic()
     done_event["transfer"] = {
-        "upload_mb": round(length / 2**20, 2), "upload_s": round(clock["uploaded"] - clock["start"], 3),
+        "upload_mb": round(upload_mb, 2), "upload_s": round(clock["uploaded"] - clock["start"], 3),
         "until_started_s": round(clock.get("started", clock["finished"]) - clock["uploaded"], 3),
         "download_s": round(clock["end"] - clock["finished"], 3), "total_s": round(clock["end"] - clock["start"], 3)}
     voxels, ranges = done_event.get("voxels", {}), done_event.get("slice_ranges", {})
     if json_lines:
-        events.line(**{**done_event, "out": str(args.out), "server": client.url})
+        _events().line(**{**done_event, "out": str(args.out), "server": client.url})
         return 0
+    if bar is not None:
+        bar.close()
     for name in voxels:
         r = ranges.get(name)
         print(f"{name}: segmented slices {r[0]}-{r[1]} along array axis {done_event.get('slice_axis')}" if r
@@ -257,8 +365,6 @@ def _follow(client: Client, job: str, progress, json_lines: bool, bar, still_wan
 
 def _events():
     """The `--progress json` lines, written to stdout as a local run writes them (protocol.JsonEvents)."""
-    from fewshotsam2.protocol import JsonEvents
-
     return JsonEvents(sys.stdout)
 
 

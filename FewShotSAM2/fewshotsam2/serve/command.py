@@ -16,6 +16,9 @@ from pathlib import Path
 
 from fewshotsam2.errors import InputError
 from fewshotsam2.serve.auth import check_listen, generate_token, read_tokens
+from fewshotsam2.settings import DEFAULT_FEATURE_CACHE_GB
+
+# Ray (the `serve` extra) is imported when the server starts: `serve --help` and config errors need no Ray
 
 DEFAULT_MAX_UPLOAD_MB = 1024
 DEFAULT_MAX_VOXELS = 600_000_000  # a 2000-slice 512 x 512 CT fits
@@ -55,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results not fetched are removed this long after their job ends (default 60)")
     p.add_argument("--jobs-dir", metavar="DIR", help="where job inputs and outputs live while a job exists "
                    "(default: a new private temporary folder, removed at exit)")
+    p.add_argument("--feature-cache", metavar="DIR|off",
+                   help="folder where the replicas keep the SAM2 features of every slice they encode, so that a later "
+                        "job with the same support encodes none of its slices again (default: .features in the jobs "
+                        "folder, so it lasts as long as --jobs-dir; off: none)")
+    p.add_argument("--feature-cache-size", type=float, default=DEFAULT_FEATURE_CACHE_GB, metavar="GB",
+                   help=f"bound of the feature cache; least recently used entries go first (default "
+                        f"{DEFAULT_FEATURE_CACHE_GB:g}; about 2 MB per slice at 512 px, 8 MB at 1024 px)")
     p.add_argument("--address", default="local", metavar="local|RAY_ADDRESS",
                    help="local (default) starts Ray here; else the address of a running Ray cluster")
 
@@ -72,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
     for flag, value in (("--replicas", args.replicas), ("--gpus-per-replica", args.gpus_per_replica),
                         ("--max-upload-mb", args.max_upload_mb), ("--max-voxels", args.max_voxels),
                         ("--max-queue", args.max_queue), ("--max-jobs-per-client", args.max_jobs_per_client),
-                        ("--keep-minutes", args.keep_minutes)):
+                        ("--keep-minutes", args.keep_minutes), ("--feature-cache-size", args.feature_cache_size)):
         if value is not None and value <= 0:
             raise InputError(f"{flag} {value}: must be positive")
     made = None
@@ -87,6 +97,27 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
             "replicas": args.replicas, "gpus_per_replica": args.gpus_per_replica}, made
 
 
+FEATURES_FOLDER = ".features"  # the feature cache's default place in the jobs folder (job ids have no dot)
+
+
+def feature_cache_config(args: argparse.Namespace, jobs_dir: str) -> dict | None:
+    """Where and how large the replicas' shared feature cache is (None: --feature-cache off). The folder is made
+    and checked here, before Ray starts, with FeatureCache.from_settings' messages; the replicas build the
+    FeatureCache itself (torch: this process never imports it)."""
+    where = args.feature_cache if args.feature_cache is not None else str(Path(jobs_dir) / FEATURES_FOLDER)
+    if where.strip().lower() == "off":
+        return None
+    path = Path(where).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use feature cache folder {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise InputError(f"feature cache folder {path} is not writable (give another with --feature-cache, "
+                         "or --feature-cache off)")
+    return {"folder": str(path.resolve()), "max_bytes": int(args.feature_cache_size * 1e9)}
+
+
 def _stop(signum, frame) -> None:
     raise KeyboardInterrupt()
 
@@ -99,13 +130,15 @@ def run(args: argparse.Namespace) -> int:
         from ray.serve.config import HTTPOptions
     except ImportError as exc:
         raise InputError(f"`serve` needs Ray Serve: pip install 'fewshotsam2[serve]' ({exc})") from None
-    from fewshotsam2.commands.batch_ray import runtime_env
-    from fewshotsam2.serve.app import build_app
+    from fewshotsam2.commands.batch_ray import runtime_env  # Ray too
+    from fewshotsam2.serve.app import build_app  # Ray too
 
     own_dir = args.jobs_dir is None
     config["jobs_dir"] = tempfile.mkdtemp(prefix="fewshotsam2-serve-") if own_dir else args.jobs_dir
     ray_started = False
     try:
+        Path(config["jobs_dir"]).mkdir(mode=0o700, parents=True, exist_ok=True)  # private, before the cache inside
+        config["feature_cache"] = feature_cache_config(args, config["jobs_dir"])
         ray.init(address=None if args.address == "local" else args.address, include_dashboard=False,
                  configure_logging=False, runtime_env=runtime_env(), log_to_driver=False)
         ray_started = True
@@ -134,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         scheme = "https" if args.tls_cert else "http"
         print(f"fewshotsam2 serve: {scheme}://{args.host}:{args.port}, {config['replicas']} replica(s) "
               f"({config['gpus_per_replica']:g} GPU each), jobs in {config['jobs_dir']}", flush=True)
+        cache = config["feature_cache"]
+        print("fewshotsam2 serve: " + (f"slice features kept in {cache['folder']} (up to {cache['max_bytes'] / 1e9:g} "
+                                       "GB)" if cache else "no feature cache (--feature-cache off)"), flush=True)
         if made is not None:
             print(f"token (give it to clients: --token-file, or Slicer's server settings): {made}", flush=True)
         print(READY, flush=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from fewshotsam2.serve.protocol import file_suffix
+
 TERMINAL = ("done", "failed", "cancelled")
 
 
@@ -219,9 +221,13 @@ class JobStore:
         return [j.id for j in gone]
 
     def status(self, job: Job, since: int = 0) -> dict[str, Any]:
+        """What a poll answers; `out_suffix` and `scores` say what the job writes (a client that re-attaches by
+        id checks its --out and --scores against them)."""
+        out = job.outputs.get("out", "")
         return {"id": job.id, "state": job.state, "jobs_ahead": self.jobs_ahead(job), "attempts": job.attempts,
                 "exit_code": job.exit_code, "message": job.message, "events": self.events_since(job, since),
-                "next": job.next_seq, "outputs": sorted(job.outputs) if job.state == "done" else []}
+                "next": job.next_seq, "outputs": sorted(job.outputs) if job.state == "done" else [],
+                "out_suffix": file_suffix(Path(out).name) if out else None, "scores": "scores" in job.outputs}
 
     def counts(self) -> dict[str, int]:
         return {"queued": self.n_waiting(), "running": len(self.running), "jobs": len(self.jobs)}

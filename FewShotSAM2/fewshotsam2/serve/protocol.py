@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Optional
 
 from fewshotsam2.errors import InputError
+from fewshotsam2.settings import SETTINGS
 
 API_VERSION = 1  # bumped when the endpoints or the archive change: client and server must agree
 MANIFEST = "job.json"
@@ -129,16 +130,12 @@ def unpack_job(archive: Path, folder: Path) -> tuple[dict[str, Any], list[str]]:
 def job_options(args: Any) -> dict[str, Any]:
     """The settings of parsed segment arguments that travel to a server (`settings.SETTINGS` by flat name),
     without the ones that name this machine's files."""
-    from fewshotsam2.settings import SETTINGS
-
     return {s.name: getattr(args, s.name) for s in SETTINGS if hasattr(args, s.name) and s.name not in LOCAL_SETTINGS}
 
 
 def check_job_options(options: Any) -> dict[str, Any]:
     """The server's check of the settings a client sent: known flat names with plain values, none that names a
     file. The values themselves are checked by `SegmentOptions` when the job runs (the local messages)."""
-    from fewshotsam2.settings import SETTINGS
-
     known = {s.name for s in SETTINGS} - set(LOCAL_SETTINGS)
     if not isinstance(options, dict):
         raise InputError("job archive: options must be an object")

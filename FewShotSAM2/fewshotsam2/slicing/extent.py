@@ -25,10 +25,20 @@ Slice stacks are in the canonical orientation of `slices.SlicePlan` (slice order
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+
+from fewshotsam2.matching.lpips_distance import QUERY_CHUNK, body_box, resample_to_fov, shared_lpips
+from fewshotsam2.model.device import pick_device
+from fewshotsam2.settings import LPIPS_WEIGHTS_ENV
+from fewshotsam2.slicing.intensity import choose_preset
+from fewshotsam2.slicing.slice_range import AUTO, parse_slice_ranges
+from fewshotsam2.slicing.slice_stack import SliceStack
+from fewshotsam2.slicing.slices import SlicePlan
 
 
 # Local slope of the alignment (support mm per query mm). Adult trunks and heads differ in length by up to about
@@ -71,8 +81,6 @@ class StackInfo:
         """(centre row, centre column, extent mm) of the body, computed on first use and kept: a query is
         compared with every support."""
         if self.box is None:
-            from fewshotsam2.matching.lpips_distance import body_box
-
             self.box = body_box(self.images, self.spacing)
         return self.box
 
@@ -217,16 +225,12 @@ class ExtentEstimator:
     def __init__(self, net: str = "alex", weights: Optional[str] = None, device: str = "cpu",
                  size: int = LPIPS_SIZE, margin_mm: float = MARGIN_MM,
                  outside_quantile: float = OUTSIDE_QUANTILE) -> None:
-        from fewshotsam2.matching.lpips_distance import shared_lpips
-
         self.matcher = shared_lpips(net, weights, device, size)
         self.margin_mm = float(margin_mm)
         self.outside_quantile = float(outside_quantile)
 
     def cost_matrix(self, query: StackInfo, support: StackInfo) -> np.ndarray:
         """LPIPS between every query slice and every support slice at one field of view."""
-        from fewshotsam2.matching.lpips_distance import QUERY_CHUNK, resample_to_fov
-
         qbox, sbox = query.body_box(), support.body_box()
         fov = 1.1 * max(qbox[2], sbox[2])
         size = self.matcher.size
@@ -246,8 +250,6 @@ class ExtentEstimator:
 
         An oblique query gets each end widened by the levels its slices spread over; past OBLIQUE_RANGE_DEGREES
         (query or support) every slice is returned, with a warning."""
-        import warnings
-
         n_q = query.images.shape[0]
         tilt = max([query.tilt] + [s.tilt for s in supports])
         if tilt > OBLIQUE_RANGE_DEGREES:
@@ -295,10 +297,6 @@ def slice_tilt_degrees(volume, plan) -> float:
 
 def stack_info(image, labels=None, axis: str = "auto", preset: str = "auto") -> tuple[StackInfo, "object"]:
     """(StackInfo, SlicePlan) of a Volume (and its label Volume on the same grid) in canonical orientation."""
-    from fewshotsam2.slicing.intensity import choose_preset
-    from fewshotsam2.slicing.slice_stack import SliceStack
-    from fewshotsam2.slicing.slices import SlicePlan
-
     plan = SlicePlan.for_volume(image, axis)
     kind = choose_preset(image) if preset == "auto" else preset
     info = StackInfo(SliceStack.of(image, plan, kind), plan.in_plane_spacing, plan.slice_spacing,
@@ -311,12 +309,6 @@ def check_named_weights(options) -> None:
     --extent-weights, $FEWSHOTSAM2_LPIPS_WEIGHTS) must load; a bad file is an error (exit 2), never a silent
     fall-back to every slice. Weights nobody named (torchvision's download) may still be missing: the range is
     then off with a warning. Loaded once: the run reuses them."""
-    import os
-
-    from fewshotsam2.model.device import pick_device
-    from fewshotsam2.matching.lpips_distance import LPIPS_WEIGHTS_ENV
-    from fewshotsam2.slicing.slice_range import AUTO, parse_slice_ranges
-
     if AUTO not in parse_slice_ranges(options.slice_range).values():
         return
     weights = (options.extent_weights or getattr(options.method_options, "weights", None)
