@@ -86,6 +86,7 @@ def test_refine_after_segment_reads_every_slice_from_the_cache(files, capsys, en
     assert done["event"] == "done" and done["changed"] is True
     assert done["encoder_calls"] == 0 and done["cache_hits"] > 0
     assert done["corrected_slices"] == {"liver": [5]}
+    assert done["predicted_slices"] == {"liver": 9}  # by default every other slice (the approximation is opt-in)
     assert any(e["event"] == "progress" and "liver: Refining slice" in e["stage"] for e in events)
     query = files[1]
     refined, structures = read_labels(out, query)
@@ -142,6 +143,9 @@ def test_bad_input(files, capsys, engine64, tmp_path):
     _bad(files, capsys, engine64, argv, "--previous-scores", out)
     _bad(files, capsys, engine64, _refine(files, first, corrected, out, "--slices", "5,x"), "--slices", out)
     _bad(files, capsys, engine64, _refine(files, first, corrected, out, "--slices", "99"), "outside", out)
+    _bad(files, capsys, engine64, _refine(files, first, corrected, out, "--stop-after-agreeing", "-1"),
+         "--stop-after-agreeing", out)
+    _bad(files, capsys, engine64, _refine(files, first, corrected, out, "--agreement", "1.5"), "--agreement", out)
 
 
 @pytest.mark.slow  # subprocesses

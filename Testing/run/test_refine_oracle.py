@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import pytest
 
+from fewshotsam2.errors import InputError
 from fewshotsam2.run.pipeline import SegmentOptions, segment
 from fewshotsam2.run.refine import PreviousRun, refine
 from fewshotsam2.slicing.slices import SlicePlan
@@ -160,3 +161,39 @@ def test_a_correction_past_the_range_grows_it(engine64, pair, ct_b, ct_b_truth, 
     outside = [i for i in range(plan.n_slices) if not 6 <= i <= 12]
     view = np.moveaxis(result.labels.array, plan.array_axis, 0)
     assert not (view[outside] == LIVER).any()  # outside the range: background, as before
+
+
+
+def test_stop_after_agreeing_is_opt_in_and_keeps_the_slices_beyond(engine64, pair, ct_b, ct_b_truth):
+    """The approximation: off by default (the result is sam2's semantics, every slice predicted again); on, it
+    stops after N agreeing slices per direction, restarts at the next corrected slice, and leaves every slice it
+    did not predict byte for byte as the previous result had it. `agreement=0` makes every slice agree, so where
+    it stops is known: corrected stack slices a < b, N=1: forward predicts a+1, stops, restarts at b, predicts
+    b+1, stops; reverse predicts a-1, stops."""
+    _, support, liver = pair
+    plan = SlicePlan.for_volume(ct_b)
+    opts, first = _first_run(engine64, ct_b, support, liver, "propagate")
+    corrected = _corrected(first.labels, ct_b_truth, plan, [6, 11])
+    a, b = sorted(plan.array_index_to_slice_index(i) for i in (6, 11))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default = refine(ct_b, [support], [liver], opts, first.labels, corrected, engine=engine64, previous=first)
+        off = refine(ct_b, [support], [liver], opts, first.labels, corrected, engine=engine64, previous=first,
+                     stop_after_agreeing=0)
+        approx = refine(ct_b, [support], [liver], opts, first.labels, corrected, engine=engine64, previous=first,
+                        stop_after_agreeing=1, agreement=0.0)
+    n = plan.n_slices
+    assert default.predicted_slices == {LIVER: n - 2} == off.predicted_slices  # every slice but the two corrected
+    np.testing.assert_array_equal(default.labels.array, off.labels.array)
+    assert approx.predicted_slices == {LIVER: 3}
+    prev, exact, got, drawn = (plan.stack(v.array) for v in (first.labels, default.labels, approx.labels, corrected))
+    kept = [i for i in range(n) if i not in (a - 1, a, a + 1, b, b + 1)]
+    assert got[kept].tobytes() == prev[kept].tobytes()  # beyond each stop: the previous result, byte for byte
+    assert not np.array_equal(exact[kept], prev[kept])  # where the exact refine changes them
+    for c in (a, b):  # corrected slices as drawn
+        assert got[c].tobytes() == drawn[c].tobytes()
+    # up to its stop, the forward pass is the exact refine's: slice a+1 is predicted the same way
+    np.testing.assert_array_equal(got[a + 1], exact[a + 1])
+    with pytest.raises(InputError, match="N >= 0"):
+        refine(ct_b, [support], [liver], opts, first.labels, corrected, engine=engine64, previous=first,
+               stop_after_agreeing=-1)

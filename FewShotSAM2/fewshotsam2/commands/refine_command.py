@@ -94,6 +94,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     settings.add_arguments(p, only=("method",))  # the first run's method and settings
     settings.add_arguments(p, groups=("slices", "reverse", "lpips", "model"))
     add_cache_arguments(p)
+    g = p.add_argument_group("approximation (off by default)")
+    g.add_argument("--stop-after-agreeing", type=int, default=0, metavar="N",
+                   help="0 (default): re-predict every slice of the range, as sam2 does. N > 0: an approximation "
+                        "that is faster on long volumes: in each direction, stop once the refined mask agrees with "
+                        "the previous result on N consecutive slices (the slices beyond keep their previous value; "
+                        "a later corrected slice starts prediction again)")
+    g.add_argument("--agreement", type=float, default=0.99, metavar="DICE",
+                   help="with --stop-after-agreeing: the Dice between the refined and the previous mask of a slice "
+                        "from which they agree (default 0.99; two empty masks agree)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress", default="bar", choices=("bar", "json"),
                    help="bar (default) or json: one JSON object per line on stdout, as for segment; the done line "
@@ -168,6 +177,10 @@ def _run(args: argparse.Namespace, events, bar) -> int:
     from fewshotsam2.io.volume import check_output_path, read_labels, read_volume, structure_mask, write_labels
 
     options = options_from_args(args)
+    if args.stop_after_agreeing < 0:
+        raise InputError(f"--stop-after-agreeing must be 0 (off) or more, got {args.stop_after_agreeing}")
+    if not 0.0 <= args.agreement <= 1.0:
+        raise InputError(f"--agreement is a Dice between 0 and 1, got {args.agreement:g}")
     if options.overlap == "allow":  # refine edits one label map: overlapping layers would be flattened silently
         raise OptionError("overlap", "allow is not available for refine, which corrects one label per voxel; "
                                      "choose --overlap logits or order")
@@ -193,6 +206,7 @@ def _run(args: argparse.Namespace, events, bar) -> int:
     for s in reversed(structures):  # the first listed wins an overlap, as segment writes them
         prev_map[structure_mask(prev_labels, s)] = s.value
     corr_map = np.zeros_like(prev_map)
+    mask = None
     for c in reversed(corr_structures):
         mask = structure_mask(corr_labels, c)
         s = _match(c, structures)
@@ -202,6 +216,7 @@ def _run(args: argparse.Namespace, events, bar) -> int:
                                  f"result ({', '.join(f'{x.name}={x.value}' for x in structures)})")
             continue
         corr_map[mask] = s.value
+    del prev_labels, corr_labels, mask  # the maps above are all that is used: no copy held through the refine
     previous_volume, corrected_volume = query.with_array(prev_map), query.with_array(corr_map)
     check_refine_inputs(query, structures, previous_volume, corrected_volume)
     plan = SlicePlan.for_volume(query, options.axis)
@@ -246,7 +261,8 @@ def _run(args: argparse.Namespace, events, bar) -> int:
         try:
             notify = None if json_lines or args.quiet else (lambda text: print(text, file=sys.stderr))
             result = refine(query, supports, structures, options, previous_volume, corrected_volume,
-                            progress=bar, engine=engine, slices=changed, previous=previous_run, notify=notify)
+                            progress=bar, engine=engine, slices=changed, previous=previous_run, notify=notify,
+                            stop_after_agreeing=args.stop_after_agreeing, agreement=args.agreement)
         finally:
             factory.restore()
     write_labels(args.out, result.labels, result.structures)
@@ -257,6 +273,7 @@ def _run(args: argparse.Namespace, events, bar) -> int:
                        seconds=result.timings["total"], slice_axis=int(result.slice_axis),
                        encoder_calls=int(result.encoder_calls), cache_hits=int(result.cache_hits),
                        corrected_slices=corrected,
+                       predicted_slices={names[v]: n for v, n in result.predicted_slices.items()},
                        slice_ranges={s.name: result.slice_ranges.get(s.value) for s in structures})
         return 0
     for name, idx in corrected.items():

@@ -18,6 +18,14 @@ predictor itself.
 
 The first run's non-conditioning memories are not kept (only its label map is): a refine starts a fresh session.
 
+Approximation, opt-in (`stop_after_agreeing`, CLI `--stop-after-agreeing N`; default 0 = off, sam2's semantics
+above): in each direction, prediction stops once the refined mask has agreed with the previous result (Dice >=
+`agreement`, default 0.99; two empty masks agree) on N consecutive slices; the slices beyond keep their previous
+value byte for byte, and the forward pass starts again at the next corrected slice, if any (without memories of
+the slices it skipped). It assumes that a correction whose effect has faded over N slices has none further on; sam2 would
+still re-predict those slices (with a trained model, usually close to the previous result; with random weights
+nothing can be said). Not covered by the oracle test; results are not sam2's where it stops.
+
 Which slices change: only those of a corrected structure, inside its slice range (grown to include every
 corrected slice: a structure drawn past the end of the range gets a longer range). There every slice that is not a
 conditioning slice is predicted again; corrected slices are written exactly as the user drew them (byte for
@@ -99,6 +107,7 @@ class RefineResult(SegmentationResult):
 
     corrected_slices: dict[int, list[int]] = field(default_factory=dict)
     cache_hits: int = 0
+    predicted_slices: dict[int, int] = field(default_factory=dict)  # per structure value: slices predicted again
 
     @property
     def changed(self) -> bool:
@@ -145,6 +154,8 @@ def refine(
     slices: Optional[Mapping[int, Sequence[int]]] = None,
     previous: Optional[PreviousRun | SegmentationResult] = None,
     notify: Optional[Callable[[str], None]] = None,
+    stop_after_agreeing: int = 0,
+    agreement: float = 0.99,
 ) -> RefineResult:
     """Refine `previous_labels` (the first run's label map) from `corrections` (the same map after the user's edits).
 
@@ -154,11 +165,12 @@ def refine(
     ranges and reverse's conditional slices; without it ranges are estimated again from `options` and
     `--method reverse` cannot refine. Returns a `RefineResult`; with no corrected slice its labels are the previous
     ones, unchanged (`changed` is False). See the module docstring for which slices change.
+    `stop_after_agreeing` > 0: the opt-in approximation of the module docstring (0: off, sam2's semantics).
     """
     if progress is True:
         with ProgressBar() as bar:
             return refine(query, supports, structures, options, previous_labels, corrections, bar, engine, slices,
-                          previous, notify)
+                          previous, notify, stop_after_agreeing, agreement)
     progress = progress or (lambda stage, done, total: None)
     from fewshotsam2.run.pipeline import check_query, make_engine, prepare
 
@@ -166,6 +178,9 @@ def refine(
         raise TypeError(f"options must be a SegmentOptions, got {options!r}")
     if not supports:
         raise InputError("at least one support (image + labels) is needed")
+    if stop_after_agreeing < 0 or not 0.0 <= agreement <= 1.0:
+        raise InputError(f"stop after agreeing on N slices needs N >= 0 (0: off) and an agreement (Dice) in [0, 1]; "
+                         f"got {stop_after_agreeing} and {agreement:g}")
     t0 = time.perf_counter()
     check_query(query)
     check_refine_inputs(query, structures, previous_labels, corrections)
@@ -230,19 +245,21 @@ def refine(
     out = prev_stack.copy()
     order = {v: i for i, v in enumerate(values)}  # the first listed structure keeps a contested voxel
     final_ranges = dict(previous.ranges)
+    predicted_count: dict[int, int] = {}
     t_run = time.perf_counter()
     for s in todo:
         cs = corrected[s.value]
         r = ranges.get(s.value)
         first, last = (min(cs), max(cs)) if r is None else (min(r[0], cs[0]), max(r[1], cs[-1]))
         final_ranges[s.value] = to_array_range(qplan, first, last)
-        masks = _refine_structure(engine, s, options, run, query_keys[first : last + 1],
+        masks, predicted_count[s.value] = _refine_structure(engine, s, options, run, query_keys[first : last + 1],
                                   [c - first for c in cs], [(corr_stack[c] == s.value) for c in cs],
                                   [qplan.array_index_to_slice_index(i) - first
                                    for i in previous.selected.get(s.value, [])
                                    if first <= qplan.array_index_to_slice_index(i) <= last],
                                   prev_stack[first : last + 1] == s.value,
-                                  lambda stage, done, total, _n=s.name: progress(f"{_n}: {stage}", done, total))
+                                  lambda stage, done, total, _n=s.name: progress(f"{_n}: {stage}", done, total),
+                                  stop_after_agreeing, agreement)
         part = out[first : last + 1]
         part[part == s.value] = 0
         lower = np.isin(part, [v for v in values if order[v] > order[s.value]])
@@ -254,13 +271,15 @@ def refine(
     labels = query.with_array(qplan.unstack(out).astype(previous_labels.array.dtype, copy=False))
     return RefineResult(labels, list(structures), [], engine.encoder_calls, timings, qplan.array_axis,
                         query_plan=qplan, slice_ranges=final_ranges, corrected_slices=result_slices,
-                        cache_hits=int(getattr(engine, "cache_hits", 0)))
+                        cache_hits=int(getattr(engine, "cache_hits", 0)), predicted_slices=predicted_count)
 
 
 def _refine_structure(engine, structure: Structure, options, run, keys: list, corrected: list[int],
                       corrected_masks: list[np.ndarray], selected: list[int], previous: np.ndarray,
-                      progress: ProgressCallback) -> np.ndarray:
-    """One structure on its (grown) range: the masks of every slice of `keys` (range-local indices)."""
+                      progress: ProgressCallback, stop_after: int = 0,
+                      agreement: float = 0.99) -> tuple[np.ndarray, int]:
+    """One structure on its (grown) range: the masks of every slice of `keys` (range-local indices) and how many
+    slices were predicted again."""
     from fewshotsam2.backends.memory_bank import memorize_in_batches  # torch
 
     n = len(keys)
@@ -288,21 +307,38 @@ def _refine_structure(engine, structure: Structure, options, run, keys: list, co
     for j, c in enumerate(frames):
         cond[offset + c] = memory.select(j)
     engine.use_once(keys)  # each query slice is read once more at most: no feature kept after it
+    def agrees(pos: int, mask: np.ndarray) -> bool:  # used only with stop_after > 0 (the approximation)
+        return dice(mask, previous[pos - offset]) >= agreement
+
     predicted = propagate_with_corrections(engine, {offset + i: keys[i] for i in range(n)}, cond,
-                                           offset + min(corrected), offset, offset + n - 1, num_frames, progress)
+                                           offset + min(corrected), offset, offset + n - 1, num_frames, progress,
+                                           agrees if stop_after > 0 else None, stop_after,
+                                           [offset + c for c in corrected])
     masks = previous.copy()
     for pos, m in predicted.items():
         masks[pos - offset] = m
     for c in corrected:
         masks[c] = prompts[c]
-    return masks
+    return masks, len(predicted)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks; 1 when both are empty."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def propagate_with_corrections(engine, keys: Mapping[int, Hashable], cond: Mapping[int, object], start: int, lo: int,
-                               hi: int, num_frames: int, progress: ProgressCallback) -> dict[int, np.ndarray]:
+                               hi: int, num_frames: int, progress: ProgressCallback,
+                               agrees: Optional[Callable[[int, np.ndarray], bool]] = None, stop_after: int = 0,
+                               restart: Sequence[int] = ()) -> dict[int, np.ndarray]:
     """sam2's `propagate_in_video` forward from `start` to `hi`, then `reverse=True` from `start` to `lo`, with
     `clear_non_cond_mem_around_input`: at each conditioning frame passed, non-conditioning memories within
-    `stride * num_maskmem` frames are dropped. Returns the predicted masks by timeline position."""
+    `stride * num_maskmem` frames are dropped. Returns the predicted masks by timeline position.
+
+    The opt-in approximation (`stop_after` > 0 and `agrees(position, mask)`): a pass stops predicting after
+    `stop_after` consecutive predictions that agree with the previous result and starts again at the next position
+    of `restart` (the corrected slices) it reaches, with the memories it has (none of the skipped slices)."""
     model = engine.model
     window = model.memory_temporal_stride_for_eval * model.num_maskmem
     reach = engine.memory_reach
@@ -310,11 +346,19 @@ def propagate_with_corrections(engine, keys: Mapping[int, Hashable], cond: Mappi
     masks: dict[int, np.ndarray] = {}
     total = sum(1 for p in range(lo, hi + 1) if p not in cond)
     progress(f"Refining slice 0/{total}", 0, total)
+    stopping = agrees is not None and stop_after > 0
+    skipped = 0
     for reverse, order in ((False, range(start, hi + 1)), (True, range(start, lo - 1, -1))):
+        agreeing, stopped = 0, False
         for pos in order:
             if pos in cond:
                 for t in range(pos - window, pos + window + 1):
                     store.pop(t, None)
+                if stopped and pos in restart:
+                    agreeing, stopped = 0, False
+                continue
+            if stopped:
+                skipped += 1
                 continue
             pred = engine.predict([keys[pos]], pos, cond, recent=store, num_frames=num_frames, reverse=reverse)
             masks[pos] = pred.masks[0]
@@ -325,5 +369,10 @@ def propagate_with_corrections(engine, keys: Mapping[int, Hashable], cond: Mappi
                 drop = [t for t in store if t <= pos - reach and t >= start + reach]
             for t in drop:
                 del store[t]
-            progress(f"Refining slice {len(masks)}/{total}", len(masks), total)
+            progress(f"Refining slice {len(masks) + skipped}/{total}", len(masks) + skipped, total)
+            if stopping:
+                agreeing = agreeing + 1 if agrees(pos, pred.masks[0]) else 0
+                stopped = agreeing >= stop_after  # the memories stay: the reverse pass reads those near start
+        if stopped:
+            progress(f"Refining slice {len(masks) + skipped}/{total}", len(masks) + skipped, total)
     return masks

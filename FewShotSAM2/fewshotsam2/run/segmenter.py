@@ -114,12 +114,13 @@ class Segmenter:
 
     def refine(self, query: Volume, supports: list[SupportCase], structures: list[Structure],
                previous_labels: Volume, corrections: Volume, progress: Optional[ProgressCallback] = None,
-               slices=None, previous=None):
+               slices=None, previous=None, stop_after_agreeing: int = 0, agreement: float = 0.99):
         """Refine a first run's label map from the user's corrected slices (refine.py): the same supports,
-        structures and settings as that run; returns a `RefineResult`."""
+        structures and settings as that run; returns a `RefineResult`. `stop_after_agreeing` > 0: refine.py's
+        opt-in approximation (default 0: sam2's semantics)."""
         with out_of_memory_as_input_error(self.options):
             return run_refine(query, supports, structures, self.options, previous_labels, corrections, progress,
-                          self.engine, slices, previous, self.notify)
+                              self.engine, slices, previous, self.notify, stop_after_agreeing, agreement)
 
     # ------------------------------------------------------------------------------------------ files
 
