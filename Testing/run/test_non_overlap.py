@@ -218,3 +218,21 @@ def test_command_line_allow_writes_layers_and_counts_each_structure(engine64, tm
     assert back.volume.layers is not None  # random weights: the two boxes' predictions overlap
     for s in back.structures:  # the summary counts each structure's whole mask, overlap included
         assert f"{s.name}: {int(structure_mask(back.volume, s).sum())} voxels" in stdout
+
+
+def test_a_later_structure_meets_an_earlier_ones_continued_slices():
+    """A structure continued past its range end (`extend`, range_ends.py) has no logits on the continued slices:
+    a structure added later keeps off the voxels it holds there and takes the free ones (found on the 300-slice CT
+    with five structures in one pass: an IndexError before)."""
+    rng = np.random.default_rng(3)
+    comp = LabelComposer((4, 8, 8), np.uint8, "logits")
+    a = np.zeros((2, 8, 8), bool)
+    a[:, :4] = True
+    comp.add(1, 0, a, rng.normal(size=(2, 2, 2)).astype(np.float32) - 5.0)  # slices 0-1, low logits
+    comp.extend(1, 0, np.concatenate([a, a]))  # continued onto slices 2-3
+    b = np.ones((2, 8, 8), bool)
+    comp.add(2, 2, b, np.full((2, 2, 2), 9.0, np.float32))  # slices 2-3, higher logits than anything
+    assert (comp.labels[2:, :4] == 1).all() and (comp.labels[2:, 4:] == 2).all()  # continued slices: 1 keeps
+    b2 = np.ones((2, 8, 8), bool)
+    comp.add(3, 0, b2, np.full((2, 2, 2), 9.0, np.float32))  # on 1's own range its logits decide: 3 takes all
+    assert (comp.labels[:2] == 3).all()

@@ -75,6 +75,8 @@ class LabelComposer:
                 for holder in np.unique(part[i][held]):
                     where = held & (part[i] == holder)
                     h_first, h_logits = self._logits[int(holder)]
+                    if not 0 <= first + i - h_first < len(h_logits):
+                        continue  # the holder's slice past its range (`extend`): no logits there, it keeps the voxel
                     if mine_up is None:
                         mine_up = upsample_logits(logits[i], mine.shape)
                     theirs = upsample_logits(h_logits[first + i - h_first], mine.shape)
@@ -87,7 +89,8 @@ class LabelComposer:
     def extend(self, value: int, first: int, masks: np.ndarray) -> None:
         """Structure `value` segmented further (past its range ends: range_ends.py): `masks` cover stack slices
         first .. first + len(masks) - 1, its range included. The new slices take free voxels only (no logits
-        there), except with "allow", where the structure keeps them all."""
+        there), except with "allow", where the structure keeps them all; a structure added later stays off the
+        voxels they hold (where either has no logits, the one painted first keeps the voxel)."""
         part = self.labels[first : first + len(masks)]
         if self.rule == "allow":
             self._masks[value] = (first, np.asarray(masks, dtype=bool))
