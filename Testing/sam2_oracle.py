@@ -3,29 +3,8 @@ recorder of what our engine was given, the tie-aware `Comparison`, and the ct-a 
 the oracle tests of every path (model/test_oracle_sam2.py, run/test_refine_oracle.py,
 run/test_multi_structure_oracle.py, backends/test_range_continuation.py, model/test_models.py).
 
-Oracle: our engine and backends against sam2's own `SAM2VideoPredictor`, same weights, same frames.
-
-No SAM2 checkpoint exists on the build machines, so the strongest evidence that our results equal SAM2's is that,
-with identical (random) weights and identical model-input frames, the engine reproduces sam2's video predictor:
-per-frame low-resolution mask logits within 1e-5 and not one differing mask pixel (but for float ties, see
-`Comparison`: how a tie is recognised, including a hole-filling decision a tie flips).
-
-One SAM2 tiny on the CPU (256 px with weight seeds 0 and 1; 64 px in the fast tier) is both our engine's model and
-the predictor. The predictor gets the engine's own model-input tensors of the same preprocessed slices (its JPEG
-loader is bypassed), support and conditional masks through `add_new_mask`, and the same post-processing: hole
-filling (8 px) with sam2's own `fill_holes_in_mask_scores`, whose compiled connected-components kernel is replaced
-in this test only by the same rule on the CPU (the kernel needs sam2's CUDA extension; without it sam2 skips hole
-filling with a warning).
-
-Cases (cropped ct-a -> ct-b liver, the real `segment()` on our side):
-- propagate with 1 and 3 support slices: video [supports (mask prompts), query slices];
-- lpips: the two-frame step [matched support image (mask prompt), query slice] per query slice;
-- reverse: the forward step [supports, q_i]; the reverse step [q_i with p_i as mask prompt, s_j]; pi and the
-  selection recomputed from the predictor's masks; self-propagation over the query with the selected slices as
-  mask prompts, `propagate_in_video` forward from the first selected slice, then `reverse=True` from it.
-
-Random weights give low-contrast logits: logits are compared, two weight seeds are used, and the masks compared
-must not be constant. `ORACLE` lines (run with -s) print the measured differences.
+How the oracle works (same weights, same model-input frames, the predictor's own post-processing,
+what is compared and how a float tie is recognised): model/test_oracle_sam2.py's docstring.
 """
 
 from __future__ import annotations

@@ -119,3 +119,17 @@ def check_output_file(path: PathLike, suffix: str) -> None:
         raise InputError(f"cannot write {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def writable_cache_folder(where: PathLike) -> Path:
+    """The feature cache's folder, made if missing and checked writable (pure Python: the `serve` driver checks it
+    before Ray starts and never imports torch); one InputError when it cannot be used."""
+    path = Path(where).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use feature cache folder {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise InputError(f"feature cache folder {path} is not writable (give another with --feature-cache, "
+                         "or --feature-cache off)")
+    return path

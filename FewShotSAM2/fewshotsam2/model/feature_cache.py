@@ -29,6 +29,7 @@ import sam2
 import torch
 
 from fewshotsam2.errors import InputError
+from fewshotsam2.io.paths import writable_cache_folder
 
 if TYPE_CHECKING:
     from fewshotsam2.model.engine import SAM2Engine
@@ -68,15 +69,7 @@ class FeatureCache:
                 raise InputError(f"${FEATURE_CACHE_SIZE_ENV} must be a number of GB, got {text!r}") from None
         if not size_gb > 0:
             raise InputError(f"the feature cache size must be more than 0 GB, got {size_gb:g}")
-        path = Path(where).expanduser()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cannot use feature cache folder {path}: {exc.strerror or exc}") from None
-        if not os.access(path, os.W_OK):
-            raise InputError(f"feature cache folder {path} is not writable (give another with --feature-cache, "
-                             "or --feature-cache off)")
-        return cls(path, int(size_gb * 1e9))
+        return cls(writable_cache_folder(where), int(size_gb * 1e9))
 
     # ------------------------------------------------------------------ keys
     @staticmethod

@@ -6,7 +6,6 @@ Every check that can refuse (address, TLS files, token file, limits) runs before
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 from fewshotsam2.errors import InputError
+from fewshotsam2.io.paths import writable_cache_folder
 from fewshotsam2.serve.auth import check_listen, generate_token, read_tokens
 from fewshotsam2.settings import DEFAULT_FEATURE_CACHE_GB
 
@@ -107,14 +107,7 @@ def feature_cache_config(args: argparse.Namespace, jobs_dir: str) -> dict | None
     where = args.feature_cache if args.feature_cache is not None else str(Path(jobs_dir) / FEATURES_FOLDER)
     if where.strip().lower() == "off":
         return None
-    path = Path(where).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot use feature cache folder {path}: {exc.strerror or exc}") from None
-    if not os.access(path, os.W_OK):
-        raise InputError(f"feature cache folder {path} is not writable (give another with --feature-cache, "
-                         "or --feature-cache off)")
+    path = writable_cache_folder(where)
     return {"folder": str(path.resolve()), "max_bytes": int(args.feature_cache_size * 1e9)}
 
 
