@@ -40,8 +40,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def _missing(reason: str):
-    """Skip a test whose resource (data, weights, a tmpfs mount as root) is absent, or fail it under CI (CI=true),
-    where every one of them is there."""
+    """Skip a test whose real resource is absent (../shared beside the clone, or the verified demo pair), or fail it
+    under CI (CI=true), where both are there: CI never skips for a missing resource."""
     if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
         pytest.fail(f"{reason} (CI=true: the data must be there)", pytrace=False)
     pytest.skip(reason)
